@@ -1,0 +1,55 @@
+# featstore: the two README commands.
+#   make demo   set everything up, then build the embedded default's features
+#   make test   set everything up, then run the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.featstore-installed
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+DEMO_STORE ?= data/featstore.zarr
+
+.PHONY: setup demo test test-fast bench clean dataset
+
+setup: $(STAMP) dataset
+
+# torch/torchvision are pinned to the releases that pip takes from this machine's disk;
+# the project itself only asks for versions these satisfy.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -e '.[test]'
+	touch $(STAMP)
+
+# The embedded dataset: Debian's dataset-fashion-mnist (real Fashion-MNIST files).
+# Installed when missing and we are root; otherwise featstore explains how to get it.
+dataset:
+	@if [ ! -f $(FASHION_MNIST) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "Installing Debian's dataset-fashion-mnist ..."; \
+	    (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null)); \
+	  else \
+	    echo "Fashion-MNIST files not found and not root: run 'sudo apt-get install dataset-fashion-mnist'" \
+	         "or build with '--download --root data/datasets'."; \
+	  fi; \
+	fi
+
+demo: setup
+	$(VENV)/bin/featstore build --model tf_efficientnet_lite0 --dataset fashion-mnist \
+	    --splits train,test --limit 5000 --store $(DEMO_STORE)
+	$(VENV)/bin/featstore ls --store $(DEMO_STORE)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	$(PY) benchmarks/bench_build.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

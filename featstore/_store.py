@@ -1,0 +1,558 @@
+"""The on-disk feature store: one Zarr v3 hierarchy, one group per extraction.
+
+Layout::
+
+    featstore.zarr/                    root group; attrs {"featstore": {"format_version": 1}}
+      <model>__<layer>__<dataset>__<split>__<key12>/
+        features      (n_samples, n_neurons)   float16|float32, whole-row chunks
+        views         (n_views, n_samples, n_neurons)   augmented passes (train only)
+        labels        (n_samples,)  int64
+        sample_ids    (n_samples,)  str
+        sample_index  (n_samples,)  int64, index into the dataset's split
+        progress      (1 + n_views, n_chunks)  uint8, 1 = that chunk is written
+      .featstore/locks/<group>.lock    build locks (fcntl)
+      .featstore/tmp/                  groups being created (renamed into place)
+
+A group's attributes hold the :class:`~featstore.ExtractionSpec` (whose key names
+the group), provenance (library versions, weights, device), class names, timings and
+``state``: ``building`` until every chunk of every view is recorded in ``progress``,
+then ``complete``. Readers refuse groups that are not complete.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import fcntl
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from ._spec import FORMAT_VERSION, ExtractionSpec
+from .errors import (
+    AmbiguousGroupError,
+    CorruptGroupError,
+    GroupLockedError,
+    GroupNotFoundError,
+    IncompleteGroupError,
+    InvalidParameterError,
+    NotAFeatureStoreError,
+    StaleGroupError,
+    StoreNotWritableError,
+)
+
+__all__ = ["FeatureStore", "Group", "open", "DEFAULT_STORE", "QUERY_KEYS"]
+
+DEFAULT_STORE = "data/featstore.zarr"
+ROOT_MARK = "featstore"
+META = "featstore"  # attribute key of a group's metadata
+INTERNAL = ".featstore"
+QUERY_KEYS = ("model", "layer", "dataset", "split", "weights", "pooling", "limit", "seed", "views", "dtype")
+
+
+def _is_url(path: str) -> bool:
+    return "://" in str(path)
+
+
+def _zarr_store(path: str | os.PathLike, read_only: bool):
+    """A zarr store for a local path (atomic writes) or any fsspec URL."""
+    import zarr.storage
+
+    if _is_url(str(path)):
+        return zarr.storage.FsspecStore.from_url(str(path), read_only=read_only)
+    return zarr.storage.LocalStore(str(path), read_only=read_only)
+
+
+def _dir_size(path: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(os.path.join(dirpath, f))
+    return total
+
+
+class Group:
+    """One extraction's features, labels and spec (read side).
+
+    Obtain groups from :class:`FeatureStore`; do not construct directly.
+
+    Attributes
+    ----------
+    name : str
+        Group name inside the store.
+    spec : ExtractionSpec
+        What produced the features.
+    """
+
+    def __init__(self, store: "FeatureStore", name: str, zgroup):
+        self.store = store
+        self.name = name
+        self._z = zgroup
+        meta = dict(zgroup.attrs.asdict().get(META) or {})
+        if not meta or "spec" not in meta:
+            raise NotAFeatureStoreError(
+                f"{store.path}/{name} is a Zarr group without featstore metadata; it was not "
+                f"written by featstore"
+            )
+        self.meta = meta
+        self.spec = ExtractionSpec.from_dict(meta["spec"])
+        if self.spec.group_name() != name:
+            raise StaleGroupError(
+                f"group {name!r} in {store.path} records a spec whose key names "
+                f"{self.spec.group_name()!r}: the attributes were changed after the build; "
+                f"rebuild it (featstore build ...) rather than trust its features"
+            )
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    def state(self) -> str:
+        return self.meta.get("state", "unknown")
+
+    @property
+    def is_complete(self) -> bool:
+        return self.state == "complete"
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta.get("classes", []))
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.meta["n_samples"])
+
+    @property
+    def n_neurons(self) -> int:
+        return int(self.meta["n_neurons"])
+
+    @property
+    def n_views(self) -> int:
+        return int(self.spec.views)
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return dict(self.meta.get("provenance", {}))
+
+    @property
+    def timings(self) -> dict[str, Any]:
+        return dict(self.meta.get("timings", {}))
+
+    @property
+    def path(self) -> str:
+        return f"{self.store.path}/{self.name}"
+
+    def _require_complete(self) -> None:
+        if not self.is_complete:
+            raise IncompleteGroupError(
+                f"group {self.name!r} in {self.store.path} is {self.state!r}, not complete: its "
+                f"build was interrupted or is running. Re-run the same `featstore build` "
+                f"command to finish it (finished chunks are kept)."
+            )
+
+    # ------------------------------------------------------------------ arrays
+    @property
+    def features(self):
+        """The clean pass, a zarr array of shape (n_samples, n_neurons)."""
+        self._require_complete()
+        return self._z["features"]
+
+    def view(self, index: int = 0):
+        """Pass ``index`` as a zarr array: 0 = clean, 1..n_views = augmented views."""
+        self._require_complete()
+        if index == 0:
+            return self._z["features"]
+        if not 1 <= index <= self.n_views:
+            raise InvalidParameterError(
+                f"view={index!r} is out of range; group {self.name!r} has views 0 (clean)"
+                + (f" and 1..{self.n_views} (augmented)" if self.n_views else " only")
+            )
+        # a lazy 2-D selection would copy; callers index the 3-D array themselves
+        return _ViewArray(self._z["views"], index - 1)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Integer class labels, array of shape (n_samples,)."""
+        return self._z["labels"][:]
+
+    @property
+    def sample_ids(self) -> np.ndarray:
+        return np.asarray(self._z["sample_ids"][:], dtype=str)
+
+    @property
+    def sample_index(self) -> np.ndarray:
+        return self._z["sample_index"][:]
+
+    def numpy(self, view: int = 0, dtype=None) -> np.ndarray:
+        """All features of one pass as a numpy array of shape (n_samples, n_neurons)."""
+        arr = self.view(view)[:]
+        return arr.astype(dtype) if dtype is not None else arr
+
+    def dask(self, view: int = 0):
+        """Features of one pass as a dask array chunked like the store."""
+        import dask.array as da
+
+        if view == 0:
+            return da.from_zarr(self.features)
+        z = self.view(view)
+        full = da.from_zarr(z.array)
+        return full[z.index]
+
+    def iter_blocks(self, block_rows: int | None = None, view: int = 0) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """Yield ``(start, X_block, y_block)`` over the rows, one chunk-aligned block at a time.
+
+        Memory stays at one block however large the group is.
+        """
+        arr = self.view(view)
+        labels = self.labels
+        block_rows = block_rows or self.spec.chunk_rows
+        for start in range(0, self.n_samples, block_rows):
+            stop = min(start + block_rows, self.n_samples)
+            yield start, arr[start:stop], labels[start:stop]
+
+    # ------------------------------------------------------------------ checks
+    def nbytes_on_disk(self) -> int | None:
+        if _is_url(self.store.path):
+            return None
+        return _dir_size(Path(self.store.path) / self.name)
+
+    def verify(self) -> list[str]:
+        """Check every chunk is present and readable, no NaN/Inf, labels in range.
+
+        Returns
+        -------
+        list of str
+            Problems found, each naming the chunk or array; empty when the group is sound.
+        """
+        problems: list[str] = []
+        if not self.is_complete:
+            problems.append(f"state is {self.state!r}, not complete")
+        arrays = [("features", self._z["features"], None)]
+        if self.n_views:
+            arrays += [(f"views[{v}]", self._z["views"], v) for v in range(self.n_views)]
+        for label, arr, v in arrays:
+            rows = arr.chunks[-2]
+            store_path = Path(self.store.path) / self.name / label.split("[")[0]
+            for c, start in enumerate(range(0, self.n_samples, rows)):
+                key = f"c/{v}/{c}/0" if v is not None else f"c/{c}/0"
+                if not _is_url(self.store.path) and not (store_path / key).exists():
+                    problems.append(f"{label}: chunk {c} (rows {start}..{start + rows}) is missing: {store_path / key}")
+                    continue
+                try:
+                    block = arr[v, start : start + rows] if v is not None else arr[start : start + rows]
+                except Exception as e:  # decompression or decode failure
+                    problems.append(f"{label}: chunk {c} is unreadable ({type(e).__name__}: {e}): {store_path / key}")
+                    continue
+                bad = ~np.isfinite(block)
+                if bad.any():
+                    r = start + int(np.argwhere(bad)[0][0])
+                    problems.append(f"{label}: chunk {c} holds {int(bad.sum())} NaN/Inf values (first at row {r})")
+        try:
+            labels = self._z["labels"][:]
+            n_classes = len(self.classes)
+            out = (labels < 0) | (labels >= n_classes)
+            if out.any():
+                problems.append(
+                    f"labels: {int(out.sum())} outside 0..{n_classes - 1} (first {int(labels[out][0])})"
+                )
+            if len(labels) != self.n_samples:
+                problems.append(f"labels: {len(labels)} rows, expected {self.n_samples}")
+        except Exception as e:
+            problems.append(f"labels: unreadable ({type(e).__name__}: {e})")
+        return problems
+
+    def check_readable(self) -> None:
+        """Raise :class:`CorruptGroupError` naming the path when :meth:`verify` finds problems."""
+        problems = self.verify()
+        if problems:
+            raise CorruptGroupError(
+                f"group {self.path} failed verification: " + "; ".join(problems[:5])
+                + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
+                + ". Rebuild it: delete the group and re-run `featstore build`."
+            )
+
+    def summary(self) -> dict[str, Any]:
+        s = self.spec
+        return {
+            "name": self.name,
+            "model": s.model,
+            "weights": s.weights,
+            "layer": s.layer,
+            "dataset": s.dataset,
+            "split": s.split,
+            "limit": s.limit,
+            "views": s.views,
+            "n_samples": self.n_samples,
+            "n_neurons": self.n_neurons,
+            "dtype": s.dtype,
+            "bytes_on_disk": self.nbytes_on_disk(),
+            "state": self.state,
+        }
+
+    def matches(self, **query) -> bool:
+        s = self.spec
+        for k, v in query.items():
+            if v is None:
+                continue
+            have = getattr(s, k)
+            if k == "dataset" and isinstance(v, str) and v.startswith("imagefolder:") and isinstance(have, str):
+                if have != v and not have.endswith(v.split(":", 1)[1].rstrip("/")):
+                    return False
+                continue
+            if have != v:
+                return False
+        return True
+
+    def __repr__(self) -> str:
+        return (
+            f"<featstore.Group {self.name} {self.spec.model}/{self.spec.layer} on "
+            f"{self.spec.dataset}:{self.spec.split} ({self.meta.get('n_samples')} x "
+            f"{self.meta.get('n_neurons')}, {self.spec.dtype}, {self.state})>"
+        )
+
+
+class _ViewArray:
+    """Row-indexable window ``array[index, rows, :]`` on a 3-D views array."""
+
+    def __init__(self, array, index: int):
+        self.array = array
+        self.index = index
+        self.shape = tuple(array.shape[1:])
+        self.dtype = array.dtype
+        self.chunks = tuple(array.chunks[1:])
+
+    def __getitem__(self, key):
+        if not isinstance(key, tuple):
+            key = (key,)
+        return self.array[(self.index,) + key]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+
+class FeatureStore:
+    """A directory (or fsspec URL) of feature groups.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The store root, e.g. ``data/featstore.zarr``.
+    mode : {"r", "a"}
+        ``r`` opens an existing store read-only; ``a`` creates it if needed.
+    """
+
+    def __init__(self, path: str | os.PathLike = DEFAULT_STORE, mode: str = "r"):
+        import zarr
+
+        if mode not in ("r", "a"):
+            raise InvalidParameterError(f"mode={mode!r}; choose 'r' (read) or 'a' (create/append)")
+        self.path = str(path) if _is_url(str(path)) else str(Path(path).expanduser())
+        self.mode = mode
+        if mode == "a":
+            _check_writable(self.path)
+        else:
+            if not _is_url(self.path) and not Path(self.path).exists():
+                raise GroupNotFoundError(
+                    f"No feature store at {self.path!r}; create one with `featstore build --store {self.path}`"
+                )
+        self._check_foreign()
+        store = _zarr_store(self.path, read_only=(mode == "r"))
+        if mode == "a" and not self._has_root():
+            root = zarr.open_group(store, mode="a")
+            root.attrs.update({ROOT_MARK: {"format_version": FORMAT_VERSION}})
+        try:
+            self._root = zarr.open_group(store, mode="r" if mode == "r" else "a")
+        except Exception as e:
+            raise NotAFeatureStoreError(
+                f"{self.path!r} is not a featstore store (cannot open as Zarr v3: {e})"
+            ) from None
+        mark = self._root.attrs.asdict().get(ROOT_MARK)
+        if not isinstance(mark, dict):
+            raise NotAFeatureStoreError(
+                f"{self.path!r} is a Zarr hierarchy that featstore did not write (no "
+                f"'{ROOT_MARK}' attribute); choose another --store path"
+            )
+        if mark.get("format_version") != FORMAT_VERSION:
+            raise NotAFeatureStoreError(
+                f"{self.path!r} has featstore format {mark.get('format_version')!r}; this "
+                f"featstore reads format {FORMAT_VERSION}"
+            )
+
+    def _has_root(self) -> bool:
+        return (Path(self.path) / "zarr.json").exists() if not _is_url(self.path) else True
+
+    def _check_foreign(self) -> None:
+        FeatureStore.check_foreign(self.path)
+
+    @staticmethod
+    def check_foreign(path: str) -> None:
+        """Refuse a path that holds something featstore did not write."""
+        if _is_url(path):
+            return
+        p = Path(path)
+        if p.exists() and not p.is_dir():
+            raise NotAFeatureStoreError(f"--store {path!r} is a file, not a featstore directory")
+        if p.is_dir() and not (p / "zarr.json").exists() and any(p.iterdir()):
+            raise NotAFeatureStoreError(
+                f"--store {path!r} is a non-empty directory that featstore did not write "
+                f"(no zarr.json); choose an empty or new path"
+            )
+
+    # ------------------------------------------------------------------ listing
+    def group_names(self) -> list[str]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # our .featstore/ folder is not a zarr node
+            return sorted(k for k in self._root.group_keys() if not k.startswith("."))
+
+    def groups(self, include_incomplete: bool = False) -> list[Group]:
+        """Every group, complete ones only unless ``include_incomplete``."""
+        out = []
+        for name in self.group_names():
+            g = Group(self, name, self._root[name])
+            if include_incomplete or g.is_complete:
+                out.append(g)
+        return out
+
+    def __iter__(self):
+        return iter(self.groups())
+
+    def __len__(self) -> int:
+        return len(self.groups())
+
+    def find(self, include_incomplete: bool = False, **query) -> list[Group]:
+        """Groups whose spec matches every keyword (``model``, ``layer``, ``dataset``, ...)."""
+        unknown = set(query) - set(QUERY_KEYS)
+        if unknown:
+            raise InvalidParameterError(
+                f"unknown query keyword(s) {sorted(unknown)}; use {', '.join(QUERY_KEYS)}"
+            )
+        return [g for g in self.groups(include_incomplete) if g.matches(**query)]
+
+    def group(self, name: str | None = None, **query) -> Group:
+        """The one complete group named ``name`` or matching ``query``.
+
+        Examples
+        --------
+        >>> s = featstore.open("data/featstore.zarr")
+        >>> g = s.group(model="tf_efficientnet_lite0", dataset="fashion-mnist", split="train")
+        >>> X, y = g.numpy(), g.labels
+        """
+        if name is not None:
+            if name not in self.group_names():
+                raise GroupNotFoundError(
+                    f"No group {name!r} in {self.path}; groups: {', '.join(self.group_names()) or '(none)'}"
+                )
+            g = Group(self, name, self._root[name])
+            g._require_complete()
+            return g
+        hits = self.find(**query)
+        if not hits:
+            partial = self.find(include_incomplete=True, **query)
+            if partial:
+                partial[0]._require_complete()
+            raise GroupNotFoundError(
+                f"No complete group matches {query} in {self.path}; available: "
+                + ("; ".join(f"{g.spec.model}/{g.spec.layer}/{g.spec.dataset}/{g.spec.split}" for g in self.groups())
+                   or "(none)")
+            )
+        if len(hits) > 1:
+            raise AmbiguousGroupError(
+                f"{len(hits)} groups match {query}: "
+                + "; ".join(f"{g.name} (weights={g.spec.weights}, limit={g.spec.limit}, views={g.spec.views}, "
+                            f"dtype={g.spec.dtype})" for g in hits)
+                + ". Add keywords (weights=, limit=, views=, dtype=) or pass the name."
+            )
+        return hits[0]
+
+    def __repr__(self) -> str:
+        return f"<featstore.FeatureStore {self.path} ({len(self.group_names())} groups)>"
+
+    # ------------------------------------------------------------------ write side (used by build)
+    @property
+    def internal_dir(self) -> Path:
+        return Path(self.path) / INTERNAL
+
+    @contextlib.contextmanager
+    def lock(self, names: list[str], wait: bool = True, on_wait=None):
+        """Hold the build locks of ``names`` (sorted, so two builds cannot deadlock)."""
+        lock_dir = self.internal_dir / "locks"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        files = []
+        try:
+            for name in sorted(names):
+                f = builtins.open(lock_dir / f"{name}.lock", "a+")
+                files.append(f)
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    f.seek(0)
+                    holder = f.read().strip() or "another process"
+                    if not wait:
+                        raise GroupLockedError(
+                            f"group {name!r} in {self.path} is being built by {holder}; wait for it "
+                            f"to finish (or pass --wait) and run again"
+                        ) from None
+                    if on_wait:
+                        on_wait(name, holder)
+                    fcntl.flock(f, fcntl.LOCK_EX)
+                f.seek(0)
+                f.truncate()
+                f.write(f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+                f.flush()
+            yield
+        finally:
+            for f in files:
+                with contextlib.suppress(Exception):
+                    f.seek(0)
+                    f.truncate()
+                    fcntl.flock(f, fcntl.LOCK_UN)
+                f.close()
+
+    def raw_group(self, name: str):
+        """The zarr group ``name`` or None (no metadata checks)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if name in self._root.group_keys():
+                return self._root[name]
+        return None
+
+    def remove_group(self, name: str) -> None:
+        shutil.rmtree(Path(self.path) / name)
+
+    def reopen(self) -> None:
+        import zarr
+
+        self._root = zarr.open_group(_zarr_store(self.path, read_only=self.mode == "r"), mode="r" if self.mode == "r" else "a")
+
+
+def _check_writable(path: str) -> None:
+    """Fail before any work if ``path`` cannot be created or written."""
+    if _is_url(path):
+        return
+    p = Path(path)
+    probe = p
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise StoreNotWritableError(f"--store {path!r}: {str(probe)!r} is a file, so the store cannot be created")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise StoreNotWritableError(
+            f"--store {path!r} is not writable ({str(probe)!r} denies write access); choose a "
+            f"path you can write, e.g. --store data/featstore.zarr"
+        )
+
+
+def open(path: str | os.PathLike = DEFAULT_STORE) -> FeatureStore:  # noqa: A001 - public API name
+    """Open a feature store read-only (the notebook entry point).
+
+    >>> import featstore
+    >>> s = featstore.open("data/featstore.zarr")
+    >>> s.groups()
+    """
+    return FeatureStore(path, mode="r")

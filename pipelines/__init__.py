@@ -1,0 +1,1 @@
+"""pipelines: sweeps, launchers, analysis and reports."""

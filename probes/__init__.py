@@ -1,0 +1,1 @@
+"""probes: batched linear probes and streaming CKA on cached features."""
