@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import _datasets, _models
+from . import _datasets, _faults, _models
 from ._spec import PAPER_AUGMENTATION, ExtractionSpec, TransformSpec
 from ._store import DEFAULT_STORE, META, FeatureStore, Group, _check_writable
 from .errors import InvalidParameterError, StaleGroupError, UnknownNameError
@@ -373,6 +373,7 @@ def _open_target(fs: FeatureStore, spec: ExtractionSpec, src, index, d: int, ver
         tmp_root.mkdir(parents=True, exist_ok=True)
         tmp = tmp_root / f"{name}.{uuid.uuid4().hex[:8]}"
         _create_group(tmp, spec, src, index, d, versions, winfo, device)
+        _faults.point("group-created")
         os.replace(tmp, Path(fs.path) / name)  # atomic: the group appears whole or not at all
         fs.reopen()
         z = fs.raw_group(name)
@@ -512,6 +513,7 @@ def _finish(targets, seconds: float, images: int) -> None:
         timings["images_per_second"] = round(images / seconds, 2) if seconds else None
         timings["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         meta["timings"] = timings
+        _faults.point("finish")
         # one atomic write of zarr.json: the group flips from building to complete
         t.zgroup.attrs.update({META: meta})
 
@@ -543,9 +545,11 @@ class _Writer:
                     t.features[start : start + len(data)] = data
                 else:
                     t.views[view - 1, start : start + len(data)] = data
+                _faults.point("chunk-data")
                 # only after the chunk is on disk is it recorded as done
                 t.progress[view, c] = 1
                 t.done[view, c] = True
+                _faults.point("chunk-mark")
             except BaseException as e:  # re-raised in the main thread
                 self._error = e
 

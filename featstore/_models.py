@@ -390,11 +390,14 @@ class FeatureExtractor:
         for layer in layers:
             if layer not in known:
                 close = difflib.get_close_matches(layer, valid, n=10, cutoff=0.5)
+                top = [v for v in valid if "." not in v]
                 raise UnknownNameError(
-                    f"layer for {model_name}",
+                    "layer",
                     layer,
-                    close or valid[:10] + valid[-5:],
-                    f"list them with `featstore layers {model_name}`",
+                    sorted(set(close) | set(top)),
+                    f"{'close matches and ' if close else ''}top-level modules shown; list all "
+                    f"{len(valid)} with `featstore layers {model_name}`",
+                    context=model_name,
                 )
         if len(set(layers)) != len(layers):
             raise InvalidParameterError(f"layers={list(layers)!r} repeats a layer")

@@ -181,7 +181,7 @@ class Group:
 
     @property
     def sample_ids(self) -> np.ndarray:
-        return np.asarray(self._z["sample_ids"][:], dtype=str)
+        return self._z["sample_ids"][:].astype(object).astype(str)
 
     @property
     def sample_index(self) -> np.ndarray:

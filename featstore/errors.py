@@ -61,13 +61,16 @@ class UnknownNameError(InvalidParameterError):
         The valid names.
     hint : str, optional
         How to list or fix, appended to the message.
+    context : str, optional
+        What the name belongs to, e.g. the model of a layer.
     """
 
-    def __init__(self, kind: str, name: object, choices: Iterable[str], hint: str = ""):
+    def __init__(self, kind: str, name: object, choices: Iterable[str], hint: str = "", context: str = ""):
         self.kind = kind
         self.name = name
         self.choices = sorted({str(c) for c in choices})
-        msg = f"Unknown {kind} {name!r}; known: {choices_text(self.choices)}"
+        where = f" for {context}" if context else ""
+        msg = f"Unknown {kind} {name!r}{where}; known: {choices_text(self.choices)}"
         if hint:
             msg += f" ({hint})"
         super().__init__(msg)

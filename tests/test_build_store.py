@@ -1,0 +1,265 @@
+"""featstore build -> Zarr groups -> reads: content, resume after SIGKILL, locks, staleness."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import featstore
+from featstore import errors
+from featstore._build import make_transforms, resolve_transform
+from featstore._datasets import load_split, stratified_subset
+from featstore._models import FeatureExtractor, create_backbone
+
+from .conftest import run_cli
+
+
+def _reference_features(tiny, split, layers=("pre_logits",), limit=None, seed=0):
+    """The slow, obvious way: transform each image, run the model one image at a time."""
+    model, _ = create_backbone(tiny["model"], tiny["weights"], seed=seed)
+    tspec = resolve_transform(model, tiny["image_size"])
+    eval_tf, _ = make_transforms(tspec)
+    src = load_split(tiny["dataset"], split)
+    idx = stratified_subset(src.targets, limit, seed)
+    ex = FeatureExtractor(model, list(layers))
+    out = {layer: [] for layer in layers}
+    with torch.no_grad():
+        for i in idx:
+            feats = ex(eval_tf(src.image(i))[None])
+            for layer in layers:
+                out[layer].append(feats[layer][0].numpy())
+    return {k: np.stack(v) for k, v in out.items()}, src.targets[idx]
+
+
+def test_build_writes_groups_equal_to_a_direct_forward_pass(tmp_path, tiny):
+    store = tmp_path / "s.zarr"
+    groups = featstore.build(**tiny, layers="pre_logits,layer3", splits="train,test", dtype="float32", store=store)
+    assert len(groups) == 4  # 2 layers x 2 splits
+    s = featstore.open(store)
+    assert len(s.groups()) == 4
+    for layer in ("pre_logits", "layer3"):
+        g = s.group(layer=layer, split="train")
+        ref, labels = _reference_features(tiny, "train", [layer])
+        X = g.numpy()
+        assert X.shape == ref[layer].shape == (g.n_samples, g.n_neurons)
+        np.testing.assert_allclose(X, ref[layer], rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(g.labels, labels)
+        assert g.spec.layer == layer and g.spec.split == "train" and g.state == "complete"
+        assert g.classes == ["class_0", "class_1", "class_2"]
+        assert g.verify() == []
+    # the train/test split of a plain tree is seeded, disjoint and complete
+    ids_train = set(s.group(layer="pre_logits", split="train").sample_ids)
+    ids_test = set(s.group(layer="pre_logits", split="test").sample_ids)
+    assert not ids_train & ids_test and len(ids_train | ids_test) == 36
+
+
+def test_notebook_reads_zarr_numpy_dask_and_blocks(tmp_path, tiny):
+    store = tmp_path / "s.zarr"
+    featstore.build(**tiny, splits="train", store=store)
+    g = featstore.open(store).group(model="test_resnet", dataset=tiny["dataset"], split="train")
+    z = g.features
+    assert isinstance(z, zarr.Array) and z.dtype == np.float16 and z.chunks == (8, g.n_neurons)
+    X = g.numpy()
+    np.testing.assert_array_equal(g.dask().compute(), X)
+    blocks = list(g.iter_blocks(block_rows=7))
+    np.testing.assert_array_equal(np.concatenate([b for _, b, _ in blocks]), X)
+    np.testing.assert_array_equal(np.concatenate([y for _, _, y in blocks]), g.labels)
+    assert [start for start, _, _ in blocks] == list(range(0, g.n_samples, 7))
+    assert g.spec.model == "test_resnet" and g.spec.transform.input_size == (3, 32, 32)
+
+
+def test_limit_is_stratified_seeded_and_recorded(tmp_path, tiny):
+    store = tmp_path / "s.zarr"
+    (g,) = featstore.build(**tiny, splits="train", limit=9, seed=3, store=store)
+    assert g.n_samples == 9 and g.spec.limit == 9 and g.spec.seed == 3
+    assert np.bincount(g.labels).tolist() == [3, 3, 3]
+    (again,) = featstore.build(**tiny, splits="train", limit=9, seed=3, store=tmp_path / "t.zarr")
+    np.testing.assert_array_equal(g.sample_ids, again.sample_ids)
+    (other,) = featstore.build(**tiny, splits="train", limit=9, seed=4, store=store)
+    assert other.name != g.name  # another subset is another group, never the same one
+
+
+def test_views_are_augmented_seeded_and_reproducible(tmp_path, tiny):
+    (g,) = featstore.build(**tiny, splits="train", views=2, store=tmp_path / "a.zarr")
+    assert g.n_views == 2 and g.spec.augmentation.startswith("RandomHorizontalFlip")
+    clean, v1, v2 = g.numpy(0), g.numpy(1), g.numpy(2)
+    assert clean.shape == v1.shape == v2.shape
+    assert not np.array_equal(clean, v1) and not np.array_equal(v1, v2)
+    np.testing.assert_array_equal(g.dask(view=2).compute(), v2)
+    # same views whatever the batch size and worker count: seeded per (view, sample)
+    (h,) = featstore.build(**{**tiny, "batch_size": 3, "workers": 2}, splits="train", views=2,
+                           store=tmp_path / "b.zarr")
+    np.testing.assert_allclose(h.numpy(2).astype(np.float32), v2.astype(np.float32), atol=2e-3)
+    with pytest.raises(errors.InvalidParameterError, match="view=3 is out of range"):
+        g.view(3)
+    # the test split never gets views
+    (t,) = featstore.build(**tiny, splits="test", views=2, store=tmp_path / "a.zarr")
+    assert t.n_views == 0
+
+
+def test_spec_change_gives_another_group_and_tampering_fails_loudly(tmp_path, tiny):
+    store = tmp_path / "s.zarr"
+    (a,) = featstore.build(**tiny, splits="test", store=store)
+    (b,) = featstore.build(**tiny, splits="test", store=store, dtype="float32")
+    (c,) = featstore.build(**{**tiny, "image_size": 40}, splits="test", store=store)
+    assert len({a.name, b.name, c.name}) == 3
+    # editing the recorded spec (e.g. by hand) makes the group refuse to open
+    zg = zarr.open_group(str(store / a.name), mode="a")
+    meta = zg.attrs["featstore"]
+    meta["spec"]["transform"]["input_size"] = [3, 64, 64]
+    zg.attrs["featstore"] = meta
+    with pytest.raises(errors.StaleGroupError, match="attributes were changed"):
+        featstore.open(store).groups()
+
+
+def test_rebuilding_a_complete_group_does_nothing(tmp_path, tiny, capsys):
+    store = tmp_path / "s.zarr"
+    (a,) = featstore.build(**tiny, splits="test", store=store)
+    mtime = (store / a.name / "features" / "c" / "0" / "0").stat().st_mtime_ns
+    (b,) = featstore.build(**tiny, splits="test", store=store)
+    assert b.name == a.name
+    assert (store / a.name / "features" / "c" / "0" / "0").stat().st_mtime_ns == mtime
+    assert "already complete" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- crash safety
+
+
+def _cli_args(tiny, store, extra=()):
+    return ["build", "--model", tiny["model"], "--weights", "random", "--dataset", tiny["dataset"],
+            "--image-size", "32", "--batch-size", "4", "--workers", "0", "--chunk-rows", "8",
+            "--layers", "pre_logits,layer2", "--views", "1", "--splits", "train", "--store", store,
+            "--no-progress", *extra]
+
+
+def _arrays(store):
+    s = featstore.open(store)
+    out = {}
+    for g in s.groups():
+        out[(g.spec.layer, g.spec.split)] = (g.numpy(0), g.numpy(1) if g.n_views else None,
+                                             g.labels, g.sample_ids)
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, image_folder):
+    tiny = {"model": "test_resnet", "dataset": f"imagefolder:{image_folder}"}
+    store = tmp_path_factory.mktemp("ref") / "s.zarr"
+    run_cli(*_cli_args(tiny, store), check=True)
+    return tiny, _arrays(store)
+
+
+@pytest.mark.parametrize("fault", ["group-created:2", "chunk-data:1", "chunk-data:5", "chunk-mark:3",
+                                   "chunk-mark:7", "finish:1", "finish:2"])
+def test_sigkill_then_rerun_equals_uninterrupted_build(tmp_path, uninterrupted, fault):
+    tiny, ref = uninterrupted
+    store = tmp_path / "s.zarr"
+    killed = run_cli(*_cli_args(tiny, store), env={"FEATSTORE_FAULT": fault})
+    assert killed.returncode == -9, killed.stderr  # it really died by SIGKILL
+    # whatever was left is never listed or opened as complete
+    s = featstore.open(store) if (store / "zarr.json").exists() else None
+    if s is not None:
+        complete = {g.spec.layer for g in s.groups()}
+        partial = [g for g in s.groups(include_incomplete=True) if not g.is_complete]
+        assert len(complete) + len(partial) <= 2
+        for g in partial:
+            with pytest.raises(errors.IncompleteGroupError, match="Re-run the same"):
+                s.group(g.name)
+            with pytest.raises(errors.IncompleteGroupError):
+                g.features
+        listed = json.loads(run_cli("ls", "--json", "--store", store, check=True).stdout)
+        assert all(r["state"] == "complete" for r in listed)
+    # the same command again finishes the job
+    run_cli(*_cli_args(tiny, store), check=True)
+    got = _arrays(store)
+    assert got.keys() == ref.keys()
+    for key in ref:
+        for a, b in zip(got[key], ref[key]):
+            np.testing.assert_array_equal(a, b)
+    assert run_cli("verify", "--store", store).returncode == 0
+    assert not list(store.rglob("*.partial"))
+
+
+def test_resume_recomputes_only_unfinished_chunks(tmp_path, uninterrupted):
+    tiny, _ = uninterrupted
+    store = tmp_path / "s.zarr"
+    run_cli(*_cli_args(tiny, store), env={"FEATSTORE_FAULT": "chunk-mark:4"})
+    s = featstore.open(store)
+    (g,) = [g for g in s.groups(include_incomplete=True) if g.spec.layer == "pre_logits"]
+    done_before = zarr.open_array(str(store / g.name / "progress"))[:].sum()
+    assert done_before >= 2  # marks alternate between the two layer groups
+    chunk = store / g.name / "features" / "c" / "0" / "0"
+    mtime = chunk.stat().st_mtime_ns
+    run_cli(*_cli_args(tiny, store), check=True)
+    assert chunk.stat().st_mtime_ns == mtime  # the finished chunk was not rewritten
+
+
+def test_external_sigkill_at_random_moments(tmp_path, uninterrupted):
+    """Kill the real process from outside at arbitrary times, not at chosen points."""
+    import subprocess
+    import sys
+
+    tiny, ref = uninterrupted
+    store = tmp_path / "s.zarr"
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, "-m", "featstore.cli", *map(str, _cli_args(tiny, store))],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(float(rng.uniform(2.0, 5.0)))
+        proc.kill()
+        proc.wait()
+    run_cli(*_cli_args(tiny, store), check=True)
+    got = _arrays(store)
+    for key in ref:
+        for a, b in zip(got[key], ref[key]):
+            np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------- concurrency
+
+
+def test_second_build_waits_or_exits_with_a_clear_message(tmp_path, tiny):
+    store = tmp_path / "s.zarr"
+    fs = featstore.FeatureStore(store, mode="a")
+    from featstore._build import resolve_transform  # noqa: F401 - the name is the key we lock
+    # find the group name the build will use by building once elsewhere
+    (g,) = featstore.build(**tiny, splits="test", store=tmp_path / "probe.zarr")
+    with fs.lock([g.name]):
+        with pytest.raises(errors.GroupLockedError, match="is being built by pid"):
+            featstore.build(**tiny, splits="test", store=store, wait=False)
+        assert featstore.open(store).groups(include_incomplete=True) == []
+        messages = []
+        result = {}
+
+        def waiter():
+            result["groups"] = featstore.build(**tiny, splits="test", store=store, log=messages.append)
+
+        t = threading.Thread(target=waiter)
+        t.start()
+        time.sleep(1.0)
+        assert t.is_alive() and "waiting" in messages[0]
+    t.join(60)
+    assert result["groups"][0].is_complete
+
+
+def test_two_concurrent_builds_of_one_group_do_not_corrupt_it(tmp_path, uninterrupted):
+    import subprocess
+    import sys
+
+    tiny, ref = uninterrupted
+    store = tmp_path / "s.zarr"
+    procs = [subprocess.Popen([sys.executable, "-m", "featstore.cli", *map(str, _cli_args(tiny, store))],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert any("already complete" in err for _, err in outs)
+    got = _arrays(store)
+    for key in ref:
+        for a, b in zip(got[key], ref[key]):
+            np.testing.assert_array_equal(a, b)
