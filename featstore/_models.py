@@ -197,11 +197,9 @@ def map_state_dict(state: dict, target: dict, mapping: str, origin: str = "check
                 f"positional mapping: {len(bad)} shapes differ between {origin} and model: "
                 + "; ".join(bad[:10])
             )
-        out = {dk: sv for (sk, sv), (dk, dv) in zip(src, dst)}
-        for k, v in target.items():
-            if _is_counter(k):
-                out[k] = v
-        return out
+        mapped = {dk: sv for (sk, sv), (dk, dv) in zip(src, dst)}
+        # in the model's key order; num_batches_tracked counters keep the model's value
+        return {k: mapped.get(k, v) for k, v in target.items()}
     if mapping != "names":
         raise UnknownNameError("weight mapping", mapping, ("names", "positional"))
     state = _strip_prefixes(state)
@@ -407,12 +405,15 @@ class FeatureExtractor:
         modules = dict(model.named_modules())
         self._module_layers = [l for l in self.layers if l != PRE_LOGITS]
         self._store: dict[str, object] = {}
+        self._active = False
         self._handles = [
             modules[name].register_forward_hook(self._hook(name)) for name in self._module_layers
         ]
 
     def _hook(self, name):
         def hook(module, inputs, output):
+            if not self._active:  # the model is being run by someone else
+                return
             self._store[name] = pool(output, self.pooling)
             if PRE_LOGITS not in self.layers and len(self._store) == len(self._module_layers):
                 raise _Captured()
@@ -423,12 +424,15 @@ class FeatureExtractor:
         """x : tensor of shape (N, 3, H, W) -> {layer: tensor of shape (N, d_layer)}."""
         self._store = {}
         out = {}
+        self._active = True
         try:
             feats = self.model.forward_features(x)
             if PRE_LOGITS in self.layers:
                 out[PRE_LOGITS] = pool(self.model.forward_head(feats, pre_logits=True), "flatten")
         except _Captured:
             pass
+        finally:
+            self._active = False
         for name in self._module_layers:
             out[name] = self._store[name]
         self._store = {}

@@ -1,0 +1,154 @@
+"""The command line: ls/info/verify/layers, and bad input that changes nothing on disk."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+import featstore
+from featstore import errors
+from featstore.cli import main
+
+from .conftest import run_cli, tree_listing
+
+
+def _tiny_args(image_folder, store, *extra):
+    return ["build", "--model", "test_resnet", "--weights", "random", "--dataset", f"imagefolder:{image_folder}",
+            "--image-size", "32", "--workers", "0", "--store", str(store), "--no-progress", *extra]
+
+
+@pytest.fixture
+def built(tmp_path, image_folder):
+    store = tmp_path / "s.zarr"
+    assert main(_tiny_args(image_folder, store, "--chunk-rows", "8")) == 0
+    return store
+
+
+def test_ls_info_verify(built, capsys):
+    capsys.readouterr()
+    assert main(["ls", "--store", str(built), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["split"] for r in rows} == {"train", "test"}
+    for r in rows:
+        assert r["state"] == "complete" and r["dtype"] == "float16" and r["n_neurons"] == 96
+        assert r["bytes_on_disk"] > 0 and r["model"] == "test_resnet" and r["layer"] == "pre_logits"
+    assert main(["ls", "--store", str(built)]) == 0
+    table = capsys.readouterr().out
+    assert "SHAPE" in table and "30x96" in table and "complete" in table
+    name = rows[0]["name"]
+    assert main(["info", name, "--store", str(built)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["spec"]["model"] == "test_resnet" and info["key"].startswith(name[-12:])
+    assert info["provenance"]["versions"]["torch"] and info["provenance"]["weights"]["sha256"]
+    assert main(["verify", "--store", str(built)]) == 0
+    assert "2 of 2 group(s) verified" in capsys.readouterr().out
+
+
+def test_verify_names_a_missing_or_corrupt_chunk(built, capsys):
+    s = featstore.open(built)
+    g = s.group(split="train")
+    chunk = built / g.name / "features" / "c" / "1" / "0"
+    chunk.unlink()
+    other = s.group(split="test")
+    (built / other.name / "features" / "c" / "0" / "0").write_bytes(b"garbage")
+    capsys.readouterr()
+    assert main(["verify", "--store", str(built)]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL {g.name}" in out and "chunk 1" in out and "missing" in out and str(chunk) in out
+    assert f"FAIL {other.name}" in out and "unreadable" in out
+    with pytest.raises(errors.CorruptGroupError, match=str(built / g.name)):
+        g.check_readable()
+
+
+def test_verify_finds_nan_and_bad_labels(built, capsys):
+    s = featstore.open(built)
+    g = s.group(split="test")
+    z = zarr.open_group(str(built / g.name), mode="a")
+    z["features"][2, 5] = np.nan
+    z["labels"][0] = 7
+    problems = featstore.open(built).group(split="test").verify()
+    assert any("NaN/Inf" in p and "row 2" in p for p in problems)
+    assert any("labels: 1 outside 0..2" in p for p in problems)
+
+
+def test_layers_command(capsys):
+    assert main(["layers", "resnet50"]) == 0
+    names = capsys.readouterr().out.split()
+    assert names[0] == "pre_logits" and "layer3.5.act3" in names
+    assert main(["layers", "resnet5"]) == 2
+    assert "Unknown model 'resnet5'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model", "resnet_nope"], "Unknown model 'resnet_nope'"),
+        (["--layers", "layer9"], "Unknown layer 'layer9' for test_resnet; known: "),
+        (["--dataset", "imagenet-xl"], "Unknown dataset 'imagenet-xl'; known: cifar10"),
+        (["--dataset", "../../etc"], "path separator or '..'"),
+        (["--splits", "validation"], "Unknown split of dataset"),
+        (["--weights", "checkpoint"], "needs --checkpoint"),
+        (["--pooling", "avg", "--dtype", "float16", "--splits", "train", "--limit", "0"], "must be a positive integer"),
+        (["--limit", "-3"], "must be a positive integer"),
+        (["--weights", "magic"], "invalid choice: 'magic'"),
+    ],
+)
+def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, image_folder, extra, message):
+    store = tmp_path / "s.zarr"
+    args = _tiny_args(image_folder, store) + extra
+    if "--model" in extra:  # later flags win in argparse: replace the model
+        args[args.index("test_resnet")] = extra[1]
+    proc = run_cli(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert tree_listing(tmp_path) == []  # nothing half-written
+
+
+def test_checkpoint_that_does_not_fit_changes_nothing(tmp_path, image_folder):
+    import torch
+
+    bad = tmp_path / "ckpt"
+    bad.mkdir()
+    torch.save({"w": torch.zeros(3)}, bad / "other.pth")
+    store = tmp_path / "s.zarr"
+    proc = run_cli(*_tiny_args(image_folder, store, "--weights", "checkpoint", "--checkpoint", bad / "other.pth"))
+    assert proc.returncode == 2 and "does not fit the model" in proc.stderr and "1 unexpected: w" in proc.stderr
+    assert not store.exists()
+
+
+def test_unwritable_or_foreign_store_paths(tmp_path, image_folder):
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    proc = run_cli(*_tiny_args(image_folder, afile / "s.zarr"))
+    assert proc.returncode == 2 and "is a file, so the store cannot be created" in proc.stderr
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    before = tree_listing(foreign)
+    proc = run_cli(*_tiny_args(image_folder, foreign))
+    assert proc.returncode == 2 and "did not write" in proc.stderr
+    assert tree_listing(foreign) == before
+    other_zarr = tmp_path / "other.zarr"
+    zarr.open_group(str(other_zarr), mode="w").create_array("x", shape=(2,), dtype="f4")
+    before = tree_listing(other_zarr)
+    proc = run_cli(*_tiny_args(image_folder, other_zarr))
+    assert proc.returncode == 2 and "Zarr hierarchy that featstore did not write" in proc.stderr
+    assert tree_listing(other_zarr) == before
+    with pytest.raises(errors.GroupNotFoundError, match="No feature store"):
+        featstore.open(tmp_path / "missing.zarr")
+
+
+def test_lookup_errors_are_actionable(built):
+    s = featstore.open(built)
+    with pytest.raises(errors.AmbiguousGroupError, match="2 groups match"):
+        s.group(model="test_resnet")
+    with pytest.raises(errors.GroupNotFoundError, match="No complete group matches"):
+        s.group(model="resnet50")
+    with pytest.raises(errors.InvalidParameterError, match="unknown query keyword"):
+        s.group(modle="x")
+    with pytest.raises(errors.GroupNotFoundError, match="No group 'nope'"):
+        s.group("nope")

@@ -1,0 +1,213 @@
+"""Weight sources, checkpoint loading (strict, safe), positional mapping, layers, pooling."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from featstore import errors
+from featstore._build import make_transforms, resolve_transform
+from featstore._models import (
+    FeatureExtractor,
+    create_backbone,
+    list_layers,
+    load_checkpoint_state,
+    map_state_dict,
+    pool,
+)
+
+
+def _tiny_state(seed=1):
+    torch.manual_seed(seed)
+    return timm.create_model("test_resnet").state_dict()
+
+
+def _logits_equal(model_a, model_b):
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        return torch.allclose(model_a.forward_features(x), model_b.forward_features(x))
+
+
+@pytest.mark.parametrize("prefix", ["", "module.", "model.", "module.model."])
+@pytest.mark.parametrize("fmt", ["safetensors", "pth", "pth-wrapped"])
+def test_checkpoint_loads_strictly_with_wrapper_prefixes(tmp_path, prefix, fmt):
+    state = _tiny_state()
+    prefixed = {prefix + k: v for k, v in state.items()}
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        path = tmp_path / "w.safetensors"
+        save_file({k: v.contiguous() for k, v in prefixed.items()}, str(path))
+    else:
+        path = tmp_path / "w.pth"
+        torch.save({"state_dict": prefixed, "epoch": 3} if fmt == "pth-wrapped" else prefixed, path)
+    model, info = create_backbone("test_resnet", "checkpoint", checkpoint=path)
+    ref = timm.create_model("test_resnet")
+    ref.load_state_dict(state)
+    ref.reset_classifier(0)
+    ref.eval()
+    assert _logits_equal(model, ref)
+    assert info.source == "checkpoint" and len(info.sha256) == 64
+
+
+def test_missing_unexpected_and_misshapen_keys_are_each_reported(tmp_path):
+    state = _tiny_state()
+    state.pop("conv1.0.weight")
+    state["extra.weight"] = torch.zeros(3)
+    state["fc.bias"] = torch.zeros(7)
+    path = tmp_path / "bad.pth"
+    torch.save(state, path)
+    with pytest.raises(errors.CheckpointError) as e:
+        create_backbone("test_resnet", "checkpoint", checkpoint=path)
+    msg = str(e.value)
+    assert "1 missing: conv1.0.weight" in msg
+    assert "1 unexpected: extra.weight" in msg
+    assert "fc.bias: (7,) vs model (1000,)" in msg
+    assert "--map positional" in msg
+
+
+def test_positional_mapping_checks_counts_and_every_shape():
+    target = _tiny_state(0)
+    renamed = {f"t{i}": v for i, (k, v) in enumerate(_tiny_state(1).items()) if not k.endswith("num_batches_tracked")}
+    out = map_state_dict(renamed, target, "positional")
+    assert list(out) == list(target)
+    for (k, v), src in zip([(k, v) for k, v in out.items() if not k.endswith("num_batches_tracked")], renamed.values()):
+        assert torch.equal(v, src)
+    fewer = dict(list(renamed.items())[:-1])
+    with pytest.raises(errors.CheckpointError, match=r"has \d+ tensors but the model has \d+"):
+        map_state_dict(fewer, target, "positional")
+    swapped = dict(renamed)
+    keys = list(swapped)
+    swapped[keys[0]], swapped[keys[1]] = swapped[keys[1]], swapped[keys[0]]
+    with pytest.raises(errors.CheckpointError, match="shapes differ"):
+        map_state_dict(swapped, target, "positional")
+    with pytest.raises(errors.UnknownNameError, match="known: names, positional"):
+        map_state_dict(renamed, target, "fuzzy")
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_carrying_code_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": _Evil(marker)}, f)
+    torch.save({"weights": _Evil(marker)}, tmp_path / "evil2.pth")
+    for p in (path, tmp_path / "evil2.pth"):
+        with pytest.raises(errors.UnsafeCheckpointError, match="weights_only=True"):
+            load_checkpoint_state(p)
+    assert not marker.exists()
+
+
+def test_checkpoint_errors_name_the_file(tmp_path):
+    with pytest.raises(errors.CheckpointError, match="does not exist"):
+        load_checkpoint_state(tmp_path / "nope.pth")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(errors.CheckpointError, match="junk.pth"):
+        load_checkpoint_state(junk)
+    with pytest.raises(errors.InvalidParameterError, match="needs --checkpoint"):
+        create_backbone("test_resnet", "checkpoint")
+
+
+def test_embedded_weights_are_real_imagenet_weights():
+    """The mapped tf_efficientnet_lite0 classifies scikit-learn's sample images correctly."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    import featstore._models as m
+
+    model = timm.create_model("tf_efficientnet_lite0")
+    state = load_checkpoint_state(m._embedded_path())
+    model.load_state_dict(map_state_dict(state, model.state_dict(), "positional"))
+    model.eval()
+    tspec = resolve_transform(model)
+    assert tspec.mean == (0.5, 0.5, 0.5) and tspec.std == (0.5, 0.5, 0.5)
+    assert tspec.interpolation == "bicubic" and tspec.input_size == (3, 224, 224) and tspec.crop_pct == 0.875
+    eval_tf, _ = make_transforms(tspec)
+    with torch.no_grad():
+        top = {name: int(model(eval_tf(Image.fromarray(load_sample_image(name)))[None]).argmax())
+               for name in ("china.jpg", "flower.jpg")}
+    assert top["china.jpg"] in (698, 442)  # palace / bell cote
+    assert top["flower.jpg"] == 985  # daisy
+    # and the registry's embedded source gives the same backbone, classifier removed
+    backbone, info = create_backbone("tf_efficientnet_lite0")
+    assert info.source == "embedded" and backbone.num_classes == 0
+    with pytest.raises(errors.InvalidParameterError, match="only for model 'tf_efficientnet_lite0'"):
+        create_backbone("test_resnet", "embedded")
+
+
+def test_unknown_model_and_weight_source_list_choices():
+    with pytest.raises(errors.UnknownNameError, match="Unknown model 'resnet5'.*resnet50"):
+        create_backbone("resnet5")
+    with pytest.raises(errors.InvalidParameterError, match="path separators"):
+        create_backbone("../resnet50")
+    with pytest.raises(errors.UnknownNameError, match="known: checkpoint, embedded, hub, random"):
+        create_backbone("test_resnet", "imagenet")
+
+
+def test_layers_listing_and_unknown_layer_message():
+    model = timm.create_model("resnet50", pretrained=False)
+    names = list_layers(model)
+    assert names[0] == "pre_logits" and "layer3.5.act3" in names and "layer4" in names
+    with pytest.raises(errors.UnknownNameError) as e:
+        FeatureExtractor(model, ["layer9"], model_name="resnet50")
+    msg = str(e.value)
+    assert "Unknown layer 'layer9' for resnet50" in msg and "layer1" in msg and "featstore layers resnet50" in msg
+
+
+def test_several_layers_from_one_pass_equal_separate_passes():
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet").eval()
+    model.reset_classifier(0)
+    x = torch.randn(3, 3, 32, 32)
+    both = FeatureExtractor(model, ["layer2", "pre_logits", "layer1.0.act2"])
+    with torch.no_grad():
+        out = both(x)
+        feats = model.forward_features(x)
+        np.testing.assert_allclose(out["pre_logits"], model.forward_head(feats, pre_logits=True), atol=1e-6)
+        np.testing.assert_allclose(out["layer2"], model.layer2(model.layer1(model.maxpool(model.act1(model.bn1(
+            model.conv1(x)))))).mean(dim=(2, 3)), atol=1e-5)
+    both.close()
+    only_early = FeatureExtractor(model, ["layer1"])  # stops the pass early, same values
+    with torch.no_grad():
+        early = only_early(x)["layer1"]
+        only_early.close()
+        assert out["layer1.0.act2"].shape == (3, 32)
+        np.testing.assert_allclose(early, model.layer1(model.maxpool(model.act1(
+            model.bn1(model.conv1(x))))).mean(dim=(2, 3)), atol=1e-6)
+
+
+def test_pooling_modes():
+    fmap = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
+    assert torch.equal(pool(fmap, "avg"), fmap.mean(dim=(2, 3)))
+    assert torch.equal(pool(fmap, "max"), fmap.amax(dim=(2, 3)))
+    assert pool(fmap, "flatten").shape == (2, 12)
+    tokens = torch.randn(2, 5, 4)
+    assert torch.equal(pool(tokens, "cls"), tokens[:, 0])
+    assert torch.allclose(pool(tokens, "avg"), tokens.mean(dim=1))
+    with pytest.raises(errors.InvalidParameterError, match="does not apply to a spatial map"):
+        pool(fmap, "cls")
+
+
+def test_vit_class_token_and_token_mean():
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit").eval()
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        tokens = model.blocks[-1](model.blocks[:-1](model.norm_pre(model._pos_embed(model.patch_embed(x)))))
+        cls = FeatureExtractor(model, ["blocks.1"] if len(model.blocks) == 2 else [f"blocks.{len(model.blocks) - 1}"], "cls")(x)
+        mean = FeatureExtractor(model, [f"blocks.{len(model.blocks) - 1}"], "avg")(x)
+    np.testing.assert_allclose(list(cls.values())[0], tokens[:, 0], atol=1e-5)
+    np.testing.assert_allclose(list(mean.values())[0], tokens.mean(dim=1), atol=1e-5)
