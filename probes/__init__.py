@@ -1,1 +1,12 @@
-"""probes: batched linear probes and streaming CKA on cached features."""
+"""probes: similarity math and linear probes on cached features.
+
+Works on numpy arrays, torch tensors, zarr arrays and featstore groups; never imports
+backbones or timm.
+
+>>> import probes
+>>> probes.subset_cka(X, [idx_a, idx_b], estimator="biased")
+"""
+
+from ._cka import CKAResult, ESTIMATORS as CKA_ESTIMATORS, cross_cka, linear_cka, subset_cka
+
+__all__ = ["subset_cka", "cross_cka", "linear_cka", "CKAResult", "CKA_ESTIMATORS"]

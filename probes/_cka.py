@@ -1,0 +1,529 @@
+"""Streaming linear CKA between neuron subsets (or projections) of a layer and the layer.
+
+Three estimators, every result tagged with the one that produced it:
+
+``biased`` (default; appendix A.1 of the paper)
+    K = Y Yᵀ, L = Z Zᵀ, HSIC(K, L) = tr(K H L H) / (n-1)², CKA = HSIC(K,L) /
+    sqrt(HSIC(K,K) HSIC(L,L)). In feature space, with column-centred Yc, Zc,
+    CKA = ||Ycᵀ Zc||²_F / (||Ycᵀ Yc||_F ||Zcᵀ Zc||_F). For Z = Y[:, S] every term is a
+    block of the one centred d x d Gram C = Ycᵀ Yc, accumulated in float64 in one
+    streaming pass; then, with the 0/1 indicator matrix M (d x n_subsets),
+    ||C[:, S]||² = colsum(C∘C) · m and ||C[S, S]||² = mᵀ (C∘C) m, so any number of
+    subsets costs two GEMMs.
+``unbiased`` (Song et al. 2007, "debiased" CKA) over the whole split
+    HSIC₁(K, L) = [tr(K̃L̃) + 1ᵀK̃1 1ᵀL̃1 / ((n-1)(n-2)) - 2/(n-2) 1ᵀK̃L̃1] / (n(n-3)),
+    K̃, L̃ = K, L with zeroed diagonals, on the raw linear kernels. Every term is a
+    function of streamed sums (Gram, Y ᵀ(Y∘Y), (Y∘Y)ᵀ(Y∘Y), row norms), so it too is
+    one pass and GEMMs over subsets.
+``minibatch`` (Nguyen et al. 2021, the authors' library)
+    HSIC₁ of each equal-size minibatch of consecutive rows, averaged over minibatches
+    for each of the three HSIC terms, then the CKA ratio. A ragged last minibatch
+    (fewer rows than ``batch_size``) is dropped, so every average is over equal-size
+    minibatches; the number of rows used is reported.
+
+Zero-variance subsets (all neurons constant over the split) and, for the unbiased
+estimators, subsets whose self-HSIC estimate is not positive have no defined CKA:
+they get ``0.0`` and are flagged in ``CKAResult.degenerate`` (or raise with
+``on_degenerate="raise"``); never NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from featstore.errors import InvalidFeaturesError, InvalidParameterError, UnknownNameError
+
+__all__ = ["CKAResult", "ESTIMATORS", "subset_cka", "cross_cka", "linear_cka", "GramAccumulator", "iter_row_blocks"]
+
+ESTIMATORS = ("biased", "unbiased", "minibatch")
+DEFAULT_BLOCK_ROWS = 8192
+
+
+@dataclass
+class CKAResult:
+    """CKA values, one per subset, with the estimator that produced them.
+
+    Behaves like a 1-D numpy array (``np.asarray(result)``, indexing, ``len``).
+
+    Attributes
+    ----------
+    values : array of shape (n_subsets,)
+    estimator : str
+        ``biased``, ``unbiased`` or ``minibatch``.
+    n_samples : int
+        Rows that entered the estimate.
+    degenerate : array of bool, shape (n_subsets,)
+        Subsets with no defined CKA (value set to 0.0).
+    batch_size : int or None
+        Minibatch size for ``minibatch``.
+    """
+
+    values: np.ndarray
+    estimator: str
+    n_samples: int
+    degenerate: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    batch_size: int | None = None
+
+    def __array__(self, dtype=None, copy=None):
+        return self.values.astype(dtype) if dtype is not None else self.values
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, i):
+        return self.values[i]
+
+    def __repr__(self) -> str:
+        bs = f", batch_size={self.batch_size}" if self.batch_size else ""
+        return (f"CKAResult(estimator={self.estimator!r}{bs}, n_samples={self.n_samples}, "
+                f"values={np.array2string(self.values, precision=4, threshold=8)}, "
+                f"degenerate={int(self.degenerate.sum())})")
+
+
+# ----------------------------------------------------------------------------- input streaming
+
+
+def iter_row_blocks(X, block_rows: int | None = None) -> Iterator[np.ndarray]:
+    """Yield float64 row blocks of X: a numpy array, torch tensor, zarr array or featstore Group.
+
+    Blocks are checked for NaN/Inf; a featstore group is verified readable first.
+    """
+    block_rows = block_rows or DEFAULT_BLOCK_ROWS
+    if hasattr(X, "iter_blocks") and hasattr(X, "spec"):  # featstore.Group
+        X.check_readable()
+        source = X.features
+        rows = (block_rows // X.spec.chunk_rows or 1) * X.spec.chunk_rows  # chunk-aligned reads
+    else:
+        if hasattr(X, "detach"):  # torch tensor
+            X = X.detach().cpu().numpy()
+        source, rows = X, block_rows
+    if len(getattr(source, "shape", ())) != 2:
+        raise InvalidFeaturesError(f"features must be 2-D (n_samples, n_neurons); got shape {getattr(source, 'shape', None)}")
+    n = source.shape[0]
+    if n == 0:
+        raise InvalidFeaturesError("features have 0 rows (empty split)")
+    for start in range(0, n, rows):
+        block = np.asarray(source[start : start + rows], dtype=np.float64)
+        if not np.isfinite(block).all():
+            bad = np.argwhere(~np.isfinite(block))[0]
+            raise InvalidFeaturesError(
+                f"features hold NaN/Inf (first at row {start + int(bad[0])}, neuron {int(bad[1])})"
+                + (f" in {X.path}" if hasattr(X, "path") else "")
+            )
+        yield block
+
+
+def _n_samples(X) -> int:
+    return int(X.n_samples) if hasattr(X, "n_samples") else int(np.shape(X)[0])
+
+
+def _n_neurons(X) -> int:
+    return int(X.n_neurons) if hasattr(X, "n_neurons") else int(np.shape(X)[1])
+
+
+# ----------------------------------------------------------------------------- subsets
+
+
+def _subset_matrix(subsets: Sequence, d: int) -> tuple[np.ndarray | None, list[np.ndarray]]:
+    """Split subsets into a 0/1 indicator matrix (d x n_index) and a list of projections."""
+    if isinstance(subsets, np.ndarray) and subsets.ndim == 1:
+        subsets = [subsets]
+    subsets = list(subsets)
+    if not subsets:
+        raise InvalidParameterError("subsets is empty; pass at least one index array or projection")
+    index_cols, projections, kinds = [], [], []
+    for i, s in enumerate(subsets):
+        a = np.asarray(s)
+        if a.ndim == 1:
+            if a.size == 0:
+                raise InvalidParameterError(f"subsets[{i}] is empty; a subset needs at least one neuron")
+            if not np.issubdtype(a.dtype, np.integer):
+                raise InvalidParameterError(f"subsets[{i}] has dtype {a.dtype}; neuron indices must be integers")
+            if a.min() < 0 or a.max() >= d:
+                raise InvalidParameterError(
+                    f"subsets[{i}] holds index {int(a.max() if a.max() >= d else a.min())}; valid neurons are 0..{d - 1}")
+            if len(np.unique(a)) != len(a):
+                raise InvalidParameterError(f"subsets[{i}] repeats a neuron index")
+            index_cols.append(a)
+            kinds.append(("index", len(index_cols) - 1))
+        elif a.ndim == 2:
+            if a.shape[0] != d:
+                raise InvalidParameterError(
+                    f"subsets[{i}] is a projection of shape {a.shape}; it must be ({d}, k)")
+            projections.append(a.astype(np.float64))
+            kinds.append(("proj", len(projections) - 1))
+        else:
+            raise InvalidParameterError(f"subsets[{i}] has {a.ndim} dimensions; use 1 (indices) or 2 (projection)")
+    M = None
+    if index_cols:
+        M = np.zeros((d, len(index_cols)))
+        for j, idx in enumerate(index_cols):
+            M[idx, j] = 1.0
+    return M, projections, kinds
+
+
+# ----------------------------------------------------------------------------- biased (appendix A.1)
+
+
+class GramAccumulator:
+    """Streamed, float64, shifted accumulation of n, column sums and the Gram of (A, B).
+
+    The first block's column means are subtracted from every row before accumulating
+    (CKA is shift-invariant), which avoids cancellation in ``G - s sᵀ / n``.
+    """
+
+    def __init__(self):
+        self.n = 0
+        self.shift_a = self.shift_b = None
+        self.sa = self.sb = None
+        self.gab = self.gaa = self.gbb = None
+
+    def add(self, A: np.ndarray, B: np.ndarray | None = None) -> None:
+        if self.shift_a is None:
+            self.shift_a = A.mean(axis=0)
+            self.shift_b = B.mean(axis=0) if B is not None else None
+            self.sa = np.zeros(A.shape[1])
+            self.gaa = np.zeros((A.shape[1], A.shape[1]))
+            if B is not None:
+                self.sb = np.zeros(B.shape[1])
+                self.gab = np.zeros((A.shape[1], B.shape[1]))
+                self.gbb = np.zeros((B.shape[1], B.shape[1]))
+        A = A - self.shift_a
+        self.n += len(A)
+        self.sa += A.sum(axis=0)
+        self.gaa += A.T @ A
+        if B is not None:
+            B = B - self.shift_b
+            self.sb += B.sum(axis=0)
+            self.gab += A.T @ B
+            self.gbb += B.T @ B
+
+    def centred(self):
+        """(Caa, Cab, Cbb): centred Grams (Cab, Cbb are None without B)."""
+        caa = self.gaa - np.outer(self.sa, self.sa) / self.n
+        if self.sb is None:
+            return caa, None, None
+        cab = self.gab - np.outer(self.sa, self.sb) / self.n
+        cbb = self.gbb - np.outer(self.sb, self.sb) / self.n
+        return caa, cab, cbb
+
+
+def _finish(num, den_a, den_b, estimator, n, on_degenerate, batch_size=None, names=None) -> CKAResult:
+    """CKA = num / sqrt(den_a * den_b); den_* are the self-HSIC terms (squared norms)."""
+    num, den_a, den_b = np.broadcast_arrays(np.asarray(num, float), np.asarray(den_a, float), np.asarray(den_b, float))
+    scale = max(np.abs(den_a).max(), np.abs(den_b).max()) if num.size else 1.0
+    # constant features give exactly 0 in exact arithmetic; rounding leaves ~1e-16 * scale
+    degenerate = (den_a <= 1e-12 * scale) | (den_b <= 1e-12 * scale)
+    values = np.zeros(num.shape)
+    ok = ~degenerate
+    values[ok] = num[ok] / np.sqrt(den_a[ok] * den_b[ok])
+    if degenerate.any() and on_degenerate == "raise":
+        first = int(np.argmax(degenerate))
+        raise InvalidFeaturesError(
+            f"subset {first} has no defined CKA ({estimator}): its features are constant over the "
+            f"{n} samples (or its self-HSIC estimate is not positive); pass on_degenerate='zero' to "
+            f"report 0.0 for such subsets")
+    return CKAResult(values=values, estimator=estimator, n_samples=n, degenerate=degenerate, batch_size=batch_size)
+
+
+def _biased(stats: GramAccumulator, M, projections, kinds, on_degenerate) -> CKAResult:
+    C, _, _ = stats.centred()
+    C2 = C * C
+    full = C2.sum()  # ||C||_F^2 ∝ HSIC(K, K)
+    num = np.zeros(len(kinds))
+    den_s = np.zeros(len(kinds))
+    if M is not None:
+        idx_num = C2.sum(axis=0) @ M  # ||C[:, S]||^2
+        idx_den = np.einsum("ij,ij->j", M, C2 @ M)  # ||C[S, S]||_F^2
+    for j, (kind, k) in enumerate(kinds):
+        if kind == "index":
+            num[j], den_s[j] = idx_num[k], idx_den[k]
+        else:
+            P = projections[k]
+            CP = C @ P
+            num[j] = (CP * CP).sum()  # ||Ycᵀ Zc||^2 with Zc = Yc P
+            den_s[j] = (np.linalg.norm(P.T @ CP)) ** 2  # ||Zcᵀ Zc||_F^2
+    return _finish(num, full, den_s, "biased", stats.n, on_degenerate)
+
+
+# ----------------------------------------------------------------------------- unbiased HSIC (Song et al.)
+
+
+class MomentAccumulator:
+    """Streamed sums for the unbiased HSIC of raw linear kernels of Y and Y[:, S].
+
+    With rows y_i, q_i = y_i∘y_i and r_i = ||y_i||²: n, s = Σy, G = Σ y yᵀ,
+    H = Σ y qᵀ, Q = Σ q qᵀ, u = Σ r y, w = Σ r q, Σ r, Σ r².
+    The unbiased HSIC is invariant to a constant shift of the features, so rows are
+    shifted by the first block's column means to keep the float64 sums well conditioned.
+    """
+
+    def __init__(self, d: int):
+        self.shift = None
+        self.n = 0
+        self.s = np.zeros(d)
+        self.G = np.zeros((d, d))
+        self.H = np.zeros((d, d))
+        self.Q = np.zeros((d, d))
+        self.u = np.zeros(d)
+        self.w = np.zeros(d)
+        self.r1 = 0.0
+        self.r2 = 0.0
+
+    def add(self, Y: np.ndarray) -> None:
+        if self.shift is None:
+            self.shift = Y.mean(axis=0)
+        Y = Y - self.shift
+        q = Y * Y
+        r = q.sum(axis=1)
+        self.n += len(Y)
+        self.s += Y.sum(axis=0)
+        self.G += Y.T @ Y
+        self.H += Y.T @ q
+        self.Q += q.T @ q
+        self.u += r @ Y
+        self.w += r @ q
+        self.r1 += r.sum()
+        self.r2 += r @ r
+
+
+def _hsic1(trKL, sumK, sumL, kl1, n):
+    """Unbiased HSIC from tr(K̃L̃), 1ᵀK̃1, 1ᵀL̃1 and 1ᵀK̃L̃1."""
+    return (trKL + sumK * sumL / ((n - 1) * (n - 2)) - 2.0 * kl1 / (n - 2)) / (n * (n - 3))
+
+
+def _unbiased_terms(m: MomentAccumulator, M: np.ndarray):
+    """(HSIC(K,L), HSIC(K,K), HSIC(L,L)) for every indicator column of M (K: all neurons)."""
+    n, s, G, H, Q = m.n, m.s, m.G, m.H, m.Q
+    if n < 4:
+        raise InvalidFeaturesError(f"the unbiased HSIC needs at least 4 samples; got {n}")
+    G2 = G * G
+    sM = M * s[:, None]  # columns: s restricted to each subset
+    # K vs K (all neurons)
+    trKK = G2.sum() - m.r2
+    sumK = s @ s - m.r1
+    kk1 = s @ G @ s - 2.0 * s @ m.u + m.r2
+    # L vs L (subset S): r_S = q·m
+    trLL = np.einsum("ij,ij->j", M, G2 @ M) - np.einsum("ij,ij->j", M, Q @ M)
+    sumL = (s * s) @ M - np.diag(G) @ M
+    ll1 = np.einsum("ij,ij->j", sM, G @ sM) - 2.0 * np.einsum("ij,ij->j", sM, H @ M) + np.einsum("ij,ij->j", M, Q @ M)
+    # K vs L
+    trKL = G2.sum(axis=0) @ M - m.w @ M
+    kl1 = (G @ s * s) @ M - s @ H @ M - (s * m.u) @ M + m.w @ M
+    return _hsic1(trKL, sumK, sumL, kl1, n), _hsic1(trKK, sumK, sumK, kk1, n), _hsic1(trLL, sumL, sumL, ll1, n)
+
+
+def _unbiased_pair_terms(A: np.ndarray, B: np.ndarray):
+    """(HSIC(K,L), HSIC(K,K), HSIC(L,L)) for explicit feature blocks A (n x da), B (n x db)."""
+    n = len(A)
+    K = A @ A.T
+    L = B @ B.T
+    return _hsic1_dense(K, L, n), _hsic1_dense(K, K, n), _hsic1_dense(L, L, n)
+
+
+def _hsic1_dense(K, L, n):
+    K = K.copy()
+    L = L.copy()
+    np.fill_diagonal(K, 0)
+    np.fill_diagonal(L, 0)
+    return _hsic1((K * L).sum(), K.sum(), L.sum(), K.sum(axis=0) @ L.sum(axis=1), n)
+
+
+def _pair_moments_terms(blocks: Iterable[tuple[np.ndarray, np.ndarray]]):
+    """Unbiased HSIC terms for (A, B) pairs streamed in feature space (projections, cross-group)."""
+    acc = None
+    for A, B in blocks:
+        ra, rb = (A * A).sum(1), (B * B).sum(1)
+        part = dict(n=len(A), sa=A.sum(0), sb=B.sum(0), Gab=A.T @ B, Gaa=A.T @ A, Gbb=B.T @ B,
+                    a_rb=rb @ A, b_ra=ra @ B, a_ra=ra @ A, b_rb=rb @ B, rarb=ra @ rb, ra=ra.sum(), rb=rb.sum(),
+                    ra2=ra @ ra, rb2=rb @ rb)
+        acc = part if acc is None else {k: acc[k] + v for k, v in part.items()}
+    n = acc["n"]
+    if n < 4:
+        raise InvalidFeaturesError(f"the unbiased HSIC needs at least 4 samples; got {n}")
+    sa, sb = acc["sa"], acc["sb"]
+    trKL = (acc["Gab"] ** 2).sum() - acc["rarb"]
+    trKK = (acc["Gaa"] ** 2).sum() - acc["ra2"]
+    trLL = (acc["Gbb"] ** 2).sum() - acc["rb2"]
+    sumK, sumL = sa @ sa - acc["ra"], sb @ sb - acc["rb"]
+    kl1 = sa @ acc["Gab"] @ sb - sa @ acc["a_rb"] - sb @ acc["b_ra"] + acc["rarb"]
+    kk1 = sa @ acc["Gaa"] @ sa - 2 * sa @ acc["a_ra"] + acc["ra2"]
+    ll1 = sb @ acc["Gbb"] @ sb - 2 * sb @ acc["b_rb"] + acc["rb2"]
+    return _hsic1(trKL, sumK, sumL, kl1, n), _hsic1(trKK, sumK, sumK, kk1, n), _hsic1(trLL, sumL, sumL, ll1, n)
+
+
+# ----------------------------------------------------------------------------- public entry points
+
+
+def subset_cka(
+    X,
+    subsets: Sequence,
+    estimator: str = "biased",
+    *,
+    batch_size: int = 256,
+    block_rows: int | None = None,
+    on_degenerate: str = "zero",
+) -> CKAResult:
+    """Linear CKA between X[:, S] (or X @ P) and X, for many subsets, from one pass over X.
+
+    Parameters
+    ----------
+    X : array of shape (n_samples, n_neurons), torch tensor, zarr array or featstore.Group
+        The layer's features; a group is streamed in chunk-aligned row blocks.
+    subsets : sequence
+        Each element is a 1-D integer array of neuron indices, or a 2-D projection
+        matrix of shape (n_neurons, k) (``pca``/``randproj`` draws).
+    estimator : {"biased", "unbiased", "minibatch"}
+        ``biased`` is the appendix's definition (default).
+    batch_size : int
+        Minibatch size of the ``minibatch`` estimator.
+    block_rows : int, optional
+        Rows per streamed block (the value does not change the result).
+    on_degenerate : {"zero", "raise"}
+        What to do with subsets whose CKA is undefined.
+
+    Returns
+    -------
+    CKAResult
+        One value per subset, in order, with the estimator's name.
+    """
+    if estimator not in ESTIMATORS:
+        raise UnknownNameError("CKA estimator", estimator, ESTIMATORS)
+    if on_degenerate not in ("zero", "raise"):
+        raise UnknownNameError("on_degenerate", on_degenerate, ("zero", "raise"))
+    d = _n_neurons(X)
+    M, projections, kinds = _subset_matrix(subsets, d)
+    if estimator == "biased":
+        stats = GramAccumulator()
+        for block in iter_row_blocks(X, block_rows):
+            stats.add(block)
+        return _biased(stats, M, projections, kinds, on_degenerate)
+    if estimator == "unbiased":
+        kl = np.zeros(len(kinds)); kk = np.zeros(len(kinds)); ll = np.zeros(len(kinds))  # noqa: E702
+        if M is not None:  # all index subsets from one pass
+            mom = MomentAccumulator(d)
+            for block in iter_row_blocks(X, block_rows):
+                mom.add(block)
+            ikl, ikk, ill = _unbiased_terms(mom, M)
+        for j, (kind, k) in enumerate(kinds):
+            if kind == "index":
+                kl[j], kk[j], ll[j] = ikl[k], ikk, ill[k]
+            else:  # a projection needs its own pass (its squared features are not in the sums)
+                P = projections[k]
+                kl[j], kk[j], ll[j] = _pair_moments_terms((b, b @ P) for b in iter_row_blocks(X, block_rows))
+        return _finish(kl, kk, ll, "unbiased", _n_samples(X), on_degenerate)
+    # minibatch: per-minibatch unbiased HSIC, averaged, then the ratio
+    if batch_size < 4:
+        raise InvalidParameterError(f"batch_size={batch_size!r}: the unbiased HSIC needs minibatches of >= 4 rows")
+    kl = np.zeros(len(kinds)); kk = np.zeros(len(kinds)); ll = np.zeros(len(kinds))  # noqa: E702
+    n_batches = 0
+    for batch in _minibatches(iter_row_blocks(X, block_rows), batch_size):
+        n_batches += 1
+        if M is not None:
+            mom = MomentAccumulator(d)
+            mom.add(batch)
+            ikl, ikk, ill = _unbiased_terms(mom, M)
+        for j, (kind, k) in enumerate(kinds):
+            if kind == "index":
+                a, b, c = ikl[k], ikk, ill[k]
+            else:
+                a, b, c = _unbiased_pair_terms(batch, batch @ projections[k])
+            kl[j] += a; kk[j] += b; ll[j] += c  # noqa: E702
+    if n_batches == 0:
+        raise InvalidFeaturesError(f"fewer rows than batch_size={batch_size}: no complete minibatch")
+    return _finish(kl / n_batches, kk / n_batches, ll / n_batches, "minibatch", n_batches * batch_size,
+                   on_degenerate, batch_size=batch_size)
+
+
+def _minibatches(blocks: Iterable[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
+    """Consecutive rows in minibatches of exactly ``batch_size``; a ragged tail is dropped."""
+    pending: list[np.ndarray] = []
+    have = 0
+    for block in blocks:
+        pending.append(block)
+        have += len(block)
+        while have >= batch_size:
+            rows = np.concatenate(pending) if len(pending) > 1 else pending[0]
+            yield rows[:batch_size]
+            rest = rows[batch_size:]
+            pending, have = ([rest] if len(rest) else []), len(rest)
+
+
+def cross_cka(X, Y, estimator: str = "biased", *, subsets: Sequence | None = None, batch_size: int = 256,
+              block_rows: int | None = None, on_degenerate: str = "zero") -> CKAResult:
+    """CKA between two feature sets over the same samples (two layers, or two models).
+
+    X, Y : arrays with equal rows, or featstore groups; for groups, dataset, split and
+    sample ids must match (checked, not assumed). ``subsets`` (of X's neurons) gives one
+    value per subset of X against all of Y; default: X against Y.
+    """
+    if estimator not in ESTIMATORS:
+        raise UnknownNameError("CKA estimator", estimator, ESTIMATORS)
+    _check_same_samples(X, Y)
+    dx = _n_neurons(X)
+    subsets = [np.arange(dx)] if subsets is None else list(subsets)
+    M, projections, kinds = _subset_matrix(subsets, dx)
+    mats = [M[:, j] for j in range(M.shape[1])] if M is not None else []
+
+    def select(block, kind, k):
+        return block[:, mats[k].astype(bool)] if kind == "index" else block @ projections[k]
+
+    def pairs():
+        for a, b in zip(iter_row_blocks(X, block_rows), iter_row_blocks(Y, block_rows)):
+            if len(a) != len(b):
+                raise InvalidFeaturesError("X and Y stream blocks of different lengths")
+            yield a, b
+
+    if estimator == "biased":
+        acc = [GramAccumulator() for _ in kinds]
+        for a, b in pairs():
+            for j, (kind, k) in enumerate(kinds):
+                acc[j].add(select(a, kind, k), b)
+        num, da, db = [], [], []
+        for st in acc:
+            caa, cab, cbb = st.centred()
+            num.append((cab * cab).sum()); da.append((caa * caa).sum()); db.append((cbb * cbb).sum())  # noqa: E702
+        return _finish(num, da, db, "biased", acc[0].n, on_degenerate)
+    if estimator == "unbiased":
+        terms = [_pair_moments_terms((select(a, kind, k), b) for a, b in pairs()) for kind, k in kinds]
+        n = sum(len(a) for a, _ in pairs())
+        return _finish(*[np.array(t) for t in zip(*terms)], "unbiased", n, on_degenerate)
+    sums = np.zeros((len(kinds), 3))
+    n_batches = 0
+    xb = _minibatches(iter_row_blocks(X, block_rows), batch_size)
+    yb = _minibatches(iter_row_blocks(Y, block_rows), batch_size)
+    for a, b in zip(xb, yb):
+        n_batches += 1
+        for j, (kind, k) in enumerate(kinds):
+            sums[j] += _unbiased_pair_terms(select(a, kind, k), b)
+    if n_batches == 0:
+        raise InvalidFeaturesError(f"fewer rows than batch_size={batch_size}: no complete minibatch")
+    sums /= n_batches
+    return _finish(sums[:, 0], sums[:, 1], sums[:, 2], "minibatch", n_batches * batch_size, on_degenerate,
+                   batch_size=batch_size)
+
+
+def _check_same_samples(X, Y) -> None:
+    nx, ny = _n_samples(X), _n_samples(Y)
+    if nx != ny:
+        raise InvalidFeaturesError(f"X has {nx} samples and Y has {ny}; CKA compares the same samples")
+    if hasattr(X, "sample_ids") and hasattr(Y, "sample_ids"):
+        for key in ("dataset", "split"):
+            if getattr(X.spec, key) != getattr(Y.spec, key):
+                raise InvalidFeaturesError(
+                    f"groups differ in {key}: {getattr(X.spec, key)!r} vs {getattr(Y.spec, key)!r}")
+        ix, iy = X.sample_ids, Y.sample_ids
+        if not np.array_equal(ix, iy):
+            first = int(np.argmax(ix != iy))
+            raise InvalidFeaturesError(
+                f"groups {X.name} and {Y.name} hold different samples or another order (first "
+                f"difference at row {first}: {ix[first]!r} vs {iy[first]!r}); build both with the same "
+                f"--limit and --seed")
+
+
+def linear_cka(Y: np.ndarray, Z: np.ndarray) -> float:
+    """Biased linear CKA of two in-memory feature matrices (feature-space formula)."""
+    return float(cross_cka(np.asarray(Y), np.asarray(Z), "biased", on_degenerate="raise")[0])

@@ -1,0 +1,190 @@
+"""Streaming CKA against the slow, obvious n x n formulas."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import probes
+from featstore import errors
+
+
+# ------------------------------------------------------------------ slow references, written the obvious way
+
+
+def ref_biased_cka(Y, Z):
+    """Appendix A.1: K = YYᵀ, L = ZZᵀ, K' = HKH, L' = HLH, HSIC = vec(K')·vec(L')/(n-1)²."""
+    n = len(Y)
+    H = np.eye(n) - np.ones((n, n)) / n
+    K, L = Y @ Y.T, Z @ Z.T
+    Kc, Lc = H @ K @ H, H @ L @ H
+
+    def hsic(A, B):
+        return (A.ravel() @ B.ravel()) / (n - 1) ** 2
+
+    return hsic(Kc, Lc) / np.sqrt(hsic(Kc, Kc) * hsic(Lc, Lc))
+
+
+def ref_unbiased_hsic(K, L):
+    """Song et al. 2007, eq. (5), with explicit loops over the double and triple sums' pieces."""
+    n = len(K)
+    Kt, Lt = K.copy(), L.copy()
+    np.fill_diagonal(Kt, 0.0)
+    np.fill_diagonal(Lt, 0.0)
+    ones = np.ones(n)
+    term1 = np.trace(Kt @ Lt)
+    term2 = (ones @ Kt @ ones) * (ones @ Lt @ ones) / ((n - 1) * (n - 2))
+    term3 = 2.0 / (n - 2) * (ones @ Kt @ Lt @ ones)
+    return (term1 + term2 - term3) / (n * (n - 3))
+
+
+def ref_unbiased_cka(Y, Z):
+    K, L = Y @ Y.T, Z @ Z.T
+    return ref_unbiased_hsic(K, L) / np.sqrt(ref_unbiased_hsic(K, K) * ref_unbiased_hsic(L, L))
+
+
+def ref_minibatch_cka(Y, Z, batch_size):
+    kl = kk = ll = 0.0
+    batches = len(Y) // batch_size  # a ragged tail is dropped
+    for b in range(batches):
+        y, z = Y[b * batch_size : (b + 1) * batch_size], Z[b * batch_size : (b + 1) * batch_size]
+        K, L = y @ y.T, z @ z.T
+        kl += ref_unbiased_hsic(K, L)
+        kk += ref_unbiased_hsic(K, K)
+        ll += ref_unbiased_hsic(L, L)
+    return (kl / batches) / np.sqrt((kk / batches) * (ll / batches))
+
+
+@pytest.fixture(scope="module")
+def X():
+    rng = np.random.default_rng(0)
+    # correlated, non-centred, ReLU-like features: the realistic, numerically harder case
+    latent = rng.normal(size=(300, 8))
+    X = np.maximum(latent @ rng.normal(size=(8, 40)) + rng.normal(scale=0.5, size=(300, 40)) + 2.0, 0)
+    return X
+
+
+@pytest.fixture(scope="module")
+def subsets():
+    rng = np.random.default_rng(1)
+    perm = rng.permutation(40)
+    return [perm[:k] for k in (1, 2, 5, 10, 20, 39, 40)] + [rng.permutation(40)[:7]]
+
+
+def test_biased_equals_appendix_formula(X, subsets):
+    got = probes.subset_cka(X, subsets)
+    assert got.estimator == "biased" and got.n_samples == 300
+    want = np.array([ref_biased_cka(X[:, s], X) for s in subsets])
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+
+
+def test_unbiased_equals_song_estimator(X, subsets):
+    got = probes.subset_cka(X, subsets, estimator="unbiased")
+    want = np.array([ref_unbiased_cka(X[:, s], X) for s in subsets])
+    assert got.estimator == "unbiased"
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("batch_size", [32, 64, 100])
+def test_minibatch_equals_nguyen_average(X, subsets, batch_size):
+    got = probes.subset_cka(X, subsets, estimator="minibatch", batch_size=batch_size, block_rows=37)
+    want = np.array([ref_minibatch_cka(X[:, s], X, batch_size) for s in subsets])
+    assert got.estimator == "minibatch" and got.batch_size == batch_size
+    assert got.n_samples == (300 // batch_size) * batch_size  # ragged tail dropped
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["biased", "unbiased", "minibatch"])
+def test_projections_equal_reference(X, estimator):
+    rng = np.random.default_rng(2)
+    P = rng.uniform(size=(40, 6))
+    P /= np.linalg.norm(P, axis=0)
+    got = probes.subset_cka(X, [P, np.arange(5)], estimator=estimator, batch_size=50)
+    ref = {"biased": ref_biased_cka, "unbiased": ref_unbiased_cka,
+           "minibatch": lambda a, b: ref_minibatch_cka(a, b, 50)}[estimator]
+    np.testing.assert_allclose(got[0], ref(X @ P, X), rtol=1e-6)
+    np.testing.assert_allclose(got[1], ref(X[:, :5], X), rtol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["biased", "unbiased", "minibatch"])
+def test_identity_orthogonal_and_scaling_invariance(X, subsets, estimator):
+    full = probes.subset_cka(X, [np.arange(40)], estimator=estimator)
+    np.testing.assert_allclose(full[0], 1.0, rtol=1e-9)
+    Q, _ = np.linalg.qr(np.random.default_rng(3).normal(size=(40, 40)))
+    # a full-rank orthogonal projection of the layer is the layer, up to rotation
+    np.testing.assert_allclose(probes.subset_cka(X, [Q], estimator=estimator)[0], 1.0, rtol=1e-9)
+    base = probes.subset_cka(X, subsets, estimator=estimator)
+    np.testing.assert_allclose(np.asarray(probes.subset_cka(3.5 * X, subsets, estimator=estimator)),
+                               np.asarray(base), rtol=1e-8)
+    # CKA(Y Q, Z) = CKA(Y, Z) for orthogonal Q
+    a = probes.cross_cka(X @ Q, X[:, :10], estimator=estimator)[0]
+    b = probes.cross_cka(X, X[:, :10], estimator=estimator)[0]
+    np.testing.assert_allclose(a, b, rtol=1e-8)
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 64, 299, 300, 10_000])
+def test_same_value_for_any_chunk_size(X, subsets, block_rows):
+    for estimator in ("biased", "unbiased", "minibatch"):
+        a = probes.subset_cka(X, subsets, estimator=estimator, block_rows=block_rows, batch_size=64)
+        b = probes.subset_cka(X, subsets, estimator=estimator, batch_size=64)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10)
+
+
+def test_cross_group_cka_checks_sample_order(tmp_path, tiny):
+    import featstore
+
+    store = tmp_path / "s.zarr"
+    featstore.build(**tiny, layers="pre_logits,layer2", splits="train", store=store, dtype="float32")
+    s = featstore.open(store)
+    a, b = s.group(layer="pre_logits"), s.group(layer="layer2")
+    got = probes.cross_cka(a, b)
+    np.testing.assert_allclose(got[0], ref_biased_cka(a.numpy().astype(float), b.numpy().astype(float)), rtol=1e-6)
+    np.testing.assert_allclose(probes.subset_cka(a, [np.arange(10)])[0],
+                               ref_biased_cka(a.numpy()[:, :10].astype(float), a.numpy().astype(float)), rtol=1e-6)
+    (other,) = featstore.build(**tiny, layers="layer2", splits="train", limit=20, store=store, dtype="float32")
+    with pytest.raises(errors.InvalidFeaturesError, match="samples"):
+        probes.cross_cka(a, other)
+    with pytest.raises(errors.InvalidFeaturesError, match="different samples or another order"):
+        perm = np.random.default_rng(0).permutation(a.n_samples)
+
+        class Shuffled:  # same rows, other order, same metadata otherwise
+            spec, n_samples, n_neurons, name = b.spec, b.n_samples, b.n_neurons, "shuffled"
+            sample_ids = b.sample_ids[perm]
+
+        probes._cka._check_same_samples(a, Shuffled)
+
+
+def test_degenerate_subsets_are_defined_never_nan(X):
+    Xd = X.copy()
+    Xd[:, 3] = 7.0  # a dead (constant) neuron
+    for estimator in ("biased", "unbiased", "minibatch"):
+        r = probes.subset_cka(Xd, [np.array([3]), np.arange(10)], estimator=estimator)
+        assert np.isfinite(np.asarray(r)).all()
+        assert r[0] == 0.0 and r.degenerate.tolist() == [True, False]
+        with pytest.raises(errors.InvalidFeaturesError, match="subset 0 has no defined CKA"):
+            probes.subset_cka(Xd, [np.array([3])], estimator=estimator, on_degenerate="raise")
+
+
+def test_bad_input(X):
+    with pytest.raises(errors.UnknownNameError, match="known: biased, minibatch, unbiased"):
+        probes.subset_cka(X, [np.arange(3)], estimator="rbf")
+    with pytest.raises(errors.InvalidParameterError, match="valid neurons are 0..39"):
+        probes.subset_cka(X, [np.array([0, 40])])
+    with pytest.raises(errors.InvalidParameterError, match="is empty"):
+        probes.subset_cka(X, [np.array([], dtype=int)])
+    bad = X.copy()
+    bad[5, 2] = np.nan
+    with pytest.raises(errors.InvalidFeaturesError, match="NaN/Inf .*row 5, neuron 2"):
+        probes.subset_cka(bad, [np.arange(3)])
+    with pytest.raises(errors.InvalidFeaturesError, match="empty split"):
+        probes.subset_cka(np.zeros((0, 4)), [np.arange(3)])
+
+
+def test_corrupt_group_is_refused_with_its_path(tmp_path, tiny):
+    import featstore
+
+    store = tmp_path / "s.zarr"
+    (g,) = featstore.build(**tiny, splits="train", store=store)
+    (store / g.name / "features" / "c" / "0" / "0").write_bytes(b"garbage")
+    with pytest.raises(errors.CorruptGroupError, match=str(store / g.name)):
+        probes.subset_cka(featstore.open(store).group(g.name), [np.arange(3)])
