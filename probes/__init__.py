@@ -10,3 +10,9 @@ backbones or timm.
 from ._cka import CKAResult, ESTIMATORS as CKA_ESTIMATORS, cross_cka, linear_cka, subset_cka
 
 __all__ = ["subset_cka", "cross_cka", "linear_cka", "CKAResult", "CKA_ESTIMATORS"]
+
+from ._engine import SOLVERS, SubsetProbes, load_training_data
+from ._selection import PAPER_FRACTIONS, SELECTION_MODES, Draw, make_families, random_permutation, random_projection, subset_size
+
+__all__ += ["SubsetProbes", "SOLVERS", "load_training_data", "PAPER_FRACTIONS", "SELECTION_MODES", "Draw",
+            "make_families", "random_permutation", "random_projection", "subset_size"]

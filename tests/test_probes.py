@@ -1,0 +1,201 @@
+"""The batched probe engine against probes trained alone and against scikit-learn."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import probes
+from featstore import errors
+from probes import SubsetProbes, make_families, random_permutation, subset_size
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    n, d, C = 1200, 48, 4
+    means = rng.normal(size=(C, d)) * 0.6
+    y = rng.integers(0, C, n)
+    X = (means[y] + rng.normal(size=(n, d))).astype(np.float32)
+    return X[:900], y[:900], X[900:], y[900:]
+
+
+def train_alone(X, y, neurons, w0, b0, orders, *, lr, momentum, wd, batch_size, lr_step, lr_gamma, C):
+    """One probe, the plain way: nn.Linear + torch.optim.SGD + StepLR on X[:, neurons]."""
+    lin = torch.nn.Linear(len(neurons), C)
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(w0.T))
+        lin.bias.copy_(torch.from_numpy(b0))
+    opt = torch.optim.SGD(lin.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=lr_step, gamma=lr_gamma)
+    Xs = torch.from_numpy(X[:, neurons])
+    yt = torch.from_numpy(y)
+    for order in orders:
+        for s in range(0, len(order), batch_size):
+            rows = torch.from_numpy(order[s:s + batch_size])
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(lin(Xs[rows]), yt[rows]).backward()
+            opt.step()
+        sched.step()
+    return lin
+
+
+@pytest.mark.parametrize("mode", ["random", "prefix", "explicit"])
+def test_probe_in_a_batch_equals_probe_trained_alone(data, mode):
+    Xtr, ytr, Xte, yte = data
+    kw = dict(epochs=4, lr=0.1, momentum=0.9, weight_decay=1e-4, batch_size=64, lr_step=2, lr_gamma=0.1)
+    subsets = [np.array([3, 7, 11]), np.arange(40), np.array([0, 47, 5, 9, 30])] if mode == "explicit" else None
+    est = SubsetProbes(mode=mode, fractions=(0.05, 0.25, 0.5, 1.0), seeds=(0, 3), subsets=subsets,
+                       select_epoch="last", device="cpu", **kw).fit(Xtr, ytr)
+    logits = est.decision_function(Xte)
+    orders = [est.epoch_order(e) for e in range(kw["epochs"])]
+    assert len(est.draws_) == (len(subsets) if subsets else (8 if mode == "random" else 4)) + 1
+    for di, draw in enumerate(est.draws_):
+        w0, b0 = est.initial_weights(di)
+        lin = train_alone(Xtr, ytr, draw.neurons, w0, b0, orders, C=4, **{
+            "lr": kw["lr"], "momentum": kw["momentum"], "wd": kw["weight_decay"], "batch_size": kw["batch_size"],
+            "lr_step": kw["lr_step"], "lr_gamma": kw["lr_gamma"]})
+        with torch.no_grad():
+            ref = lin(torch.from_numpy(Xte[:, draw.neurons])).numpy()
+        assert np.abs(logits[:, di] - ref).max() < 1e-4, (di, draw)
+
+
+def test_best_epoch_selection_and_reported_fields(data):
+    Xtr, ytr, Xte, yte = data
+    est = SubsetProbes(fractions=(0.1, 1.0), seeds=(0,), epochs=6, batch_size=64, device="cpu").fit(Xtr, ytr)
+    res = est.evaluate(Xte, yte)
+    assert list(res["mode"]) == ["random", "random", "full"]
+    assert res["best_epoch"].between(1, 6).all() and (res["train_loss"] > 0).all()
+    assert res["val_accuracy"].between(0, 1).all()
+    pcs = np.array(res["per_class_accuracy"].tolist())
+    counts = np.bincount(yte, minlength=4)
+    np.testing.assert_allclose((pcs * counts).sum(1) / counts.sum(), res["test_accuracy"], atol=1e-12)
+    # accuracy from predictions, recomputed independently
+    pred = est.predict(Xte)
+    np.testing.assert_allclose(res["test_accuracy"], (pred == yte[:, None]).mean(0))
+    # the full layer is the best probe on this easy problem
+    assert res["test_accuracy"].iloc[-1] >= res["test_accuracy"].iloc[0]
+    assert len(res["neurons"].iloc[0]) == subset_size(0.1, 48) == 4
+
+
+def test_subset_sizes_nesting_and_determinism_across_processes():
+    fams = make_families(1280, "random", probes.PAPER_FRACTIONS, seeds=(0, 1))
+    ks = [dr.k for dr in fams[0].draws]
+    assert ks == sorted(max(1, int(f * 1280)) for f in probes.PAPER_FRACTIONS)
+    assert ks[0] == 1 and ks[-1] == 1280
+    for fam in fams:
+        for small, big in zip(fam.draws, fam.draws[1:]):
+            assert set(small.neurons) <= set(big.neurons)  # nested across fractions, one seed
+    assert not np.array_equal(fams[0].draws[5].neurons, fams[1].draws[5].neurons)
+    # the original's recipe: torch.manual_seed(seed); torch.randperm(d)[:k]
+    torch.manual_seed(1)
+    np.testing.assert_array_equal(torch.randperm(1280)[:128].numpy(), fams[1].draws[12].neurons)
+    out = subprocess.run([sys.executable, "-c", "import probes; print(probes.random_permutation(1280, 7)[:20].tolist())"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(random_permutation(1280, 7)[:20].tolist())
+
+
+def test_randproj_columns_are_unit_norm_and_nested():
+    P = probes.random_projection(64, 10, seed=3)
+    np.testing.assert_allclose(np.linalg.norm(P, axis=0), 1.0, rtol=1e-6)
+    assert (P >= 0).all()  # the original's uniform [0, 1) entries
+    np.testing.assert_allclose(probes.random_projection(64, 4, seed=3), P[:, :4], rtol=1e-6)
+    G = probes.random_projection(64, 10, seed=3, distribution="gaussian")
+    assert (G < 0).any()
+
+
+def test_pca_at_full_width_matches_the_full_layer(data):
+    Xtr, ytr, Xte, yte = data
+    res = SubsetProbes(mode="pca", fractions=(1.0,), epochs=8, batch_size=64, device="cpu").fit(Xtr, ytr).evaluate(Xte, yte)
+    pca, full = res["test_accuracy"]
+    assert abs(pca - full) <= 0.03  # a rotation of the layer: equal within noise
+    least = SubsetProbes(mode="pca-least", fractions=(0.1,), epochs=8, batch_size=64, device="cpu").fit(Xtr, ytr)
+    top = SubsetProbes(mode="pca", fractions=(0.1,), epochs=8, batch_size=64, device="cpu").fit(Xtr, ytr)
+    assert top.evaluate(Xte, yte)["test_accuracy"][0] > least.evaluate(Xte, yte)["test_accuracy"][0]
+
+
+def test_ridge_solver_matches_closed_form(data):
+    from sklearn.linear_model import Ridge
+
+    Xtr, ytr, Xte, yte = data
+    est = SubsetProbes(subsets=[np.arange(10)], solver="ridge", ridge_alphas=(0.1,), include_full=False).fit(Xtr, ytr)
+    tr = est.train_indices_
+    Gs = Xtr[tr][:, :10].astype(np.float64)
+    scale = np.diag((Gs - Gs.mean(0)).T @ (Gs - Gs.mean(0))).mean()
+    ref = Ridge(alpha=0.1 * scale).fit(Gs, np.eye(4)[ytr[tr]])
+    np.testing.assert_allclose(est.decision_function(Xte)[:, 0], ref.predict(Xte[:, :10]), atol=1e-4)
+
+
+def test_estimator_is_picklable_and_joblib_ready(data):
+    from joblib import Parallel, delayed
+
+    Xtr, ytr, Xte, yte = data
+    est = SubsetProbes(fractions=(0.5,), seeds=(0,), epochs=2, device="cpu")
+    assert "epochs" in est.get_params() and not hasattr(est, "draws_")  # nothing learned in __init__
+    fitted = est.fit(Xtr, ytr)
+    assert fitted is est
+    clone = pickle.loads(pickle.dumps(est))
+    np.testing.assert_array_equal(clone.decision_function(Xte), est.decision_function(Xte))
+
+    def work(seed):
+        return SubsetProbes(fractions=(0.5,), seeds=(seed,), epochs=2, device="cpu").fit(Xtr, ytr).evaluate(Xte, yte)
+
+    par = Parallel(n_jobs=2)(delayed(work)(s) for s in (0, 1))
+    np.testing.assert_allclose(par[0]["test_accuracy"], work(0)["test_accuracy"])
+
+
+def test_group_input_reads_views_per_epoch(tmp_path, tiny):
+    import featstore
+
+    (g,) = featstore.build(**tiny, splits="train", views=2, store=tmp_path / "s.zarr", dtype="float32")
+    est = SubsetProbes(fractions=(0.5,), seeds=(0,), epochs=3, batch_size=8, device="cpu").fit(g)
+    assert est.n_classes_ == 3 and est.n_features_in_ == g.n_neurons
+    res = est.evaluate(g)
+    assert len(res) == 2 and res["test_accuracy"].between(0, 1).all()
+
+
+@pytest.mark.parametrize("kwargs, exc, message", [
+    (dict(fractions=(0.0, 0.5)), errors.InvalidParameterError, "fraction=0.0 must be in (0, 1]"),
+    (dict(fractions=(1.5,)), errors.InvalidParameterError, "fraction=1.5 must be in (0, 1]"),
+    (dict(mode="lottery"), errors.UnknownNameError, "Unknown selection mode 'lottery'; known: explicit"),
+    (dict(subsets=[np.array([0, 99])]), errors.InvalidParameterError, "outside 0..47"),
+    (dict(seeds=(-1,)), errors.InvalidParameterError, "seed=-1 must be a non-negative integer"),
+    (dict(seeds=(1.5,)), errors.InvalidParameterError, "seed=1.5"),
+    (dict(solver="adam"), errors.UnknownNameError, "Unknown solver 'adam'; known: ridge, sgd"),
+    (dict(precision="bf16", device="cpu"), errors.InvalidParameterError, "needs a CUDA device"),
+])
+def test_bad_parameters(data, kwargs, exc, message):
+    Xtr, ytr, _, _ = data
+    with pytest.raises(exc, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+        SubsetProbes(epochs=1, **kwargs).fit(Xtr, ytr)
+
+
+def test_bad_data(data):
+    Xtr, ytr, _, _ = data
+    bad = Xtr.copy()
+    bad[3, 4] = np.inf
+    with pytest.raises(errors.InvalidFeaturesError, match="NaN/Inf .*row 3, neuron 4"):
+        SubsetProbes(epochs=1).fit(bad, ytr)
+    with pytest.raises(errors.InvalidFeaturesError, match="label 9 is outside the class range 0..3"):
+        SubsetProbes(epochs=1).fit(Xtr, np.where(np.arange(len(ytr)) == 0, 9, ytr), n_classes=4)
+    with pytest.raises(errors.InvalidFeaturesError, match="empty split"):
+        SubsetProbes(epochs=1).fit(np.zeros((0, 5), np.float32), np.zeros(0, int))
+    with pytest.raises(errors.InvalidFeaturesError, match="labels for"):
+        SubsetProbes(epochs=1).fit(Xtr, ytr[:-1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_equals_cpu(data):
+    Xtr, ytr, Xte, yte = data
+    kw = dict(fractions=(0.1, 0.5, 1.0), seeds=(0, 1), epochs=3, batch_size=64, select_epoch="last")
+    cpu = SubsetProbes(device="cpu", **kw).fit(Xtr, ytr).decision_function(Xte)
+    gpu = SubsetProbes(device="cuda", **kw).fit(Xtr, ytr).decision_function(Xte)
+    assert np.abs(cpu - gpu).max() < 1e-3
+    bf = SubsetProbes(device="cuda", precision="bf16", **kw).fit(Xtr, ytr).evaluate(Xte, yte)
+    assert bf["test_accuracy"].min() > 0.3
