@@ -107,7 +107,12 @@ def load_training_data(X, y=None, n_classes: int | None = None, where: str = "tr
 
 
 class _Group:
-    """Families with equal prefix lengths, trained as one batch."""
+    """Families with equal prefix lengths, trained as one batch.
+
+    Everything is kept transposed, samples last, so that each segment's product writes
+    a contiguous block of rows: inputs Zt (F, width, B), weights Wt_j (F, (m - j) * C,
+    |seg_j|), logits (F, m * C, B). Rows (i - j) * C ... of Wt_j belong to probe i.
+    """
 
     def __init__(self, families: list[Family], lengths: tuple[int, ...], n_classes: int, device, dtype):
         import torch
@@ -121,65 +126,71 @@ class _Group:
         width = lengths[-1]
         self.width = width
         self.device = device
-        cols = [f for f in families if f.columns is not None]
-        self.is_index = len(cols) == len(families)
+        self.is_index = all(f.columns is not None for f in families)
         if self.is_index:
             self.columns = torch.as_tensor(np.concatenate([f.columns[:width] for f in families]), device=device)
         else:
-            self.basis = torch.as_tensor(np.concatenate([f.basis[:, :width] for f in families], axis=1),
-                                         device=device, dtype=torch.float32)
-        self.W = [torch.zeros((self.F, lengths[j] - self.starts[j], (self.m - j) * self.C), device=device)
+            self.basis_t = torch.as_tensor(np.concatenate([f.basis[:, :width] for f in families], axis=1).T.copy(),
+                                           device=device, dtype=torch.float32)
+        self.W = [torch.zeros((self.F, (self.m - j) * self.C, lengths[j] - self.starts[j]), device=device)
                   for j in range(self.m)]
         self.b = torch.zeros((self.F, self.m * self.C), device=device)
         self.compute_dtype = dtype
 
     def inputs(self, Xb):
-        """(F, B, width) inputs of every family for a minibatch Xb (B, d)."""
+        """Zt (F, width, B): every family's inputs for a minibatch Xb (B, d), samples last."""
         B = Xb.shape[0]
         if self.is_index:
-            Z = Xb.index_select(1, self.columns)
+            # gather whole rows of Xbᵀ: contiguous runs of B floats, not a strided column gather
+            Zt = Xb.t().contiguous().index_select(0, self.columns)
         else:
-            Z = Xb @ self.basis
-        return Z.view(B, self.F, self.width).transpose(0, 1)
+            Zt = self.basis_t @ Xb.t()
+        return Zt.view(self.F, self.width, B)
 
-    def logits(self, Z, W=None, b=None):
-        """(F, B, m*C) logits of every probe."""
+    def logits(self, Zt, W=None, b=None):
+        """(F, m*C, B) logits of every probe."""
         import torch
 
         W = W if W is not None else self.W
         b = b if b is not None else self.b
-        F_, B = Z.shape[0], Z.shape[1]
-        out = b.unsqueeze(1).expand(F_, B, self.m * self.C).clone()
+        B = Zt.shape[2]
+        out = b.unsqueeze(2).expand(self.F, self.m * self.C, B).contiguous()
         for j in range(self.m):
             lo, hi = self.starts[j], self.lengths[j]
             if hi == lo:
                 continue
-            zj = Z[:, :, lo:hi]
-            wj = W[j]
             if self.compute_dtype is not None:
-                out[:, :, j * self.C:] += torch.bmm(zj.to(self.compute_dtype), wj.to(self.compute_dtype)).float()
+                out[:, j * self.C:, :] += torch.bmm(W[j].to(self.compute_dtype), Zt[:, lo:hi, :].to(self.compute_dtype)).float()
             else:
-                out[:, :, j * self.C:].baddbmm_(zj, wj)
+                out[:, j * self.C:, :] += torch.bmm(W[j], Zt[:, lo:hi, :])
         return out
 
-    def grads(self, Z, dlogits):
-        """Gradients of W_j and b from dlogits (F, B, m*C)."""
+    def grads(self, Zt, dlogits):
+        """Gradients of every Wt_j and of b from dlogits (F, m*C, B)."""
         import torch
 
         gW = []
         for j in range(self.m):
             lo, hi = self.starts[j], self.lengths[j]
-            zj = Z[:, :, lo:hi].transpose(1, 2)
-            dj = dlogits[:, :, j * self.C:]
+            dj = dlogits[:, j * self.C:, :]
+            zj = Zt[:, lo:hi, :].transpose(1, 2)
             if self.compute_dtype is not None:
-                gW.append(torch.bmm(zj.to(self.compute_dtype), dj.to(self.compute_dtype)).float())
+                gW.append(torch.bmm(dj.to(self.compute_dtype), zj.to(self.compute_dtype)).float())
             else:
-                gW.append(torch.bmm(zj, dj))
-        return gW, dlogits.sum(dim=1)
+                gW.append(torch.bmm(dj, zj))
+        return gW, dlogits.sum(dim=2)
 
     def probe_slices(self, i):
-        """Where probe i's rows/columns live: [(segment j, column slice)] for j <= i."""
+        """Where probe i's weights live: [(segment j, row slice of Wt_j)] for j <= i."""
         return [(j, slice((i - j) * self.C, (i - j + 1) * self.C)) for j in range(i + 1)]
+
+    def to(self, device):
+        if self.is_index:
+            self.columns = self.columns.to(device)
+        else:
+            self.basis_t = self.basis_t.to(device)
+        self.device = device
+        return self
 
 
 class SubsetProbes:
@@ -363,7 +374,7 @@ class SubsetProbes:
             g = groups[gi]
             for j, cols in g.probe_slices(pi):
                 lo, hi = g.starts[j], g.lengths[j]
-                g.W[j][fi, :, cols] = torch.from_numpy(w0[lo:hi])
+                g.W[j][fi, cols, :] = torch.from_numpy(w0[lo:hi].T)
             g.b[fi, pi * g.C:(pi + 1) * g.C] = torch.from_numpy(b0)
         passes = [data.X] + data.views
         on_device = [_to_device(p, device) for p in passes]
@@ -389,14 +400,17 @@ class SubsetProbes:
                 Xb = Xp.index_select(0, rows.to(Xp.device)).to(device, non_blocking=True)
                 yb = y_all[rows]
                 B = len(rows)
-                onehot = torch.nn.functional.one_hot(yb, C).to(torch.float32)
+                onehot = torch.nn.functional.one_hot(yb, C).to(torch.float32).t().reshape(1, 1, C, B)
                 for gi, g in enumerate(groups):
-                    Z = g.inputs(Xb)
-                    logits = g.logits(Z).view(g.F, B, g.m, C)
-                    logp = torch.log_softmax(logits, dim=-1)
-                    loss_sum[gi] -= (logp * onehot[None, :, None, :]).sum(dim=(1, 3))
-                    dlog = ((logp.exp() - onehot[None, :, None, :]) / B).view(g.F, B, g.m * C)
-                    gW, gb = g.grads(Z, dlog)
+                    Zt = g.inputs(Xb)
+                    logits = g.logits(Zt).view(g.F, g.m, C, B)
+                    # softmax cross-entropy over the class axis, written out (the class axis is not last)
+                    top = logits.amax(dim=2, keepdim=True)
+                    p = (logits - top).exp_()
+                    norm = p.sum(dim=2, keepdim=True)
+                    loss_sum[gi] += ((norm.log() + top).squeeze(2) - (logits * onehot).sum(2)).sum(2)
+                    p.div_(norm).sub_(onehot).div_(B)  # d(mean loss)/d(logits)
+                    gW, gb = g.grads(Zt, p.view(g.F, g.m * C, B))
                     _sgd_step(g.W, gW, bufW[gi], lr, self.momentum, self.weight_decay)
                     _sgd_step([g.b], [gb], [bufb[gi]], lr, self.momentum, self.weight_decay)
             # validation on the clean pass picks each probe's best epoch
@@ -408,7 +422,7 @@ class SubsetProbes:
                 best_epoch[gi] = torch.where(better, torch.full_like(best_epoch[gi], epoch + 1), best_epoch[gi])
                 bw, bb = best[gi]
                 for j in range(g.m):
-                    mask = better[:, j:].repeat_interleave(C, dim=1).unsqueeze(1)
+                    mask = better[:, j:].repeat_interleave(C, dim=1).unsqueeze(2)
                     bw[j] = torch.where(mask, g.W[j], bw[j])
                 bb.copy_(torch.where(better.repeat_interleave(C, dim=1), g.b, bb))
         bar.close()
@@ -429,8 +443,8 @@ class SubsetProbes:
         for start in range(0, len(rows), 4096):
             r = rows[start:start + 4096]
             Xb = X.index_select(0, r.to(X.device)).to(device)
-            logits = g.logits(g.inputs(Xb), W, b).view(g.F, len(r), g.m, g.C)
-            correct += (logits.argmax(-1) == y_all[r][None, :, None]).sum(1)
+            logits = g.logits(g.inputs(Xb), W, b).view(g.F, g.m, g.C, len(r))
+            correct += (logits.argmax(2) == y_all[r][None, None, :]).sum(2)
         return correct / len(rows)
 
     def _fit_ridge(self, data: TrainingData, train_idx, val_idx, device):
@@ -479,7 +493,7 @@ class SubsetProbes:
             alphas.append(a)
             for j, cols in g.probe_slices(pi):
                 lo, hi = g.starts[j], g.lengths[j]
-                g.W[j][fi, :, cols] = W[lo:hi].float()
+                g.W[j][fi, cols, :] = W[lo:hi].T.float()
             g.b[fi, pi * C:(pi + 1) * C] = b.float()
         for g in groups:
             g.W = [w.cpu() for w in g.W]
@@ -507,9 +521,9 @@ class SubsetProbes:
         with torch.no_grad():
             for start in range(0, len(X), 4096):
                 Xb = Xt[start:start + 4096]
-                per_group = [g.logits(g.inputs(Xb)).view(g.F, len(Xb), g.m, g.C) for g in self.groups_]
+                per_group = [g.logits(g.inputs(Xb)).view(g.F, g.m, g.C, len(Xb)) for g in self.groups_]
                 for di, (gi, fi, pi) in enumerate(self.positions_):
-                    out[start:start + len(Xb), di] = per_group[gi][fi, :, pi].numpy()
+                    out[start:start + len(Xb), di] = per_group[gi][fi, pi].T.numpy()
         return out
 
     def predict(self, X) -> np.ndarray:
@@ -574,17 +588,3 @@ def _to_device(X: np.ndarray, device: str):
     if t.numel() * 4 < 0.5 * free:
         return t.to(device)
     return t.pin_memory()
-
-
-def _group_to(self, device):
-    import torch
-
-    if self.is_index:
-        self.columns = self.columns.to(device)
-    else:
-        self.basis = self.basis.to(device)
-    self.device = device
-    return self
-
-
-_Group.to = _group_to

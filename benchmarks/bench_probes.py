@@ -1,0 +1,142 @@
+"""Batched probe engine vs one probe at a time (torch) and vs scikit-learn, in one run.
+
+    python benchmarks/bench_probes.py [--n 20000] [--d 1280] [--seeds 23] [--epochs 3] [--device auto]
+    python benchmarks/bench_probes.py --paper-scale        # GPU: n=50,000, d=2048, 22 x 5, 50 epochs
+
+Workload: draws over the paper's 22 fractions x seeds (23 seeds = 506 draws + the full
+layer, K ~ 512), 10 classes, synthetic features with class structure, the paper's SGD
+protocol (batch 256, momentum 0.9, wd 1e-4, lr 0.1) for --epochs epochs (the same for
+every method). Prints, measured side by side:
+
+* probes/s of the engine, of a one-probe-at-a-time torch loop (DataLoader + nn.Linear +
+  optim.SGD, the way the original scripts train; a sample of draws spread over the
+  fractions, scaled to all) and of scikit-learn's LogisticRegression per draw (a few
+  draws, scaled), and the ratios;
+* the engine's useful GFLOP/s, 4 * n_train * C * epochs * sum(k) / time (forward plus
+  weight gradient over the selected neurons only), as a fraction of torch's matmul
+  GFLOP/s measured now on the same device and dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+import probes
+from probes import PAPER_FRACTIONS, SubsetProbes
+
+
+def synthetic(n, d, C, seed=0):
+    rng = np.random.default_rng(seed)
+    latent = rng.normal(size=(C, 64))
+    mix = rng.normal(size=(64, d)) / 8
+    y = rng.integers(0, C, n)
+    # weak class signal spread over many neurons, so small subsets lose accuracy
+    X = np.maximum((0.35 * latent[y] + rng.normal(size=(n, 64))) @ mix + 0.5 * rng.normal(size=(n, d)), 0)
+    return X.astype(np.float32), y
+
+
+def matmul_gflops(device, n=2048, repeats=10):
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    for _ in range(2):
+        a @ b
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * repeats / (time.perf_counter() - t0) / 1e9
+
+
+def one_probe_torch(X, y, neurons, epochs, device, C):
+    """The original way: a fresh nn.Linear, DataLoader(shuffle), SGD + StepLR, val each epoch."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    Xs = torch.from_numpy(X[:, neurons]).to(device)
+    yt = torch.from_numpy(y).to(device)
+    n_val = len(X) // 10
+    train = TensorDataset(Xs[n_val:], yt[n_val:])
+    loader = DataLoader(train, batch_size=256, shuffle=True)
+    lin = torch.nn.Linear(len(neurons), C).to(device)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 10, 0.1)
+    for _ in range(epochs):
+        for xb, yb in loader:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(lin(xb), yb).backward()
+            opt.step()
+        sched.step()
+        with torch.no_grad():
+            (lin(Xs[:n_val]).argmax(1) == yt[:n_val]).float().mean().item()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--n", type=int, default=20_000)
+    p.add_argument("--d", type=int, default=1280)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--seeds", type=int, default=23)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--baseline-draws", type=int, default=22)
+    p.add_argument("--sklearn-draws", type=int, default=4)
+    p.add_argument("--paper-scale", action="store_true", help="n=50,000, d=2048, 22 fractions x 5 seeds, 50 epochs")
+    a = p.parse_args()
+    if a.paper_scale:
+        a.n, a.d, a.seeds, a.epochs = 50_000, 2048, 5, 50
+    device = "cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device)
+    X, y = synthetic(a.n + 5000, a.d, a.classes)
+    Xtr, ytr, Xte, yte = X[:a.n], y[:a.n], X[a.n:], y[a.n:]
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
+    print(f"device={device} ({name}) n={a.n} d={a.d} C={a.classes} fractions=22 seeds={a.seeds} epochs={a.epochs}")
+
+    est = SubsetProbes(fractions=PAPER_FRACTIONS, seeds=tuple(range(a.seeds)), epochs=a.epochs, device=device)
+    t0 = time.perf_counter()
+    est.fit(Xtr, ytr)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t_engine = time.perf_counter() - t0
+    res = est.evaluate(Xte, yte)
+    K = len(est.draws_)
+    n_train = len(est.train_indices_)
+    sum_k = sum(dr.k for dr in est.draws_)
+    useful = 4 * n_train * a.classes * a.epochs * sum_k / 1e9
+    print(f"engine: {K} probes in {t_engine:.2f} s = {K / t_engine:.1f} probes/s; full-layer test acc "
+          f"{res['test_accuracy'].iloc[-1]:.3f}, 10% fraction mean {res[res.fraction == 0.1].test_accuracy.mean():.3f}")
+    if a.paper_scale:
+        print(f"paper scale: {t_engine:.1f} s (goal < 60 s on one H100)")
+
+    # one probe at a time: a sample of draws spread over the fractions, scaled to K
+    sample = np.linspace(0, K - 1, min(a.baseline_draws, K)).astype(int)
+    t0 = time.perf_counter()
+    for di in sample:
+        one_probe_torch(Xtr, ytr, est.draws_[di].neurons, a.epochs, device, a.classes)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t_loop = (time.perf_counter() - t0) / len(sample) * K
+
+    from sklearn.linear_model import LogisticRegression
+
+    sk_sample = np.linspace(0, K - 1, a.sklearn_draws).astype(int)
+    t0 = time.perf_counter()
+    for di in sk_sample:
+        LogisticRegression(max_iter=100).fit(Xtr[:, est.draws_[di].neurons], ytr)
+    t_sk = (time.perf_counter() - t0) / len(sk_sample) * K
+
+    peak = matmul_gflops(device)
+    print(f"one-at-a-time torch loop: {K / t_loop:8.2f} probes/s (scaled from {len(sample)} draws)")
+    print(f"scikit-learn per draw   : {K / t_sk:8.2f} probes/s (scaled from {len(sk_sample)} draws)")
+    print(f"ratio engine / torch loop    : {t_loop / t_engine:8.1f}x  (goal >= 20x)")
+    print(f"ratio engine / scikit-learn  : {t_sk / t_engine:8.1f}x  (goal >= 100x)")
+    print(f"useful GFLOP/s: {useful / t_engine:.1f} of matmul {peak:.1f} GFLOP/s = "
+          f"{useful / t_engine / peak:.1%}  (goal >= 50%)")
+
+
+if __name__ == "__main__":
+    main()
