@@ -401,6 +401,7 @@ class SubsetProbes:
                 yb = y_all[rows]
                 B = len(rows)
                 onehot = torch.nn.functional.one_hot(yb, C).to(torch.float32).t().reshape(1, 1, C, B)
+                y_index = yb.view(1, 1, 1, B)
                 for gi, g in enumerate(groups):
                     Zt = g.inputs(Xb)
                     logits = g.logits(Zt).view(g.F, g.m, C, B)
@@ -408,7 +409,8 @@ class SubsetProbes:
                     top = logits.amax(dim=2, keepdim=True)
                     p = (logits - top).exp_()
                     norm = p.sum(dim=2, keepdim=True)
-                    loss_sum[gi] += ((norm.log() + top).squeeze(2) - (logits * onehot).sum(2)).sum(2)
+                    true = logits.gather(2, y_index.expand(g.F, g.m, 1, B)).squeeze(2)
+                    loss_sum[gi] += ((norm.log() + top).squeeze(2) - true).sum(2)
                     p.div_(norm).sub_(onehot).div_(B)  # d(mean loss)/d(logits)
                     gW, gb = g.grads(Zt, p.view(g.F, g.m * C, B))
                     _sgd_step(g.W, gW, bufW[gi], lr, self.momentum, self.weight_decay)
@@ -444,7 +446,9 @@ class SubsetProbes:
             r = rows[start:start + 4096]
             Xb = X.index_select(0, r.to(X.device)).to(device)
             logits = g.logits(g.inputs(Xb), W, b).view(g.F, g.m, g.C, len(r))
-            correct += (logits.argmax(2) == y_all[r][None, None, :]).sum(2)
+            # the true class holds the maximum (argmax over a strided axis is slow on CPU)
+            true = logits.gather(2, y_all[r].view(1, 1, 1, -1).expand(g.F, g.m, 1, len(r)))
+            correct += (true >= logits.amax(dim=2, keepdim=True)).squeeze(2).sum(2)
         return correct / len(rows)
 
     def _fit_ridge(self, data: TrainingData, train_idx, val_idx, device):
