@@ -8,6 +8,11 @@ a power cut or the OOM killer) the N-th time it reaches ``POINT``. Points:
 ``chunk-data``     a chunk's features are on disk but not yet marked in ``progress``
 ``chunk-mark``     a chunk is marked done
 ``finish``         every chunk of a group is done; its ``complete`` state is not yet written
+``task-rows``      a sweep task's rows are committed, its done record is not yet written
+``task-done``      a sweep task's done record is written
+
+With ``FEATSTORE_FAULT_ONCE=PATH`` the fault fires only while PATH does not exist (it
+is created just before the kill), so a restarted worker process does not die again.
 """
 
 from __future__ import annotations
@@ -27,4 +32,11 @@ def point(name: str) -> None:
         return
     _counts[name] = _counts.get(name, 0) + 1
     if _counts[name] == int(nth or 1):
+        once = os.environ.get("FEATSTORE_FAULT_ONCE")
+        if once:
+            try:
+                fd = os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return
+            os.close(fd)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -52,10 +52,12 @@ PROBE_DEFAULTS = dict(solver="sgd", epochs=50, lr=0.1, momentum=0.9, weight_deca
 SPLIT_ONLY_FIELDS = {"split", "limit", "views", "augmentation", "chunk_rows"}
 
 
-def _keys_error(section: str, unknown, allowed) -> InvalidParameterError:
-    bad = sorted(unknown)[0]
+def _keys_error(section: str, table: dict, allowed) -> InvalidParameterError:
+    bad = sorted(set(table) - set(allowed))[0]
+    value = table[bad]
+    shown = "a table" if isinstance(value, (dict, list)) and len(repr(value)) > 40 else repr(value)
     return InvalidParameterError(
-        f"Unknown key {bad!r} in [{section}] of the sweep spec; allowed: {', '.join(sorted(allowed))}")
+        f"Unknown key {bad!r} (= {shown}) in [{section}] of the sweep spec; allowed: {', '.join(sorted(allowed))}")
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,7 @@ def load_spec(source: str | os.PathLike | dict, store: str | None = None) -> Swe
             raise InvalidParameterError(f"sweep spec {str(path)!r} is not valid TOML: {e}") from None
     top = {"store", "groups", "selection", "probe", "metrics"}
     if set(raw) - top:
-        raise _keys_error("top level", set(raw) - top, top)
+        raise _keys_error("top level", raw, top)
     groups_raw = raw.get("groups")
     if not groups_raw or not isinstance(groups_raw, list):
         raise InvalidParameterError("the sweep spec needs at least one [[groups]] table (model, layer, dataset)")
@@ -154,7 +156,7 @@ def load_spec(source: str | os.PathLike | dict, store: str | None = None) -> Swe
     for i, g in enumerate(groups_raw):
         allowed = set(GROUP_KEYS) | {"train", "test"}
         if set(g) - allowed:
-            raise _keys_error(f"groups[{i}]", set(g) - allowed, allowed)
+            raise _keys_error(f"groups[{i}]", g, allowed)
         if "model" not in g or "dataset" not in g:
             raise InvalidParameterError(f"groups[{i}] needs 'model' and 'dataset' (and optionally 'layer', ...)")
         query = {k: v for k, v in g.items() if k in GROUP_KEYS}
@@ -169,13 +171,13 @@ def load_spec(source: str | os.PathLike | dict, store: str | None = None) -> Swe
             if not isinstance(s, dict):
                 raise InvalidParameterError(f"groups[{i}].{split} must be a table of {', '.join(SPLIT_KEYS)}")
             if set(s) - set(SPLIT_KEYS):
-                raise _keys_error(f"groups[{i}].{split}", set(s) - set(SPLIT_KEYS), SPLIT_KEYS)
+                raise _keys_error(f"groups[{i}].{split}", s, SPLIT_KEYS)
             sub[split] = tuple(sorted(s.items()))
         groups.append(GroupPair(tuple(sorted(query.items())), sub["train"], sub["test"]))
     sel = raw.get("selection", {})
     allowed = {"modes", "fractions", "seeds"}
     if set(sel) - allowed:
-        raise _keys_error("selection", set(sel) - allowed, allowed)
+        raise _keys_error("selection", sel, allowed)
     modes = tuple(sel.get("modes", ["random"]))
     for m in modes:
         if m not in SELECTION_MODES:
@@ -196,7 +198,7 @@ def load_spec(source: str | os.PathLike | dict, store: str | None = None) -> Swe
         raise InvalidParameterError("[selection] seeds must be a non-empty list without repeats")
     probe = dict(raw.get("probe", {}))
     if set(probe) - set(PROBE_KEYS):
-        raise _keys_error("probe", set(probe) - set(PROBE_KEYS), PROBE_KEYS)
+        raise _keys_error("probe", probe, PROBE_KEYS)
     probe = {**PROBE_DEFAULTS, **probe}
     from probes import SubsetProbes
 
@@ -204,7 +206,7 @@ def load_spec(source: str | os.PathLike | dict, store: str | None = None) -> Swe
     metrics = dict(raw.get("metrics", {}))
     allowed = {"accuracy", "cka", "cka_estimator", "cka_batch_size"}
     if set(metrics) - allowed:
-        raise _keys_error("metrics", set(metrics) - allowed, allowed)
+        raise _keys_error("metrics", metrics, allowed)
     est = metrics.get("cka_estimator", "biased")
     if est not in CKA_ESTIMATORS:
         raise UnknownNameError("CKA estimator", est, CKA_ESTIMATORS, "in [metrics] cka_estimator")

@@ -1,0 +1,245 @@
+"""Sweeps: launchers agree, kill-and-resume, killed dask worker, analysis by hand, report, bad specs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import featstore
+import pipelines
+from featstore import errors
+from pipelines import load_results, load_spec, run_sweep
+
+from .conftest import REPO, tree_listing
+
+SPEC = """
+store = "{store}"
+
+[[groups]]
+model = "test_resnet"
+layer = "pre_logits"
+dataset = "{dataset}"
+
+[selection]
+modes = ["random", "pca"]
+fractions = [0.1, 0.5, 1.0]
+seeds = [0, 1]
+
+[probe]
+epochs = 3
+batch_size = 8
+
+[metrics]
+cka = true
+cka_estimator = "biased"
+"""
+
+KEY_COLUMNS = ["task", "mode", "fraction", "k", "seed", "draw"]
+
+
+@pytest.fixture(scope="module")
+def sweep_store(tmp_path_factory, image_folder):
+    store = tmp_path_factory.mktemp("sweep") / "s.zarr"
+    featstore.build("test_resnet", weights="random", dataset=f"imagefolder:{image_folder}", image_size=32,
+                    batch_size=8, workers=0, progress=False, splits="train,test", store=store, dtype="float32")
+    return store, f"imagefolder:{image_folder}"
+
+
+@pytest.fixture
+def spec_file(tmp_path, sweep_store):
+    store, dataset = sweep_store
+    path = tmp_path / "spec.toml"
+    path.write_text(SPEC.format(store=store, dataset=dataset))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, sweep_store):
+    store, dataset = sweep_store
+    d = tmp_path_factory.mktemp("ref")
+    (d / "spec.toml").write_text(SPEC.format(store=store, dataset=dataset))
+    df = run_sweep(d / "spec.toml", d / "out", launcher="local", progress=False)
+    df.attrs["out"] = str(d / "out")
+    return df
+
+
+def _same(a: pd.DataFrame, b: pd.DataFrame):
+    a = a.sort_values(KEY_COLUMNS, na_position="first").reset_index(drop=True)
+    b = b.sort_values(KEY_COLUMNS, na_position="first").reset_index(drop=True)
+    assert len(a) == len(b)
+    assert not a.duplicated(["task", "draw"]).any()
+    pd.testing.assert_frame_equal(a[KEY_COLUMNS], b[KEY_COLUMNS])
+    np.testing.assert_array_equal(a["test_accuracy"], b["test_accuracy"])
+    np.testing.assert_allclose(a["cka"], b["cka"], rtol=1e-9)
+    np.testing.assert_allclose(a["val_accuracy"], b["val_accuracy"])
+    for x, y in zip(a["per_class_accuracy"], b["per_class_accuracy"]):
+        np.testing.assert_allclose(x, y)
+
+
+def test_sweep_rows_and_columns(reference):
+    df = reference
+    # per group: full (1 task) + random x 2 seeds + pca (1 task), 3 fractions each
+    assert len(df) == 1 + 2 * 3 + 3
+    assert set(df["mode"]) == {"full", "random", "pca"}
+    assert {"model", "layer", "dataset", "mode", "fraction", "k", "seed", "test_accuracy", "per_class_accuracy",
+            "val_accuracy", "best_epoch", "cka", "cka_estimator", "neurons", "train_group", "test_group",
+            "seconds_task", "protocol"} <= set(df.columns)
+    assert (df["cka_estimator"] == "biased").all()
+    full = df[df["mode"] == "full"].iloc[0]
+    assert full["cka"] == pytest.approx(1.0) and full["k"] == 96
+    rnd = df[(df["mode"] == "random") & (df["seed"] == 0)].sort_values("k")
+    assert list(rnd["k"]) == [9, 48, 96]
+    assert set(rnd["neurons"].iloc[0]) <= set(rnd["neurons"].iloc[1])  # nested, one seed
+    assert json.loads(df["protocol"].iloc[0])["epochs"] == 3
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "dask"])
+def test_launchers_agree_with_local(tmp_path, spec_file, reference, launcher):
+    df = run_sweep(spec_file, tmp_path / "out", launcher=launcher, workers=2, progress=False)
+    _same(df, reference)
+
+
+@pytest.mark.parametrize("fault", ["task-rows:1", "task-rows:3", "task-done:2", "task-done:3"])
+def test_killed_sweep_resumes_to_exactly_one_runs_rows(tmp_path, spec_file, reference, fault):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "featstore.cli", "sweep", str(spec_file), "--out", str(out), "--no-progress"]
+    killed = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "FEATSTORE_FAULT": fault},
+                            cwd=REPO, timeout=600)
+    assert killed.returncode == -9, killed.stderr
+    partial = load_results(out)
+    assert len(partial) < len(reference)  # what was recorded is complete tasks only
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert ("already done" in again.stderr) == (len(partial) > 0)
+    _same(load_results(out), reference)
+
+
+def test_killed_dask_worker_loses_no_task(tmp_path, spec_file, reference, monkeypatch):
+    once = tmp_path / "killed-once"
+    # the first worker to commit a task's rows dies (SIGKILL) before recording it done
+    monkeypatch.setenv("FEATSTORE_FAULT", "task-rows:1")
+    monkeypatch.setenv("FEATSTORE_FAULT_ONCE", str(once))
+    df = run_sweep(spec_file, tmp_path / "out", launcher="dask", workers=2, progress=False)
+    assert once.exists()  # a worker really was killed
+    _same(df, reference)
+
+
+def test_report_renders_every_figure(tmp_path, reference):
+    page = pipelines.write_report(reference.attrs["out"], tmp_path / "report")
+    for name in pipelines._report.FIGURES:
+        png = tmp_path / "report" / f"{name}.png"
+        assert png.exists() and png.stat().st_size > 10_000, name
+    text = page.read_text()
+    assert text.count("data:image/png;base64,") == len(pipelines._report.FIGURES)
+    assert "Diffused redundancy DR" in text and "Critical fraction" in text
+
+
+# ------------------------------------------------------------------ analysis by hand
+
+
+def _table(rows):
+    base = dict(group=0, model="m", layer="l", dataset="d", cka=np.nan, cka_estimator=None, task="t")
+    return pd.DataFrame([{**base, **r} for r in rows])
+
+
+def test_gini_and_cov_by_hand():
+    assert pipelines.gini([1, 1, 1, 1]) == 0.0
+    # x = (0, 0, 0, 1): sum |xi - xj| = 6, n = 4, mean = 0.25 -> 6 / (2 * 16 * 0.25) = 0.75
+    assert pipelines.gini([0, 0, 0, 1]) == pytest.approx(0.75)
+    # x = (1, 2, 3): sum |xi - xj| = 8, n = 3, mean = 2 -> 8 / 36
+    assert pipelines.gini([1, 2, 3]) == pytest.approx(8 / 36)
+    assert pipelines.coefficient_of_variation([1, 2, 3]) == pytest.approx(np.std([1, 2, 3]) / 2)
+
+
+def test_diffused_redundancy_by_hand():
+    # full layer 0.80; random curve (mean over 2 seeds): f=0.1 -> 0.60, f=0.2 -> 0.74, f=0.5 -> 0.78, f=1 -> 0.80
+    rows = [dict(mode="full", fraction=1.0, k=100, seed=None, test_accuracy=0.80, per_class_accuracy=[0.8, 0.8])]
+    for seed, accs in ((0, (0.58, 0.73, 0.78, 0.80)), (1, (0.62, 0.75, 0.78, 0.80))):
+        for f, a in zip((0.1, 0.2, 0.5, 1.0), accs):
+            rows.append(dict(mode="random", fraction=f, k=int(f * 100), seed=seed, test_accuracy=a,
+                             per_class_accuracy=[a, a]))
+    df = _table(rows)
+    dr = pipelines.diffused_redundancy(df, deltas=(0.7, 0.9, 0.95, 0.99), n_boot=50).set_index("delta")["dr"]
+    # δ=0.7: need >= 0.56 -> f=0.1 -> DR 0.9; δ=0.9: >= 0.72 -> f=0.2 -> 0.8;
+    # δ=0.95: >= 0.76 -> f=0.5 -> 0.5; δ=0.99: >= 0.792 -> f=1.0 -> 0.0
+    assert dr.to_dict() == pytest.approx({0.7: 0.9, 0.9: 0.8, 0.95: 0.5, 0.99: 0.0})
+    crit = pipelines.critical_fraction(df)
+    assert crit.iloc[0, -1] == 0.5  # 0.78 / 0.80 = 0.975 >= 0.95; 0.74 / 0.8 = 0.925 < 0.95
+    curve = pipelines.accuracy_curve(df)
+    row = curve[curve["fraction"] == 0.2].iloc[0]
+    assert row["mean"] == pytest.approx(0.74) and row["relative"] == pytest.approx(0.925)
+    assert row["min"] == 0.73 and row["max"] == 0.75
+
+
+def test_dr_from_cka_by_hand():
+    rows = [dict(mode="full", fraction=1.0, k=10, seed=None, test_accuracy=0.9, per_class_accuracy=[0.9], cka=1.0)]
+    for f, c in ((0.1, 0.5), (0.5, 0.92), (1.0, 1.0)):
+        rows.append(dict(mode="random", fraction=f, k=int(f * 10), seed=0, test_accuracy=0.9, per_class_accuracy=[0.9],
+                         cka=c))
+    dr = pipelines.diffused_redundancy(_table(rows), deltas=(0.5, 0.9, 0.95), source="cka", n_boot=10)
+    assert dr["dr"].tolist() == pytest.approx([0.9, 0.5, 0.0])
+
+
+# ------------------------------------------------------------------ bad specs: clear errors, nothing written
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s + "\n[extra]\nx = 1\n", "Unknown key 'extra' (= {'x': 1}) in [top level] of the sweep spec; allowed: groups, metrics"),
+    (lambda s: s.replace("[probe]", "[probe]\nmomemtum = 0.5"), "Unknown key 'momemtum' (= 0.5) in [probe] of the sweep spec; allowed: batch_size, epochs"),
+    (lambda s: s.replace('modes = ["random", "pca"]', 'modes = ["random", "lottery"]'),
+     "Unknown selection mode 'lottery'; known: pca, pca-least, prefix, random, randproj"),
+    (lambda s: s.replace("fractions = [0.1, 0.5, 1.0]", "fractions = [0.1, 1.5]"), "fraction 1.5 must be in (0, 1]"),
+    (lambda s: s.replace("seeds = [0, 1]", "seeds = [0, -2]"), "seed -2 must be a non-negative integer"),
+    (lambda s: s.replace("seeds = [0, 1]", "seeds = [0, 1.5]"), "seed 1.5 must be a non-negative integer"),
+    (lambda s: s.replace('cka_estimator = "biased"', 'cka_estimator = "rbf"'), "Unknown CKA estimator 'rbf'"),
+    (lambda s: s.replace('model = "test_resnet"', 'model = "resnet50"'), "No complete group matches"),
+    (lambda s: s.replace('model = "test_resnet"', 'model = "../x"'), "is not a valid name"),
+    (lambda s: s.replace('layer = "pre_logits"', 'layer = "pre_logits"\ntrain = { limit = 7 }'), "No complete group"),
+])
+def test_bad_specs_fail_before_any_work(tmp_path, spec_file, edit, message):
+    spec_file.write_text(edit(spec_file.read_text()))
+    out = tmp_path / "out"
+    with pytest.raises(errors.FeatstoreError) as e:
+        run_sweep(spec_file, out, progress=False)
+    assert message in str(e.value)
+    assert not out.exists()
+
+
+def test_bad_launcher_and_other_spec_in_out(tmp_path, spec_file, reference):
+    with pytest.raises(errors.UnknownNameError, match="Unknown launcher 'slurm'; known: dask, joblib, local"):
+        run_sweep(spec_file, tmp_path / "o", launcher="slurm")
+    out = tmp_path / "out"
+    run_sweep(spec_file, out, progress=False)
+    before = tree_listing(out)
+    spec_file.write_text(spec_file.read_text().replace("epochs = 3", "epochs = 4"))
+    with pytest.raises(errors.InvalidParameterError, match="holds results of a different sweep spec"):
+        run_sweep(spec_file, out, progress=False)
+    assert tree_listing(out) == before
+
+
+def test_incomplete_group_and_mismatched_train_test(tmp_path, sweep_store, image_folder):
+    store, dataset = sweep_store
+    spec = load_spec({"groups": [{"model": "test_resnet", "dataset": dataset}]}, store=str(store))
+    # a partial group (killed build) is refused with the re-run hint
+    other = tmp_path / "s.zarr"
+    env = {**os.environ, "FEATSTORE_FAULT": "chunk-mark:1"}
+    subprocess.run([sys.executable, "-m", "featstore.cli", "build", "--model", "test_resnet", "--weights", "random",
+                    "--dataset", dataset, "--image-size", "32", "--workers", "0", "--chunk-rows", "8", "--splits",
+                    "train", "--store", str(other), "--dtype", "float32", "--no-progress"], env=env, cwd=REPO)
+    spec2 = load_spec({"groups": [{"model": "test_resnet", "dataset": dataset}]}, store=str(other))
+    with pytest.raises(errors.IncompleteGroupError, match="Re-run the same"):
+        run_sweep(spec2, tmp_path / "o1", progress=False)
+    # a test group built at another image size than the train group
+    featstore.build("test_resnet", weights="random", dataset=dataset, image_size=40, batch_size=8, workers=0,
+                    progress=False, splits="test", store=store, dtype="float32", limit=5)
+    spec3 = load_spec({"groups": [{"model": "test_resnet", "dataset": dataset, "test": {"limit": 5}}]}, store=str(store))
+    with pytest.raises(errors.StaleGroupError, match="different specs: .*transform"):
+        run_sweep(spec3, tmp_path / "o2", progress=False)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
