@@ -319,6 +319,7 @@ def run_task(task: Task, store: str, out: str, device: str = "auto", threads: in
         return json.loads(done.read_text())["rows"]
     if threads:
         torch.set_num_threads(threads)
+    device = _worker_device(device)
     t0 = time.perf_counter()
     train, test = _open_pair(store, task.group)
     proto = dict(task.probe)
@@ -382,6 +383,23 @@ def run_task(task: Task, store: str, out: str, device: str = "auto", threads: in
                                           "seconds": res["seconds_task"].iloc[0]}).encode())
     _faults.point("task-done")
     return len(res)
+
+
+def _worker_device(device: str) -> str:
+    """On a multi-GPU machine, dask worker i of a LocalCluster uses cuda:(i mod n_gpus):
+    one process per GPU. Workers are spawned processes, so no CUDA state was forked."""
+    if device not in ("auto", "cuda"):
+        return device
+    try:
+        from distributed import get_worker
+
+        index = int(get_worker().name)
+    except (ImportError, ValueError, TypeError):
+        return device
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return f"cuda:{index % n}" if n > 1 else device
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -489,6 +507,11 @@ def _run_dask(todo, spec, out, n_workers, scheduler, device, tick):
     if scheduler:
         client = Client(scheduler)
     else:
+        if device in ("auto", "cuda"):
+            import torch
+
+            if torch.cuda.is_available() and torch.cuda.device_count() > 1:
+                n_workers = torch.cuda.device_count()  # one worker process per GPU
         # processes are spawned (distributed's default), never forked after CUDA is touched
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
                                dashboard_address=None, host="127.0.0.1")
