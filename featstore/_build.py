@@ -550,6 +550,14 @@ class _Writer:
                 t.progress[view, c] = 1
                 t.done[view, c] = True
                 _faults.point("chunk-mark")
+            except OSError as e:  # disk full, permission denied, I/O error
+                from .errors import StoreError
+
+                self._error = StoreError(
+                    f"writing chunk {c} of view {view} of group {t.spec.group_name()} failed: "
+                    f"{e.strerror or e} ({type(e).__name__}). Finished chunks are kept and the group stays "
+                    f"'building'; fix the cause (free space, permissions) and re-run the same command to resume.")
+                self._error.__cause__ = e
             except BaseException as e:  # re-raised in the main thread
                 self._error = e
 

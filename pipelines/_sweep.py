@@ -295,11 +295,18 @@ def check_groups(spec: SweepSpec) -> None:
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        from featstore.errors import StoreError
+
+        raise StoreError(f"writing {path} failed: {e.strerror or e}; nothing of this task was recorded, and "
+                         f"re-running the sweep resumes from the tasks already done") from e
 
 
 def run_task(task: Task, store: str, out: str, device: str = "auto", threads: int | None = None) -> int:

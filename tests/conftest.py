@@ -90,3 +90,6 @@ def demo_store(tmp_path_factory):
     featstore.build(splits="train", limit=5000, store=store, progress=False, workers=workers)
     featstore.build(splits="test", limit=1000, store=store, progress=False, workers=workers)
     return store
+
+
+from .test_sweep import reference, spec_file, sweep_store  # noqa: E402,F401 - shared sweep fixtures
