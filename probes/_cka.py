@@ -39,7 +39,7 @@ from featstore.errors import InvalidFeaturesError, InvalidParameterError, Unknow
 __all__ = ["CKAResult", "ESTIMATORS", "subset_cka", "cross_cka", "linear_cka", "GramAccumulator", "iter_row_blocks"]
 
 ESTIMATORS = ("biased", "unbiased", "minibatch")
-DEFAULT_BLOCK_ROWS = 8192
+DEFAULT_BLOCK_BYTES = 16 << 20  # float64 rows per streamed block: ~16 MB, whatever the width
 
 
 @dataclass
@@ -91,7 +91,8 @@ def iter_row_blocks(X, block_rows: int | None = None) -> Iterator[np.ndarray]:
 
     Blocks are checked for NaN/Inf; a featstore group is verified readable first.
     """
-    block_rows = block_rows or DEFAULT_BLOCK_ROWS
+    if not block_rows:
+        block_rows = max(1, DEFAULT_BLOCK_BYTES // (8 * max(1, _n_neurons(X))))
     if hasattr(X, "iter_blocks") and hasattr(X, "spec"):  # featstore.Group
         X.check_readable()
         source = X.features
