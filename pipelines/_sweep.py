@@ -336,7 +336,8 @@ def run_task(task: Task, store: str, out: str, device: str = "auto", threads: in
         est = probes.SubsetProbes(mode=task.mode, fractions=task.fractions,
                                   seeds=(task.seed,) if task.seed is not None else (0,),
                                   include_full=False, device=device, **proto)
-    est.fit(train)
+    data = probes.load_training_data(train)  # the features are read from the store once per task
+    est.fit(data)
     t_fit = time.perf_counter() - t0
     res = est.evaluate(test)
     if task.mode == "full":
@@ -348,7 +349,7 @@ def run_task(task: Task, store: str, out: str, device: str = "auto", threads: in
         for fam in est.families_:
             for i, dr in enumerate(fam.draws):
                 selections.append(fam.columns[: dr.k] if fam.columns is not None else fam.basis[:, : dr.k])
-        cka = probes.subset_cka(train, selections, estimator=task.cka_estimator, batch_size=task.cka_batch_size)
+        cka = probes.subset_cka(data.X, selections, estimator=task.cka_estimator, batch_size=task.cka_batch_size)
         res["cka"] = np.asarray(cka)
         res["cka_degenerate"] = cka.degenerate
         res["cka_estimator"] = cka.estimator
@@ -435,7 +436,7 @@ def pending_tasks(spec: SweepSpec, out: str | os.PathLike) -> list[Task]:
 
 def run_sweep(spec: SweepSpec | str | os.PathLike, out: str | os.PathLike, launcher: str = "local",
               workers: int | None = None, scheduler: str | None = None, device: str = "auto",
-              progress: bool = True, log=None) -> "pd.DataFrame":
+              progress: bool = True, log=None, return_results: bool = True) -> "pd.DataFrame | None":
     """Run (or resume) a sweep and return its results table.
 
     Parameters
@@ -450,6 +451,9 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, out: str | os.PathLike, launc
         Address of an existing dask scheduler (``tcp://host:8786``); workers must reach
         the store path.
     device : {"auto", "cpu", "cuda"}
+    return_results : bool
+        Load and return the whole results table at the end (its size grows with the
+        number of draws; the sweep itself holds one task at a time).
     """
     import fcntl
 
@@ -504,7 +508,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, out: str | os.PathLike, launc
     finally:
         fcntl.flock(lock, fcntl.LOCK_UN)
         lock.close()
-    return load_results(out)
+    return load_results(out) if return_results else None
 
 
 def _run_dask(todo, spec, out, n_workers, scheduler, device, tick):

@@ -71,6 +71,8 @@ def _check_features(X: np.ndarray, where: str) -> None:
 
 def load_training_data(X, y=None, n_classes: int | None = None, where: str = "train") -> TrainingData:
     """Features and labels from an array, a torch tensor or a featstore group (verified)."""
+    if isinstance(X, TrainingData):
+        return X
     views: list[np.ndarray] = []
     source = "array"
     if hasattr(X, "spec") and hasattr(X, "check_readable"):  # featstore.Group

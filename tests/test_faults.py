@@ -19,7 +19,8 @@ from .conftest import REPO, tree_listing
 from .test_sweep import SPEC, _same
 
 
-def test_disk_full_during_build_is_a_clear_error_and_resumable(tmp_path, tiny, monkeypatch):
+@pytest.mark.parametrize("code, text", [(errno.ENOSPC, "No space left on device"), (errno.EACCES, "Permission denied")])
+def test_failed_write_during_build_is_a_clear_error_and_resumable(tmp_path, tiny, monkeypatch, code, text):
     import zarr.storage
 
     store = tmp_path / "s.zarr"
@@ -31,11 +32,11 @@ def test_disk_full_during_build_is_a_clear_error_and_resumable(tmp_path, tiny, m
         if "/features/c/" in f"/{key}":
             calls["n"] += 1
             if calls["n"] >= 3:
-                raise OSError(errno.ENOSPC, "No space left on device")
+                raise OSError(code, text)
         return await real_set(self, key, value)
 
     monkeypatch.setattr(zarr.storage.LocalStore, "set", failing_set)
-    with pytest.raises(errors.StoreError, match="No space left on device.*re-run the same command"):
+    with pytest.raises(errors.StoreError, match=f"{text}.*re-run the same command"):
         featstore.build(**tiny, splits="train", store=store)
     monkeypatch.setattr(zarr.storage.LocalStore, "set", real_set)
     s = featstore.open(store)

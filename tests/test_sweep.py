@@ -121,6 +121,16 @@ def test_killed_sweep_resumes_to_exactly_one_runs_rows(tmp_path, spec_file, refe
     _same(load_results(out), reference)
 
 
+def test_dask_with_an_existing_scheduler_address(tmp_path, spec_file, reference):
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      host="127.0.0.1") as cluster:
+        df = run_sweep(spec_file, tmp_path / "out", launcher="dask", scheduler=cluster.scheduler_address,
+                       progress=False)
+    _same(df, reference)
+
+
 def test_killed_dask_worker_loses_no_task(tmp_path, spec_file, reference, monkeypatch):
     once = tmp_path / "killed-once"
     # the first worker to commit a task's rows dies (SIGKILL) before recording it done
