@@ -457,8 +457,9 @@ def _run_pass(extractor, backbone, targets, src, index, eval_tf, aug_tf, seed, n
     buffers: dict[tuple[int, int, int], np.ndarray] = {}  # (target#, view, chunk) -> rows
     filled: dict[tuple[int, int, int], int] = {}
     t0 = time.perf_counter()
+    # in a log file (not a terminal) a redraw every 10 s keeps the log readable
     bar = tqdm(total=todo_images, unit="img", desc=label, disable=not show_progress, smoothing=0.1,
-               dynamic_ncols=True)
+               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
     autocast = torch.autocast("cuda", dtype=torch.float16) if device == "cuda" else _nullcontext()
     try:
         with torch.inference_mode():

@@ -482,7 +482,8 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, out: str | os.PathLike, launc
         total = len(expand_tasks(spec))
         if len(todo) < total:
             say(f"featstore sweep: {total - len(todo)} of {total} tasks already done; running {len(todo)}")
-        bar = tqdm(total=len(todo), unit="task", desc="sweep", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(total=len(todo), unit="task", desc="sweep", disable=not progress, dynamic_ncols=True,
+                   mininterval=0.1 if sys.stderr.isatty() else 10.0)
         n_workers = workers or os.cpu_count() or 1
         rows = 0
 
