@@ -41,7 +41,7 @@ def bare_forward(images, batch_size, workers, device):
     t0 = time.perf_counter()
     with torch.inference_mode(), autocast:
         for x in loader:
-            out = extractor(x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
+            extractor(x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
         if device == "cuda":
             torch.cuda.synchronize()
     return len(index) / (time.perf_counter() - t0)

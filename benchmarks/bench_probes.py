@@ -25,7 +25,6 @@ import time
 import numpy as np
 import torch
 
-import probes
 from probes import PAPER_FRACTIONS, SubsetProbes
 
 

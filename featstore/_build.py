@@ -349,7 +349,6 @@ def build(
 
 def _open_target(fs: FeatureStore, spec: ExtractionSpec, src, index, d: int, versions, winfo, device, dataset):
     """Create the group (atomically, via a rename) or reopen a partial one to resume."""
-    import zarr
 
     name = spec.group_name()
     n = len(index)

@@ -21,9 +21,9 @@ import sys
 import time
 import tomllib
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,6 +34,9 @@ from featstore.errors import (
     StaleGroupError,
     UnknownNameError,
 )
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["SweepSpec", "Task", "load_spec", "expand_tasks", "run_sweep", "load_results", "run_task", "LAUNCHERS"]
 
@@ -314,7 +317,6 @@ def run_task(task: Task, store: str, out: str, device: str = "auto", threads: in
 
     Safe to call again for a done task (it returns its recorded count without work).
     """
-    import pandas as pd
     import torch
 
     from featstore import _faults

@@ -302,7 +302,6 @@ class SubsetProbes:
         n_classes : int, optional
             Default: the group's classes, or max(y) + 1.
         """
-        import torch
 
         self._validate()
         device = _resolve_device(self.device)
@@ -483,9 +482,7 @@ class SubsetProbes:
                 Gs, Bs = P.T @ G @ P, P.T @ XY
                 proj = P
             scale = torch.diagonal(Gs).mean().clamp_min(1e-12)
-            Xv = X[val_t] if proj is None else X[val_t] @ proj
-            if proj is None:
-                Xv = Xv[:, idx]
+            Xv = X[val_t][:, idx] if proj is None else X[val_t] @ proj
             mxs = mx[idx] if proj is None else mx @ proj
             best = (-1.0, None, None)
             for a in self.ridge_alphas:

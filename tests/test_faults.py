@@ -16,7 +16,7 @@ import probes
 from featstore import errors
 
 from .conftest import REPO, tree_listing
-from .test_sweep import SPEC, _same
+from .test_sweep import _same
 
 
 @pytest.mark.parametrize("code, text", [(errno.ENOSPC, "No space left on device"), (errno.EACCES, "Permission denied")])

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -236,7 +235,6 @@ def test_bad_launcher_and_other_spec_in_out(tmp_path, spec_file, reference):
 
 def test_incomplete_group_and_mismatched_train_test(tmp_path, sweep_store, image_folder):
     store, dataset = sweep_store
-    spec = load_spec({"groups": [{"model": "test_resnet", "dataset": dataset}]}, store=str(store))
     # a partial group (killed build) is refused with the re-run hint
     other = tmp_path / "s.zarr"
     env = {**os.environ, "FEATSTORE_FAULT": "chunk-mark:1"}
