@@ -24,13 +24,13 @@ from typing import Sequence
 import numpy as np
 
 from . import _datasets, _faults, _models
+from ._device import DEVICES, resolve_device
 from ._spec import PAPER_AUGMENTATION, ExtractionSpec, TransformSpec
 from ._store import DEFAULT_STORE, META, FeatureStore, Group, _check_writable
 from .errors import InvalidParameterError, StaleGroupError, UnknownNameError
 
 __all__ = ["build", "chunk_rows_for", "resolve_transform", "make_transforms", "DEVICES", "DTYPES"]
 
-DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float16", "float32")
 CHUNK_TARGET_BYTES = 8 << 20  # ~8 MB of uncompressed rows per chunk
 
@@ -159,18 +159,6 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device not in DEVICES:
-        raise UnknownNameError("device", device, DEVICES)
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InvalidParameterError("device='cuda' but CUDA is not available here; use --device cpu or auto")
-    return device
-
-
 def _parse_list(value, name: str) -> list[str]:
     if isinstance(value, str):
         items = [v.strip() for v in value.split(",") if v.strip()]
@@ -273,9 +261,10 @@ def build(
     for split in splits:
         if split not in valid_splits:
             raise UnknownNameError(f"split of dataset {dataset!r}", split, valid_splits)
-    device = _resolve_device(device)
+    device = resolve_device(device)
+    on_gpu = device.startswith("cuda")
     if batch_size is None:
-        batch_size = 256 if device == "cuda" else 16
+        batch_size = 256 if on_gpu else 16
     _check_writable(str(store))
     FeatureStore.check_foreign(str(store))
 
@@ -283,7 +272,7 @@ def build(
     extractor = _models.FeatureExtractor(backbone, layers, pooling, model)
     tspec = resolve_transform(backbone, image_size)
     eval_tf, aug_tf = make_transforms(tspec)
-    compute = "autocast-float16" if device == "cuda" else "float32"
+    compute = "autocast-float16" if on_gpu else "float32"
 
     # probe the output widths with one tiny forward pass (cheap, catches bad layers early)
     with torch.no_grad():
@@ -448,7 +437,7 @@ def _run_pass(extractor, backbone, targets, src, index, eval_tf, aug_tf, seed, n
         items,
         batch_sampler=batches,
         num_workers=workers,
-        pin_memory=(device == "cuda"),
+        pin_memory=device.startswith("cuda"),
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
     )
@@ -459,7 +448,7 @@ def _run_pass(extractor, backbone, targets, src, index, eval_tf, aug_tf, seed, n
     # in a log file (not a terminal) a redraw every 10 s keeps the log readable
     bar = tqdm(total=todo_images, unit="img", desc=label, disable=not show_progress, smoothing=0.1,
                dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
-    autocast = torch.autocast("cuda", dtype=torch.float16) if device == "cuda" else _nullcontext()
+    autocast = torch.autocast("cuda", dtype=torch.float16) if device.startswith("cuda") else _nullcontext()
     try:
         with torch.inference_mode():
             for batch, x in zip(batches, loader):

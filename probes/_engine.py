@@ -25,6 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
+from featstore._device import resolve_device
 from featstore.errors import InvalidFeaturesError, InvalidParameterError, UnknownNameError
 
 from ._selection import PAPER_FRACTIONS, Family, make_families
@@ -33,18 +34,6 @@ __all__ = ["SubsetProbes", "SOLVERS", "load_training_data"]
 
 SOLVERS = ("sgd", "ridge")
 PRECISIONS = ("fp32", "bf16")
-
-
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
-        raise UnknownNameError("device", device, ("auto", "cpu", "cuda", "cuda:N"))
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise InvalidParameterError(f"device={device!r} but CUDA is not available; use 'cpu' or 'auto'")
-    return device
 
 
 @dataclass
@@ -304,7 +293,7 @@ class SubsetProbes:
         """
 
         self._validate()
-        device = _resolve_device(self.device)
+        device = resolve_device(self.device)
         if self.precision == "bf16" and not device.startswith("cuda"):
             raise InvalidParameterError("precision='bf16' needs a CUDA device; use precision='fp32' on CPU")
         data = load_training_data(X, y, n_classes)
