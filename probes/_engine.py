@@ -97,15 +97,47 @@ def load_training_data(X, y=None, n_classes: int | None = None, where: str = "tr
     return TrainingData(X, y.astype(np.int64), views, int(n_classes), source)
 
 
+# Narrowest column block on the CPU and CUDA: consecutive segments are merged until a
+# block is at least this wide (tiny segments make GEMMs that are all overhead).
+MIN_BLOCK_WIDTH = 64
+# Index probes with k >= DENSE_FRACTION * d are trained in the layer's own neuron order,
+# all families together, as one GEMM on the untouched minibatch (zero weights on the
+# neurons a probe does not see): no gather, and a wide product instead of many thin ones.
+DENSE_FRACTION = 0.75
+
+
+def _blocks(lengths: tuple[int, ...], min_width: int) -> list[tuple[int, int, int]]:
+    """Column blocks (first probe a, lo, hi) covering the prefix cuts ``lengths``.
+
+    Segment j is [lengths[j-1], lengths[j]); consecutive segments merge until a block is
+    ``min_width`` wide. Block (a, lo, hi) feeds probes a..m-1; a probe i < last segment of
+    the block uses only its columns below lengths[i] (the rest is masked to zero).
+    """
+    m = len(lengths)
+    starts = [0] + list(lengths[:-1])
+    out, a = [], 0
+    while a < m:
+        lo, b = starts[a], a + 1
+        while b < m and lengths[b - 1] - lo < min_width:
+            b += 1
+        if lengths[b - 1] > lo:
+            out.append((a, lo, lengths[b - 1]))
+        a = b
+    return out
+
+
 class _Group:
     """Families with equal prefix lengths, trained as one batch.
 
-    Everything is kept transposed, samples last, so that each segment's product writes
-    a contiguous block of rows: inputs Zt (F, width, B), weights Wt_j (F, (m - j) * C,
-    |seg_j|), logits (F, m * C, B). Rows (i - j) * C ... of Wt_j belong to probe i.
+    Everything is kept transposed, samples last, so that each block's product writes a
+    contiguous run of rows: inputs Zt (F, width, B), block weights Wt_k (F, (m - a) * C,
+    hi - lo), logits (F, m * C, B). Rows (i - a) * C ... of Wt_k belong to probe i.
+    All block weights and the biases are views of one flat tensor, so an optimiser step
+    is one fused pass.
     """
 
-    def __init__(self, families: list[Family], lengths: tuple[int, ...], n_classes: int, device, dtype):
+    def __init__(self, families: list[Family], lengths: tuple[int, ...], n_classes: int, device, dtype,
+                 min_block: int | None = None, dense: list[np.ndarray] | None = None):
         import torch
 
         self.families = families
@@ -113,73 +145,182 @@ class _Group:
         self.m = len(lengths)
         self.C = n_classes
         self.F = len(families)
-        self.starts = [0] + list(lengths[:-1])
         width = lengths[-1]
         self.width = width
         self.device = device
         self.is_index = all(f.columns is not None for f in families)
+        # dense: one pseudo-family whose probe i sees neurons dense[i] of the raw layer
+        self.dense = dense
+        if dense is not None:
+            self.is_index = False
+            self.blocks = [(0, 0, width)]
+            self.shapes = [(1, self.m * self.C, width), (1, self.m * self.C)]
+            mask = np.zeros((self.m, width), dtype=bool)
+            for i, idx in enumerate(dense):
+                mask[i, idx] = True
+            self.masks = [None if mask.all() else
+                          torch.as_tensor(np.repeat(mask, self.C, axis=0), dtype=torch.float32, device=device)]
+            self.flat = torch.zeros(self.n_params, device=device)
+            self.W, self.b = self.views(self.flat)
+            self.compute_dtype = dtype
+            return
         if self.is_index:
             self.columns = torch.as_tensor(np.concatenate([f.columns[:width] for f in families]), device=device)
         else:
             self.basis_t = torch.as_tensor(np.concatenate([f.basis[:, :width] for f in families], axis=1).T.copy(),
                                            device=device, dtype=torch.float32)
-        self.W = [torch.zeros((self.F, (self.m - j) * self.C, lengths[j] - self.starts[j]), device=device)
-                  for j in range(self.m)]
-        self.b = torch.zeros((self.F, self.m * self.C), device=device)
+        self.blocks = _blocks(lengths, MIN_BLOCK_WIDTH if min_block is None else min_block)
+        self.shapes = [(self.F, (self.m - a) * self.C, hi - lo) for a, lo, hi in self.blocks] + [(self.F, self.m * self.C)]
+        # where a merged block holds columns beyond a probe's prefix: 0 (kept at zero), else 1
+        self.masks = []
+        for a, lo, hi in self.blocks:
+            rows = [np.arange(lo, hi) < lengths[i] for i in range(a, self.m)]
+            mask = np.repeat(np.stack(rows), self.C, axis=0)
+            self.masks.append(None if mask.all() else torch.as_tensor(mask, dtype=torch.float32, device=device))
+        self.flat = torch.zeros(self.n_params, device=device)
+        self.W, self.b = self.views(self.flat)
         self.compute_dtype = dtype
 
-    def inputs(self, Xb):
-        """Zt (F, width, B): every family's inputs for a minibatch Xb (B, d), samples last."""
-        B = Xb.shape[0]
+    @property
+    def n_params(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+    def views(self, flat):
+        """([Wt_k], b) as views of a flat tensor laid out like the parameters."""
+        out, at = [], 0
+        for s in self.shapes:
+            n = math.prod(s)
+            out.append(flat[at:at + n].view(s))
+            at += n
+        return out[:-1], out[-1]
+
+    def set_flat(self, flat):
+        self.flat = flat
+        self.W, self.b = self.views(flat)
+
+    def inputs(self, Xt, out=None):
+        """Zt (F, width, B): every family's inputs for a transposed minibatch Xt (d, B).
+
+        ``out`` (F * width, B), when given, is reused: a fresh tensor this large per
+        minibatch costs page faults on every step. The dense group reads Xt as it is.
+        """
+        import torch
+
+        B = Xt.shape[1]
+        if self.dense is not None:
+            return Xt.unsqueeze(0)
         if self.is_index:
             # gather whole rows of Xbᵀ: contiguous runs of B floats, not a strided column gather
-            Zt = Xb.t().contiguous().index_select(0, self.columns)
+            Zt = torch.index_select(Xt, 0, self.columns, out=out)
         else:
-            Zt = self.basis_t @ Xb.t()
+            Zt = torch.mm(self.basis_t, Xt, out=out)
         return Zt.view(self.F, self.width, B)
 
-    def logits(self, Zt, W=None, b=None):
-        """(F, m*C, B) logits of every probe."""
+    def chunk_rows(self, budget: int = 1 << 25) -> int:
+        """Rows per inference chunk so that inputs and logit buffers stay near ``budget`` floats."""
+        per_row = self.F * (self.width + sum((self.m - a) * self.C for a, _, _ in self.blocks))
+        return int(max(64, min(4096, budget // per_row)))
+
+    def logit_buffers(self, B: int, device=None):
+        """Work space of ``logits``: one contiguous (F, (m - a) * C, B) tensor per block."""
+        import torch
+
+        return [torch.empty((self.F, (self.m - a) * self.C, B), device=device or self.device)
+                for a, _, _ in self.blocks]
+
+    def logits(self, Zt, W=None, b=None, bufs=None):
+        """(F, m*C, B) logits of every probe.
+
+        Blocks are visited from the last (fewest probes) to the first. Block k's buffer
+        holds the running sums of probes a_k..m-1: its head starts at their biases, its
+        tail at the previous buffer, then one batched GEMM adds the block's products in
+        place. Each GEMM writes a whole contiguous tensor, the layout BLAS batches
+        without splitting per family. The first block starts at probe 0, so its buffer
+        is the logits.
+        """
         import torch
 
         W = W if W is not None else self.W
         b = b if b is not None else self.b
         B = Zt.shape[2]
-        out = b.unsqueeze(2).expand(self.F, self.m * self.C, B).contiguous()
-        for j in range(self.m):
-            lo, hi = self.starts[j], self.lengths[j]
-            if hi == lo:
-                continue
+        bufs = bufs if bufs is not None else self.logit_buffers(B, Zt.device)
+        C, F = self.C, self.F
+        after = None  # the buffer of the block after this one
+        for k in range(len(self.blocks) - 1, -1, -1):
+            a, lo, hi = self.blocks[k]
+            out, w = bufs[k], W[k]
+            head = (self.m - a) * C if after is None else out.shape[1] - after.shape[1]
+            out[:, :head, :].copy_(b[:, a * C:a * C + head].unsqueeze(2).expand(F, head, B))
+            if after is not None:
+                out[:, head:, :].copy_(after)
             if self.compute_dtype is not None:
-                out[:, j * self.C:, :] += torch.bmm(W[j].to(self.compute_dtype), Zt[:, lo:hi, :].to(self.compute_dtype)).float()
+                out += torch.bmm(w.to(self.compute_dtype), Zt[:, lo:hi, :].to(self.compute_dtype)).float()
             else:
-                out[:, j * self.C:, :] += torch.bmm(W[j], Zt[:, lo:hi, :])
-        return out
+                out.baddbmm_(w, Zt[:, lo:hi, :])
+            after = out
+        if after is None:  # no block at all (cannot happen: the last length is >= 1)
+            raise AssertionError("no column block")
+        return after
 
-    def grads(self, Zt, dlogits):
-        """Gradients of every Wt_j and of b from dlogits (F, m*C, B)."""
+    def grads(self, Zt, dlogits, gW, gb, scale: float):
+        """Write ``scale`` x the gradients of every Wt_k and of b into gW, gb, from dlogits (F, m*C, B)."""
         import torch
 
-        gW = []
-        for j in range(self.m):
-            lo, hi = self.starts[j], self.lengths[j]
-            dj = dlogits[:, j * self.C:, :]
-            zj = Zt[:, lo:hi, :].transpose(1, 2)
+        for (a, lo, hi), g, mask in zip(self.blocks, gW, self.masks):
+            dk = dlogits[:, a * self.C:, :]
+            zk = Zt[:, lo:hi, :].transpose(1, 2)
             if self.compute_dtype is not None:
-                gW.append(torch.bmm(dj.to(self.compute_dtype), zj.to(self.compute_dtype)).float())
+                torch.mul(torch.bmm(dk.to(self.compute_dtype), zk.to(self.compute_dtype)).float(), scale, out=g)
             else:
-                gW.append(torch.bmm(dj, zj))
-        return gW, dlogits.sum(dim=2)
+                torch.baddbmm(g, dk, zk, beta=0, alpha=scale, out=g)
+            if mask is not None:
+                g.mul_(mask)
+        torch.sum(dlogits, dim=2, out=gb)
+        gb.mul_(scale)
 
     def probe_slices(self, i):
-        """Where probe i's weights live: [(segment j, row slice of Wt_j)] for j <= i."""
-        return [(j, slice((i - j) * self.C, (i - j + 1) * self.C)) for j in range(i + 1)]
+        """Where probe i's weights live: [(block k, row slice of Wt_k, its columns lo..hi_i)] for blocks a <= i."""
+        out = []
+        for k, (a, lo, hi) in enumerate(self.blocks):
+            if a <= i and self.lengths[i] > lo:
+                out.append((k, slice((i - a) * self.C, (i - a + 1) * self.C), lo, min(hi, self.lengths[i])))
+        return out
+
+    def set_probe(self, fi: int, i: int, w, b) -> None:
+        """Write probe i of family fi: weight (k, C) in its own input order, bias (C,)."""
+        import torch
+
+        w = torch.as_tensor(w, dtype=torch.float32, device=self.flat.device)
+        rows = slice(i * self.C, (i + 1) * self.C)
+        if self.dense is not None:
+            self.W[0][0, rows, :] = 0.0
+            self.W[0][0, rows, torch.as_tensor(self.dense[i], device=self.flat.device)] = w.T
+        else:
+            for k, r, lo, hi in self.probe_slices(i):
+                self.W[k][fi, r, :hi - lo] = w[lo:hi].T
+        self.b[fi, rows] = torch.as_tensor(b, dtype=torch.float32, device=self.flat.device)
+
+    def probe_weights(self, fi: int, i: int, W=None, b=None):
+        """Probe i of family fi: (weight (k, C) in its own input order, bias (C,)) as numpy arrays."""
+        W = W if W is not None else self.W
+        b = b if b is not None else self.b
+        if self.dense is not None:
+            w = W[0][0, i * self.C:(i + 1) * self.C, :].T.cpu().numpy()[self.dense[i]]
+        else:
+            w = np.zeros((self.lengths[i], self.C), dtype=np.float32)
+            for k, rows, lo, hi in self.probe_slices(i):
+                w[lo:hi] = W[k][fi, rows, :hi - lo].T.cpu().numpy()
+        return np.ascontiguousarray(w, dtype=np.float32), b[fi, i * self.C:(i + 1) * self.C].cpu().numpy()
 
     def to(self, device):
-        if self.is_index:
+        if self.dense is not None:
+            pass
+        elif self.is_index:
             self.columns = self.columns.to(device)
         else:
             self.basis_t = self.basis_t.to(device)
+        self.masks = [None if m is None else m.to(device) for m in self.masks]
+        self.set_flat(self.flat.to(device))
         self.device = device
         return self
 
@@ -330,11 +471,28 @@ class SubsetProbes:
         return np.random.default_rng([self.random_state, 11, epoch]).permutation(self.train_indices_)
 
     def _groups(self, device, dtype):
+        """The training batches: index probes with k >= DENSE_FRACTION * d in one dense group
+        (the raw layer, all families at once); the rest grouped by prefix lengths."""
+        from dataclasses import replace
+
+        d = self.n_features_in_
         by_len: dict[tuple, list[Family]] = {}
-        # index families and projection families cannot share one gather
+        dense: list = []
         for f in self.families_:
+            if f.columns is not None:
+                cut = sum(1 for k in f.lengths if k < DENSE_FRACTION * d)
+                dense += f.draws[cut:]
+                if cut == 0:
+                    continue
+                f = replace(f, lengths=f.lengths[:cut], draws=f.draws[:cut])
+            # index families and projection families cannot share one gather
             by_len.setdefault((f.lengths, f.columns is not None), []).append(f)
-        return [_Group(fs, key[0], self.n_classes_, device, dtype) for key, fs in by_len.items()]
+        groups = [_Group(fs, key[0], self.n_classes_, device, dtype) for key, fs in by_len.items()]
+        if dense:
+            fam = Family("dense", None, (d,) * len(dense), dense)
+            groups.append(_Group([fam], fam.lengths, self.n_classes_, device, dtype,
+                                 dense=[np.asarray(dr.neurons) for dr in dense]))
+        return groups
 
     def initial_weights(self, draw: int):
         """The initial (weight (k, C), bias (C,)) of a draw: nn.Linear's default uniform init, seeded per draw."""
@@ -360,23 +518,22 @@ class SubsetProbes:
         groups = self._groups(device, dtype)
         positions = self._draw_positions(groups)
         for di, (gi, fi, pi) in enumerate(positions):  # per-draw seeded init
-            w0, b0 = self.initial_weights(di)
-            g = groups[gi]
-            for j, cols in g.probe_slices(pi):
-                lo, hi = g.starts[j], g.lengths[j]
-                g.W[j][fi, cols, :] = torch.from_numpy(w0[lo:hi].T)
-            g.b[fi, pi * g.C:(pi + 1) * g.C] = torch.from_numpy(b0)
+            groups[gi].set_probe(fi, pi, *self.initial_weights(di))
         passes = [data.X] + data.views
         on_device = [_to_device(p, device) for p in passes]
         y_all = torch.as_tensor(data.y, device=device)
         val_t = torch.as_tensor(val_idx, device=device)
         C = self.n_classes_
-        bufW = [[torch.zeros_like(w) for w in g.W] for g in groups]
-        bufb = [torch.zeros_like(g.b) for g in groups]
-        best = [([w.clone() for w in g.W], g.b.clone()) for g in groups]
+        grad = [torch.zeros_like(g.flat) for g in groups]  # flat, laid out like the parameters
+        grad_views = [g.views(f) for g, f in zip(groups, grad)]
+        buf = [torch.zeros_like(g.flat) for g in groups]
+        best = [g.flat.clone() for g in groups]
         best_acc = [torch.full((g.F, g.m), -1.0, device=device) for g in groups]
         best_epoch = [torch.zeros((g.F, g.m), dtype=torch.long, device=device) for g in groups]
         last_loss = [torch.zeros((g.F, g.m), device=device) for g in groups]
+        logit_bufs = [g.logit_buffers(self.batch_size) for g in groups]
+        input_bufs = [None if g.dense is not None else torch.empty((g.F * g.width, self.batch_size), device=device)
+                      for g in groups]
         from tqdm.auto import tqdm
 
         bar = tqdm(range(self.epochs), desc=f"probes ({len(self.draws_)})", unit="epoch", disable=not self.verbose)
@@ -387,24 +544,23 @@ class SubsetProbes:
             loss_sum = [torch.zeros((g.F, g.m), device=device) for g in groups]
             for start in range(0, len(order), self.batch_size):
                 rows = order[start:start + self.batch_size]
-                Xb = Xp.index_select(0, rows.to(Xp.device)).to(device, non_blocking=True)
-                yb = y_all[rows]
+                Xt = Xp.index_select(0, rows.to(Xp.device)).to(device, non_blocking=True).t().contiguous()
                 B = len(rows)
-                onehot = torch.nn.functional.one_hot(yb, C).to(torch.float32).t().reshape(1, 1, C, B)
-                y_index = yb.view(1, 1, 1, B)
+                y_index = y_all[rows].view(1, 1, 1, B)
                 for gi, g in enumerate(groups):
-                    Zt = g.inputs(Xb)
-                    logits = g.logits(Zt).view(g.F, g.m, C, B)
-                    # softmax cross-entropy over the class axis, written out (the class axis is not last)
-                    top = logits.amax(dim=2, keepdim=True)
-                    p = (logits - top).exp_()
-                    norm = p.sum(dim=2, keepdim=True)
-                    true = logits.gather(2, y_index.expand(g.F, g.m, 1, B)).squeeze(2)
-                    loss_sum[gi] += ((norm.log() + top).squeeze(2) - true).sum(2)
-                    p.div_(norm).sub_(onehot).div_(B)  # d(mean loss)/d(logits)
-                    gW, gb = g.grads(Zt, p.view(g.F, g.m * C, B))
-                    _sgd_step(g.W, gW, bufW[gi], lr, self.momentum, self.weight_decay)
-                    _sgd_step([g.b], [gb], [bufb[gi]], lr, self.momentum, self.weight_decay)
+                    full = B == self.batch_size
+                    Zt = g.inputs(Xt, out=input_bufs[gi] if full else None)
+                    bufs = logit_bufs[gi] if full else None
+                    logits = g.logits(Zt, bufs=bufs).view(g.F, g.m, C, B)
+                    # softmax cross-entropy over the class axis (not last: samples are)
+                    idx = y_index.expand(g.F, g.m, 1, B)
+                    logp = torch.log_softmax(logits, dim=2)
+                    loss_sum[gi] -= logp.gather(2, idx).sum((2, 3))
+                    p = logp.exp_()
+                    p.scatter_add_(2, idx, _minus_one(device).expand(g.F, g.m, 1, B))  # softmax - onehot
+                    gW, gb = grad_views[gi]
+                    g.grads(Zt, p.view(g.F, g.m * C, B), gW, gb, 1.0 / B)  # of the mean loss
+                    _sgd_step(g.flat, grad[gi], buf[gi], lr, self.momentum, self.weight_decay)
             # validation on the clean pass picks each probe's best epoch
             for gi, g in enumerate(groups):
                 last_loss[gi] = loss_sum[gi] / len(order)
@@ -412,15 +568,14 @@ class SubsetProbes:
                 better = acc > best_acc[gi] if self.select_epoch == "best" else torch.ones_like(acc, dtype=torch.bool)
                 best_acc[gi] = torch.where(better, acc, best_acc[gi])  # with "last": the last epoch's
                 best_epoch[gi] = torch.where(better, torch.full_like(best_epoch[gi], epoch + 1), best_epoch[gi])
-                bw, bb = best[gi]
-                for j in range(g.m):
-                    mask = better[:, j:].repeat_interleave(C, dim=1).unsqueeze(2)
-                    bw[j] = torch.where(mask, g.W[j], bw[j])
+                bw, bb = g.views(best[gi])
+                for (a, _, _), w, keep in zip(g.blocks, g.W, bw):
+                    mask = better[:, a:].repeat_interleave(C, dim=1).unsqueeze(2)
+                    keep.copy_(torch.where(mask, w, keep))
                 bb.copy_(torch.where(better.repeat_interleave(C, dim=1), g.b, bb))
         bar.close()
         for gi, g in enumerate(groups):  # keep the best epoch's weights, on the CPU (picklable)
-            g.W = [w.cpu() for w in best[gi][0]]
-            g.b = best[gi][1].cpu()
+            g.set_flat(best[gi])
             g.to("cpu")
         self.groups_ = groups
         self.val_accuracy_ = np.array([float(best_acc[gi][fi, pi]) for gi, fi, pi in positions])
@@ -432,10 +587,11 @@ class SubsetProbes:
         import torch
 
         correct = torch.zeros((g.F, g.m), device=device)
-        for start in range(0, len(rows), 4096):
-            r = rows[start:start + 4096]
+        step = g.chunk_rows()
+        for start in range(0, len(rows), step):
+            r = rows[start:start + step]
             Xb = X.index_select(0, r.to(X.device)).to(device)
-            logits = g.logits(g.inputs(Xb), W, b).view(g.F, g.m, g.C, len(r))
+            logits = g.logits(g.inputs(Xb.t().contiguous()), W, b).view(g.F, g.m, g.C, len(r))
             # the true class holds the maximum (argmax over a strided axis is slow on CPU)
             true = logits.gather(2, y_all[r].view(1, 1, 1, -1).expand(g.F, g.m, 1, len(r)))
             correct += (true >= logits.amax(dim=2, keepdim=True)).squeeze(2).sum(2)
@@ -459,9 +615,10 @@ class SubsetProbes:
         val_t = torch.as_tensor(val_idx, device=device)
         y_all = torch.as_tensor(data.y, device=device)
         val_acc, alphas = [], []
+        family_of = {id(dr): f for f in self.families_ for dr in f.draws}
         for di, (gi, fi, pi) in enumerate(positions):
-            g, fam = groups[gi], groups[gi].families[fi]
-            k = fam.lengths[pi]
+            g, draw = groups[gi], self.draws_[di]
+            fam, k = family_of[id(draw)], draw.k
             if fam.columns is not None:
                 idx = torch.as_tensor(fam.columns[:k], device=device)
                 Gs, Bs = G[idx][:, idx], XY[idx]
@@ -483,13 +640,8 @@ class SubsetProbes:
             acc, W, b, a = best
             val_acc.append(acc)
             alphas.append(a)
-            for j, cols in g.probe_slices(pi):
-                lo, hi = g.starts[j], g.lengths[j]
-                g.W[j][fi, cols, :] = W[lo:hi].T.float()
-            g.b[fi, pi * C:(pi + 1) * C] = b.float()
+            g.set_probe(fi, pi, W.float(), b.float())
         for g in groups:
-            g.W = [w.cpu() for w in g.W]
-            g.b = g.b.cpu()
             g.to("cpu")
         self.groups_ = groups
         self.positions_ = positions
@@ -511,11 +663,14 @@ class SubsetProbes:
         out = np.empty((len(X), len(self.draws_), self.n_classes_), dtype=np.float32)
         Xt = torch.from_numpy(X)
         with torch.no_grad():
-            for start in range(0, len(X), 4096):
-                Xb = Xt[start:start + 4096]
-                per_group = [g.logits(g.inputs(Xb)).view(g.F, g.m, g.C, len(Xb)) for g in self.groups_]
-                for di, (gi, fi, pi) in enumerate(self.positions_):
-                    out[start:start + len(Xb), di] = per_group[gi][fi, pi].T.numpy()
+            for gi, g in enumerate(self.groups_):
+                mine = [(di, fi, pi) for di, (gj, fi, pi) in enumerate(self.positions_) if gj == gi]
+                step = g.chunk_rows()
+                for start in range(0, len(X), step):
+                    Xb = Xt[start:start + step]
+                    logits = g.logits(g.inputs(Xb.t().contiguous())).view(g.F, g.m, g.C, len(Xb))
+                    for di, fi, pi in mine:
+                        out[start:start + len(Xb), di] = logits[fi, pi].T.numpy()
         return out
 
     def predict(self, X) -> np.ndarray:
@@ -559,13 +714,37 @@ class SubsetProbes:
         return f"SubsetProbes(mode={self.mode!r}, solver={self.solver!r}, epochs={self.epochs}, device={self.device!r})"
 
 
-def _sgd_step(params, grads, bufs, lr, momentum, weight_decay):
-    """torch.optim.SGD's update (dampening 0, no nesterov), in place."""
-    for p, g, buf in zip(params, grads, bufs):
-        if weight_decay:
-            g = g.add(p, alpha=weight_decay)
+_MINUS_ONE: dict = {}
+
+
+def _minus_one(device):
+    import torch
+
+    if device not in _MINUS_ONE:
+        _MINUS_ONE[device] = torch.tensor(-1.0, device=device)
+    return _MINUS_ONE[device]
+
+
+def _sgd_step(p, g, buf, lr, momentum, weight_decay):
+    """torch.optim.SGD's update (dampening 0, no nesterov) on flat tensors, in place.
+
+    One fused pass (``torch._fused_sgd_``, what ``SGD(fused=True)`` runs) where torch has
+    it; the same arithmetic op by op otherwise. ``buf`` starts at zero, so the first step
+    stores the gradient, as SGD's first step does. Overwrites ``g``.
+    """
+    import torch
+
+    fused = getattr(torch, "_fused_sgd_", None)
+    if fused is not None and momentum:
+        fused([p], [g], [buf], weight_decay=weight_decay, momentum=momentum, lr=lr, dampening=0.0,
+              nesterov=False, maximize=False, is_first_step=False)
+        return
+    if weight_decay:
+        g.add_(p, alpha=weight_decay)
+    if momentum:
         buf.mul_(momentum).add_(g)
-        p.add_(buf, alpha=-lr)
+        g = buf
+    p.add_(g, alpha=-lr)
 
 
 def _to_device(X: np.ndarray, device: str):
