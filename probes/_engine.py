@@ -520,9 +520,29 @@ class SubsetProbes:
         for di, (gi, fi, pi) in enumerate(positions):  # per-draw seeded init
             groups[gi].set_probe(fi, pi, *self.initial_weights(di))
         passes = [data.X] + data.views
-        on_device = [_to_device(p, device) for p in passes]
-        y_all = torch.as_tensor(data.y, device=device)
-        val_t = torch.as_tensor(val_idx, device=device)
+        ctx = {"passes": [_to_device(p, device) for p in passes], "y": torch.as_tensor(data.y, device=device),
+               "val": torch.as_tensor(val_idx, device=device), "device": device,
+               "orders": [torch.as_tensor(self.epoch_order(e), device=device) for e in range(self.epochs)]}
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.epochs, desc=f"probes ({len(self.draws_)})", unit="epoch", disable=not self.verbose)
+        best_acc, best_epoch, last_loss = self._train_groups(groups, ctx, bar)
+        bar.close()
+        for g in groups:  # the best epoch's weights are in place; keep them on the CPU (picklable)
+            g.to("cpu")
+        self.groups_ = groups
+        self.val_accuracy_ = np.array([float(best_acc[gi][fi, pi]) for gi, fi, pi in positions])
+        self.best_epoch_ = np.array([int(best_epoch[gi][fi, pi]) for gi, fi, pi in positions])
+        self.train_loss_ = np.array([float(last_loss[gi][fi, pi]) for gi, fi, pi in positions])
+        self.positions_ = positions
+
+    def _train_groups(self, groups: list["_Group"], ctx: dict, bar):
+        """The SGD epochs; leaves each group's best epoch's weights in place and returns
+        per group (best validation accuracy, best epoch, last epoch's train loss)."""
+        import torch
+
+        device, y_all, val_t = ctx["device"], ctx["y"], ctx["val"]
+        on_device = ctx["passes"]
         C = self.n_classes_
         grad = [torch.zeros_like(g.flat) for g in groups]  # flat, laid out like the parameters
         grad_views = [g.views(f) for g, f in zip(groups, grad)]
@@ -534,37 +554,34 @@ class SubsetProbes:
         logit_bufs = [g.logit_buffers(self.batch_size) for g in groups]
         input_bufs = [None if g.dense is not None else torch.empty((g.F * g.width, self.batch_size), device=device)
                       for g in groups]
-        from tqdm.auto import tqdm
-
-        bar = tqdm(range(self.epochs), desc=f"probes ({len(self.draws_)})", unit="epoch", disable=not self.verbose)
-        for epoch in bar:
+        minus_one = torch.tensor(-1.0, device=device)
+        for epoch in range(self.epochs):
             lr = self.lr * self.lr_gamma ** (epoch // self.lr_step)
             Xp = on_device[epoch % len(on_device)]
-            order = torch.as_tensor(self.epoch_order(epoch), device=device)
+            order = ctx["orders"][epoch]
             loss_sum = [torch.zeros((g.F, g.m), device=device) for g in groups]
             for start in range(0, len(order), self.batch_size):
                 rows = order[start:start + self.batch_size]
                 Xt = Xp.index_select(0, rows.to(Xp.device)).to(device, non_blocking=True).t().contiguous()
                 B = len(rows)
+                full = B == self.batch_size
                 y_index = y_all[rows].view(1, 1, 1, B)
                 for gi, g in enumerate(groups):
-                    full = B == self.batch_size
                     Zt = g.inputs(Xt, out=input_bufs[gi] if full else None)
-                    bufs = logit_bufs[gi] if full else None
-                    logits = g.logits(Zt, bufs=bufs).view(g.F, g.m, C, B)
+                    logits = g.logits(Zt, bufs=logit_bufs[gi] if full else None).view(g.F, g.m, C, B)
                     # softmax cross-entropy over the class axis (not last: samples are)
                     idx = y_index.expand(g.F, g.m, 1, B)
                     logp = torch.log_softmax(logits, dim=2)
                     loss_sum[gi] -= logp.gather(2, idx).sum((2, 3))
                     p = logp.exp_()
-                    p.scatter_add_(2, idx, _minus_one(device).expand(g.F, g.m, 1, B))  # softmax - onehot
+                    p.scatter_add_(2, idx, minus_one.expand(g.F, g.m, 1, B))  # softmax - onehot
                     gW, gb = grad_views[gi]
                     g.grads(Zt, p.view(g.F, g.m * C, B), gW, gb, 1.0 / B)  # of the mean loss
                     _sgd_step(g.flat, grad[gi], buf[gi], lr, self.momentum, self.weight_decay)
             # validation on the clean pass picks each probe's best epoch
             for gi, g in enumerate(groups):
                 last_loss[gi] = loss_sum[gi] / len(order)
-                acc = self._accuracy(g, on_device[0], y_all, val_t, device)
+                acc = self._accuracy(g, on_device[0], y_all, val_t, device, bufs=(input_bufs[gi], logit_bufs[gi]))
                 better = acc > best_acc[gi] if self.select_epoch == "best" else torch.ones_like(acc, dtype=torch.bool)
                 best_acc[gi] = torch.where(better, acc, best_acc[gi])  # with "last": the last epoch's
                 best_epoch[gi] = torch.where(better, torch.full_like(best_epoch[gi], epoch + 1), best_epoch[gi])
@@ -573,25 +590,24 @@ class SubsetProbes:
                     mask = better[:, a:].repeat_interleave(C, dim=1).unsqueeze(2)
                     keep.copy_(torch.where(mask, w, keep))
                 bb.copy_(torch.where(better.repeat_interleave(C, dim=1), g.b, bb))
-        bar.close()
-        for gi, g in enumerate(groups):  # keep the best epoch's weights, on the CPU (picklable)
+            bar.update(1)
+        for gi, g in enumerate(groups):
             g.set_flat(best[gi])
-            g.to("cpu")
-        self.groups_ = groups
-        self.val_accuracy_ = np.array([float(best_acc[gi][fi, pi]) for gi, fi, pi in positions])
-        self.best_epoch_ = np.array([int(best_epoch[gi][fi, pi]) for gi, fi, pi in positions])
-        self.train_loss_ = np.array([float(last_loss[gi][fi, pi]) for gi, fi, pi in positions])
-        self.positions_ = positions
+        return best_acc, best_epoch, last_loss
 
-    def _accuracy(self, g: _Group, X, y_all, rows, device, W=None, b=None):
+    def _accuracy(self, g: _Group, X, y_all, rows, device, W=None, b=None, bufs=None):
+        """(F, m) accuracy of every probe of g on X[rows]; ``bufs`` = training buffers
+        (inputs, logits) to reuse: chunks of one minibatch then."""
         import torch
 
         correct = torch.zeros((g.F, g.m), device=device)
-        step = g.chunk_rows()
+        step = self.batch_size if bufs is not None else g.chunk_rows()
         for start in range(0, len(rows), step):
             r = rows[start:start + step]
-            Xb = X.index_select(0, r.to(X.device)).to(device)
-            logits = g.logits(g.inputs(Xb.t().contiguous()), W, b).view(g.F, g.m, g.C, len(r))
+            Xt = X.index_select(0, r.to(X.device)).to(device).t().contiguous()
+            full = bufs is not None and len(r) == step
+            Zt = g.inputs(Xt, out=bufs[0] if full else None)
+            logits = g.logits(Zt, W, b, bufs=bufs[1] if full else None).view(g.F, g.m, g.C, len(r))
             # the true class holds the maximum (argmax over a strided axis is slow on CPU)
             true = logits.gather(2, y_all[r].view(1, 1, 1, -1).expand(g.F, g.m, 1, len(r)))
             correct += (true >= logits.amax(dim=2, keepdim=True)).squeeze(2).sum(2)
@@ -673,6 +689,19 @@ class SubsetProbes:
                         out[start:start + len(Xb), di] = logits[fi, pi].T.numpy()
         return out
 
+    def probe_weights(self, draw: int) -> tuple[np.ndarray, np.ndarray]:
+        """The learned (weight (k, n_classes), bias (n_classes,)) of one draw.
+
+        Rows follow the draw's own inputs: ``draws_[draw].neurons`` for index modes, the
+        projection's directions otherwise. ``X[:, neurons] @ weight + bias`` are its logits.
+        """
+        self._check_fitted()
+        if not 0 <= draw < len(self.draws_):
+            raise InvalidParameterError(f"draw={draw!r} is out of range: this estimator has {len(self.draws_)} draws "
+                                        f"(0..{len(self.draws_) - 1})")
+        gi, fi, pi = self.positions_[draw]
+        return self.groups_[gi].probe_weights(fi, pi)
+
     def predict(self, X) -> np.ndarray:
         """Predicted classes, array of shape (n_samples, n_draws)."""
         return self.decision_function(X).argmax(-1)
@@ -712,17 +741,6 @@ class SubsetProbes:
 
     def __repr__(self) -> str:
         return f"SubsetProbes(mode={self.mode!r}, solver={self.solver!r}, epochs={self.epochs}, device={self.device!r})"
-
-
-_MINUS_ONE: dict = {}
-
-
-def _minus_one(device):
-    import torch
-
-    if device not in _MINUS_ONE:
-        _MINUS_ONE[device] = torch.tensor(-1.0, device=device)
-    return _MINUS_ONE[device]
 
 
 def _sgd_step(p, g, buf, lr, momentum, weight_decay):

@@ -65,6 +65,46 @@ def test_probe_in_a_batch_equals_probe_trained_alone(data, mode):
         assert np.abs(logits[:, di] - ref).max() < 1e-4, (di, draw)
 
 
+@pytest.mark.parametrize("min_block, dense_fraction", [(1, 0.75), (4, 2.0), (64, 0.0), (16, 0.5)],
+                         ids=["one-block-per-segment", "merged-blocks-no-dense", "all-dense", "mixed"])
+def test_every_layout_trains_each_probe_as_if_alone(data, monkeypatch, min_block, dense_fraction):
+    """Column blocks (one per segment, or merged with masked corners) and the dense group
+    (the raw layer, zero weights off the subset) all train exactly the lone probe."""
+    from probes import _engine
+
+    monkeypatch.setattr(_engine, "MIN_BLOCK_WIDTH", min_block)
+    monkeypatch.setattr(_engine, "DENSE_FRACTION", dense_fraction)
+    Xtr, ytr, Xte, yte = data
+    kw = dict(epochs=3, lr=0.1, momentum=0.9, weight_decay=1e-4, batch_size=64, lr_step=2, lr_gamma=0.1)
+    est = SubsetProbes(fractions=(0.02, 0.05, 0.1, 0.25, 0.3, 0.5, 0.8, 1.0), seeds=(0, 3, 5), select_epoch="last",
+                       device="cpu", **kw).fit(Xtr, ytr)
+    kinds = {("dense" if g.dense is not None else f"{len(g.blocks)} blocks") for g in est.groups_}
+    if dense_fraction == 0.0:
+        assert kinds == {"dense"}
+    elif dense_fraction > 1:
+        assert all(k.endswith("blocks") for k in kinds)
+    else:
+        assert "dense" in kinds and len(kinds) > 1
+    logits = est.decision_function(Xte)
+    orders = [est.epoch_order(e) for e in range(kw["epochs"])]
+    for di in (0, 4, 7, 8, 15, len(est.draws_) - 1):
+        draw = est.draws_[di]
+        w0, b0 = est.initial_weights(di)
+        lin = train_alone(Xtr, ytr, draw.neurons, w0, b0, orders, C=4, lr=kw["lr"], momentum=kw["momentum"],
+                          wd=kw["weight_decay"], batch_size=kw["batch_size"], lr_step=kw["lr_step"],
+                          lr_gamma=kw["lr_gamma"])
+        w, b = est.probe_weights(di)
+        assert w.shape == (draw.k, 4)
+        np.testing.assert_allclose(w, lin.weight.detach().numpy().T, atol=1e-5)
+        np.testing.assert_allclose(b, lin.bias.detach().numpy(), atol=1e-5)
+        with torch.no_grad():
+            ref = lin(torch.from_numpy(Xte[:, draw.neurons])).numpy()
+        assert np.abs(logits[:, di] - ref).max() < 1e-4, (di, draw)
+        np.testing.assert_allclose(Xte[:, draw.neurons] @ w + b, logits[:, di], atol=1e-4)
+    with pytest.raises(errors.InvalidParameterError, match="out of range"):
+        est.probe_weights(len(est.draws_))
+
+
 def test_best_epoch_selection_and_reported_fields(data):
     Xtr, ytr, Xte, yte = data
     est = SubsetProbes(fractions=(0.1, 1.0), seeds=(0,), epochs=6, batch_size=64, device="cpu").fit(Xtr, ytr)
