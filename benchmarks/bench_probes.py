@@ -1,6 +1,6 @@
 """Batched probe engine vs one probe at a time (torch) and vs scikit-learn, in one run.
 
-    python benchmarks/bench_probes.py [--n 20000] [--d 1280] [--seeds 23] [--epochs 3] [--device auto]
+    python benchmarks/bench_probes.py [--n 20000] [--d 1280] [--seeds 23] [--epochs 3] [--device auto] [--precision fp32]
     python benchmarks/bench_probes.py --paper-scale        # GPU: n=50,000, d=2048, 22 x 5, 50 epochs
 
 Workload: draws over the paper's 22 fractions x seeds (23 seeds = 506 draws + the full
@@ -38,9 +38,9 @@ def synthetic(n, d, C, seed=0):
     return X.astype(np.float32), y
 
 
-def matmul_gflops(device, n=2048, repeats=10):
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+def matmul_gflops(device, n=2048, repeats=10, dtype=torch.float32):
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
     if device.startswith("cuda"):
@@ -83,6 +83,9 @@ def main():
     p.add_argument("--seeds", type=int, default=23)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="engine matmul precision; the matmul rate is measured in the same dtype")
+    p.add_argument("--repeats", type=int, default=2, help="engine fits; the fastest counts")
     p.add_argument("--baseline-draws", type=int, default=22)
     p.add_argument("--sklearn-draws", type=int, default=4)
     p.add_argument("--paper-scale", action="store_true", help="n=50,000, d=2048, 22 fractions x 5 seeds, 50 epochs")
@@ -93,21 +96,27 @@ def main():
     X, y = synthetic(a.n + 5000, a.d, a.classes)
     Xtr, ytr, Xte, yte = X[:a.n], y[:a.n], X[a.n:], y[a.n:]
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
-    print(f"device={device} ({name}) n={a.n} d={a.d} C={a.classes} fractions=22 seeds={a.seeds} epochs={a.epochs}")
+    print(f"device={device} ({name}) n={a.n} d={a.d} C={a.classes} fractions=22 seeds={a.seeds} epochs={a.epochs} "
+          f"precision={a.precision}")
 
-    est = SubsetProbes(fractions=PAPER_FRACTIONS, seeds=tuple(range(a.seeds)), epochs=a.epochs, device=device)
-    t0 = time.perf_counter()
-    est.fit(Xtr, ytr)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t_engine = time.perf_counter() - t0
+    est = SubsetProbes(fractions=PAPER_FRACTIONS, seeds=tuple(range(a.seeds)), epochs=a.epochs, device=device,
+                       precision=a.precision)
+    times = []
+    for _ in range(a.repeats):  # best of: the same fair treatment as the matmul rate
+        t0 = time.perf_counter()
+        est.fit(Xtr, ytr)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    t_engine = min(times)
     res = est.evaluate(Xte, yte)
     K = len(est.draws_)
     n_train = len(est.train_indices_)
     sum_k = sum(dr.k for dr in est.draws_)
     useful = 4 * n_train * a.classes * a.epochs * sum_k / 1e9
     print(f"engine: {K} probes in {t_engine:.2f} s = {K / t_engine:.1f} probes/s; full-layer test acc "
-          f"{res['test_accuracy'].iloc[-1]:.3f}, 10% fraction mean {res[res.fraction == 0.1].test_accuracy.mean():.3f}")
+          f"{res['test_accuracy'].iloc[-1]:.3f}, 10% fraction mean {res[res.fraction == 0.1].test_accuracy.mean():.3f} "
+          f"(fits: {', '.join(f'{t:.2f}' for t in times)} s)")
     if a.paper_scale:
         print(f"paper scale: {t_engine:.1f} s (goal < 60 s on one H100)")
 
@@ -128,7 +137,8 @@ def main():
         LogisticRegression(max_iter=100).fit(Xtr[:, est.draws_[di].neurons], ytr)
     t_sk = (time.perf_counter() - t0) / len(sk_sample) * K
 
-    peak = matmul_gflops(device)
+    peak = max(matmul_gflops(device, dtype=torch.bfloat16 if a.precision == "bf16" else torch.float32)
+               for _ in range(3))  # best of 3: a fair (high) denominator on a noisy machine
     print(f"one-at-a-time torch loop: {K / t_loop:8.2f} probes/s (scaled from {len(sample)} draws)")
     print(f"scikit-learn per draw   : {K / t_sk:8.2f} probes/s (scaled from {len(sk_sample)} draws)")
     print(f"ratio engine / torch loop    : {t_loop / t_engine:8.1f}x  (goal >= 20x)")

@@ -352,7 +352,8 @@ class SubsetProbes:
         Seeds the validation split, the minibatch order and the initial weights.
     device : {"auto", "cpu", "cuda"}
     precision : {"fp32", "bf16"}
-        bf16 matmuls with fp32 master weights (CUDA only).
+        bf16 matmuls with fp32 master weights, on CUDA or on CPUs with native bf16
+        (AVX512-BF16 / AMX).
     include_full : bool
         Train the full layer (f = 1) alongside as the reference.
     randproj_distribution : {"uniform", "gaussian"}
@@ -435,8 +436,9 @@ class SubsetProbes:
 
         self._validate()
         device = resolve_device(self.device)
-        if self.precision == "bf16" and not device.startswith("cuda"):
-            raise InvalidParameterError("precision='bf16' needs a CUDA device; use precision='fp32' on CPU")
+        if self.precision == "bf16" and device == "cpu" and not cpu_has_bf16():
+            raise InvalidParameterError("precision='bf16' on the CPU needs native bf16 matmuls (AVX512-BF16 or AMX), "
+                                        "which this CPU lacks; use precision='fp32' or a CUDA device")
         data = load_training_data(X, y, n_classes)
         n, d = data.X.shape
         rng = np.random.default_rng(self.random_state)
@@ -741,6 +743,16 @@ class SubsetProbes:
 
     def __repr__(self) -> str:
         return f"SubsetProbes(mode={self.mode!r}, solver={self.solver!r}, epochs={self.epochs}, device={self.device!r})"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU does bf16 matmuls natively (otherwise torch emulates them, slowly)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _sgd_step(p, g, buf, lr, momentum, weight_decay):

@@ -207,7 +207,6 @@ def test_group_input_reads_views_per_epoch(tmp_path, tiny):
     (dict(seeds=(-1,)), errors.InvalidParameterError, "seed=-1 must be a non-negative integer"),
     (dict(seeds=(1.5,)), errors.InvalidParameterError, "seed=1.5"),
     (dict(solver="adam"), errors.UnknownNameError, "Unknown solver 'adam'; known: ridge, sgd"),
-    (dict(precision="bf16", device="cpu"), errors.InvalidParameterError, "needs a CUDA device"),
 ])
 def test_bad_parameters(data, kwargs, exc, message):
     Xtr, ytr, _, _ = data
@@ -227,6 +226,25 @@ def test_bad_data(data):
         SubsetProbes(epochs=1).fit(np.zeros((0, 5), np.float32), np.zeros(0, int))
     with pytest.raises(errors.InvalidFeaturesError, match="labels for"):
         SubsetProbes(epochs=1).fit(Xtr, ytr[:-1])
+
+
+def test_bf16_path_tracks_fp32(data):
+    """The bf16 compute path (the GPU's option) on a CPU with native bf16; elsewhere a clear error."""
+    from probes._engine import cpu_has_bf16
+
+    Xtr, ytr, Xte, yte = data
+    kw = dict(fractions=(0.1, 0.5, 0.8, 1.0), seeds=(0, 1), epochs=4, batch_size=64, device="cpu")
+    if not cpu_has_bf16():
+        with pytest.raises(errors.InvalidParameterError, match="native bf16"):
+            SubsetProbes(precision="bf16", **kw).fit(Xtr, ytr)
+        return
+    fp = SubsetProbes(**kw).fit(Xtr, ytr)
+    bf = SubsetProbes(precision="bf16", **kw).fit(Xtr, ytr)
+    assert all(w.dtype == torch.float32 for g in bf.groups_ for w in g.W)  # fp32 master weights
+    a, b = fp.evaluate(Xte, yte), bf.evaluate(Xte, yte)
+    assert np.abs(a["test_accuracy"] - b["test_accuracy"]).max() <= 0.06
+    la, lb = fp.decision_function(Xte), bf.decision_function(Xte)
+    assert np.abs(la - lb).max() < 0.1 * np.abs(la).max()
 
 
 @pytest.mark.gpu
