@@ -159,7 +159,7 @@ class _Group:
             for i, idx in enumerate(dense):
                 mask[i, idx] = True
             self.masks = [None if mask.all() else
-                          torch.as_tensor(np.repeat(mask, self.C, axis=0), dtype=torch.float32, device=device)]
+                          torch.as_tensor(np.repeat(mask, self.C, axis=0), device=device)]
             self.flat = torch.zeros(self.n_params, device=device)
             self.W, self.b = self.views(self.flat)
             self.compute_dtype = dtype
@@ -176,7 +176,7 @@ class _Group:
         for a, lo, hi in self.blocks:
             rows = [np.arange(lo, hi) < lengths[i] for i in range(a, self.m)]
             mask = np.repeat(np.stack(rows), self.C, axis=0)
-            self.masks.append(None if mask.all() else torch.as_tensor(mask, dtype=torch.float32, device=device))
+            self.masks.append(None if mask.all() else torch.as_tensor(mask, device=device))
         self.flat = torch.zeros(self.n_params, device=device)
         self.W, self.b = self.views(self.flat)
         self.compute_dtype = dtype
