@@ -2,12 +2,19 @@
 
 Layout. Draws are grouped into *families* (one ordering of the layer cut at increasing
 prefix lengths k_1 <= ... <= k_m; see ``_selection``), and families with the same
-lengths are trained together. The inputs of a family are split into *segments*
-[k_{j-1}, k_j); probe i sees segments 0..i. Segment j's weights for all probes that use
-it form one tensor of shape (families, |seg_j|, (m - j) * classes), so a minibatch's
-logits are ``bias + sum_j bmm(Z[:, :, seg_j], W_j)`` written into the column block of
-probes >= j. Every multiply-add is one a lone probe would do (no masked zeros), and
-one read of each minibatch serves every probe.
+lengths are trained together as one *group*. A family's ordered inputs are split into
+*segments* [k_{j-1}, k_j); probe i sees segments 0..i. Consecutive segments are merged
+into *column blocks* at least ``MIN_BLOCK_WIDTH`` wide (a product a few columns wide is
+all overhead); block (a, lo, hi) holds the weights of probes a..m-1 on columns lo..hi
+as one tensor (families, (m - a) * classes, hi - lo), and the corner of a probe shorter
+than hi is held at zero by masking its gradient. A minibatch's logits are the bias plus
+one batched product per block, and one read of the minibatch serves every probe.
+
+Index probes that see at least ``DENSE_FRACTION`` of the layer go to one *dense* group
+instead: weights in the layer's own neuron order (zero off the probe's subset), all
+families together, so their logits are one wide product with the raw minibatch, with
+no gather; at k close to d that costs a few wasted multiply-adds and is far cheaper
+than thin per-family products.
 
 Training is plain SGD with momentum and weight decay, the same update
 ``torch.optim.SGD`` applies, on the exact gradient of each probe's own mean
