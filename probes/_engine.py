@@ -223,6 +223,19 @@ class _Group:
             Zt = torch.mm(self.basis_t, Xt, out=out)
         return Zt.view(self.F, self.width, B)
 
+    @property
+    def is_projection(self) -> bool:
+        return self.dense is None and not self.is_index
+
+    def project(self, X, rows_per_chunk: int = 8192):
+        """Every family's projected inputs for a whole pass X (n, d): (n, F * width) on the group's device."""
+        import torch
+
+        out = torch.empty((X.shape[0], self.F * self.width), device=self.basis_t.device)
+        for s in range(0, X.shape[0], rows_per_chunk):
+            torch.mm(X[s:s + rows_per_chunk].to(out.device), self.basis_t.t(), out=out[s:s + rows_per_chunk])
+        return out
+
     def chunk_rows(self, budget: int = 1 << 25) -> int:
         """Rows per inference chunk so that inputs and logit buffers stay near ``budget`` floats."""
         per_row = self.F * (self.width + sum((self.m - a) * self.C for a, _, _ in self.blocks))
@@ -563,10 +576,16 @@ class SubsetProbes:
         logit_bufs = [g.logit_buffers(self.batch_size) for g in groups]
         input_bufs = [None if g.dense is not None else torch.empty((g.F * g.width, self.batch_size), device=device)
                       for g in groups]
+        # projection groups: every pass projected once, not every minibatch of every epoch
+        projected = [[g.project(p) for p in on_device] if g.is_projection and _room_for(g, on_device, device)
+                     else None for g in groups]
+        row_bufs = [None if pr is None else torch.empty((self.batch_size, g.F * g.width), device=device)
+                    for g, pr in zip(groups, projected)]
         minus_one = torch.tensor(-1.0, device=device)
         for epoch in range(self.epochs):
             lr = self.lr * self.lr_gamma ** (epoch // self.lr_step)
-            Xp = on_device[epoch % len(on_device)]
+            pass_index = epoch % len(on_device)
+            Xp = on_device[pass_index]
             order = ctx["orders"][epoch]
             loss_sum = [torch.zeros((g.F, g.m), device=device) for g in groups]
             for start in range(0, len(order), self.batch_size):
@@ -576,7 +595,11 @@ class SubsetProbes:
                 full = B == self.batch_size
                 y_index = y_all[rows].view(1, 1, 1, B)
                 for gi, g in enumerate(groups):
-                    Zt = g.inputs(Xt, out=input_bufs[gi] if full else None)
+                    if projected[gi] is not None:
+                        Zb = torch.index_select(projected[gi][pass_index], 0, rows, out=row_bufs[gi] if full else None)
+                        Zt = (input_bufs[gi].copy_(Zb.t()) if full else Zb.t().contiguous()).view(g.F, g.width, B)
+                    else:
+                        Zt = g.inputs(Xt, out=input_bufs[gi] if full else None)
                     logits = g.logits(Zt, bufs=logit_bufs[gi] if full else None).view(g.F, g.m, C, B)
                     # softmax cross-entropy over the class axis (not last: samples are)
                     idx = y_index.expand(g.F, g.m, 1, B)
@@ -750,6 +773,20 @@ class SubsetProbes:
 
     def __repr__(self) -> str:
         return f"SubsetProbes(mode={self.mode!r}, solver={self.solver!r}, epochs={self.epochs}, device={self.device!r})"
+
+
+def _room_for(g: "_Group", passes, device: str) -> bool:
+    """Whether a projection group's projected passes fit: at most twice the passes
+    themselves or 1 GiB, and a quarter of the free memory of a GPU."""
+    import torch
+
+    need = sum(p.shape[0] for p in passes) * g.F * g.width * 4
+    have = sum(p.numel() * p.element_size() for p in passes)
+    if need > max(2 * have, 1 << 30):
+        return False
+    if device.startswith("cuda"):
+        return need < 0.25 * torch.cuda.mem_get_info()[0]
+    return True
 
 
 def cpu_has_bf16() -> bool:

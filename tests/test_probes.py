@@ -105,6 +105,21 @@ def test_every_layout_trains_each_probe_as_if_alone(data, monkeypatch, min_block
         est.probe_weights(len(est.draws_))
 
 
+@pytest.mark.parametrize("mode", ["pca", "randproj"])
+def test_projected_once_equals_projected_per_minibatch(data, monkeypatch, mode):
+    """Projection modes project each pass once when it fits; the per-minibatch fallback
+    (features too large to hold projected) trains the same probes."""
+    from probes import _engine
+
+    Xtr, ytr, Xte, yte = data
+    kw = dict(mode=mode, fractions=(0.1, 0.5, 1.0), seeds=(0, 1), epochs=3, batch_size=64, device="cpu")
+    once = SubsetProbes(**kw).fit(Xtr, ytr)
+    monkeypatch.setattr(_engine, "_room_for", lambda *a: False)
+    each = SubsetProbes(**kw).fit(Xtr, ytr)
+    np.testing.assert_allclose(once.decision_function(Xte), each.decision_function(Xte), atol=1e-4)
+    assert once.groups_[0].is_projection
+
+
 def test_best_epoch_selection_and_reported_fields(data):
     Xtr, ytr, Xte, yte = data
     est = SubsetProbes(fractions=(0.1, 1.0), seeds=(0,), epochs=6, batch_size=64, device="cpu").fit(Xtr, ytr)
