@@ -161,29 +161,23 @@ class _Group:
         if dense is not None:
             self.is_index = False
             self.blocks = [(0, 0, width)]
-            self.shapes = [(1, self.m * self.C, width), (1, self.m * self.C)]
-            mask = np.zeros((self.m, width), dtype=bool)
+            seen = np.zeros((self.m, width), dtype=bool)
             for i, idx in enumerate(dense):
-                mask[i, idx] = True
-            self.masks = [None if mask.all() else
-                          torch.as_tensor(np.repeat(mask, self.C, axis=0), device=device)]
-            self.flat = torch.zeros(self.n_params, device=device)
-            self.W, self.b = self.views(self.flat)
-            self.compute_dtype = dtype
-            return
-        if self.is_index:
-            self.columns = torch.as_tensor(np.concatenate([f.columns[:width] for f in families]), device=device)
+                seen[i, idx] = True
+            masks = [np.repeat(seen, self.C, axis=0)]
         else:
-            self.basis_t = torch.as_tensor(np.concatenate([f.basis[:, :width] for f in families], axis=1).T.copy(),
-                                           device=device, dtype=torch.float32)
-        self.blocks = _blocks(lengths, MIN_BLOCK_WIDTH if min_block is None else min_block)
+            if self.is_index:
+                self.columns = torch.as_tensor(np.concatenate([f.columns[:width] for f in families]), device=device)
+            else:
+                self.basis_t = torch.as_tensor(np.concatenate([f.basis[:, :width] for f in families], axis=1).T.copy(),
+                                               device=device, dtype=torch.float32)
+            self.blocks = _blocks(lengths, MIN_BLOCK_WIDTH if min_block is None else min_block)
+            # a merged block's columns beyond a probe's prefix are not the probe's
+            masks = [np.repeat(np.stack([np.arange(lo, hi) < lengths[i] for i in range(a, self.m)]), self.C, axis=0)
+                     for a, lo, hi in self.blocks]
+        # gradient masks: True where a weight is the probe's, False where it is held at zero
+        self.masks = [None if mk.all() else torch.as_tensor(mk, device=device) for mk in masks]
         self.shapes = [(self.F, (self.m - a) * self.C, hi - lo) for a, lo, hi in self.blocks] + [(self.F, self.m * self.C)]
-        # where a merged block holds columns beyond a probe's prefix: 0 (kept at zero), else 1
-        self.masks = []
-        for a, lo, hi in self.blocks:
-            rows = [np.arange(lo, hi) < lengths[i] for i in range(a, self.m)]
-            mask = np.repeat(np.stack(rows), self.C, axis=0)
-            self.masks.append(None if mask.all() else torch.as_tensor(mask, device=device))
         self.flat = torch.zeros(self.n_params, device=device)
         self.W, self.b = self.views(self.flat)
         self.compute_dtype = dtype

@@ -5,7 +5,8 @@ Draws of one mode and seed form a *family*: one ordering of the layer (a column
 permutation or a projection basis) cut at several prefix lengths, so one seed's
 subsets are nested across fractions, as in the original code
 (``torch.manual_seed(seed); torch.randperm(d)[:k]``). The probe engine exploits the
-nesting: each minibatch is multiplied once per segment between consecutive cuts.
+nesting: each minibatch is multiplied once per column block between cuts, for every probe
+that uses the block.
 """
 
 from __future__ import annotations
