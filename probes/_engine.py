@@ -181,6 +181,7 @@ class _Group:
         self.flat = torch.zeros(self.n_params, device=device)
         self.W, self.b = self.views(self.flat)
         self.compute_dtype = dtype
+        self.projected = None  # projected passes while training (project_passes)
 
     @property
     def n_params(self) -> int:
@@ -199,17 +200,23 @@ class _Group:
         self.flat = flat
         self.W, self.b = self.views(flat)
 
-    def inputs(self, Xt, out=None):
+    def inputs(self, Xt, out=None, rows=None, pass_index: int = 0):
         """Zt (F, width, B): every family's inputs for a transposed minibatch Xt (d, B).
 
         ``out`` (F * width, B), when given, is reused: a fresh tensor this large per
-        minibatch costs page faults on every step. The dense group reads Xt as it is.
+        minibatch costs page faults on every step. The dense group reads Xt as it is. A
+        projection group with projected passes (``project_passes``) reads the minibatch's
+        ``rows`` of pass ``pass_index`` instead of projecting Xt.
         """
         import torch
 
         B = Xt.shape[1]
         if self.dense is not None:
             return Xt.unsqueeze(0)
+        if self.projected is not None and rows is not None:
+            Zb = self.projected[pass_index].index_select(0, rows)  # (B, F * width)
+            Zt = out.copy_(Zb.t()) if out is not None else Zb.t().contiguous()
+            return Zt.view(self.F, self.width, B)
         if self.is_index:
             # gather whole rows of Xbᵀ: contiguous runs of B floats, not a strided column gather
             Zt = torch.index_select(Xt, 0, self.columns, out=out)
@@ -221,14 +228,21 @@ class _Group:
     def is_projection(self) -> bool:
         return self.dense is None and not self.is_index
 
-    def project(self, X, rows_per_chunk: int = 8192):
-        """Every family's projected inputs for a whole pass X (n, d): (n, F * width) on the group's device."""
+    def project_passes(self, passes, rows_per_chunk: int = 8192) -> None:
+        """Project every pass (n, d) once, when they fit (``_room_for``): (n, F * width) each,
+        on the group's device. ``inputs`` then reads rows instead of projecting each
+        minibatch of every epoch. ``project_passes([])`` drops them."""
         import torch
 
-        out = torch.empty((X.shape[0], self.F * self.width), device=self.basis_t.device)
-        for s in range(0, X.shape[0], rows_per_chunk):
-            torch.mm(X[s:s + rows_per_chunk].to(out.device), self.basis_t.t(), out=out[s:s + rows_per_chunk])
-        return out
+        self.projected = None
+        if not passes or not self.is_projection or not _room_for(self, passes, str(self.basis_t.device)):
+            return
+        self.projected = []
+        for X in passes:
+            out = torch.empty((X.shape[0], self.F * self.width), device=self.basis_t.device)
+            for s in range(0, X.shape[0], rows_per_chunk):
+                torch.mm(X[s:s + rows_per_chunk].to(out.device), self.basis_t.t(), out=out[s:s + rows_per_chunk])
+            self.projected.append(out)
 
     def chunk_rows(self, budget: int = 1 << 25) -> int:
         """Rows per inference chunk so that inputs and logit buffers stay near ``budget`` floats."""
@@ -242,7 +256,7 @@ class _Group:
         return [torch.empty((self.F, (self.m - a) * self.C, B), device=device or self.device)
                 for a, _, _ in self.blocks]
 
-    def logits(self, Zt, W=None, b=None, bufs=None):
+    def logits(self, Zt, bufs=None):
         """(F, m*C, B) logits of every probe.
 
         Blocks are visited from the last (fewest probes) to the first. Block k's buffer
@@ -254,8 +268,7 @@ class _Group:
         """
         import torch
 
-        W = W if W is not None else self.W
-        b = b if b is not None else self.b
+        W, b = self.W, self.b
         B = Zt.shape[2]
         bufs = bufs if bufs is not None else self.logit_buffers(B, Zt.device)
         C, F = self.C, self.F
@@ -272,9 +285,7 @@ class _Group:
             else:
                 out.baddbmm_(w, Zt[:, lo:hi, :])
             after = out
-        if after is None:  # no block at all (cannot happen: the last length is >= 1)
-            raise AssertionError("no column block")
-        return after
+        return bufs[0]  # the first block starts at probe 0 (lengths are >= 1)
 
     def grads(self, Zt, dlogits, gW, gb, scale: float):
         """Write ``scale`` x the gradients of every Wt_k and of b into gW, gb, from dlogits (F, m*C, B)."""
@@ -314,10 +325,9 @@ class _Group:
                 self.W[k][fi, r, :hi - lo] = w[lo:hi].T
         self.b[fi, rows] = torch.as_tensor(b, dtype=torch.float32, device=self.flat.device)
 
-    def probe_weights(self, fi: int, i: int, W=None, b=None):
+    def probe_weights(self, fi: int, i: int):
         """Probe i of family fi: (weight (k, C) in its own input order, bias (C,)) as numpy arrays."""
-        W = W if W is not None else self.W
-        b = b if b is not None else self.b
+        W, b = self.W, self.b
         if self.dense is not None:
             w = W[0][0, i * self.C:(i + 1) * self.C, :].T.cpu().numpy()[self.dense[i]]
         else:
@@ -327,11 +337,9 @@ class _Group:
         return np.ascontiguousarray(w, dtype=np.float32), b[fi, i * self.C:(i + 1) * self.C].cpu().numpy()
 
     def to(self, device):
-        if self.dense is not None:
-            pass
-        elif self.is_index:
+        if self.is_index:
             self.columns = self.columns.to(device)
-        else:
+        elif self.is_projection:
             self.basis_t = self.basis_t.to(device)
         self.masks = [None if m is None else m.to(device) for m in self.masks]
         self.set_flat(self.flat.to(device))
@@ -570,11 +578,8 @@ class SubsetProbes:
         logit_bufs = [g.logit_buffers(self.batch_size) for g in groups]
         input_bufs = [None if g.dense is not None else torch.empty((g.F * g.width, self.batch_size), device=device)
                       for g in groups]
-        # projection groups: every pass projected once, not every minibatch of every epoch
-        projected = [[g.project(p) for p in on_device] if g.is_projection and _room_for(g, on_device, device)
-                     else None for g in groups]
-        row_bufs = [None if pr is None else torch.empty((self.batch_size, g.F * g.width), device=device)
-                    for g, pr in zip(groups, projected)]
+        for g in groups:  # projection groups: every pass projected once, not every minibatch of every epoch
+            g.project_passes(on_device)
         minus_one = torch.tensor(-1.0, device=device)
         for epoch in range(self.epochs):
             lr = self.lr * self.lr_gamma ** (epoch // self.lr_step)
@@ -589,11 +594,7 @@ class SubsetProbes:
                 full = B == self.batch_size
                 y_index = y_all[rows].view(1, 1, 1, B)
                 for gi, g in enumerate(groups):
-                    if projected[gi] is not None:
-                        Zb = torch.index_select(projected[gi][pass_index], 0, rows, out=row_bufs[gi] if full else None)
-                        Zt = (input_bufs[gi].copy_(Zb.t()) if full else Zb.t().contiguous()).view(g.F, g.width, B)
-                    else:
-                        Zt = g.inputs(Xt, out=input_bufs[gi] if full else None)
+                    Zt = g.inputs(Xt, out=input_bufs[gi] if full else None, rows=rows, pass_index=pass_index)
                     logits = g.logits(Zt, bufs=logit_bufs[gi] if full else None).view(g.F, g.m, C, B)
                     # softmax cross-entropy over the class axis (not last: samples are)
                     idx = y_index.expand(g.F, g.m, 1, B)
@@ -607,7 +608,7 @@ class SubsetProbes:
             # validation on the clean pass picks each probe's best epoch
             for gi, g in enumerate(groups):
                 last_loss[gi] = loss_sum[gi] / len(order)
-                acc = self._accuracy(g, on_device[0], y_all, val_t, device, bufs=(input_bufs[gi], logit_bufs[gi]))
+                acc = self._accuracy(g, on_device[0], y_all, val_t, device, input_bufs[gi], logit_bufs[gi])
                 better = acc > best_acc[gi] if self.select_epoch == "best" else torch.ones_like(acc, dtype=torch.bool)
                 best_acc[gi] = torch.where(better, acc, best_acc[gi])  # with "last": the last epoch's
                 best_epoch[gi] = torch.where(better, torch.full_like(best_epoch[gi], epoch + 1), best_epoch[gi])
@@ -619,21 +620,22 @@ class SubsetProbes:
             bar.update(1)
         for gi, g in enumerate(groups):
             g.set_flat(best[gi])
+            g.project_passes([])  # not kept with the fitted estimator
         return best_acc, best_epoch, last_loss
 
-    def _accuracy(self, g: _Group, X, y_all, rows, device, W=None, b=None, bufs=None):
-        """(F, m) accuracy of every probe of g on X[rows]; ``bufs`` = training buffers
-        (inputs, logits) to reuse: chunks of one minibatch then."""
+    def _accuracy(self, g: _Group, X, y_all, rows, device, input_buf, logit_bufs):
+        """(F, m) accuracy of every probe of g on X[rows] (the clean pass), in minibatches
+        that reuse the training buffers."""
         import torch
 
         correct = torch.zeros((g.F, g.m), device=device)
-        step = self.batch_size if bufs is not None else g.chunk_rows()
+        step = self.batch_size
         for start in range(0, len(rows), step):
             r = rows[start:start + step]
             Xt = X.index_select(0, r.to(X.device)).to(device).t().contiguous()
-            full = bufs is not None and len(r) == step
-            Zt = g.inputs(Xt, out=bufs[0] if full else None)
-            logits = g.logits(Zt, W, b, bufs=bufs[1] if full else None).view(g.F, g.m, g.C, len(r))
+            full = len(r) == step
+            Zt = g.inputs(Xt, out=input_buf if full else None, rows=r, pass_index=0)
+            logits = g.logits(Zt, bufs=logit_bufs if full else None).view(g.F, g.m, g.C, len(r))
             # the true class holds the maximum (argmax over a strided axis is slow on CPU)
             true = logits.gather(2, y_all[r].view(1, 1, 1, -1).expand(g.F, g.m, 1, len(r)))
             correct += (true >= logits.amax(dim=2, keepdim=True)).squeeze(2).sum(2)
@@ -769,7 +771,7 @@ class SubsetProbes:
         return f"SubsetProbes(mode={self.mode!r}, solver={self.solver!r}, epochs={self.epochs}, device={self.device!r})"
 
 
-def _room_for(g: "_Group", passes, device: str) -> bool:
+def _room_for(g: _Group, passes, device: str) -> bool:
     """Whether a projection group's projected passes fit: at most twice the passes
     themselves or 1 GiB, and a quarter of the free memory of a GPU."""
     import torch

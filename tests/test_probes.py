@@ -118,6 +118,7 @@ def test_projected_once_equals_projected_per_minibatch(data, monkeypatch, mode):
     each = SubsetProbes(**kw).fit(Xtr, ytr)
     np.testing.assert_allclose(once.decision_function(Xte), each.decision_function(Xte), atol=1e-4)
     assert once.groups_[0].is_projection
+    assert once.groups_[0].projected is None  # dropped after fit: not pickled with the estimator
 
 
 def test_best_epoch_selection_and_reported_fields(data):
