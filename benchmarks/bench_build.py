@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 import featstore
 from featstore._build import _Items, make_transforms, resolve_transform
 from featstore._datasets import load_split, stratified_subset
+from featstore._device import resolve_device
 from featstore._models import FeatureExtractor, create_backbone
 
 
@@ -65,7 +66,7 @@ def main():
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=int, default=2)
     a = p.parse_args()
-    device = "cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device)
+    device = resolve_device(a.device)
     bs = a.batch_size or (256 if device == "cuda" else 16)
     print(f"device={device} ({torch.cuda.get_device_name() if device == 'cuda' else f'{os.cpu_count()} CPU cores'}) "
           f"batch_size={bs} workers={a.workers} images={a.images} model=tf_efficientnet_lite0 dataset=fashion-mnist")

@@ -26,6 +26,7 @@ import time
 import numpy as np
 import torch
 
+from featstore._device import resolve_device
 from probes import PAPER_FRACTIONS, SubsetProbes
 
 
@@ -94,7 +95,7 @@ def main():
     a = p.parse_args()
     if a.paper_scale:
         a.n, a.d, a.seeds, a.epochs = 50_000, 2048, 5, 50
-    device = "cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device)
+    device = resolve_device(a.device)
     X, y = synthetic(a.n + 5000, a.d, a.classes)
     Xtr, ytr, Xte, yte = X[:a.n], y[:a.n], X[a.n:], y[a.n:]
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
