@@ -25,6 +25,7 @@ import builtins
 import contextlib
 import fcntl
 import os
+import re
 import shutil
 import time
 import warnings
@@ -362,8 +363,11 @@ class FeatureStore:
         self._check_foreign()
         store = _zarr_store(self.path, read_only=(mode == "r"))
         if mode == "a" and not self._has_root():
-            root = zarr.open_group(store, mode="a")
-            root.attrs.update({ROOT_MARK: {"format_version": FORMAT_VERSION}})
+            if _is_url(self.path):
+                root = zarr.open_group(store, mode="a")
+                root.attrs.update({ROOT_MARK: {"format_version": FORMAT_VERSION}})
+            else:
+                _create_local_root(self.path)
         try:
             self._root = zarr.open_group(store, mode="r" if mode == "r" else "a")
         except Exception as e:
@@ -396,7 +400,9 @@ class FeatureStore:
         p = Path(path)
         if p.exists() and not p.is_dir():
             raise NotAFeatureStoreError(f"--store {path!r} is a file, not a featstore directory")
-        if p.is_dir() and not (p / "zarr.json").exists() and any(p.iterdir()):
+        if p.is_dir() and not (p / "zarr.json").exists() and any(
+            not _ROOT_TMP.fullmatch(e.name) for e in p.iterdir()
+        ):
             raise NotAFeatureStoreError(
                 f"--store {path!r} is a non-empty directory that featstore did not write "
                 f"(no zarr.json); choose an empty or new path"
@@ -527,6 +533,36 @@ class FeatureStore:
         import zarr
 
         self._root = zarr.open_group(_zarr_store(self.path, read_only=self.mode == "r"), mode="r" if self.mode == "r" else "a")
+
+
+_ROOT_TMP = re.compile(r"\.zarr\.json\.[0-9a-f]{12}\.tmp")
+
+
+def _create_local_root(path: str) -> None:
+    """Create the store root's ``zarr.json`` (with featstore's mark) atomically.
+
+    Two builds may start on a new store at once. The metadata (a Zarr v3 group
+    document) is written to a temporary file and hard-linked into place, which fails
+    if the other process got there first; its root is identical, so that is fine.
+    Nothing ever sees a half-written or unmarked root.
+    """
+    import json
+    import uuid
+
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    doc = {"zarr_format": 3, "node_type": "group",
+           "attributes": {ROOT_MARK: {"format_version": FORMAT_VERSION}}}
+    tmp = p / f".zarr.json.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        with builtins.open(tmp, "w") as f:
+            json.dump(doc, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, p / "zarr.json")
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _check_writable(path: str) -> None:

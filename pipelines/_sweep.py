@@ -415,8 +415,13 @@ def _worker_device(device: str) -> str:
 # ----------------------------------------------------------------------------- the sweep
 
 
-def _prepare_out(spec: SweepSpec, out: Path) -> None:
-    """Create the output directory, or check it holds results of this same spec."""
+def _is_ours(entry: Path) -> bool:
+    """The lock file, or a temporary file of an atomic write that may be in flight."""
+    return entry.name == ".lock" or (entry.name.startswith(".") and entry.name.endswith(".tmp"))
+
+
+def _check_out(spec: SweepSpec, out: Path) -> None:
+    """Refuse an output directory holding another sweep or foreign files; writes nothing."""
     meta = out / "sweep.json"
     if meta.exists():
         old = json.loads(meta.read_text())
@@ -425,10 +430,19 @@ def _prepare_out(spec: SweepSpec, out: Path) -> None:
                 f"--out {str(out)!r} holds results of a different sweep spec (key {old.get('key', '?')[:12]} vs "
                 f"{spec.key()[:12]}); use a new output directory or the spec that made it")
         return
-    if out.exists() and any(p.name not in (".lock",) for p in out.iterdir()):
+    if out.exists() and not out.is_dir():
+        raise InvalidParameterError(f"--out {str(out)!r} is a file; choose a directory")
+    if out.exists() and any(not _is_ours(p) for p in out.iterdir()):
         raise InvalidParameterError(f"--out {str(out)!r} is a non-empty directory without a sweep.json; choose a new one")
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(meta, json.dumps({"key": spec.key(), "spec": spec.to_dict()}, indent=2, default=str).encode())
+
+
+def _prepare_out(spec: SweepSpec, out: Path) -> None:
+    """Under the output lock: check again (another sweep may have just started it), then record the spec."""
+    _check_out(spec, out)
+    meta = out / "sweep.json"
+    if not meta.exists():
+        _atomic_write_bytes(meta, json.dumps({"key": spec.key(), "spec": spec.to_dict()}, indent=2,
+                                             default=str).encode())
 
 
 def pending_tasks(spec: SweepSpec, out: str | os.PathLike) -> list[Task]:
@@ -472,7 +486,8 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, out: str | os.PathLike, launc
         spec = load_spec(spec)
     check_groups(spec)  # all before any work
     out = Path(out)
-    _prepare_out(spec, out)
+    _check_out(spec, out)  # before anything is created
+    out.mkdir(parents=True, exist_ok=True)
     lock = open(out / ".lock", "a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -480,6 +495,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, out: str | os.PathLike, launc
         say(f"featstore sweep: another sweep is writing to {out}; waiting for it to finish ...")
         fcntl.flock(lock, fcntl.LOCK_EX)
     try:
+        _prepare_out(spec, out)
         todo = pending_tasks(spec, out)
         total = len(expand_tasks(spec))
         if len(todo) < total:

@@ -17,7 +17,7 @@ from featstore._build import make_transforms, resolve_transform
 from featstore._datasets import load_split, stratified_subset
 from featstore._models import FeatureExtractor, create_backbone
 
-from .conftest import run_cli
+from .conftest import REPO, run_cli
 
 
 def _reference_features(tiny, split, layers=("pre_logits",), limit=None, seed=0):
@@ -263,3 +263,42 @@ def test_two_concurrent_builds_of_one_group_do_not_corrupt_it(tmp_path, uninterr
     for key in ref:
         for a, b in zip(got[key], ref[key]):
             np.testing.assert_array_equal(a, b)
+
+
+_RACE = """
+import os, sys, time
+from featstore._store import FeatureStore
+go = float(sys.argv[2])
+while time.time() < go:
+    pass
+FeatureStore(sys.argv[1], mode="a")
+"""
+
+
+def test_many_processes_creating_one_new_store_all_succeed(tmp_path):
+    """The root is created atomically: no process sees another's half-made root (a CI failure once)."""
+    import subprocess
+    import sys
+    import time
+
+    for trial in range(4):
+        store = tmp_path / f"s{trial}.zarr"
+        go = time.time() + 1.5  # every process spins until the same instant
+        procs = [subprocess.Popen([sys.executable, "-c", _RACE, str(store), str(go)], cwd=REPO,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(6)]
+        errs = [p.communicate(timeout=60)[1] for p in procs]
+        assert [p.returncode for p in procs] == [0] * 6, errs
+        assert sorted(e.name for e in store.iterdir()) == ["zarr.json"]
+        assert featstore.open(store).groups() == []
+
+
+def test_store_with_a_root_write_in_flight_is_not_foreign(tmp_path):
+    store = tmp_path / "s.zarr"
+    store.mkdir()
+    (store / ".zarr.json.0123456789ab.tmp").write_text("{")  # another process is writing the root
+    featstore.FeatureStore(store, mode="a")
+    assert featstore.open(store).groups() == []
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(errors.NotAFeatureStoreError, match="non-empty directory"):
+        featstore.FeatureStore(tmp_path / "other", mode="a")

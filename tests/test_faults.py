@@ -100,6 +100,21 @@ def test_two_sweeps_into_one_output_do_not_corrupt_it(tmp_path, spec_file, refer
     _same(pipelines.load_results(out), reference)
 
 
+def test_sweep_into_an_output_another_sweep_is_just_creating(tmp_path, spec_file, reference):
+    """What the second of two sweeps started at once sees: the lock and the spec record in flight."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".lock").touch()
+    (out / ".sweep.json.1234abcd.tmp").write_text("{")
+    _same(pipelines.run_sweep(spec_file, out, progress=False), reference)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(errors.InvalidParameterError, match="non-empty directory without a sweep.json"):
+        pipelines.run_sweep(spec_file, foreign, progress=False)
+    assert tree_listing(foreign) == ["notes.txt"]
+
+
 def test_probes_and_cka_refuse_a_corrupt_group(tmp_path, tiny):
     store = tmp_path / "s.zarr"
     (g,) = featstore.build(**tiny, splits="train", store=store)
