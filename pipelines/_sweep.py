@@ -312,6 +312,46 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
                          f"re-running the sweep resumes from the tasks already done") from e
 
 
+class _GroupCache:
+    """The last group pair a process read: its train / test features and CKA statistics.
+
+    A sweep runs a group's tasks one after another (the reference, then each mode x
+    seed), so a worker that runs several of them reads the features and takes the
+    d x d CKA pass once, not per task. Only one pair is held: a different group first
+    drops the old one, so a worker never holds two layers at once. The key includes when
+    each group was built and completed, so a group rebuilt in place is read afresh.
+    """
+
+    key = None
+    train = test = None
+    statistics: dict = {}
+
+    @classmethod
+    def get(cls, train, test):
+        import probes
+
+        key = tuple((g.path, g.provenance.get("created"), g.timings.get("completed")) for g in (train, test))
+        if key != cls.key:
+            cls.clear()
+            cls.train = probes.load_training_data(train)
+            cls.test = probes.load_training_data(test, n_classes=cls.train.n_classes, where="test")
+            cls.key = key
+        return cls.train, cls.test
+
+    @classmethod
+    def cka_statistics(cls, estimator: str):
+        import probes
+
+        if estimator not in cls.statistics:
+            cls.statistics[estimator] = probes.cka_statistics(cls.train.X, estimator)
+        return cls.statistics[estimator]
+
+    @classmethod
+    def clear(cls) -> None:
+        cls.key = cls.train = cls.test = None
+        cls.statistics = {}
+
+
 def run_task(task: Task, store: str, out: str, device: str = "auto", threads: int | None = None) -> int:
     """Train, evaluate and (optionally) CKA one task; commit its rows; return the row count.
 
@@ -338,10 +378,10 @@ def run_task(task: Task, store: str, out: str, device: str = "auto", threads: in
         est = probes.SubsetProbes(mode=task.mode, fractions=task.fractions,
                                   seeds=(task.seed,) if task.seed is not None else (0,),
                                   include_full=False, device=device, **proto)
-    data = probes.load_training_data(train)  # the features are read from the store once per task
+    data, test_data = _GroupCache.get(train, test)  # read once per group by each worker
     est.fit(data)
     t_fit = time.perf_counter() - t0
-    res = est.evaluate(test)
+    res = est.evaluate(test_data)
     if task.mode == "full":
         res["mode"] = "full"
         res["fraction"] = 1.0
@@ -351,7 +391,9 @@ def run_task(task: Task, store: str, out: str, device: str = "auto", threads: in
         for fam in est.families_:
             for i, dr in enumerate(fam.draws):
                 selections.append(fam.columns[: dr.k] if fam.columns is not None else fam.basis[:, : dr.k])
-        cka = probes.subset_cka(data.X, selections, estimator=task.cka_estimator, batch_size=task.cka_batch_size)
+        stats = _GroupCache.cka_statistics(task.cka_estimator) if task.cka_estimator != "minibatch" else None
+        cka = probes.subset_cka(data.X, selections, estimator=task.cka_estimator, batch_size=task.cka_batch_size,
+                                statistics=stats)
         res["cka"] = np.asarray(cka)
         res["cka_degenerate"] = cka.degenerate
         res["cka_estimator"] = cka.estimator
@@ -525,6 +567,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, out: str | os.PathLike, launc
             _run_dask(todo, spec, out, n_workers, scheduler, device, tick)
         bar.close()
     finally:
+        _GroupCache.clear()  # the local launcher's tasks ran in this process: free the features
         fcntl.flock(lock, fcntl.LOCK_UN)
         lock.close()
     return load_results(out) if return_results else None

@@ -7,9 +7,17 @@ backbones or timm.
 >>> probes.subset_cka(X, [idx_a, idx_b], estimator="biased")
 """
 
-from ._cka import CKAResult, ESTIMATORS as CKA_ESTIMATORS, cross_cka, linear_cka, subset_cka
+from ._cka import (
+    CKAResult,
+    CKAStatistics,
+    ESTIMATORS as CKA_ESTIMATORS,
+    cka_statistics,
+    cross_cka,
+    linear_cka,
+    subset_cka,
+)
 
-__all__ = ["subset_cka", "cross_cka", "linear_cka", "CKAResult", "CKA_ESTIMATORS"]
+__all__ = ["subset_cka", "cka_statistics", "cross_cka", "linear_cka", "CKAResult", "CKAStatistics", "CKA_ESTIMATORS"]
 
 from ._engine import SOLVERS, SubsetProbes, load_training_data
 from ._selection import PAPER_FRACTIONS, SELECTION_MODES, Draw, make_families, random_permutation, random_projection, subset_size

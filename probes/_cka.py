@@ -36,7 +36,8 @@ import numpy as np
 
 from featstore.errors import InvalidFeaturesError, InvalidParameterError, UnknownNameError
 
-__all__ = ["CKAResult", "ESTIMATORS", "subset_cka", "cross_cka", "linear_cka", "GramAccumulator", "iter_row_blocks"]
+__all__ = ["CKAResult", "CKAStatistics", "ESTIMATORS", "cka_statistics", "subset_cka", "cross_cka", "linear_cka",
+           "GramAccumulator", "iter_row_blocks"]
 
 ESTIMATORS = ("biased", "unbiased", "minibatch")
 DEFAULT_BLOCK_BYTES = 16 << 20  # float64 rows per streamed block: ~16 MB, whatever the width
@@ -128,6 +129,11 @@ def _n_neurons(X) -> int:
 # ----------------------------------------------------------------------------- subsets
 
 
+def _memory_key(a: np.ndarray) -> tuple:
+    """Arrays with one key share their first columns' memory: the narrower is a prefix of the wider."""
+    return a.__array_interface__["data"][0], a.strides, a.dtype.str, a.shape[0]
+
+
 def _subset_matrix(subsets: Sequence, d: int) -> tuple[np.ndarray | None, list[np.ndarray]]:
     """Split subsets into a 0/1 indicator matrix (d x n_index) and a list of projections."""
     if isinstance(subsets, np.ndarray) and subsets.ndim == 1:
@@ -154,10 +160,19 @@ def _subset_matrix(subsets: Sequence, d: int) -> tuple[np.ndarray | None, list[n
             if a.shape[0] != d:
                 raise InvalidParameterError(
                     f"subsets[{i}] is a projection of shape {a.shape}; it must be ({d}, k)")
-            projections.append(a.astype(np.float64))
+            projections.append(a)
             kinds.append(("proj", len(projections) - 1))
         else:
             raise InvalidParameterError(f"subsets[{i}] has {a.ndim} dimensions; use 1 (indices) or 2 (projection)")
+    # Projections that are the first k columns of one basis (a pca / randproj family's draws are
+    # views basis[:, :k]) become views of one float64 copy of the widest, which `_biased` spots.
+    widest: dict = {}
+    for a in projections:
+        key = _memory_key(a)
+        if key not in widest or a.shape[1] > widest[key].shape[1]:
+            widest[key] = a
+    as_f64 = {key: a.astype(np.float64) for key, a in widest.items()}
+    projections = [as_f64[_memory_key(a)][:, : a.shape[1]] for a in projections]
     M = None
     if index_cols:
         M = np.zeros((d, len(index_cols)))
@@ -239,14 +254,21 @@ def _biased(stats: GramAccumulator, M, projections, kinds, on_degenerate) -> CKA
     if M is not None:
         idx_num = C2.sum(axis=0) @ M  # ||C[:, S]||^2
         idx_den = np.einsum("ij,ij->j", M, C2 @ M)  # ||C[S, S]||_F^2
+    families: dict = {}  # projections that are prefixes of one basis: two products for all of them
     for j, (kind, k) in enumerate(kinds):
         if kind == "index":
             num[j], den_s[j] = idx_num[k], idx_den[k]
         else:
-            P = projections[k]
-            CP = C @ P
-            num[j] = (CP * CP).sum()  # ||Ycᵀ Zc||^2 with Zc = Yc P
-            den_s[j] = (np.linalg.norm(P.T @ CP)) ** 2  # ||Zcᵀ Zc||_F^2
+            families.setdefault(_memory_key(projections[k]), []).append((j, projections[k]))
+    for members in families.values():
+        W = max((P for _, P in members), key=lambda P: P.shape[1])
+        CW = C @ W
+        num_upto = np.cumsum((CW * CW).sum(axis=0))  # ||Ycᵀ Zc||^2 with Zc = Yc W[:, :k], for every k
+        B = W.T @ CW
+        den_upto = np.cumsum(np.cumsum(B * B, axis=0), axis=1)  # [k-1, k-1]: ||Zcᵀ Zc||_F^2
+        for j, P in members:
+            k = P.shape[1]
+            num[j], den_s[j] = num_upto[k - 1], den_upto[k - 1, k - 1]
     return _finish(num, full, den_s, "biased", stats.n, on_degenerate)
 
 
@@ -359,6 +381,64 @@ def _pair_moments_terms(blocks: Iterable[tuple[np.ndarray, np.ndarray]]):
 # ----------------------------------------------------------------------------- public entry points
 
 
+@dataclass
+class CKAStatistics:
+    """The streamed sums of one pass over a layer's features, reusable by ``subset_cka``.
+
+    That pass (n·d² multiply-adds in float64) is the whole cost of scoring index
+    subsets; computing it once serves every later call on the same features, e.g. each
+    task of a sweep that a worker runs on one layer.
+
+    Attributes
+    ----------
+    estimator : {"biased", "unbiased"}
+    n_samples, n_neurons : int
+        The shape of the features the sums were taken over.
+    sums : GramAccumulator or MomentAccumulator
+    """
+
+    estimator: str
+    n_samples: int
+    n_neurons: int
+    sums: object = field(repr=False)
+
+
+def cka_statistics(X, estimator: str = "biased", *, block_rows: int | None = None) -> CKAStatistics:
+    """One streamed pass over X, for any number of later ``subset_cka(X, ..., statistics=...)`` calls.
+
+    Parameters
+    ----------
+    X : array of shape (n_samples, n_neurons), torch tensor, zarr array or featstore.Group
+    estimator : {"biased", "unbiased"}
+        ``minibatch`` has no whole-split sums (each minibatch is its own estimate).
+    """
+    if estimator not in ESTIMATORS:
+        raise UnknownNameError("CKA estimator", estimator, ESTIMATORS)
+    if estimator == "minibatch":
+        raise InvalidParameterError(
+            "estimator='minibatch' has no reusable whole-split statistics (every minibatch is its own "
+            "estimate); choose 'biased' or 'unbiased', or call subset_cka without statistics")
+    d = _n_neurons(X)
+    sums = GramAccumulator() if estimator == "biased" else MomentAccumulator(d)
+    for block in iter_row_blocks(X, block_rows):
+        sums.add(block)
+    return CKAStatistics(estimator, sums.n, d, sums)
+
+
+def _check_statistics(statistics: CKAStatistics, estimator: str, n: int, d: int) -> None:
+    if not isinstance(statistics, CKAStatistics):
+        raise InvalidParameterError(
+            f"statistics={type(statistics).__name__}: pass the CKAStatistics returned by cka_statistics(X)")
+    if statistics.estimator != estimator:
+        raise InvalidParameterError(
+            f"statistics were taken for estimator={statistics.estimator!r}, not {estimator!r}; "
+            f"call cka_statistics(X, estimator={estimator!r})")
+    if (statistics.n_samples, statistics.n_neurons) != (n, d):
+        raise InvalidParameterError(
+            f"statistics were taken over features of shape ({statistics.n_samples}, {statistics.n_neurons}), "
+            f"but X has shape ({n}, {d}); they belong to other features")
+
+
 def subset_cka(
     X,
     subsets: Sequence,
@@ -367,6 +447,7 @@ def subset_cka(
     batch_size: int = 256,
     block_rows: int | None = None,
     on_degenerate: str = "zero",
+    statistics: CKAStatistics | None = None,
 ) -> CKAResult:
     """Linear CKA between X[:, S] (or X @ P) and X, for many subsets, from one pass over X.
 
@@ -385,6 +466,9 @@ def subset_cka(
         Rows per streamed block (the value does not change the result).
     on_degenerate : {"zero", "raise"}
         What to do with subsets whose CKA is undefined.
+    statistics : CKAStatistics, optional
+        ``cka_statistics(X, estimator)`` computed earlier on these same features: the
+        pass over X is skipped (projections under ``unbiased`` still read X).
 
     Returns
     -------
@@ -397,17 +481,15 @@ def subset_cka(
         raise UnknownNameError("on_degenerate", on_degenerate, ("zero", "raise"))
     d = _n_neurons(X)
     M, projections, kinds = _subset_matrix(subsets, d)
+    if statistics is not None:
+        _check_statistics(statistics, estimator, _n_samples(X), d)
     if estimator == "biased":
-        stats = GramAccumulator()
-        for block in iter_row_blocks(X, block_rows):
-            stats.add(block)
+        stats = statistics.sums if statistics is not None else cka_statistics(X, "biased", block_rows=block_rows).sums
         return _biased(stats, M, projections, kinds, on_degenerate)
     if estimator == "unbiased":
         kl = np.zeros(len(kinds)); kk = np.zeros(len(kinds)); ll = np.zeros(len(kinds))  # noqa: E702
         if M is not None:  # all index subsets from one pass
-            mom = MomentAccumulator(d)
-            for block in iter_row_blocks(X, block_rows):
-                mom.add(block)
+            mom = (statistics or cka_statistics(X, "unbiased", block_rows=block_rows)).sums
             ikl, ikk, ill = _unbiased_terms(mom, M)
         for j, (kind, k) in enumerate(kinds):
             if kind == "index":

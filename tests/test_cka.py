@@ -188,3 +188,43 @@ def test_corrupt_group_is_refused_with_its_path(tmp_path, tiny):
     (store / g.name / "features" / "c" / "0" / "0").write_bytes(b"garbage")
     with pytest.raises(errors.CorruptGroupError, match=str(store / g.name)):
         probes.subset_cka(featstore.open(store).group(g.name), [np.arange(3)])
+
+
+@pytest.mark.parametrize("estimator, reference", [("biased", ref_biased_cka), ("unbiased", ref_unbiased_cka)])
+def test_statistics_taken_once_serve_many_calls(X, subsets, estimator, reference):
+    stats = probes.cka_statistics(X, estimator, block_rows=37)
+    assert (stats.estimator, stats.n_samples, stats.n_neurons) == (estimator, 300, 40)
+    P = np.random.default_rng(3).normal(size=(40, 5))
+    for chosen in (subsets[:3], subsets[3:], [P, subsets[0]]):
+        got = probes.subset_cka(X, chosen, estimator=estimator, statistics=stats, block_rows=37)
+        want = [reference(X[:, s] if s.ndim == 1 else X @ s, X) for s in chosen]
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(probes.subset_cka(X, chosen, estimator=estimator, block_rows=37)))
+
+
+def test_statistics_must_match_estimator_and_features(X, subsets):
+    stats = probes.cka_statistics(X)
+    with pytest.raises(errors.InvalidParameterError, match="estimator='biased', not 'unbiased'"):
+        probes.subset_cka(X, subsets, estimator="unbiased", statistics=stats)
+    with pytest.raises(errors.InvalidParameterError, match=r"shape \(300, 40\), but X has shape \(299, 40\)"):
+        probes.subset_cka(X[1:], subsets, statistics=stats)
+    with pytest.raises(errors.InvalidParameterError, match="no reusable whole-split statistics"):
+        probes.cka_statistics(X, "minibatch")
+    with pytest.raises(errors.UnknownNameError, match="nope"):
+        probes.cka_statistics(X, "nope")
+    with pytest.raises(errors.InvalidParameterError, match="pass the CKAStatistics"):
+        probes.subset_cka(X, subsets, statistics={"n": 3})
+
+
+def test_prefixes_of_one_basis_equal_separate_projections(X):
+    """A pca / randproj family's draws are views basis[:, :k]; they share two products, same values."""
+    rng = np.random.default_rng(4)
+    basis = rng.normal(size=(40, 30)).astype(np.float32)
+    flipped = basis[:, ::-1]  # pca-least style: a reversed view
+    views = [basis[:, :k] for k in (1, 4, 30, 9)] + [basis[:, 2:7], flipped[:, :5], flipped[:, :12]]
+    copies = [np.array(v, copy=True) for v in views]
+    got = probes.subset_cka(X, views + [np.arange(5)])
+    alone = probes.subset_cka(X, copies + [np.arange(5)])
+    np.testing.assert_allclose(np.asarray(got), np.asarray(alone), rtol=1e-10)
+    want = [ref_biased_cka(X @ v.astype(np.float64), X) for v in views]
+    np.testing.assert_allclose(np.asarray(got)[:-1], want, rtol=1e-6)

@@ -105,6 +105,51 @@ def test_launchers_agree_with_local(tmp_path, spec_file, reference, launcher):
     _same(df, reference)
 
 
+def test_a_worker_reads_a_group_and_takes_its_cka_pass_once(tmp_path, spec_file, reference, monkeypatch):
+    import probes
+
+    calls = {"read": 0, "cka_pass": 0}
+    real_read, real_stats = probes.load_training_data, probes.cka_statistics
+
+    def read(*args, **kwargs):
+        calls["read"] += 1
+        return real_read(*args, **kwargs)
+
+    def stats(*args, **kwargs):
+        calls["cka_pass"] += 1
+        return real_stats(*args, **kwargs)
+
+    monkeypatch.setattr(probes, "load_training_data", read)
+    monkeypatch.setattr(probes, "cka_statistics", stats)
+    _same(run_sweep(spec_file, tmp_path / "out", progress=False), reference)
+    assert calls == {"read": 2, "cka_pass": 1}  # 4 tasks: train + test read once, one d x d pass
+    assert pipelines._sweep._GroupCache.key is None  # freed when the sweep ends
+
+
+def test_group_cache_reads_a_rebuilt_or_other_group_afresh(monkeypatch):
+    from types import SimpleNamespace as NS
+
+    import probes
+
+    reads = []
+    monkeypatch.setattr(probes, "load_training_data",
+                        lambda g, *a, **k: reads.append(g.path) or NS(n_classes=3, X=None))
+
+    def group(path, built):
+        return NS(path=path, provenance={"created": built}, timings={"completed": built})
+
+    cache = pipelines._sweep._GroupCache
+    try:
+        first = cache.get(group("s/a_train", "t0"), group("s/a_test", "t0"))
+        assert cache.get(group("s/a_train", "t0"), group("s/a_test", "t0")) == first
+        assert reads == ["s/a_train", "s/a_test"]
+        cache.get(group("s/a_train", "t1"), group("s/a_test", "t0"))  # rebuilt in place
+        cache.get(group("s/b_train", "t0"), group("s/b_test", "t0"))  # another layer
+        assert reads == ["s/a_train", "s/a_test"] * 2 + ["s/b_train", "s/b_test"]
+    finally:
+        cache.clear()
+
+
 @pytest.mark.parametrize("fault", ["task-rows:1", "task-rows:3", "task-done:2", "task-done:3"])
 def test_killed_sweep_resumes_to_exactly_one_runs_rows(tmp_path, spec_file, reference, fault):
     out = tmp_path / "out"
@@ -251,3 +296,4 @@ def test_incomplete_group_and_mismatched_train_test(tmp_path, sweep_store, image
     with pytest.raises(errors.StaleGroupError, match="different specs: .*transform"):
         run_sweep(spec3, tmp_path / "o2", progress=False)
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
