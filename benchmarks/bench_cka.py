@@ -8,6 +8,11 @@ them). Times, in one run: the streaming Gram pass (float64), the biased CKA of
 that computes minibatch CKA (Nguyen et al.: unbiased HSIC per 256-row minibatch, the
 authors' library) from the features for a few subsets, scaled to all of them.
 Goals: subsets cost <= the Gram pass; >= 1000x the per-subset baseline.
+
+Then one sweep task's projection draws (``--projection-seeds`` random bases cut at the
+paper's 22 fractions, as ``randproj`` / ``pca`` tasks pass them): prefixes that are views
+of one basis share two products; the same draws as separate copies cost two products
+each (what every projection cost before). Both from the same Gram; the values agree.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ def main():
     p.add_argument("--d", type=int, default=2048)
     p.add_argument("--subsets", type=int, default=10_000)
     p.add_argument("--baseline-subsets", type=int, default=3)
+    p.add_argument("--projection-seeds", type=int, default=1)
     a = p.parse_args()
     rng = np.random.default_rng(0)
     X = np.empty((a.n, a.d), dtype=np.float32)
@@ -72,6 +78,22 @@ def main():
     print(f"{a.subsets} subsets from the Gram        : {t_subsets:8.2f} s   ratio subsets/Gram = {t_subsets / t_gram:.3f} (goal <= 1)")
     print(f"per-subset minibatch baseline          : {t_base_each:8.2f} s per subset -> {t_base:,.0f} s for {a.subsets} (scaled from {a.baseline_subsets})")
     print(f"speed-up vs per-subset baseline        : {t_base / ours:8.0f}x (goal >= 1000x)")
+
+    bases = [rng.normal(size=(a.d, a.d)).astype(np.float32) for _ in range(a.projection_seeds)]
+    views = [B[:, : max(1, int(f * a.d))] for B in bases for f in FRACTIONS]
+    copies = [np.array(v, copy=True) for v in views]
+    timed = {}
+    for name, draws in (("shared", views), ("separate", copies)):
+        t0 = time.perf_counter()
+        M, projections, kinds = _subset_matrix(draws, a.d)
+        values = _biased(stats, M, projections, kinds, "zero").values
+        timed[name] = (time.perf_counter() - t0, values)
+    np.testing.assert_allclose(timed["shared"][1], timed["separate"][1], rtol=1e-8)
+    n_proj = len(views)
+    print(f"{n_proj} projection draws ({a.projection_seeds} bases x {len(FRACTIONS)} fractions), same Gram:")
+    print(f"  prefixes of one basis, shared        : {timed['shared'][0]:8.2f} s")
+    print(f"  separate projections                 : {timed['separate'][0]:8.2f} s   "
+          f"ratio separate/shared = {timed['separate'][0] / timed['shared'][0]:.1f}x")
 
 
 if __name__ == "__main__":
