@@ -400,9 +400,10 @@ class FeatureStore:
         p = Path(path)
         if p.exists() and not p.is_dir():
             raise NotAFeatureStoreError(f"--store {path!r} is a file, not a featstore directory")
-        if p.is_dir() and not (p / "zarr.json").exists() and any(
-            not _ROOT_TMP.fullmatch(e.name) for e in p.iterdir()
-        ):
+        # List first, look for the root after: featstore writes zarr.json before anything else
+        # in a store, so an entry listed while another process creates the store implies it.
+        listed = [e.name for e in p.iterdir()] if p.is_dir() else []
+        if any(not _ROOT_TMP.fullmatch(n) for n in listed) and not (p / "zarr.json").exists():
             raise NotAFeatureStoreError(
                 f"--store {path!r} is a non-empty directory that featstore did not write "
                 f"(no zarr.json); choose an empty or new path"

@@ -464,6 +464,11 @@ def _is_ours(entry: Path) -> bool:
 
 def _check_out(spec: SweepSpec, out: Path) -> None:
     """Refuse an output directory holding another sweep or foreign files; writes nothing."""
+    if out.exists() and not out.is_dir():
+        raise InvalidParameterError(f"--out {str(out)!r} is a file; choose a directory")
+    # List first, look for sweep.json after: a sweep records it before anything else, so an
+    # entry listed while another sweep starts in this directory implies it.
+    listed = [p for p in out.iterdir() if not _is_ours(p)] if out.is_dir() else []
     meta = out / "sweep.json"
     if meta.exists():
         old = json.loads(meta.read_text())
@@ -472,9 +477,7 @@ def _check_out(spec: SweepSpec, out: Path) -> None:
                 f"--out {str(out)!r} holds results of a different sweep spec (key {old.get('key', '?')[:12]} vs "
                 f"{spec.key()[:12]}); use a new output directory or the spec that made it")
         return
-    if out.exists() and not out.is_dir():
-        raise InvalidParameterError(f"--out {str(out)!r} is a file; choose a directory")
-    if out.exists() and any(not _is_ours(p) for p in out.iterdir()):
+    if listed:
         raise InvalidParameterError(f"--out {str(out)!r} is a non-empty directory without a sweep.json; choose a new one")
 
 
