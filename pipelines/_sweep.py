@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 import tomllib
 import uuid
@@ -312,44 +313,59 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
                          f"re-running the sweep resumes from the tasks already done") from e
 
 
+class _CachedGroup:
+    """One group pair's train / test features and the CKA passes taken over them."""
+
+    def __init__(self, key, train, test):
+        self.key, self.train, self.test = key, train, test
+        self._statistics: dict = {}
+        self._lock = threading.Lock()
+
+    def cka_statistics(self, estimator: str):
+        import probes
+
+        with self._lock:  # tasks of one group in threads of one worker take the pass once
+            if estimator not in self._statistics:
+                self._statistics[estimator] = probes.cka_statistics(self.train.X, estimator)
+            return self._statistics[estimator]
+
+
 class _GroupCache:
-    """The last group pair a process read: its train / test features and CKA statistics.
+    """The last group pair a process read (a ``_CachedGroup``).
 
     A sweep runs a group's tasks one after another (the reference, then each mode x
     seed), so a worker that runs several of them reads the features and takes the
     d x d CKA pass once, not per task. Only one pair is held: a different group first
-    drops the old one, so a worker never holds two layers at once. The key includes when
+    drops the old one, so an idle worker never holds two layers. The key includes when
     each group was built and completed, so a group rebuilt in place is read afresh.
+    Thread-safe (``dask worker --nthreads N`` runs tasks in threads of one process):
+    each task keeps the entry it got, so a thread that moves the cache to another group
+    never changes the features or statistics a running task uses.
     """
 
-    key = None
-    train = test = None
-    statistics: dict = {}
+    _entry: _CachedGroup | None = None
+    _lock = threading.Lock()
 
     @classmethod
-    def get(cls, train, test):
+    def get(cls, train, test) -> _CachedGroup:
         import probes
 
         key = tuple((g.path, g.provenance.get("created"), g.timings.get("completed")) for g in (train, test))
-        if key != cls.key:
-            cls.clear()
-            cls.train = probes.load_training_data(train)
-            cls.test = probes.load_training_data(test, n_classes=cls.train.n_classes, where="test")
-            cls.key = key
-        return cls.train, cls.test
+        with cls._lock:
+            if cls._entry is None or cls._entry.key != key:
+                cls._entry = None  # drop the old layer before reading the new one
+                data = probes.load_training_data(train)
+                cls._entry = _CachedGroup(key, data, probes.load_training_data(test, n_classes=data.n_classes,
+                                                                                where="test"))
+            return cls._entry
 
     @classmethod
-    def cka_statistics(cls, estimator: str):
-        import probes
-
-        if estimator not in cls.statistics:
-            cls.statistics[estimator] = probes.cka_statistics(cls.train.X, estimator)
-        return cls.statistics[estimator]
+    def key(cls):
+        return cls._entry.key if cls._entry is not None else None
 
     @classmethod
     def clear(cls) -> None:
-        cls.key = cls.train = cls.test = None
-        cls.statistics = {}
+        cls._entry = None
 
 
 def run_task(task: Task, store: str, out: str, device: str = "auto", threads: int | None = None) -> int:
@@ -378,7 +394,8 @@ def run_task(task: Task, store: str, out: str, device: str = "auto", threads: in
         est = probes.SubsetProbes(mode=task.mode, fractions=task.fractions,
                                   seeds=(task.seed,) if task.seed is not None else (0,),
                                   include_full=False, device=device, **proto)
-    data, test_data = _GroupCache.get(train, test)  # read once per group by each worker
+    cached = _GroupCache.get(train, test)  # read once per group by each worker
+    data, test_data = cached.train, cached.test
     est.fit(data)
     t_fit = time.perf_counter() - t0
     res = est.evaluate(test_data)
@@ -391,7 +408,7 @@ def run_task(task: Task, store: str, out: str, device: str = "auto", threads: in
         for fam in est.families_:
             for i, dr in enumerate(fam.draws):
                 selections.append(fam.columns[: dr.k] if fam.columns is not None else fam.basis[:, : dr.k])
-        stats = _GroupCache.cka_statistics(task.cka_estimator) if task.cka_estimator != "minibatch" else None
+        stats = cached.cka_statistics(task.cka_estimator) if task.cka_estimator != "minibatch" else None
         cka = probes.subset_cka(data.X, selections, estimator=task.cka_estimator, batch_size=task.cka_batch_size,
                                 statistics=stats)
         res["cka"] = np.asarray(cka)

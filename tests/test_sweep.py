@@ -123,7 +123,7 @@ def test_a_worker_reads_a_group_and_takes_its_cka_pass_once(tmp_path, spec_file,
     monkeypatch.setattr(probes, "cka_statistics", stats)
     _same(run_sweep(spec_file, tmp_path / "out", progress=False), reference)
     assert calls == {"read": 2, "cka_pass": 1}  # 4 tasks: train + test read once, one d x d pass
-    assert pipelines._sweep._GroupCache.key is None  # freed when the sweep ends
+    assert pipelines._sweep._GroupCache.key() is None  # freed when the sweep ends
 
 
 def test_group_cache_reads_a_rebuilt_or_other_group_afresh(monkeypatch):
@@ -141,11 +141,57 @@ def test_group_cache_reads_a_rebuilt_or_other_group_afresh(monkeypatch):
     cache = pipelines._sweep._GroupCache
     try:
         first = cache.get(group("s/a_train", "t0"), group("s/a_test", "t0"))
-        assert cache.get(group("s/a_train", "t0"), group("s/a_test", "t0")) == first
+        assert cache.get(group("s/a_train", "t0"), group("s/a_test", "t0")) is first
         assert reads == ["s/a_train", "s/a_test"]
         cache.get(group("s/a_train", "t1"), group("s/a_test", "t0"))  # rebuilt in place
         cache.get(group("s/b_train", "t0"), group("s/b_test", "t0"))  # another layer
         assert reads == ["s/a_train", "s/a_test"] * 2 + ["s/b_train", "s/b_test"]
+    finally:
+        cache.clear()
+
+
+def test_group_cache_is_safe_across_threads_of_one_worker(monkeypatch):
+    """dask workers with --nthreads N run tasks in threads: one read per group, and a task's
+    features and CKA statistics stay its own when another thread moves the cache on."""
+    import threading
+    import time
+    from types import SimpleNamespace as NS
+
+    import probes
+
+    reads = []
+
+    def slow_read(g, *a, **k):
+        reads.append(g.path)
+        time.sleep(0.05)
+        return NS(n_classes=3, X=g.path)
+
+    monkeypatch.setattr(probes, "load_training_data", slow_read)
+    monkeypatch.setattr(probes, "cka_statistics", lambda X, estimator: (time.sleep(0.05), ("pass over", X))[1])
+
+    def group(path):
+        return NS(path=path, provenance={"created": "t0"}, timings={"completed": "t0"})
+
+    cache = pipelines._sweep._GroupCache
+    got = []
+    try:
+        threads = [threading.Thread(target=lambda: got.append(cache.get(group("s/a_train"), group("s/a_test"))))
+                   for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert reads == ["s/a_train", "s/a_test"] and all(e is got[0] for e in got)
+        a = got[0]
+        stats = []
+        threads = [threading.Thread(target=lambda: stats.append(a.cka_statistics("biased"))) for _ in range(4)]
+        for t in threads:
+            t.start()
+        b = cache.get(group("s/b_train"), group("s/b_test"))  # another thread's task moves the cache on
+        for t in threads:
+            t.join()
+        assert stats == [("pass over", "s/a_train")] * 4 and all(x is stats[0] for x in stats)
+        assert (a.train.X, b.train.X, b.cka_statistics("biased")) == ("s/a_train", "s/b_train", ("pass over", "s/b_train"))
     finally:
         cache.clear()
 
