@@ -354,7 +354,8 @@ def _open_target(fs: FeatureStore, spec: ExtractionSpec, src, index, d: int, ver
         if changed:
             raise StaleGroupError(
                 f"partial group {name} was started with other library versions {changed}; its "
-                f"finished chunks could differ from new ones. Delete {fs.path}/{name} and build again."
+                f"finished chunks could differ from new ones. Remove it (`featstore rm {name} --store "
+                f"{fs.path}`) and build again."
             )
     else:
         tmp_root = fs.internal_dir / "tmp"

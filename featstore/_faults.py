@@ -10,6 +10,7 @@ a power cut or the OOM killer) the N-th time it reaches ``POINT``. Points:
 ``finish``         every chunk of a group is done; its ``complete`` state is not yet written
 ``task-rows``      a sweep task's rows are committed, its done record is not yet written
 ``task-done``      a sweep task's done record is written
+``remove-renamed`` ``featstore rm`` moved a group into the trash, not yet deleted
 
 With ``FEATSTORE_FAULT_ONCE=PATH`` the fault fires only while PATH does not exist (it
 is created just before the kill), so a restarted worker process does not die again.

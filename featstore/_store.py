@@ -12,6 +12,7 @@ Layout::
         progress      (1 + n_views, n_chunks)  uint8, 1 = that chunk is written
       .featstore/locks/<group>.lock    build locks (fcntl)
       .featstore/tmp/                  groups being created (renamed into place)
+      .featstore/trash/                groups being removed (``featstore rm``)
 
 A group's attributes hold the :class:`~featstore.ExtractionSpec` (whose key names
 the group), provenance (library versions, weights, device), class names, timings and
@@ -34,6 +35,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from . import _faults
 from ._spec import FORMAT_VERSION, ExtractionSpec
 from .errors import (
     AmbiguousGroupError,
@@ -527,8 +529,66 @@ class FeatureStore:
                 return self._root[name]
         return None
 
-    def remove_group(self, name: str) -> None:
-        shutil.rmtree(Path(self.path) / name)
+    def remove(self, names: list[str] | None = None, incomplete: bool = False,
+               dry_run: bool = False) -> list[tuple[str, int]]:
+        """Delete groups: each named one, and with ``incomplete`` every group that is not complete.
+
+        Every name is checked and every group's build lock taken (without waiting) before
+        anything is deleted: an unknown name or a group being built changes nothing. Each
+        group is first renamed into ``.featstore/trash/`` (it leaves the store at once and
+        whole), then deleted; a removal killed midway leaves only trash, which the next
+        ``remove`` clears. With ``incomplete``, the temporary folders of killed builds of new
+        groups are cleared too.
+
+        Returns
+        -------
+        list of (name, bytes on disk), what was (or, with ``dry_run``, would be) removed.
+        """
+        if self.mode != "a":
+            raise InvalidParameterError("this store is open read-only; use FeatureStore(path, mode='a') to remove groups")
+        if _is_url(self.path):
+            raise InvalidParameterError(f"removing groups works on local stores only, not {self.path!r}")
+        names = list(dict.fromkeys(names or []))
+        known = self.group_names()
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise GroupNotFoundError(
+                f"No group {unknown[0]!r} in {self.path}; groups: {', '.join(known) or '(none)'} "
+                f"(nothing was removed)")
+        if not names and not incomplete:
+            raise InvalidParameterError(
+                "name the groups to remove (see `featstore ls --all`), or pass incomplete=True / --incomplete")
+        if incomplete:
+            names += [g.name for g in self.groups(include_incomplete=True) if not g.is_complete and g.name not in names]
+        sizes = [(n, _dir_size(Path(self.path) / n)) for n in names]
+        if dry_run:
+            return sizes
+        trash = self.internal_dir / "trash"
+        try:
+            with self.lock(names, wait=False):
+                trash.mkdir(parents=True, exist_ok=True)
+                for n in names:
+                    os.replace(Path(self.path) / n, trash / f"{n}.{os.getpid()}.{time.time_ns()}")
+                    _faults.point("remove-renamed")
+        except GroupLockedError as e:
+            raise GroupLockedError(f"{e}. Nothing was removed.") from None
+        self._empty_trash(incomplete)
+        self.reopen()
+        return sizes
+
+    def _empty_trash(self, stale_builds: bool) -> None:
+        """Delete the trash, and (``stale_builds``) new-group folders whose build is no longer running."""
+        trash = self.internal_dir / "trash"
+        if trash.is_dir():
+            for entry in trash.iterdir():
+                shutil.rmtree(entry, ignore_errors=True)
+        tmp = self.internal_dir / "tmp"
+        if stale_builds and tmp.is_dir():
+            for entry in tmp.iterdir():
+                name = entry.name.rsplit(".", 1)[0]
+                with contextlib.suppress(GroupLockedError):
+                    with self.lock([name], wait=False):  # its builder is gone: nobody will rename it in
+                        shutil.rmtree(entry, ignore_errors=True)
 
     def reopen(self) -> None:
         import zarr

@@ -4,6 +4,7 @@
     featstore ls      [--store PATH] [--json] [--all]
     featstore info    GROUP [--store PATH]
     featstore verify  [GROUP ...] [--store PATH]
+    featstore rm      [GROUP ...] [--incomplete] [--dry-run] [--store PATH]
     featstore layers  MODEL
     featstore datasets
 """
@@ -166,6 +167,22 @@ def _cmd_verify(a) -> int:
     return 1 if bad else 0
 
 
+def _cmd_rm(a) -> int:
+    FeatureStore(a.store, mode="r")  # exists and is a featstore store; nothing is created
+    fs = FeatureStore(a.store, mode="a")
+    removed = fs.remove(a.groups, incomplete=a.incomplete, dry_run=a.dry_run)
+    for name, size in removed:
+        print(f"{'would remove' if a.dry_run else 'removed'} {name} ({_human(size)})")
+    total = _human(sum(size for _, size in removed))
+    if not removed:
+        print("nothing to remove")
+    elif a.dry_run:
+        print(f"{len(removed)} group(s) would be removed, {total}; nothing was deleted (--dry-run)")
+    else:
+        print(f"{len(removed)} group(s) removed, {total} freed")
+    return 0
+
+
 def _cmd_layers(a) -> int:
     import contextlib
     import io
@@ -202,6 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every chunk is present and readable, no NaN/Inf, labels in range")
     p.add_argument("groups", nargs="*", help="groups to check (default: all)")
     p.add_argument("--store", default=DEFAULT_STORE)
+    p = sub.add_parser("rm", help="delete groups (named, or every incomplete one); never one being built",
+                       description="Delete feature groups. Every name is checked and every group's build lock "
+                       "taken before anything is deleted, so an unknown name or a group being built changes nothing.")
+    p.add_argument("groups", nargs="*", help="group names (see `featstore ls --all`)")
+    p.add_argument("--incomplete", action="store_true",
+                   help="also every incomplete group (killed builds) and leftover temporary folders")
+    p.add_argument("--dry-run", action="store_true", help="print what would be removed; delete nothing")
+    p.add_argument("--store", default=DEFAULT_STORE)
     p = sub.add_parser("layers", help="list a timm model's layer names")
     p.add_argument("model")
     sub.add_parser("datasets", help="list the registered datasets")
@@ -209,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"build": _cmd_build, "ls": _cmd_ls, "info": _cmd_info, "verify": _cmd_verify,
+COMMANDS = {"build": _cmd_build, "ls": _cmd_ls, "info": _cmd_info, "verify": _cmd_verify, "rm": _cmd_rm,
             "layers": _cmd_layers, "datasets": _cmd_datasets}
 
 
