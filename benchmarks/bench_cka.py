@@ -11,8 +11,8 @@ Goals: subsets cost <= the Gram pass; >= 1000x the per-subset baseline.
 
 Then one sweep task's projection draws (``--projection-seeds`` random bases cut at the
 paper's 22 fractions, as ``randproj`` / ``pca`` tasks pass them): prefixes that are views
-of one basis share two products; the same draws as separate copies cost two products
-each (what every projection cost before). Both from the same Gram; the values agree.
+of one basis share its products (biased) or its one extra pass over X (unbiased); the
+same draws as separate copies pay for each. Statistics are taken once; values agree.
 """
 
 from __future__ import annotations
@@ -22,7 +22,17 @@ import time
 
 import numpy as np
 
-from probes._cka import GramAccumulator, _biased, _subset_matrix, iter_row_blocks, _minibatches, _unbiased_pair_terms
+from probes._cka import (
+    CKAStatistics,
+    GramAccumulator,
+    _biased,
+    _minibatches,
+    _subset_matrix,
+    _unbiased_pair_terms,
+    cka_statistics,
+    iter_row_blocks,
+    subset_cka,
+)
 
 FRACTIONS = [0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1,
              0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.8, 0.9, 1.0]
@@ -45,6 +55,7 @@ def main():
     p.add_argument("--subsets", type=int, default=10_000)
     p.add_argument("--baseline-subsets", type=int, default=3)
     p.add_argument("--projection-seeds", type=int, default=1)
+    p.add_argument("--projection-estimators", default="biased,unbiased")
     a = p.parse_args()
     rng = np.random.default_rng(0)
     X = np.empty((a.n, a.d), dtype=np.float32)
@@ -82,19 +93,18 @@ def main():
     bases = [rng.normal(size=(a.d, a.d)).astype(np.float32) for _ in range(a.projection_seeds)]
     views = [B[:, : max(1, int(f * a.d))] for B in bases for f in FRACTIONS]
     copies = [np.array(v, copy=True) for v in views]
-    timed = {}
-    for name, draws in (("shared", views), ("separate", copies)):
-        t0 = time.perf_counter()
-        M, projections, kinds = _subset_matrix(draws, a.d)
-        values = _biased(stats, M, projections, kinds, "zero").values
-        timed[name] = (time.perf_counter() - t0, values)
-    np.testing.assert_allclose(timed["shared"][1], timed["separate"][1], rtol=1e-8)
-    n_proj = len(views)
-    print(f"{n_proj} projection draws ({a.projection_seeds} bases x {len(FRACTIONS)} fractions), same Gram:")
-    print(f"  prefixes of one basis, shared        : {timed['shared'][0]:8.2f} s")
-    print(f"  separate projections                 : {timed['separate'][0]:8.2f} s   "
-          f"ratio separate/shared = {timed['separate'][0] / timed['shared'][0]:.1f}x")
-
+    print(f"{len(views)} projection draws ({a.projection_seeds} bases x {len(FRACTIONS)} fractions), statistics taken once:")
+    for estimator in a.projection_estimators.split(","):
+        st = CKAStatistics("biased", stats.n, a.d, stats) if estimator == "biased" else cka_statistics(X, estimator)
+        timed = {}
+        for name, draws in (("shared", views), ("separate", copies)):
+            t0 = time.perf_counter()
+            values = subset_cka(X, draws, estimator=estimator, statistics=st).values
+            timed[name] = (time.perf_counter() - t0, values)
+        np.testing.assert_allclose(timed["shared"][1], timed["separate"][1], rtol=1e-8)
+        print(f"  {estimator:8s} prefixes of one basis, shared : {timed['shared'][0]:8.2f} s")
+        print(f"  {estimator:8s} separate projections          : {timed['separate'][0]:8.2f} s   "
+              f"ratio separate/shared = {timed['separate'][0] / timed['shared'][0]:.1f}x")
 
 if __name__ == "__main__":
     main()

@@ -378,6 +378,54 @@ def _pair_moments_terms(blocks: Iterable[tuple[np.ndarray, np.ndarray]]):
     return _hsic1(trKL, sumK, sumL, kl1, n), _hsic1(trKK, sumK, sumK, kk1, n), _hsic1(trLL, sumL, sumL, ll1, n)
 
 
+def _leading_sums(A: np.ndarray) -> np.ndarray:
+    """out[k-1] = sum of the leading k x k block of A, for every k."""
+    return np.diagonal(np.cumsum(np.cumsum(A, axis=0), axis=1)).copy()
+
+
+def _unbiased_prefix_terms(m: MomentAccumulator, blocks: Iterable[np.ndarray], W: np.ndarray):
+    """(HSIC(K,L), HSIC(K,K), HSIC(L,L)) for L from Z_k = Y W[:, :k], for every k at once.
+
+    K's terms and every term of L that is linear in Z Zᵀ come from the moment sums m
+    (G, s, u over the shifted rows Y). The rest needs Z's squares, taken in one pass
+    over the blocks (shifted like m): P1 = Yᵀ(Z∘Z), P2 = (Z∘Z)ᵀ(Z∘Z), P3 = (Z∘Z)ᵀZ and
+    v = rᵀ(Z∘Z) with r the row norms of Y. Each prefix is then a cumulative sum over
+    Z's columns (P2, P3, WᵀGW: leading blocks). Same formulas as ``_pair_moments_terms``
+    with A = Y, B = Z_k.
+    """
+    kmax = W.shape[1]
+    P1 = np.zeros((W.shape[0], kmax))
+    P2 = np.zeros((kmax, kmax))
+    P3 = np.zeros((kmax, kmax))
+    v = np.zeros(kmax)
+    for block in blocks:
+        Y = block - m.shift
+        Z = Y @ W
+        Z2 = Z * Z
+        P1 += Y.T @ Z2
+        P2 += Z2.T @ Z2
+        P3 += Z2.T @ Z
+        v += (Y * Y).sum(axis=1) @ Z2
+    n, s, G, u = m.n, m.s, m.G, m.u
+    if n < 4:
+        raise InvalidFeaturesError(f"the unbiased HSIC needs at least 4 samples; got {n}")
+    GW = G @ W
+    WGW = W.T @ GW  # Z_kᵀ Z_k = its leading k x k block
+    sb = W.T @ s  # column sums of Z (prefix k: the first k)
+    rarb = np.cumsum(v)  # Σ_i r_i q_i with q_i = ||z_i[:k]||²
+    rb = np.cumsum(np.diagonal(WGW))  # Σ_i q_i
+    rb2 = _leading_sums(P2)  # Σ_i q_i²
+    trKL = np.cumsum((GW * GW).sum(axis=0)) - rarb
+    trKK = (G * G).sum() - m.r2
+    trLL = _leading_sums(WGW * WGW) - rb2
+    sumK = s @ s - m.r1
+    sumL = np.cumsum(sb * sb) - rb
+    kl1 = np.cumsum((s @ GW) * sb) - np.cumsum(s @ P1) - np.cumsum(sb * (W.T @ u)) + rarb
+    kk1 = s @ G @ s - 2.0 * s @ u + m.r2
+    ll1 = _leading_sums(WGW * np.outer(sb, sb)) - 2.0 * _leading_sums(P3 * sb[None, :]) + rb2
+    return _hsic1(trKL, sumK, sumL, kl1, n), _hsic1(trKK, sumK, sumK, kk1, n), _hsic1(trLL, sumL, sumL, ll1, n)
+
+
 # ----------------------------------------------------------------------------- public entry points
 
 
@@ -488,15 +536,22 @@ def subset_cka(
         return _biased(stats, M, projections, kinds, on_degenerate)
     if estimator == "unbiased":
         kl = np.zeros(len(kinds)); kk = np.zeros(len(kinds)); ll = np.zeros(len(kinds))  # noqa: E702
-        if M is not None:  # all index subsets from one pass
-            mom = (statistics or cka_statistics(X, "unbiased", block_rows=block_rows)).sums
+        mom = (statistics or cka_statistics(X, "unbiased", block_rows=block_rows)).sums  # one pass
+        if M is not None:  # every index subset from the moment sums
             ikl, ikk, ill = _unbiased_terms(mom, M)
+        families: dict = {}
         for j, (kind, k) in enumerate(kinds):
             if kind == "index":
                 kl[j], kk[j], ll[j] = ikl[k], ikk, ill[k]
-            else:  # a projection needs its own pass (its squared features are not in the sums)
-                P = projections[k]
-                kl[j], kk[j], ll[j] = _pair_moments_terms((b, b @ P) for b in iter_row_blocks(X, block_rows))
+            else:
+                families.setdefault(_memory_key(projections[k]), []).append((j, projections[k]))
+        # a projection's squared features are not in the sums: one more pass per basis, shared
+        # by all of its prefixes
+        for members in families.values():
+            W = max((P for _, P in members), key=lambda P: P.shape[1])
+            fkl, fkk, fll = _unbiased_prefix_terms(mom, iter_row_blocks(X, block_rows), W)
+            for j, P in members:
+                kl[j], kk[j], ll[j] = fkl[P.shape[1] - 1], fkk, fll[P.shape[1] - 1]
         return _finish(kl, kk, ll, "unbiased", _n_samples(X), on_degenerate)
     # minibatch: per-minibatch unbiased HSIC, averaged, then the ratio
     if batch_size < 4:

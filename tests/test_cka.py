@@ -216,15 +216,23 @@ def test_statistics_must_match_estimator_and_features(X, subsets):
         probes.subset_cka(X, subsets, statistics={"n": 3})
 
 
-def test_prefixes_of_one_basis_equal_separate_projections(X):
-    """A pca / randproj family's draws are views basis[:, :k]; they share two products, same values."""
+@pytest.mark.parametrize("estimator, reference", [("biased", ref_biased_cka), ("unbiased", ref_unbiased_cka)])
+def test_prefixes_of_one_basis_equal_separate_projections(X, estimator, reference):
+    """A pca / randproj family's draws are views basis[:, :k]: they share the products (biased)
+    or the one pass (unbiased) of their basis, with the values of separate projections."""
     rng = np.random.default_rng(4)
     basis = rng.normal(size=(40, 30)).astype(np.float32)
     flipped = basis[:, ::-1]  # pca-least style: a reversed view
     views = [basis[:, :k] for k in (1, 4, 30, 9)] + [basis[:, 2:7], flipped[:, :5], flipped[:, :12]]
     copies = [np.array(v, copy=True) for v in views]
-    got = probes.subset_cka(X, views + [np.arange(5)])
-    alone = probes.subset_cka(X, copies + [np.arange(5)])
+    got = probes.subset_cka(X, views + [np.arange(5)], estimator=estimator)
+    alone = probes.subset_cka(X, copies + [np.arange(5)], estimator=estimator)
     np.testing.assert_allclose(np.asarray(got), np.asarray(alone), rtol=1e-10)
-    want = [ref_biased_cka(X @ v.astype(np.float64), X) for v in views]
+    want = [reference(X @ v.astype(np.float64), X) for v in views]
     np.testing.assert_allclose(np.asarray(got)[:-1], want, rtol=1e-6)
+    if estimator == "unbiased":  # and the streamed pair formula, projection by projection
+        from probes._cka import _pair_moments_terms
+
+        for v, value in zip(views, np.asarray(got)):
+            a, b, c = _pair_moments_terms([(X, X @ v.astype(np.float64))])
+            assert value == pytest.approx(a / np.sqrt(b * c), rel=1e-9)
