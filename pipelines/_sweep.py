@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -475,8 +476,8 @@ def _worker_device(device: str) -> str:
 
 
 def _is_ours(entry: Path) -> bool:
-    """The lock file, or a temporary file of an atomic write that may be in flight."""
-    return entry.name == ".lock" or (entry.name.startswith(".") and entry.name.endswith(".tmp"))
+    """The lock file, or the temporary file of a sweep.json write that may be in flight."""
+    return entry.name == ".lock" or re.fullmatch(r"\.sweep\.json\.[0-9a-f]{8}\.tmp", entry.name) is not None
 
 
 def _check_out(spec: SweepSpec, out: Path) -> None:

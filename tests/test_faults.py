@@ -110,9 +110,13 @@ def test_sweep_into_an_output_another_sweep_is_just_creating(tmp_path, spec_file
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(errors.InvalidParameterError, match="non-empty directory without a sweep.json"):
-        pipelines.run_sweep(spec_file, foreign, progress=False)
-    assert tree_listing(foreign) == ["notes.txt"]
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / ".draft.tmp").write_text("mine too")  # a hidden temporary file that is not a sweep's
+    for path, listing in ((foreign, ["notes.txt"]), (hidden, [".draft.tmp"])):
+        with pytest.raises(errors.InvalidParameterError, match="non-empty directory without a sweep.json"):
+            pipelines.run_sweep(spec_file, path, progress=False)
+        assert tree_listing(path) == listing
 
 
 def test_probes_and_cka_refuse_a_corrupt_group(tmp_path, tiny):
