@@ -306,3 +306,18 @@ def test_store_with_a_root_write_in_flight_is_not_foreign(tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(errors.NotAFeatureStoreError, match="non-empty directory"):
         featstore.FeatureStore(tmp_path / "other", mode="a")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_build_on_cuda_matches_cpu(tmp_path, tiny):
+    """The GPU build (autocast float16) gives the CPU's features within float16 rounding,
+    in its own group: the compute precision is part of the key."""
+    kw = dict(tiny, dtype="float32", splits="train")
+    (cpu,) = featstore.build(**kw, store=tmp_path / "s.zarr", device="cpu")
+    (gpu,) = featstore.build(**kw, store=tmp_path / "s.zarr", device="cuda")
+    assert gpu.name != cpu.name and gpu.spec.compute == "autocast-float16" and gpu.provenance["device"].startswith("cuda")
+    a, b = cpu.numpy(), gpu.numpy()
+    np.testing.assert_array_equal(cpu.labels, gpu.labels)
+    np.testing.assert_allclose(b, a, rtol=0.02, atol=0.02 * np.abs(a).max())
+    assert gpu.verify() == []

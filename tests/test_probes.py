@@ -273,3 +273,32 @@ def test_cuda_equals_cpu(data):
     assert np.abs(cpu - gpu).max() < 1e-3
     bf = SubsetProbes(device="cuda", precision="bf16", **kw).fit(Xtr, ytr).evaluate(Xte, yte)
     assert bf["test_accuracy"].min() > 0.3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["random", "pca", "randproj"])
+@pytest.mark.parametrize("room", ["on the GPU", "streamed from pinned host memory"])
+def test_cuda_paths_equal_cpu(data, monkeypatch, mode, room):
+    """Features on the GPU (projections projected once there), or, when the GPU has no room,
+    kept in pinned host memory and copied per minibatch (projections per minibatch)."""
+    import probes._engine as engine
+
+    Xtr, ytr, Xte, yte = data
+    kw = dict(mode=mode, fractions=(0.1, 0.5, 0.8, 1.0), seeds=(0, 1), epochs=3, batch_size=64,
+              select_epoch="last")
+    cpu = SubsetProbes(device="cpu", **kw).fit(Xtr, ytr).decision_function(Xte)
+    placed = []
+    real = engine._to_device
+
+    def spy(X, device):
+        t = real(X, device)
+        placed.append((t.device.type, t.is_pinned()))
+        return t
+
+    monkeypatch.setattr(engine, "_to_device", spy)
+    if room != "on the GPU":
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (1 << 20, 1 << 36))  # 1 MiB free
+    gpu = SubsetProbes(device="cuda", **kw).fit(Xtr, ytr).decision_function(Xte)
+    assert placed == ([("cuda", False)] if room == "on the GPU" else [("cpu", True)])
+    assert np.abs(cpu - gpu).max() < 1e-3 * max(1.0, np.abs(cpu).max())

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import featstore
 import pipelines
@@ -194,6 +195,20 @@ def test_group_cache_is_safe_across_threads_of_one_worker(monkeypatch):
         assert (a.train.X, b.train.X, b.cka_statistics("biased")) == ("s/a_train", "s/b_train", ("pass over", "s/b_train"))
     finally:
         cache.clear()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sweep_on_cuda_agrees_with_cpu(tmp_path, spec_file, reference):
+    """Same tasks and rows; CKA (computed from the cached features) identical; probes trained on
+    the GPU: the engine's GPU-vs-CPU equality is tested in test_probes, here a flipped
+    prediction or two on the tiny test split is allowed."""
+    df = run_sweep(spec_file, tmp_path / "out", device="cuda", progress=False)
+    a = df.sort_values(KEY_COLUMNS, na_position="first").reset_index(drop=True)
+    b = reference.sort_values(KEY_COLUMNS, na_position="first").reset_index(drop=True)
+    pd.testing.assert_frame_equal(a[KEY_COLUMNS], b[KEY_COLUMNS])
+    np.testing.assert_allclose(a["cka"], b["cka"], rtol=1e-9)
+    assert np.abs(a["test_accuracy"] - b["test_accuracy"]).max() <= 0.26
 
 
 @pytest.mark.parametrize("fault", ["task-rows:1", "task-rows:3", "task-done:2", "task-done:3"])
