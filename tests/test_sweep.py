@@ -226,10 +226,11 @@ def test_killed_sweep_resumes_to_exactly_one_runs_rows(tmp_path, spec_file, refe
     _same(load_results(out), reference)
 
 
-def test_dask_with_an_existing_scheduler_address(tmp_path, spec_file, reference):
+@pytest.mark.parametrize("workers, threads", [(2, 1), (1, 3)])  # (1, 3): tasks in threads of one process
+def test_dask_with_an_existing_scheduler_address(tmp_path, spec_file, reference, workers, threads):
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+    with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, dashboard_address=None,
                       host="127.0.0.1") as cluster:
         df = run_sweep(spec_file, tmp_path / "out", launcher="dask", scheduler=cluster.scheduler_address,
                        progress=False)
