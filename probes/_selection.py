@@ -117,8 +117,13 @@ def _pca_basis(X_train, d, least: bool):
     cov = Xc.T @ Xc / max(1, len(X) - 1)
     vals, vecs = np.linalg.eigh(cov)  # ascending
     order = np.argsort(vals)[::-1] if not least else np.argsort(vals)
+    vecs = vecs[:, order]
+    # an eigenvector's sign is arbitrary and differs between LAPACK builds; fix it (largest
+    # entry positive, as scikit-learn's svd_flip) so a task gives the same rows on any machine
+    signs = np.sign(vecs[np.argmax(np.abs(vecs), axis=0), np.arange(vecs.shape[1])])
+    vecs *= np.where(signs == 0, 1.0, signs)
     # the original projects the uncentred features onto the directions; so do we
-    return vecs[:, order].astype(np.float32)
+    return vecs.astype(np.float32)
 
 
 def _pca_ordering(X_train, d, seed, options):

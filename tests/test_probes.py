@@ -302,3 +302,24 @@ def test_cuda_paths_equal_cpu(data, monkeypatch, mode, room):
     gpu = SubsetProbes(device="cuda", **kw).fit(Xtr, ytr).decision_function(Xte)
     assert placed == ([("cuda", False)] if room == "on the GPU" else [("cpu", True)])
     assert np.abs(cpu - gpu).max() < 1e-3 * max(1.0, np.abs(cpu).max())
+
+
+@pytest.mark.parametrize("mode", ["pca", "pca-least"])
+def test_pca_directions_do_not_depend_on_the_eigensolvers_signs(data, monkeypatch, mode):
+    """LAPACK builds may return any eigenvector with either sign; the basis (and so the
+    probes a task trains) must be the same on every machine."""
+    from probes._selection import make_families
+
+    Xtr = data[0]
+    (fam,) = make_families(Xtr.shape[1], mode, (0.5,), (0,), X_train=Xtr)
+    real = np.linalg.eigh
+
+    def flipped(a):
+        vals, vecs = real(a)
+        return vals, vecs * np.where(np.arange(vecs.shape[1]) % 2, -1.0, 1.0)
+
+    monkeypatch.setattr(np.linalg, "eigh", flipped)
+    (again,) = make_families(Xtr.shape[1], mode, (0.5,), (0,), X_train=Xtr)
+    np.testing.assert_array_equal(fam.basis, again.basis)
+    big = np.argmax(np.abs(fam.basis), axis=0)
+    assert (fam.basis[big, np.arange(fam.basis.shape[1])] > 0).all()
