@@ -134,6 +134,22 @@ def _memory_key(a: np.ndarray) -> tuple:
     return a.__array_interface__["data"][0], a.strides, a.dtype.str, a.shape[0]
 
 
+def _leading_sums(A: np.ndarray) -> np.ndarray:
+    """out[k-1] = sum of the leading k x k block of A, for every k."""
+    return np.diagonal(np.cumsum(np.cumsum(A, axis=0), axis=1)).copy()
+
+
+def _projection_families(kinds, projections) -> list[tuple[np.ndarray, list[tuple[int, int]]]]:
+    """Projection subsets grouped by the basis they are prefixes of: [(W, [(subset j, k), ...])],
+    W the widest (``_subset_matrix`` made prefixes of one basis views of one array)."""
+    by_memory: dict = {}
+    for j, (kind, i) in enumerate(kinds):
+        if kind == "proj":
+            by_memory.setdefault(_memory_key(projections[i]), []).append((j, projections[i]))
+    return [(max((P for _, P in members), key=lambda P: P.shape[1]), [(j, P.shape[1]) for j, P in members])
+            for members in by_memory.values()]
+
+
 def _subset_matrix(subsets: Sequence, d: int) -> tuple[np.ndarray | None, list[np.ndarray]]:
     """Split subsets into a 0/1 indicator matrix (d x n_index) and a list of projections."""
     if isinstance(subsets, np.ndarray) and subsets.ndim == 1:
@@ -254,21 +270,16 @@ def _biased(stats: GramAccumulator, M, projections, kinds, on_degenerate) -> CKA
     if M is not None:
         idx_num = C2.sum(axis=0) @ M  # ||C[:, S]||^2
         idx_den = np.einsum("ij,ij->j", M, C2 @ M)  # ||C[S, S]||_F^2
-    families: dict = {}  # projections that are prefixes of one basis: two products for all of them
     for j, (kind, k) in enumerate(kinds):
         if kind == "index":
             num[j], den_s[j] = idx_num[k], idx_den[k]
-        else:
-            families.setdefault(_memory_key(projections[k]), []).append((j, projections[k]))
-    for members in families.values():
-        W = max((P for _, P in members), key=lambda P: P.shape[1])
+    for W, members in _projection_families(kinds, projections):  # two products per basis, every prefix
         CW = C @ W
         num_upto = np.cumsum((CW * CW).sum(axis=0))  # ||Ycᵀ Zc||^2 with Zc = Yc W[:, :k], for every k
         B = W.T @ CW
-        den_upto = np.cumsum(np.cumsum(B * B, axis=0), axis=1)  # [k-1, k-1]: ||Zcᵀ Zc||_F^2
-        for j, P in members:
-            k = P.shape[1]
-            num[j], den_s[j] = num_upto[k - 1], den_upto[k - 1, k - 1]
+        den_upto = _leading_sums(B * B)  # ||Zcᵀ Zc||_F^2
+        for j, k in members:
+            num[j], den_s[j] = num_upto[k - 1], den_upto[k - 1]
     return _finish(num, full, den_s, "biased", stats.n, on_degenerate)
 
 
@@ -376,11 +387,6 @@ def _pair_moments_terms(blocks: Iterable[tuple[np.ndarray, np.ndarray]]):
     kk1 = sa @ acc["Gaa"] @ sa - 2 * sa @ acc["a_ra"] + acc["ra2"]
     ll1 = sb @ acc["Gbb"] @ sb - 2 * sb @ acc["b_rb"] + acc["rb2"]
     return _hsic1(trKL, sumK, sumL, kl1, n), _hsic1(trKK, sumK, sumK, kk1, n), _hsic1(trLL, sumL, sumL, ll1, n)
-
-
-def _leading_sums(A: np.ndarray) -> np.ndarray:
-    """out[k-1] = sum of the leading k x k block of A, for every k."""
-    return np.diagonal(np.cumsum(np.cumsum(A, axis=0), axis=1)).copy()
 
 
 def _unbiased_prefix_terms(m: MomentAccumulator, blocks: Iterable[np.ndarray], W: np.ndarray):
@@ -539,19 +545,15 @@ def subset_cka(
         mom = (statistics or cka_statistics(X, "unbiased", block_rows=block_rows)).sums  # one pass
         if M is not None:  # every index subset from the moment sums
             ikl, ikk, ill = _unbiased_terms(mom, M)
-        families: dict = {}
         for j, (kind, k) in enumerate(kinds):
             if kind == "index":
                 kl[j], kk[j], ll[j] = ikl[k], ikk, ill[k]
-            else:
-                families.setdefault(_memory_key(projections[k]), []).append((j, projections[k]))
         # a projection's squared features are not in the sums: one more pass per basis, shared
         # by all of its prefixes
-        for members in families.values():
-            W = max((P for _, P in members), key=lambda P: P.shape[1])
+        for W, members in _projection_families(kinds, projections):
             fkl, fkk, fll = _unbiased_prefix_terms(mom, iter_row_blocks(X, block_rows), W)
-            for j, P in members:
-                kl[j], kk[j], ll[j] = fkl[P.shape[1] - 1], fkk, fll[P.shape[1] - 1]
+            for j, k in members:
+                kl[j], kk[j], ll[j] = fkl[k - 1], fkk, fll[k - 1]
         return _finish(kl, kk, ll, "unbiased", _n_samples(X), on_degenerate)
     # minibatch: per-minibatch unbiased HSIC, averaged, then the ratio
     if batch_size < 4:
