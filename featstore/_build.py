@@ -16,7 +16,6 @@ import queue
 import sys
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -358,9 +357,7 @@ def _open_target(fs: FeatureStore, spec: ExtractionSpec, src, index, d: int, ver
                 f"{fs.path}`) and build again."
             )
     else:
-        tmp_root = fs.internal_dir / "tmp"
-        tmp_root.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_root / f"{name}.{uuid.uuid4().hex[:8]}"
+        tmp = fs.new_group_dir(name)
         _create_group(tmp, spec, src, index, d, versions, winfo, device)
         _faults.point("group-created")
         os.replace(tmp, Path(fs.path) / name)  # atomic: the group appears whole or not at all

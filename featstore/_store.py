@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -576,6 +577,13 @@ class FeatureStore:
         self.reopen()
         return sizes
 
+    def new_group_dir(self, name: str) -> Path:
+        """A fresh folder in ``.featstore/tmp/`` where group ``name`` is created before it is
+        renamed into place (the caller holds its build lock)."""
+        tmp_root = self.internal_dir / "tmp"
+        tmp_root.mkdir(parents=True, exist_ok=True)
+        return tmp_root / f"{name}.{uuid.uuid4().hex[:8]}"
+
     def _empty_trash(self, stale_builds: bool) -> None:
         """Delete the trash, and (``stale_builds``) new-group folders whose build is no longer running."""
         trash = self.internal_dir / "trash"
@@ -585,7 +593,7 @@ class FeatureStore:
         tmp = self.internal_dir / "tmp"
         if stale_builds and tmp.is_dir():
             for entry in tmp.iterdir():
-                name = entry.name.rsplit(".", 1)[0]
+                name = entry.name.rsplit(".", 1)[0]  # as new_group_dir named it
                 with contextlib.suppress(GroupLockedError):
                     with self.lock([name], wait=False):  # its builder is gone: nobody will rename it in
                         shutil.rmtree(entry, ignore_errors=True)
@@ -608,7 +616,6 @@ def _create_local_root(path: str) -> None:
     Nothing ever sees a half-written or unmarked root.
     """
     import json
-    import uuid
 
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True)
