@@ -20,20 +20,38 @@ import torch
 from torch.utils.data import DataLoader
 
 import featstore
-from featstore._build import _Items, make_transforms, resolve_transform
-from featstore._datasets import load_split, stratified_subset
-from featstore._device import resolve_device
-from featstore._models import FeatureExtractor, create_backbone
+from featstore import (
+    FeatureExtractor,
+    create_backbone,
+    load_split,
+    make_transforms,
+    resolve_device,
+    resolve_transform,
+    stratified_subset,
+)
+
+
+class _EvalImages:
+    """The bare loop's dataset: row i of the split, preprocessed like the build's clean pass."""
+
+    def __init__(self, src, index, eval_tf):
+        self.src, self.index, self.eval_tf = src, index, eval_tf
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, row):
+        return self.eval_tf(self.src.image(self.index[row]))
 
 
 def bare_forward(images, batch_size, workers, device):
     model, _ = create_backbone("tf_efficientnet_lite0")
     tspec = resolve_transform(model)
-    eval_tf, aug_tf = make_transforms(tspec)
+    eval_tf, _ = make_transforms(tspec)
     src = load_split("fashion-mnist", "test")
     index = stratified_subset(src.targets, images, 0)
-    items = _Items(src, index, eval_tf, aug_tf, 0)
-    batches = [[(0, r) for r in range(b, min(b + batch_size, len(index)))] for b in range(0, len(index), batch_size)]
+    items = _EvalImages(src, index, eval_tf)
+    batches = [list(range(b, min(b + batch_size, len(index)))) for b in range(0, len(index), batch_size)]
     loader = DataLoader(items, batch_sampler=batches, num_workers=workers, prefetch_factor=4 if workers else None,
                         pin_memory=device == "cuda")
     model.to(device=device, memory_format=torch.channels_last)

@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from featstore._device import resolve_device
+from featstore import resolve_device
 from probes import PAPER_FRACTIONS, SubsetProbes
 
 

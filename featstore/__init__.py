@@ -14,28 +14,45 @@ Notebook use::
 
 __version__ = "0.1.0"
 
-from . import errors
-from ._build import build
-from ._datasets import dataset_names, dataset_splits, load_split
-from ._models import WEIGHT_SOURCES, POOLINGS, create_backbone, list_layers
-from ._spec import ExtractionSpec, TransformSpec
-from ._store import DEFAULT_STORE, FeatureStore, Group, open
+from . import errors, fileio, params
+from ._build import BuildOptions, build, make_transforms, resolve_transform
+from .datasets import DatasetName, DatasetText, dataset_names, dataset_splits, load_split, parse_dataset_name, stratified_subset
+from ._device import DEVICES, Device, resolve_device
+from .models import POOLINGS, WEIGHT_MAPPINGS, WEIGHT_SOURCES, FeatureExtractor, create_backbone, list_layers
+from ._spec import DTYPES, ExtractionSpec, TransformSpec
+from ._store import DEFAULT_STORE, QUERY_KEYS, FeatureStore, Group, open
 
 __all__ = [
     "__version__",
     "open",
     "build",
+    "BuildOptions",
     "FeatureStore",
     "Group",
     "ExtractionSpec",
     "TransformSpec",
     "DEFAULT_STORE",
+    "QUERY_KEYS",
     "WEIGHT_SOURCES",
+    "WEIGHT_MAPPINGS",
     "POOLINGS",
+    "DTYPES",
+    "DEVICES",
+    "Device",
+    "resolve_device",
     "create_backbone",
     "list_layers",
+    "FeatureExtractor",
+    "resolve_transform",
+    "make_transforms",
     "dataset_names",
     "dataset_splits",
     "load_split",
+    "stratified_subset",
+    "parse_dataset_name",
+    "DatasetName",
+    "DatasetText",
     "errors",
+    "params",
+    "fileio",
 ]

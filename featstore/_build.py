@@ -18,19 +18,33 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Annotated
 
 import numpy as np
+from pydantic import Field
 
-from . import _datasets, _faults, _models
-from ._device import DEVICES, resolve_device
-from ._spec import PAPER_AUGMENTATION, ExtractionSpec, TransformSpec
+from . import datasets, faults, models
+from ._device import Device, resolve_device
+from .models import MappingName, WeightSourceName
+from ._spec import (
+    DTYPES,
+    PAPER_AUGMENTATION,
+    ChunkRows,
+    Dtype,
+    ExtractionSpec,
+    Limit,
+    Name,
+    Pooling,
+    Seed,
+    TransformSpec,
+    Views,
+)
 from ._store import DEFAULT_STORE, META, FeatureStore, Group, _check_writable
-from .errors import InvalidParameterError, StaleGroupError, UnknownNameError
+from .errors import InvalidDatasetError, InvalidParameterError, StaleGroupError, UnknownNameError, WriteFailedError
+from .params import CommaList, Parameters, PathText, takes
 
-__all__ = ["build", "chunk_rows_for", "resolve_transform", "make_transforms", "DEVICES", "DTYPES"]
+__all__ = ["build", "BuildOptions", "chunk_rows_for", "resolve_transform", "make_transforms"]
 
-DTYPES = ("float16", "float32")
 CHUNK_TARGET_BYTES = 8 << 20  # ~8 MB of uncompressed rows per chunk
 
 
@@ -53,7 +67,7 @@ def resolve_transform(model, image_size: int | None = None) -> TransformSpec:
     size = tuple(int(v) for v in cfg["input_size"])
     if image_size is not None:
         if image_size < 8:
-            raise InvalidParameterError(f"image_size={image_size!r} must be >= 8 pixels")
+            raise InvalidParameterError(key="image_size", value=image_size, expected="an integer >= 8 (pixels)")
         size = (size[0], int(image_size), int(image_size))
     return TransformSpec(
         input_size=size,
@@ -158,184 +172,189 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _parse_list(value, name: str) -> list[str]:
-    if isinstance(value, str):
-        items = [v.strip() for v in value.split(",") if v.strip()]
-    else:
-        items = [str(v) for v in value]
-    if not items:
-        raise InvalidParameterError(f"{name}={value!r} names nothing")
-    return items
+class BuildOptions(Parameters):
+    """Everything ``featstore build`` takes, declared once: ``featstore.build``'s keywords and
+    the command line's options both come from here."""
+
+    model: Name = models.EMBEDDED_MODEL
+    """timm architecture (see `featstore layers MODEL` for its layers)."""
+    weights: WeightSourceName | None = None
+    """Weight source: embedded, hub, checkpoint or random (default: embedded for tf_efficientnet_lite0, else hub)."""
+    checkpoint: PathText | None = None
+    """Checkpoint file for --weights checkpoint (safetensors or a torch state dict)."""
+    mapping: Annotated[MappingName, Field(json_schema_extra={"flag": "--map"})] = "names"
+    """How checkpoint tensors map onto the model: names or positional."""
+    layers: Annotated[tuple[Name, ...], Field(min_length=1, strict=False), CommaList()] = (models.PRE_LOGITS,)
+    """Layers, all from one backbone pass: pre_logits and/or module names (comma-separated)."""
+    pooling: Pooling = "avg"
+    """Pooling of spatial maps / tokens for module layers."""
+    dataset: datasets.DatasetText = "fashion-mnist"
+    """Dataset name or imagefolder:PATH (see `featstore datasets`)."""
+    splits: Annotated[tuple[str, ...], Field(min_length=1, strict=False), CommaList()] = ("train", "test")
+    """Splits to extract (comma-separated)."""
+    root: PathText | None = None
+    """Where torchvision datasets live."""
+    download: bool = False
+    """Let torchvision download the dataset."""
+    limit: Limit = None
+    """Stratified, seeded subset of N images per split (default: all)."""
+    seed: Seed = 0
+    """Seed of --limit and --views."""
+    views: Views = 0
+    """Extra augmented passes over the train split."""
+    dtype: Dtype = "float16"
+    """Storage dtype."""
+    store: PathText = DEFAULT_STORE
+    """Store path or URL."""
+    batch_size: Annotated[int, Field(ge=1)] | None = None
+    """Forward batch size (default: 16 on CPU, 256 on CUDA)."""
+    workers: Annotated[int, Field(ge=0)] | None = None
+    """DataLoader worker processes (default: min(4, cores - 1))."""
+    device: Device = "auto"
+    """auto (cuda when present), cpu, cuda or cuda:N."""
+    image_size: Annotated[int, Field(ge=8)] | None = None
+    """Override the model's input size in pixels (tests, quick looks)."""
+    chunk_rows: ChunkRows | None = None
+    """Rows per chunk (default: a power of two near 8 MB)."""
+    progress: bool = True
+    """Show a progress bar with images/s."""
+    wait: bool = True
+    """When another build holds a group, wait for it (else exit with an error)."""
 
 
-def build(
-    model: str = _models.EMBEDDED_MODEL,
-    *,
-    weights: str | None = None,
-    checkpoint: str | os.PathLike | None = None,
-    mapping: str = "names",
-    layers: Sequence[str] | str = ("pre_logits",),
-    pooling: str = "avg",
-    dataset: str = "fashion-mnist",
-    splits: Sequence[str] | str = ("train", "test"),
-    root: str | os.PathLike | None = None,
-    download: bool = False,
-    limit: int | None = None,
-    seed: int = 0,
-    views: int = 0,
-    dtype: str = "float16",
-    store: str | os.PathLike = DEFAULT_STORE,
-    batch_size: int | None = None,
-    workers: int = 0,
-    device: str = "auto",
-    image_size: int | None = None,
-    chunk_rows: int | None = None,
-    progress: bool = True,
-    wait: bool = True,
-    log=None,
-) -> list[Group]:
+@dataclass
+class _Plan:
+    """Everything a build needs, resolved and checked before anything is written."""
+
+    options: BuildOptions
+    dataset: str  # canonical: imagefolder paths absolute
+    device: str
+    batch_size: int
+    workers: int
+    backbone: object
+    weights: models.WeightsInfo
+    extractor: models.FeatureExtractor
+    transform: TransformSpec
+    widths: dict[str, int]  # neurons per layer
+    sources: dict[str, datasets.ImageSource]  # per split
+
+    @property
+    def compute(self) -> str:
+        return "autocast-float16" if self.device.startswith("cuda") else "float32"
+
+
+@takes(BuildOptions, extra=("log",))
+def build(o: BuildOptions, log=None) -> list[Group]:
     """Extract features once and write one group per (layer, split).
 
-    Parameters
-    ----------
-    model : str
-        timm architecture name.
-    weights : {"embedded", "hub", "checkpoint", "random"}, optional
-        Weight source; default ``embedded`` for tf_efficientnet_lite0, else ``hub``.
-    checkpoint : path, optional
-        File for ``weights="checkpoint"`` (safetensors or a torch state dict).
-    mapping : {"names", "positional"}
-        How checkpoint tensors map onto the model.
-    layers : list of str or comma-separated str
-        ``pre_logits`` and/or module names; all come from one backbone pass.
-    pooling : {"avg", "max", "cls", "flatten"}
-        Reduction of spatial maps / token sequences of module layers.
-    dataset, splits, root, download
-        What to run on (see ``featstore.dataset_names()``).
-    limit : int, optional
-        Stratified, seeded subset of each split.
-    seed : int
-        Seed of ``limit`` and of the augmented views.
-    views : int
-        Extra augmented passes over the train split.
-    dtype : {"float16", "float32"}
-        Storage dtype.
-    store : path or URL
-        Store root.
-    batch_size, workers, device
-        Forward-pass settings (``device="auto"`` uses CUDA when present, with autocast).
-        ``batch_size=None`` picks 16 on CPU (cache-friendly) and 256 on CUDA.
-    image_size : int, optional
-        Override the model's input resolution (tests, quick looks).
-    chunk_rows : int, optional
-        Rows per chunk (default: a power of two near 8 MB).
-    progress : bool
-        Show a progress bar with images/s.
-    wait : bool
-        When another build holds a group's lock, wait for it (else raise).
+    Every keyword is declared in :class:`BuildOptions` (``help(featstore.BuildOptions)``
+    lists types, ranges and defaults) and checked before any work: a bad value is one
+    error naming the keyword, and nothing is written. Three steps: :func:`_plan` (resolve
+    and check: dataset, splits, device, store, backbone, layer widths), :func:`_specs` (one
+    ExtractionSpec per layer of a split), :func:`_extract` (lock, create or resume the
+    groups, one backbone pass).
 
     Returns
     -------
     list of Group
         The complete groups, one per (layer, split).
     """
-    import torch
-
     say = log or (lambda msg: print(msg, file=sys.stderr))
-    # ---- validate everything before touching the disk
-    layers = _parse_list(layers, "layers")
-    splits = _parse_list(splits, "splits")
-    if dtype not in DTYPES:
-        raise UnknownNameError("dtype", dtype, DTYPES)
-    if pooling not in _models.POOLINGS:
-        raise UnknownNameError("pooling", pooling, _models.POOLINGS)
-    for name, value, low in (("limit", limit, 1), ("views", views, 0), ("batch_size", batch_size, 1),
-                             ("workers", workers, 0), ("seed", seed, 0)):
-        if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low):
-            raise InvalidParameterError(f"{name}={value!r} must be an integer >= {low}")
-    if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
-        raise InvalidParameterError(f"chunk_rows={chunk_rows!r} must be a positive integer")
-    dataset = _datasets.canonical_dataset_name(dataset)
-    valid_splits = _datasets.dataset_splits(dataset)
-    for split in splits:
-        if split not in valid_splits:
-            raise UnknownNameError(f"split of dataset {dataset!r}", split, valid_splits)
-    device = resolve_device(device)
-    on_gpu = device.startswith("cuda")
-    if batch_size is None:
-        batch_size = 256 if on_gpu else 16
-    _check_writable(str(store))
-    FeatureStore.check_foreign(str(store))
-
-    backbone, winfo = _models.create_backbone(model, weights, checkpoint, mapping, seed=seed)
-    extractor = _models.FeatureExtractor(backbone, layers, pooling, model)
-    tspec = resolve_transform(backbone, image_size)
-    eval_tf, aug_tf = make_transforms(tspec)
-    compute = "autocast-float16" if on_gpu else "float32"
-
-    # probe the output widths with one tiny forward pass (cheap, catches bad layers early)
-    with torch.no_grad():
-        dummy = torch.zeros((1,) + tuple(tspec.input_size))
-        widths = {k: int(v.shape[1]) for k, v in extractor(dummy).items()}
-
-    sources = {split: _datasets.load_split(dataset, split, root, download) for split in splits}
-    for split, src in sources.items():
-        if len(src) == 0:
-            raise InvalidParameterError(f"split {split!r} of dataset {dataset!r} is empty")
-
-    fs = FeatureStore(store, mode="a")
-    versions = _versions()
+    plan = _plan(o)
+    fs = FeatureStore(o.store, mode="a")
     built: list[Group] = []
-    # channels_last is ~2x faster for these convnets on CPU and the norm on GPU
-    backbone.to(device=device, memory_format=torch.channels_last)
-    for split in splits:
-        src = sources[split]
-        index = _datasets.stratified_subset(src.targets, limit, seed)
-        n_views = views if split == "train" else 0
-        specs = {}
-        for layer in layers:
-            d = widths[layer]
-            specs[layer] = ExtractionSpec(
-                model=model,
-                weights=winfo.source,
-                weights_sha256=winfo.sha256,
-                layer=layer,
-                pooling="model" if layer == _models.PRE_LOGITS else pooling,
-                dataset=dataset,
-                split=split,
-                limit=limit,
-                seed=seed,
-                views=n_views,
-                dtype=dtype,
-                compute=compute,
-                transform=tspec,
-                augmentation=PAPER_AUGMENTATION if n_views else "",
-                chunk_rows=chunk_rows or chunk_rows_for(d, dtype),
-            )
-        names = [s.group_name() for s in specs.values()]
-
-        def on_wait(name, holder):
-            say(f"featstore: group {name} is being built by {holder}; waiting for it to finish ...")
-
-        with fs.lock(names, wait=wait, on_wait=on_wait):
-            fs.reopen()
-            targets = []
-            for layer, spec in specs.items():
-                t = _open_target(fs, spec, src, index, widths[layer], versions, winfo, device, dataset)
-                if t is None:
-                    say(f"featstore: {spec.group_name()} is already complete")
-                else:
-                    targets.append((layer, t))
-            if targets:
-                _run_pass(extractor, backbone, targets, src, index, eval_tf, aug_tf, seed, n_views,
-                          batch_size, workers, device, progress, f"{model}:{dataset}:{split}")
-            fs.reopen()
-            built.extend(fs.group(name) for name in names)
-    extractor.close()
+    try:
+        for split in o.splits:
+            built += _extract(plan, fs, split, _specs(plan, split), say)
+    finally:
+        plan.extractor.close()
     return built
 
 
-def _open_target(fs: FeatureStore, spec: ExtractionSpec, src, index, d: int, versions, winfo, device, dataset):
+def _plan(o: BuildOptions) -> _Plan:
+    """Resolve and check everything that needs more than the options' own types: the dataset
+    and its splits, the device, the store path, the backbone and its layers. Writes nothing."""
+    import torch
+
+    dataset = datasets.canonical_dataset_name(o.dataset)
+    valid_splits = datasets.dataset_splits(dataset)
+    for split in o.splits:
+        if split not in valid_splits:
+            raise UnknownNameError("split", split, valid_splits, context=f"dataset {dataset!r}")
+    device = resolve_device(o.device)
+    _check_writable(str(o.store))
+    FeatureStore.check_foreign(str(o.store))
+    backbone, winfo = models.create_backbone(o.model, o.weights, o.checkpoint, o.mapping, seed=o.seed)
+    extractor = models.FeatureExtractor(backbone, list(o.layers), o.pooling, o.model)
+    tspec = resolve_transform(backbone, o.image_size)
+    # probe the output widths with one tiny forward pass (cheap, catches bad layers early)
+    with torch.no_grad():
+        widths = {k: int(v.shape[1]) for k, v in extractor(torch.zeros((1,) + tuple(tspec.input_size))).items()}
+    sources = {split: datasets.load_split(dataset, split, o.root, o.download) for split in o.splits}
+    for split, src in sources.items():
+        if len(src) == 0:
+            raise InvalidDatasetError(dataset=dataset, problem=f"split {split!r} is empty")
+    # channels_last is ~2x faster for these convnets on CPU and the norm on GPU
+    backbone.to(device=device, memory_format=torch.channels_last)
+    return _Plan(o, dataset, device, o.batch_size or (256 if device.startswith("cuda") else 16),
+                 o.workers if o.workers is not None else max(0, min(4, (os.cpu_count() or 1) - 1)),
+                 backbone, winfo, extractor, tspec, widths, sources)
+
+
+def _specs(plan: _Plan, split: str) -> dict[str, ExtractionSpec]:
+    """One ExtractionSpec per layer of ``split``: what names and identifies each group."""
+    o = plan.options
+    n_views = o.views if split == "train" else 0
+    return {layer: ExtractionSpec(
+        model=o.model,
+        weights=plan.weights.source,
+        weights_sha256=plan.weights.sha256,
+        layer=layer,
+        pooling="model" if layer == models.PRE_LOGITS else o.pooling,
+        dataset=plan.dataset,
+        split=split,
+        limit=o.limit,
+        seed=o.seed,
+        views=n_views,
+        dtype=o.dtype,
+        compute=plan.compute,
+        transform=plan.transform,
+        augmentation=PAPER_AUGMENTATION if n_views else "",
+        chunk_rows=o.chunk_rows or chunk_rows_for(plan.widths[layer], o.dtype),
+    ) for layer in o.layers}
+
+
+def _extract(plan: _Plan, fs: FeatureStore, split: str, specs: dict[str, ExtractionSpec], say) -> list[Group]:
+    """Under the groups' build locks: create or resume each group of ``split``, then one
+    backbone pass over whatever rows and views are still missing."""
+    o = plan.options
+    src = plan.sources[split]
+    index = datasets.stratified_subset(src.targets, o.limit, o.seed)
+    names = [s.group_name() for s in specs.values()]
+
+    def on_wait(name, holder):
+        say(f"featstore: group {name} is being built by {holder}; waiting for it to finish ...")
+
+    with fs.lock(names, wait=o.wait, on_wait=on_wait):
+        fs.reopen()
+        targets = []
+        versions = _versions()
+        for layer, spec in specs.items():
+            t = _open_target(fs, spec, src, index, plan.widths[layer], versions, plan.weights, plan.device)
+            if t is None:
+                say(f"featstore: {spec.group_name()} is already complete")
+            else:
+                targets.append((layer, t))
+        if targets:
+            eval_tf, aug_tf = make_transforms(plan.transform)
+            _run_pass(plan.extractor, plan.backbone, targets, src, index, eval_tf, aug_tf, o.seed,
+                      specs[o.layers[0]].views, plan.batch_size, plan.workers, plan.device, o.progress,
+                      f"{o.model}:{plan.dataset}:{split}")
+        fs.reopen()
+        return [fs.group(name) for name in names]
+
+
+def _open_target(fs: FeatureStore, spec: ExtractionSpec, src, index, d: int, versions, winfo, device):
     """Create the group (atomically, via a rename) or reopen a partial one to resume."""
 
     name = spec.group_name()
@@ -347,19 +366,20 @@ def _open_target(fs: FeatureStore, spec: ExtractionSpec, src, index, d: int, ver
             return None
         stored = ExtractionSpec.from_dict(meta["spec"])
         if stored != spec:  # cannot happen unless attributes were edited: the key names the spec
-            raise StaleGroupError(f"partial group {name} records another spec: {stored.diff(spec)}")
+            raise StaleGroupError(name=name, store=fs.path, reason=f"the partial group records another spec: "
+                                                                   f"{stored.diff(spec)}")
         old = meta.get("provenance", {}).get("versions", {})
         changed = {k: (old.get(k), v) for k, v in versions.items() if k in ("torch", "timm", "torchvision") and old.get(k) != v}
         if changed:
             raise StaleGroupError(
-                f"partial group {name} was started with other library versions {changed}; its "
-                f"finished chunks could differ from new ones. Remove it (`featstore rm {name} --store "
-                f"{fs.path}`) and build again."
-            )
+                name=name, store=fs.path,
+                reason=f"the partial group was started with other library versions {changed}, so its finished "
+                       f"chunks could differ from new ones; remove it (`featstore rm {name} --store {fs.path}`) "
+                       f"and build again")
     else:
         tmp = fs.new_group_dir(name)
         _create_group(tmp, spec, src, index, d, versions, winfo, device)
-        _faults.point("group-created")
+        faults.point("group-created")
         os.replace(tmp, Path(fs.path) / name)  # atomic: the group appears whole or not at all
         fs.reopen()
         z = fs.raw_group(name)
@@ -500,7 +520,7 @@ def _finish(targets, seconds: float, images: int) -> None:
         timings["images_per_second"] = round(images / seconds, 2) if seconds else None
         timings["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         meta["timings"] = timings
-        _faults.point("finish")
+        faults.point("finish")
         # one atomic write of zarr.json: the group flips from building to complete
         t.zgroup.attrs.update({META: meta})
 
@@ -532,18 +552,17 @@ class _Writer:
                     t.features[start : start + len(data)] = data
                 else:
                     t.views[view - 1, start : start + len(data)] = data
-                _faults.point("chunk-data")
+                faults.point("chunk-data")
                 # only after the chunk is on disk is it recorded as done
                 t.progress[view, c] = 1
                 t.done[view, c] = True
-                _faults.point("chunk-mark")
+                faults.point("chunk-mark")
             except OSError as e:  # disk full, permission denied, I/O error
-                from .errors import StoreError
-
-                self._error = StoreError(
-                    f"writing chunk {c} of view {view} of group {t.spec.group_name()} failed: "
-                    f"{e.strerror or e} ({type(e).__name__}). Finished chunks are kept and the group stays "
-                    f"'building'; fix the cause (free space, permissions) and re-run the same command to resume.")
+                self._error = WriteFailedError(
+                    path=f"chunk {c} of view {view} of group {t.spec.group_name()}",
+                    reason=f"{e.strerror or e} ({type(e).__name__})",
+                    consequence="finished chunks are kept and the group stays 'building'; fix the cause (free "
+                                "space, permissions) and re-run the same command to resume")
                 self._error.__cause__ = e
             except BaseException as e:  # re-raised in the main thread
                 self._error = e

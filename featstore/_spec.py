@@ -8,21 +8,45 @@ request it does not match (timm's ``PretrainedCfg`` and dask's ``tokenize`` idea
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
-from typing import Any
+import typing
+from typing import Annotated, Any, Literal
 
-from .errors import InvalidParameterError
+from pydantic import Field
 
-__all__ = ["ExtractionSpec", "TransformSpec", "FORMAT_VERSION", "slug"]
+from .datasets import parse_dataset_name
+from .params import Check, Parameters
+
+__all__ = ["ExtractionSpec", "TransformSpec", "FORMAT_VERSION", "slug", "Dtype", "DTYPES", "Pooling", "POOLINGS",
+           "Limit", "Seed", "Views", "ChunkRows", "Name"]
 
 # Bump when the on-disk layout changes incompatibly.
 FORMAT_VERSION = 1
 
 _SLUG_BAD = re.compile(r"[^A-Za-z0-9_.+-]+")
+
+# The types of what determines an extraction, declared once: the build's options and the
+# spec recorded with each group both use them.
+Dtype = Literal["float16", "float32"]
+"""Storage dtype of the features."""
+DTYPES = typing.get_args(Dtype)
+Pooling = Literal["avg", "max", "cls", "flatten"]
+"""How a spatial map (N, C, H, W) or a token sequence (N, T, C) becomes (N, C)."""
+POOLINGS = typing.get_args(Pooling)
+Limit = Annotated[int, Field(ge=1)] | None
+Seed = Annotated[int, Field(ge=0)]
+Views = Annotated[int, Field(ge=0)]
+ChunkRows = Annotated[int, Field(ge=1)]
+
+
+def _is_name(text) -> bool:
+    return isinstance(text, str) and bool(text) and "/" not in text and "\\" not in text and ".." not in text
+
+
+Name = Annotated[str, Check(_is_name, "a name without path separators or '..'")]
+"""A model or layer name (it becomes part of a group's folder name)."""
 
 
 def slug(text: str) -> str:
@@ -32,40 +56,25 @@ def slug(text: str) -> str:
     return out or "x"
 
 
-@dataclass(frozen=True)
-class TransformSpec:
+class TransformSpec(Parameters):
     """Eval preprocessing, resolved from the model's pretrained config.
 
     Attributes mirror ``timm.data.resolve_data_config``.
     """
 
-    input_size: tuple[int, int, int]
+    input_size: Annotated[tuple[int, int, int], Field(strict=False)]
     interpolation: str
     crop_pct: float
     crop_mode: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: Annotated[tuple[float, float, float], Field(strict=False)]
+    std: Annotated[tuple[float, float, float], Field(strict=False)]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "input_size": list(self.input_size),
-            "interpolation": self.interpolation,
-            "crop_pct": float(self.crop_pct),
-            "crop_mode": self.crop_mode,
-            "mean": [float(m) for m in self.mean],
-            "std": [float(s) for s in self.std],
-        }
+        return self.model_dump(mode="json")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TransformSpec":
-        return cls(
-            input_size=tuple(int(v) for v in d["input_size"]),
-            interpolation=str(d["interpolation"]),
-            crop_pct=float(d["crop_pct"]),
-            crop_mode=str(d["crop_mode"]),
-            mean=tuple(float(v) for v in d["mean"]),
-            std=tuple(float(v) for v in d["std"]),
-        )
+        return cls(**d)
 
 
 # The paper's train-time augmentation (appendix B), used for the extra views.
@@ -75,8 +84,7 @@ PAPER_AUGMENTATION = (
 )
 
 
-@dataclass(frozen=True)
-class ExtractionSpec:
+class ExtractionSpec(Parameters):
     """Everything that determines the features of one group.
 
     Attributes
@@ -113,47 +121,32 @@ class ExtractionSpec:
         Rows per Zarr chunk.
     """
 
-    model: str
+    model: Name
     weights: str
     weights_sha256: str
-    layer: str
-    pooling: str
+    layer: Name
+    pooling: Pooling | Literal["model"]
     dataset: str
     split: str
-    limit: int | None
-    seed: int
-    views: int
-    dtype: str
+    limit: Limit
+    seed: Seed
+    views: Views
+    dtype: Dtype
     compute: str
     transform: TransformSpec
     augmentation: str = ""
-    chunk_rows: int = 0
+    chunk_rows: Annotated[int, Field(ge=0)] = 0
     format_version: int = FORMAT_VERSION
-    extra: tuple[tuple[str, str], ...] = field(default_factory=tuple)
-
-    def __post_init__(self) -> None:
-        if self.dtype not in ("float16", "float32"):
-            raise InvalidParameterError(
-                f"dtype={self.dtype!r} is not supported; choose float16 or float32"
-            )
-        if self.limit is not None and self.limit <= 0:
-            raise InvalidParameterError(
-                f"limit={self.limit!r} must be a positive number of images (or None for all)"
-            )
-        if self.views < 0:
-            raise InvalidParameterError(f"views={self.views!r} must be >= 0")
+    extra: Annotated[tuple[tuple[str, str], ...], Field(strict=False)] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["transform"] = self.transform.to_dict()
-        d["extra"] = [list(kv) for kv in self.extra]
-        return d
+        """Plain JSON types (lists for tuples): what the group's attributes record."""
+        return self.model_dump(mode="json")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ExtractionSpec":
         d = dict(d)
         d["transform"] = TransformSpec.from_dict(d["transform"])
-        d["extra"] = tuple(tuple(kv) for kv in d.get("extra", ()))
         return cls(**d)
 
     def key(self) -> str:
@@ -163,7 +156,7 @@ class ExtractionSpec:
 
     def group_name(self) -> str:
         """Readable, path-safe group name that ends in the key's first 12 hex digits."""
-        parts = [self.model, self.layer, self.dataset.split(":", 1)[0], self.split]
+        parts = [self.model, self.layer, parse_dataset_name(self.dataset).label, self.split]
         return "__".join(slug(p) for p in parts) + "__" + self.key()[:12]
 
     def diff(self, other: "ExtractionSpec") -> dict[str, tuple[Any, Any]]:

@@ -22,11 +22,8 @@ then ``complete``. Readers refuse groups that are not complete.
 
 from __future__ import annotations
 
-import builtins
 import contextlib
-import fcntl
 import os
-import re
 import shutil
 import time
 import uuid
@@ -35,19 +32,26 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from pydantic import ValidationError
 
-from . import _faults
+from . import faults
+from .datasets import parse_dataset_name
+from .fileio import LockBusy, atomic_write, is_temporary, locked
 from ._spec import FORMAT_VERSION, ExtractionSpec
 from .errors import (
     AmbiguousGroupError,
     CorruptGroupError,
     GroupLockedError,
     GroupNotFoundError,
+    IncompatibleParametersError,
     IncompleteGroupError,
     InvalidParameterError,
+    MissingKeyError,
     NotAFeatureStoreError,
     StaleGroupError,
+    StoreNotFoundError,
     StoreNotWritableError,
+    UnknownKeyError,
 )
 
 __all__ = ["FeatureStore", "Group", "open", "DEFAULT_STORE", "QUERY_KEYS"]
@@ -100,18 +104,21 @@ class Group:
         self._z = zgroup
         meta = dict(zgroup.attrs.asdict().get(META) or {})
         if not meta or "spec" not in meta:
-            raise NotAFeatureStoreError(
-                f"{store.path}/{name} is a Zarr group without featstore metadata; it was not "
-                f"written by featstore"
-            )
+            raise NotAFeatureStoreError(path=f"{store.path}/{name}",
+                                        reason="a Zarr group without featstore metadata; featstore did not write it")
         self.meta = meta
-        self.spec = ExtractionSpec.from_dict(meta["spec"])
+        try:
+            self.spec = ExtractionSpec.from_dict(meta["spec"])
+        except (ValidationError, KeyError, TypeError) as e:
+            raise StaleGroupError(name=name, store=store.path,
+                                  reason=f"its recorded extraction spec is not valid ({e}); its attributes were "
+                                         f"changed after the build; remove it (`featstore rm {name}`) and build "
+                                         f"again") from None
         if self.spec.group_name() != name:
             raise StaleGroupError(
-                f"group {name!r} in {store.path} records a spec whose key names "
-                f"{self.spec.group_name()!r}: the attributes were changed after the build; "
-                f"rebuild it (featstore build ...) rather than trust its features"
-            )
+                name=name, store=store.path,
+                reason=f"it records a spec whose key names {self.spec.group_name()!r}: its attributes were changed "
+                       f"after the build; remove it (`featstore rm {name}`) and build again")
 
     # ------------------------------------------------------------------ metadata
     @property
@@ -152,11 +159,7 @@ class Group:
 
     def _require_complete(self) -> None:
         if not self.is_complete:
-            raise IncompleteGroupError(
-                f"group {self.name!r} in {self.store.path} is {self.state!r}, not complete: its "
-                f"build was interrupted or is running. Re-run the same `featstore build` "
-                f"command to finish it (finished chunks are kept)."
-            )
+            raise IncompleteGroupError(name=self.name, store=self.store.path, state=self.state)
 
     # ------------------------------------------------------------------ arrays
     @property
@@ -172,9 +175,9 @@ class Group:
             return self._z["features"]
         if not 1 <= index <= self.n_views:
             raise InvalidParameterError(
-                f"view={index!r} is out of range; group {self.name!r} has views 0 (clean)"
-                + (f" and 1..{self.n_views} (augmented)" if self.n_views else " only")
-            )
+                key="view", value=index,
+                expected=f"0 (clean)" + (f" or 1..{self.n_views} (augmented)" if self.n_views else "")
+                         + f": the passes of group {self.name!r}")
         # a lazy 2-D selection would copy; callers index the 3-D array themselves
         return _ViewArray(self._z["views"], index - 1)
 
@@ -224,6 +227,48 @@ class Group:
             return None
         return _dir_size(Path(self.store.path) / self.name)
 
+    def _passes(self) -> list[tuple[str, Any, int | None]]:
+        """(label, zarr array, view index or None) of every pass: the clean one, then the views."""
+        arrays = [("features", self._z["features"], None)]
+        if self.n_views:
+            arrays += [(f"views[{v}]", self._z["views"], v) for v in range(self.n_views)]
+        return arrays
+
+    def _read_chunk(self, label: str, arr, v: int | None, c: int) -> tuple[np.ndarray | None, str | None]:
+        """Chunk c of one pass, read and checked: (rows, None), or (None, the problem) when it
+        is missing, unreadable or holds NaN/Inf (zarr would silently serve a missing chunk
+        as its fill value)."""
+        rows = arr.chunks[-2]
+        start = c * rows
+        store_path = Path(self.store.path) / self.name / label.split("[")[0]
+        key = f"c/{v}/{c}/0" if v is not None else f"c/{c}/0"
+        if not _is_url(self.store.path) and not (store_path / key).exists():
+            return None, f"{label}: chunk {c} (rows {start}..{start + rows}) is missing: {store_path / key}"
+        try:
+            block = arr[v, start : start + rows] if v is not None else arr[start : start + rows]
+        except Exception as e:  # decompression or decode failure
+            return None, f"{label}: chunk {c} is unreadable ({type(e).__name__}: {e}): {store_path / key}"
+        bad = ~np.isfinite(block)
+        if bad.any():
+            r = start + int(np.argwhere(bad)[0][0])
+            col = int(np.argwhere(bad)[0][1])
+            return None, f"{label}: chunk {c} holds {int(bad.sum())} NaN/Inf values (first at row {r}, neuron {col})"
+        return block, None
+
+    def _label_problems(self) -> list[str]:
+        try:
+            labels = self._z["labels"][:]
+        except Exception as e:
+            return [f"labels: unreadable ({type(e).__name__}: {e})"]
+        problems = []
+        n_classes = len(self.classes)
+        out = (labels < 0) | (labels >= n_classes)
+        if out.any():
+            problems.append(f"labels: {int(out.sum())} outside 0..{n_classes - 1} (first {int(labels[out][0])})")
+        if len(labels) != self.n_samples:
+            problems.append(f"labels: {len(labels)} rows, expected {self.n_samples}")
+        return problems
+
     def verify(self) -> list[str]:
         """Check every chunk is present and readable, no NaN/Inf, labels in range.
 
@@ -235,49 +280,51 @@ class Group:
         problems: list[str] = []
         if not self.is_complete:
             problems.append(f"state is {self.state!r}, not complete")
-        arrays = [("features", self._z["features"], None)]
-        if self.n_views:
-            arrays += [(f"views[{v}]", self._z["views"], v) for v in range(self.n_views)]
-        for label, arr, v in arrays:
-            rows = arr.chunks[-2]
-            store_path = Path(self.store.path) / self.name / label.split("[")[0]
-            for c, start in enumerate(range(0, self.n_samples, rows)):
-                key = f"c/{v}/{c}/0" if v is not None else f"c/{c}/0"
-                if not _is_url(self.store.path) and not (store_path / key).exists():
-                    problems.append(f"{label}: chunk {c} (rows {start}..{start + rows}) is missing: {store_path / key}")
-                    continue
-                try:
-                    block = arr[v, start : start + rows] if v is not None else arr[start : start + rows]
-                except Exception as e:  # decompression or decode failure
-                    problems.append(f"{label}: chunk {c} is unreadable ({type(e).__name__}: {e}): {store_path / key}")
-                    continue
-                bad = ~np.isfinite(block)
-                if bad.any():
-                    r = start + int(np.argwhere(bad)[0][0])
-                    problems.append(f"{label}: chunk {c} holds {int(bad.sum())} NaN/Inf values (first at row {r})")
-        try:
-            labels = self._z["labels"][:]
-            n_classes = len(self.classes)
-            out = (labels < 0) | (labels >= n_classes)
-            if out.any():
-                problems.append(
-                    f"labels: {int(out.sum())} outside 0..{n_classes - 1} (first {int(labels[out][0])})"
-                )
-            if len(labels) != self.n_samples:
-                problems.append(f"labels: {len(labels)} rows, expected {self.n_samples}")
-        except Exception as e:
-            problems.append(f"labels: unreadable ({type(e).__name__}: {e})")
-        return problems
+        for label, arr, v in self._passes():
+            for c in range(-(-self.n_samples // arr.chunks[-2])):
+                problems += [p for p in self._read_chunk(label, arr, v, c)[1:] if p]
+        return problems + self._label_problems()
 
     def check_readable(self) -> None:
         """Raise :class:`CorruptGroupError` naming the path when :meth:`verify` finds problems."""
         problems = self.verify()
         if problems:
-            raise CorruptGroupError(
-                f"group {self.path} failed verification: " + "; ".join(problems[:5])
-                + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
-                + ". Rebuild it: delete the group and re-run `featstore build`."
-            )
+            raise CorruptGroupError(path=self.path, name=self.name, problems=problems)
+
+    def read_verified(self, view: int = 0, dtype=None, block_rows: int | None = None) -> Iterator[np.ndarray]:
+        """Yield one pass's rows in chunk-aligned blocks, each chunk checked as it is read
+        (present, decodable, finite) and the labels checked first: a group is verified by the
+        same read that uses it, never read twice. Raises :class:`CorruptGroupError` naming
+        the chunk.
+
+        Parameters
+        ----------
+        view : int
+            0 = the clean pass, 1..n_views = augmented views.
+        dtype : numpy dtype, optional
+            Convert each block (e.g. ``np.float64`` for CKA sums).
+        block_rows : int, optional
+            Rows per block, rounded down to whole chunks (default: one chunk).
+        """
+        self._require_complete()
+        problems = self._label_problems()
+        if problems:
+            raise CorruptGroupError(path=self.path, name=self.name, problems=problems)
+        if not 0 <= view <= self.n_views:
+            self.view(view)  # the range error
+        label, arr, v = self._passes()[view]
+        rows = arr.chunks[-2]
+        per_block = max(1, (block_rows or rows) // rows)
+        n_chunks = -(-self.n_samples // rows)
+        for c0 in range(0, n_chunks, per_block):
+            blocks = []
+            for c in range(c0, min(c0 + per_block, n_chunks)):
+                block, problem = self._read_chunk(label, arr, v, c)
+                if problem:
+                    raise CorruptGroupError(path=self.path, name=self.name, problems=[problem])
+                blocks.append(block)
+            out = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+            yield out.astype(dtype, copy=False) if dtype is not None else out
 
     def summary(self) -> dict[str, Any]:
         s = self.spec
@@ -303,8 +350,8 @@ class Group:
             if v is None:
                 continue
             have = getattr(s, k)
-            if k == "dataset" and isinstance(v, str) and v.startswith("imagefolder:") and isinstance(have, str):
-                if have != v and not have.endswith(v.split(":", 1)[1].rstrip("/")):
+            if k == "dataset":
+                if not parse_dataset_name(v).matches(have):
                     return False
                 continue
             if have != v:
@@ -353,16 +400,14 @@ class FeatureStore:
         import zarr
 
         if mode not in ("r", "a"):
-            raise InvalidParameterError(f"mode={mode!r}; choose 'r' (read) or 'a' (create/append)")
+            raise InvalidParameterError(key="mode", value=mode, expected="'r' (read) or 'a' (create/append)")
         self.path = str(path) if _is_url(str(path)) else str(Path(path).expanduser())
         self.mode = mode
         if mode == "a":
             _check_writable(self.path)
         else:
             if not _is_url(self.path) and not Path(self.path).exists():
-                raise GroupNotFoundError(
-                    f"No feature store at {self.path!r}; create one with `featstore build --store {self.path}`"
-                )
+                raise StoreNotFoundError(path=self.path)
         self._check_foreign()
         store = _zarr_store(self.path, read_only=(mode == "r"))
         if mode == "a" and not self._has_root():
@@ -374,20 +419,15 @@ class FeatureStore:
         try:
             self._root = zarr.open_group(store, mode="r" if mode == "r" else "a")
         except Exception as e:
-            raise NotAFeatureStoreError(
-                f"{self.path!r} is not a featstore store (cannot open as Zarr v3: {e})"
-            ) from None
+            raise NotAFeatureStoreError(path=self.path, reason=f"it cannot be opened as Zarr v3 ({e})") from None
         mark = self._root.attrs.asdict().get(ROOT_MARK)
         if not isinstance(mark, dict):
-            raise NotAFeatureStoreError(
-                f"{self.path!r} is a Zarr hierarchy that featstore did not write (no "
-                f"'{ROOT_MARK}' attribute); choose another --store path"
-            )
+            raise NotAFeatureStoreError(path=self.path, reason=f"a Zarr hierarchy that featstore did not write "
+                                                               f"(no '{ROOT_MARK}' attribute); choose another path")
         if mark.get("format_version") != FORMAT_VERSION:
-            raise NotAFeatureStoreError(
-                f"{self.path!r} has featstore format {mark.get('format_version')!r}; this "
-                f"featstore reads format {FORMAT_VERSION}"
-            )
+            raise NotAFeatureStoreError(path=self.path, reason=f"it has featstore format "
+                                                               f"{mark.get('format_version')!r}; this featstore "
+                                                               f"reads format {FORMAT_VERSION}")
 
     def _has_root(self) -> bool:
         return (Path(self.path) / "zarr.json").exists() if not _is_url(self.path) else True
@@ -402,15 +442,13 @@ class FeatureStore:
             return
         p = Path(path)
         if p.exists() and not p.is_dir():
-            raise NotAFeatureStoreError(f"--store {path!r} is a file, not a featstore directory")
+            raise NotAFeatureStoreError(path=path, reason="it is a file, not a featstore directory")
         # List first, look for the root after: featstore writes zarr.json before anything else
         # in a store, so an entry listed while another process creates the store implies it.
         listed = [e.name for e in p.iterdir()] if p.is_dir() else []
-        if any(not _ROOT_TMP.fullmatch(n) for n in listed) and not (p / "zarr.json").exists():
-            raise NotAFeatureStoreError(
-                f"--store {path!r} is a non-empty directory that featstore did not write "
-                f"(no zarr.json); choose an empty or new path"
-            )
+        if any(not is_temporary(n, of="zarr.json") for n in listed) and not (p / "zarr.json").exists():
+            raise NotAFeatureStoreError(path=path, reason="a non-empty directory that featstore did not write "
+                                                          "(no zarr.json); choose an empty or new path")
 
     # ------------------------------------------------------------------ listing
     def group_names(self) -> list[str]:
@@ -437,9 +475,8 @@ class FeatureStore:
         """Groups whose spec matches every keyword (``model``, ``layer``, ``dataset``, ...)."""
         unknown = set(query) - set(QUERY_KEYS)
         if unknown:
-            raise InvalidParameterError(
-                f"unknown query keyword(s) {sorted(unknown)}; use {', '.join(QUERY_KEYS)}"
-            )
+            name = sorted(unknown)[0]
+            raise UnknownKeyError(key=f"query {name}", value=query[name], allowed=QUERY_KEYS)
         return [g for g in self.groups(include_incomplete) if g.matches(**query)]
 
     def group(self, name: str | None = None, **query) -> Group:
@@ -453,9 +490,7 @@ class FeatureStore:
         """
         if name is not None:
             if name not in self.group_names():
-                raise GroupNotFoundError(
-                    f"No group {name!r} in {self.path}; groups: {', '.join(self.group_names()) or '(none)'}"
-                )
+                raise GroupNotFoundError(name=name, store=self.path, known=self.group_names())
             g = Group(self, name, self._root[name])
             g._require_complete()
             return g
@@ -465,17 +500,12 @@ class FeatureStore:
             if partial:
                 partial[0]._require_complete()
             raise GroupNotFoundError(
-                f"No complete group matches {query} in {self.path}; available: "
-                + ("; ".join(f"{g.spec.model}/{g.spec.layer}/{g.spec.dataset}/{g.spec.split}" for g in self.groups())
-                   or "(none)")
-            )
+                name=query, store=self.path,
+                known=[f"{g.spec.model}/{g.spec.layer}/{g.spec.dataset}/{g.spec.split}" for g in self.groups()])
         if len(hits) > 1:
             raise AmbiguousGroupError(
-                f"{len(hits)} groups match {query}: "
-                + "; ".join(f"{g.name} (weights={g.spec.weights}, limit={g.spec.limit}, views={g.spec.views}, "
-                            f"dtype={g.spec.dtype})" for g in hits)
-                + ". Add keywords (weights=, limit=, views=, dtype=) or pass the name."
-            )
+                query=query, matches=[f"{g.name} (weights={g.spec.weights}, limit={g.spec.limit}, "
+                                      f"views={g.spec.views}, dtype={g.spec.dtype})" for g in hits])
         return hits[0]
 
     def __repr__(self) -> str:
@@ -491,36 +521,14 @@ class FeatureStore:
         """Hold the build locks of ``names`` (sorted, so two builds cannot deadlock)."""
         lock_dir = self.internal_dir / "locks"
         lock_dir.mkdir(parents=True, exist_ok=True)
-        files = []
-        try:
+        with contextlib.ExitStack() as stack:
             for name in sorted(names):
-                f = builtins.open(lock_dir / f"{name}.lock", "a+")
-                files.append(f)
                 try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    f.seek(0)
-                    holder = f.read().strip() or "another process"
-                    if not wait:
-                        raise GroupLockedError(
-                            f"group {name!r} in {self.path} is being built by {holder}; wait for it "
-                            f"to finish (or pass --wait) and run again"
-                        ) from None
-                    if on_wait:
-                        on_wait(name, holder)
-                    fcntl.flock(f, fcntl.LOCK_EX)
-                f.seek(0)
-                f.truncate()
-                f.write(f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-                f.flush()
+                    stack.enter_context(locked(lock_dir / f"{name}.lock", wait=wait,
+                                               on_wait=(lambda holder, n=name: on_wait(n, holder)) if on_wait else None))
+                except LockBusy as busy:
+                    raise GroupLockedError(name=name, store=self.path, holder=busy.holder) from None
             yield
-        finally:
-            for f in files:
-                with contextlib.suppress(Exception):
-                    f.seek(0)
-                    f.truncate()
-                    fcntl.flock(f, fcntl.LOCK_UN)
-                f.close()
 
     def raw_group(self, name: str):
         """The zarr group ``name`` or None (no metadata checks)."""
@@ -546,19 +554,19 @@ class FeatureStore:
         list of (name, bytes on disk), what was (or, with ``dry_run``, would be) removed.
         """
         if self.mode != "a":
-            raise InvalidParameterError("this store is open read-only; use FeatureStore(path, mode='a') to remove groups")
+            raise IncompatibleParametersError(key="mode", value=self.mode, reason="this store is open read-only; use "
+                                                                               "FeatureStore(path, mode='a') to remove groups")
         if _is_url(self.path):
-            raise InvalidParameterError(f"removing groups works on local stores only, not {self.path!r}")
+            raise IncompatibleParametersError(key="path", value=self.path,
+                                              reason="removing groups works on local stores only")
         names = list(dict.fromkeys(names or []))
         known = self.group_names()
         unknown = [n for n in names if n not in known]
         if unknown:
-            raise GroupNotFoundError(
-                f"No group {unknown[0]!r} in {self.path}; groups: {', '.join(known) or '(none)'} "
-                f"(nothing was removed)")
+            raise GroupNotFoundError(name=unknown[0], store=self.path, known=known, hint="nothing was removed")
         if not names and not incomplete:
-            raise InvalidParameterError(
-                "name the groups to remove (see `featstore ls --all`), or pass incomplete=True / --incomplete")
+            raise MissingKeyError(key="groups", expected="the names of the groups to remove (see `featstore ls "
+                                                         "--all`), or incomplete=True (--incomplete)")
         if incomplete:
             names += [g.name for g in self.groups(include_incomplete=True) if not g.is_complete and g.name not in names]
         sizes = [(n, _dir_size(Path(self.path) / n)) for n in names]
@@ -570,9 +578,9 @@ class FeatureStore:
                 trash.mkdir(parents=True, exist_ok=True)
                 for n in names:
                     os.replace(Path(self.path) / n, trash / f"{n}.{os.getpid()}.{time.time_ns()}")
-                    _faults.point("remove-renamed")
+                    faults.point("remove-renamed")
         except GroupLockedError as e:
-            raise GroupLockedError(f"{e}. Nothing was removed.") from None
+            raise GroupLockedError(**{**e.fields, "hint": "nothing was removed"}) from None
         self._empty_trash(incomplete)
         self.reopen()
         return sizes
@@ -604,16 +612,13 @@ class FeatureStore:
         self._root = zarr.open_group(_zarr_store(self.path, read_only=self.mode == "r"), mode="r" if self.mode == "r" else "a")
 
 
-_ROOT_TMP = re.compile(r"\.zarr\.json\.[0-9a-f]{12}\.tmp")
-
-
 def _create_local_root(path: str) -> None:
     """Create the store root's ``zarr.json`` (with featstore's mark) atomically.
 
     Two builds may start on a new store at once. The metadata (a Zarr v3 group
-    document) is written to a temporary file and hard-linked into place, which fails
-    if the other process got there first; its root is identical, so that is fine.
-    Nothing ever sees a half-written or unmarked root.
+    document) is written whole and linked into place without replacing; if the other
+    process got there first, its root is identical, so that is fine. Nothing ever sees
+    a half-written or unmarked root.
     """
     import json
 
@@ -621,16 +626,8 @@ def _create_local_root(path: str) -> None:
     p.mkdir(parents=True, exist_ok=True)
     doc = {"zarr_format": 3, "node_type": "group",
            "attributes": {ROOT_MARK: {"format_version": FORMAT_VERSION}}}
-    tmp = p / f".zarr.json.{uuid.uuid4().hex[:12]}.tmp"
-    try:
-        with builtins.open(tmp, "w") as f:
-            json.dump(doc, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        with contextlib.suppress(FileExistsError):
-            os.link(tmp, p / "zarr.json")
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(p / "zarr.json", json.dumps(doc, indent=2).encode(), replace=False,
+                 consequence="the store was not created")
 
 
 def _check_writable(path: str) -> None:
@@ -644,12 +641,9 @@ def _check_writable(path: str) -> None:
             break
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
-        raise StoreNotWritableError(f"--store {path!r}: {str(probe)!r} is a file, so the store cannot be created")
+        raise StoreNotWritableError(path=path, reason=f"{str(probe)!r} is a file")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise StoreNotWritableError(
-            f"--store {path!r} is not writable ({str(probe)!r} denies write access); choose a "
-            f"path you can write, e.g. --store data/featstore.zarr"
-        )
+        raise StoreNotWritableError(path=path, reason=f"{str(probe)!r} denies write access")
 
 
 def open(path: str | os.PathLike = DEFAULT_STORE) -> FeatureStore:  # noqa: A001 - public API name

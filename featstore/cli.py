@@ -15,9 +15,9 @@ import argparse
 import json
 import sys
 
-from . import _build, _datasets, _models
+from . import _build, datasets, models, params
 from ._store import DEFAULT_STORE, FeatureStore
-from .errors import FeatstoreError
+from .errors import FeatstoreError, GroupNotFoundError
 
 __all__ = ["main"]
 
@@ -32,73 +32,20 @@ def _human(nbytes) -> str:
     return "?"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer (got {value})")
-    return value
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return value
-
-
 def _add_build(sub) -> None:
     p = sub.add_parser("build", help="run a backbone once and cache its features as Zarr",
                        description="Run a timm backbone once per (layer, split) and write Zarr feature groups. "
                        "Resumable: re-run the same command after an interruption.")
-    p.add_argument("--model", default=_models.EMBEDDED_MODEL, help="timm architecture (default: %(default)s)")
-    p.add_argument("--weights", default=None, choices=sorted(_models.WEIGHT_SOURCES),
-                   help="weight source (default: embedded for tf_efficientnet_lite0, else hub)")
-    p.add_argument("--checkpoint", default=None, help="checkpoint file for --weights checkpoint")
-    p.add_argument("--map", dest="mapping", default="names", choices=("names", "positional"),
-                   help="how checkpoint tensors map onto the model (default: %(default)s)")
-    p.add_argument("--layers", default="pre_logits",
-                   help="comma-separated layers, all from one pass (default: %(default)s; see `featstore layers MODEL`)")
-    p.add_argument("--pooling", default="avg", choices=_models.POOLINGS,
-                   help="pooling of spatial maps / tokens for module layers (default: %(default)s)")
-    p.add_argument("--dataset", default="fashion-mnist", help="dataset name or imagefolder:PATH (default: %(default)s)")
-    p.add_argument("--splits", default="train,test", help="comma-separated splits (default: %(default)s)")
-    p.add_argument("--root", default=None, help="where torchvision datasets live")
-    p.add_argument("--download", action="store_true", help="let torchvision download the dataset")
-    p.add_argument("--limit", type=_positive_int, default=None, help="stratified, seeded subset of N images per split")
-    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of --limit and --views (default: 0)")
-    p.add_argument("--views", type=_nonneg_int, default=0, help="extra augmented passes over train (default: 0)")
-    p.add_argument("--dtype", default="float16", choices=_build.DTYPES, help="storage dtype (default: %(default)s)")
-    p.add_argument("--store", default=DEFAULT_STORE, help="store path or URL (default: %(default)s)")
-    p.add_argument("--batch-size", type=_positive_int, default=None,
-                   help="forward batch size (default: 16 on CPU, 256 on CUDA)")
-    p.add_argument("--workers", type=_nonneg_int, default=None,
-                   help="DataLoader worker processes (default: min(4, cores - 1))")
-    p.add_argument("--device", default="auto", choices=_build.DEVICES, help="(default: auto = cuda if present)")
-    p.add_argument("--image-size", type=_positive_int, default=None, help="override the model's input size")
-    p.add_argument("--chunk-rows", type=_positive_int, default=None, help="rows per chunk (default: ~8 MB)")
-    p.add_argument("--no-wait", dest="wait", action="store_false",
-                   help="exit instead of waiting when another build holds a group")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    params.add_arguments(p, _build.BuildOptions)
 
 
 def _cmd_build(a) -> int:
-    import os
-
-    workers = a.workers if a.workers is not None else max(0, min(4, (os.cpu_count() or 1) - 1))
-    groups = _build.build(
-        a.model, weights=a.weights, checkpoint=a.checkpoint, mapping=a.mapping, layers=a.layers,
-        pooling=a.pooling, dataset=a.dataset, splits=a.splits, root=a.root, download=a.download,
-        limit=a.limit, seed=a.seed, views=a.views, dtype=a.dtype, store=a.store, batch_size=a.batch_size,
-        workers=workers, device=a.device, image_size=a.image_size, chunk_rows=a.chunk_rows,
-        progress=a.progress, wait=a.wait,
-    )
-    print(f"Built {len(groups)} group(s) in {a.store}:")
+    options = params.parse_arguments(_build.BuildOptions, a)
+    # checked here too, so that a message names the flag the user typed (--limit, not limit)
+    params.validate(_build.BuildOptions, options, key_format=params.cli_key(params.flags(_build.BuildOptions)))
+    groups = _build.build(**options)
+    store = options.get("store", _build.BuildOptions.model_fields["store"].default)
+    print(f"Built {len(groups)} group(s) in {store}:")
     for g in groups:
         t = g.timings
         rate = f", {t['images_per_second']:.1f} img/s" if t.get("images_per_second") else ""
@@ -131,9 +78,7 @@ def _cmd_info(a) -> int:
     fs = FeatureStore(a.store, mode="r")
     names = fs.group_names()
     if a.group not in names:
-        from .errors import GroupNotFoundError
-
-        raise GroupNotFoundError(f"No group {a.group!r} in {a.store}; groups: {', '.join(names) or '(none)'}")
+        raise GroupNotFoundError(name=a.group, store=a.store, known=names)
     g = [x for x in fs.groups(include_incomplete=True) if x.name == a.group][0]
     info = {"name": g.name, "state": g.state, "n_samples": g.n_samples, "n_neurons": g.n_neurons,
             "classes": g.classes, "spec": g.spec.to_dict(), "key": g.spec.key(),
@@ -148,10 +93,7 @@ def _cmd_verify(a) -> int:
     if a.groups:
         unknown = set(a.groups) - {g.name for g in groups}
         if unknown:
-            from .errors import GroupNotFoundError
-
-            raise GroupNotFoundError(f"No group {sorted(unknown)[0]!r} in {a.store}; groups: "
-                                     f"{', '.join(g.name for g in groups) or '(none)'}")
+            raise GroupNotFoundError(name=sorted(unknown)[0], store=a.store, known=[g.name for g in groups])
         groups = [g for g in groups if g.name in a.groups]
     bad = 0
     for g in groups:
@@ -187,21 +129,22 @@ def _cmd_layers(a) -> int:
     import contextlib
     import io
 
-    _models.check_model_name(a.model)
+    models.check_model_name(a.model)
     import timm
 
     with contextlib.redirect_stderr(io.StringIO()):
         model = timm.create_model(a.model, pretrained=False)
-    for name in _models.list_layers(model):
+    for name in models.list_layers(model):
         print(name)
     return 0
 
 
 def _cmd_datasets(a) -> int:
-    for name in sorted(_datasets.DATASETS):
-        e = _datasets.DATASETS[name]
+    for name in sorted(datasets.DATASETS):
+        e = datasets.DATASETS[name]
         print(f"{name:14s} splits: {','.join(e.splits):16s} {e.description}")
-    print(f"{'imagefolder:PATH':14s} splits: train,test[,val] class-per-folder tree (train/test subfolders or a seeded 80/20 split)")
+    print(f"{datasets.IMAGEFOLDER + ':PATH':14s} splits: train,test[,val] class-per-folder tree (train/test "
+          f"subfolders or a seeded 80/20 split)")
     return 0
 
 
@@ -230,32 +173,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("layers", help="list a timm model's layer names")
     p.add_argument("model")
     sub.add_parser("datasets", help="list the registered datasets")
-    _extend(sub)
+    commands = dict(COMMANDS)
+    for register in _extensions():
+        register(sub, commands)
+    parser.set_defaults(_commands=commands)
     return parser
 
 
 COMMANDS = {"build": _cmd_build, "ls": _cmd_ls, "info": _cmd_info, "verify": _cmd_verify, "rm": _cmd_rm,
             "layers": _cmd_layers, "datasets": _cmd_datasets}
+ENTRY_POINT_GROUP = "featstore.commands"
 
 
-def _extend(sub) -> None:
-    """Sub-commands contributed by ``pipelines`` (sweep, report), when it is installed."""
-    try:
-        from pipelines import _cli as pipelines_cli
-    except ImportError:
-        return
-    pipelines_cli.register(sub, COMMANDS)
+def _extensions():
+    """Sub-commands other packages register under the ``featstore.commands`` entry-point
+    group (``pipelines`` adds sweep and report): each entry is ``register(subparsers,
+    commands)``. featstore never imports them by name, so the store does not depend on
+    what orchestrates it."""
+    from importlib.metadata import entry_points
+
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        yield ep.load()
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        return args._commands[args.command](args)
     except FeatstoreError as e:
-        print(f"featstore {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:  # missing dataset files and the like
         print(f"featstore {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -16,9 +16,14 @@ from ._analysis import (
     inequality_curve,
     modes_at_equal_k,
 )
+from ._launchers import LAUNCHERS, Launcher
 from ._report import write_report
-from ._sweep import LAUNCHERS, SweepSpec, Task, expand_tasks, load_results, load_spec, run_sweep, run_task
+from ._results import load_results
+from ._spec import GroupTable, SweepSpec, load_spec
+from ._sweep import SweepRun, run_sweep
+from ._tasks import FeatureCache, Task, expand_tasks, run_task
 
-__all__ = ["load_spec", "SweepSpec", "Task", "expand_tasks", "run_sweep", "run_task", "load_results", "LAUNCHERS",
-           "accuracy_curve", "diffused_redundancy", "dr_table", "critical_fraction", "gini",
-           "coefficient_of_variation", "inequality_curve", "modes_at_equal_k", "write_report"]
+__all__ = ["load_spec", "SweepSpec", "GroupTable", "SweepRun", "Task", "expand_tasks", "run_sweep", "run_task",
+           "load_results", "LAUNCHERS", "Launcher", "FeatureCache", "accuracy_curve", "diffused_redundancy",
+           "dr_table", "critical_fraction", "gini", "coefficient_of_variation", "inequality_curve",
+           "modes_at_equal_k", "write_report"]

@@ -1,20 +1,24 @@
-"""`featstore sweep` and `featstore report` (registered into featstore's CLI)."""
+"""`featstore sweep` and `featstore report`, registered into featstore's command line through
+the ``featstore.commands`` entry point (featstore never imports pipelines)."""
 
 from __future__ import annotations
 
+from featstore import params
 
-from ._sweep import LAUNCHERS
+from ._sweep import SweepRun
 
 __all__ = ["register"]
 
 
 def _cmd_sweep(a) -> int:
     from ._analysis import dr_table
-    from ._sweep import load_spec, run_sweep
+    from ._spec import load_spec
+    from ._sweep import check_run, run_sweep
 
+    options = params.parse_arguments(SweepRun, a)
+    check_run(options, key_format=params.cli_key(params.flags(SweepRun)))  # the options first, by their flags
     spec = load_spec(a.spec, store=a.store)
-    df = run_sweep(spec, a.out, launcher=a.launcher, workers=a.workers, scheduler=a.scheduler, device=a.device,
-                   progress=a.progress)
+    df = run_sweep(spec, a.out, **options)
     print(f"{len(df)} draws in {a.out} (pipelines.load_results({a.out!r}))")
     if "random" in set(df["mode"]):
         print("Diffused redundancy DR(δ), random neurons [95% seed-bootstrap interval]:")
@@ -35,12 +39,8 @@ def register(sub, commands) -> None:
                        description="Expand a TOML sweep spec into tasks and run them; resumable.")
     p.add_argument("spec", help="sweep spec (TOML)")
     p.add_argument("--out", required=True, help="output directory (results/, done/, sweep.json)")
-    p.add_argument("--launcher", default="local", choices=LAUNCHERS, help="(default: %(default)s)")
-    p.add_argument("--scheduler", default=None, help="dask scheduler address (tcp://host:8786) for many machines")
-    p.add_argument("--workers", type=int, default=None, help="processes for joblib / a local dask cluster")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument("--store", default=None, help="override the spec's store path")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    params.add_arguments(p, SweepRun)
     p = sub.add_parser("report", help="figures and an HTML page from a sweep's results")
     p.add_argument("results", help="sweep output directory")
     p.add_argument("--out", default=None, help="report directory (default: RESULTS/report)")

@@ -8,19 +8,33 @@ backbones or timm.
 """
 
 from ._cka import (
+    CKAEstimator,
+    CKAOptions,
     CKAResult,
     CKAStatistics,
     ESTIMATORS as CKA_ESTIMATORS,
     cka_statistics,
     cross_cka,
+    iter_row_blocks,
     linear_cka,
     subset_cka,
 )
+from ._engine import SOLVERS, Protocol, SubsetProbes, SubsetProbesParameters, cpu_has_bf16, load_training_data
+from ._inputs import Features, as_features
+from ._selection import (
+    PAPER_FRACTIONS,
+    SELECTION_MODES,
+    Draw,
+    Selection,
+    SelectionMode,
+    make_families,
+    random_permutation,
+    random_projection,
+    subset_size,
+)
 
-__all__ = ["subset_cka", "cka_statistics", "cross_cka", "linear_cka", "CKAResult", "CKAStatistics", "CKA_ESTIMATORS"]
-
-from ._engine import SOLVERS, SubsetProbes, load_training_data
-from ._selection import PAPER_FRACTIONS, SELECTION_MODES, Draw, make_families, random_permutation, random_projection, subset_size
-
-__all__ += ["SubsetProbes", "SOLVERS", "load_training_data", "PAPER_FRACTIONS", "SELECTION_MODES", "Draw",
-            "make_families", "random_permutation", "random_projection", "subset_size"]
+__all__ = ["subset_cka", "cka_statistics", "cross_cka", "linear_cka", "iter_row_blocks", "CKAResult", "CKAStatistics",
+           "CKAEstimator", "CKAOptions", "CKA_ESTIMATORS", "SubsetProbes", "SubsetProbesParameters", "Protocol",
+           "Selection", "SOLVERS", "load_training_data", "cpu_has_bf16", "Features", "as_features",
+           "PAPER_FRACTIONS", "SELECTION_MODES", "SelectionMode", "Draw", "make_families", "random_permutation",
+           "random_projection", "subset_size"]

@@ -30,17 +30,19 @@ they get ``0.0`` and are flagged in ``CKAResult.degenerate`` (or raise with
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Annotated, Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
+from pydantic import Field
 
-from featstore.errors import InvalidFeaturesError, InvalidParameterError, UnknownNameError
+from featstore.errors import IncompatibleParametersError, InvalidFeaturesError, InvalidParameterError
+from featstore.params import OneOf, Parameters, defaults, validate
 
-__all__ = ["CKAResult", "CKAStatistics", "ESTIMATORS", "cka_statistics", "subset_cka", "cross_cka", "linear_cka",
-           "GramAccumulator", "iter_row_blocks"]
+from ._inputs import Features, as_features
+from ._selection import check_indices
 
-ESTIMATORS = ("biased", "unbiased", "minibatch")
-DEFAULT_BLOCK_BYTES = 16 << 20  # float64 rows per streamed block: ~16 MB, whatever the width
+__all__ = ["CKAResult", "CKAStatistics", "CKAEstimator", "ESTIMATORS", "CKAOptions", "cka_statistics", "subset_cka",
+           "cross_cka", "linear_cka", "GramAccumulator", "iter_row_blocks"]
 
 
 @dataclass
@@ -90,40 +92,9 @@ class CKAResult:
 def iter_row_blocks(X, block_rows: int | None = None) -> Iterator[np.ndarray]:
     """Yield float64 row blocks of X: a numpy array, torch tensor, zarr array or featstore Group.
 
-    Blocks are checked for NaN/Inf; a featstore group is verified readable first.
+    Blocks are checked for NaN/Inf as they stream; a group's chunks are verified by the same read.
     """
-    if not block_rows:
-        block_rows = max(1, DEFAULT_BLOCK_BYTES // (8 * max(1, _n_neurons(X))))
-    if hasattr(X, "iter_blocks") and hasattr(X, "spec"):  # featstore.Group
-        X.check_readable()
-        source = X.features
-        rows = (block_rows // X.spec.chunk_rows or 1) * X.spec.chunk_rows  # chunk-aligned reads
-    else:
-        if hasattr(X, "detach"):  # torch tensor
-            X = X.detach().cpu().numpy()
-        source, rows = X, block_rows
-    if len(getattr(source, "shape", ())) != 2:
-        raise InvalidFeaturesError(f"features must be 2-D (n_samples, n_neurons); got shape {getattr(source, 'shape', None)}")
-    n = source.shape[0]
-    if n == 0:
-        raise InvalidFeaturesError("features have 0 rows (empty split)")
-    for start in range(0, n, rows):
-        block = np.asarray(source[start : start + rows], dtype=np.float64)
-        if not np.isfinite(block).all():
-            bad = np.argwhere(~np.isfinite(block))[0]
-            raise InvalidFeaturesError(
-                f"features hold NaN/Inf (first at row {start + int(bad[0])}, neuron {int(bad[1])})"
-                + (f" in {X.path}" if hasattr(X, "path") else "")
-            )
-        yield block
-
-
-def _n_samples(X) -> int:
-    return int(X.n_samples) if hasattr(X, "n_samples") else int(np.shape(X)[0])
-
-
-def _n_neurons(X) -> int:
-    return int(X.n_neurons) if hasattr(X, "n_neurons") else int(np.shape(X)[1])
+    return as_features(X).blocks(block_rows)
 
 
 # ----------------------------------------------------------------------------- subsets
@@ -150,36 +121,28 @@ def _projection_families(kinds, projections) -> list[tuple[np.ndarray, list[tupl
             for members in by_memory.values()]
 
 
+_SUBSETS = "a non-empty list of index arrays (1-D) or projections (n_neurons x k)"
+
+
 def _subset_matrix(subsets: Sequence, d: int) -> tuple[np.ndarray | None, list[np.ndarray]]:
     """Split subsets into a 0/1 indicator matrix (d x n_index) and a list of projections."""
     if isinstance(subsets, np.ndarray) and subsets.ndim == 1:
         subsets = [subsets]
     subsets = list(subsets)
     if not subsets:
-        raise InvalidParameterError("subsets is empty; pass at least one index array or projection")
+        raise InvalidParameterError(key="subsets", value=[], expected=_SUBSETS)
     index_cols, projections, kinds = [], [], []
     for i, s in enumerate(subsets):
         a = np.asarray(s)
         if a.ndim == 1:
-            if a.size == 0:
-                raise InvalidParameterError(f"subsets[{i}] is empty; a subset needs at least one neuron")
-            if not np.issubdtype(a.dtype, np.integer):
-                raise InvalidParameterError(f"subsets[{i}] has dtype {a.dtype}; neuron indices must be integers")
-            if a.min() < 0 or a.max() >= d:
-                raise InvalidParameterError(
-                    f"subsets[{i}] holds index {int(a.max() if a.max() >= d else a.min())}; valid neurons are 0..{d - 1}")
-            if len(np.unique(a)) != len(a):
-                raise InvalidParameterError(f"subsets[{i}] repeats a neuron index")
-            index_cols.append(a)
+            index_cols.append(check_indices(a, d, f"subsets[{i}]"))
             kinds.append(("index", len(index_cols) - 1))
-        elif a.ndim == 2:
-            if a.shape[0] != d:
-                raise InvalidParameterError(
-                    f"subsets[{i}] is a projection of shape {a.shape}; it must be ({d}, k)")
+        elif a.ndim == 2 and a.shape[0] == d:
             projections.append(a)
             kinds.append(("proj", len(projections) - 1))
         else:
-            raise InvalidParameterError(f"subsets[{i}] has {a.ndim} dimensions; use 1 (indices) or 2 (projection)")
+            raise InvalidParameterError(key=f"subsets[{i}]", value=f"array of shape {a.shape}",
+                                        expected=f"1-D neuron indices or a ({d}, k) projection")
     # Projections that are the first k columns of one basis (a pca / randproj family's draws are
     # views basis[:, :k]) become views of one float64 copy of the widest, which `_biased` spots.
     widest: dict = {}
@@ -254,8 +217,7 @@ def _finish(num, den_a, den_b, estimator, n, on_degenerate, batch_size=None, nam
     values[ok] = num[ok] / np.sqrt(den_a[ok] * den_b[ok])
     if degenerate.any() and on_degenerate == "raise":
         first = int(np.argmax(degenerate))
-        raise InvalidFeaturesError(
-            f"subset {first} has no defined CKA ({estimator}): its features are constant over the "
+        raise InvalidFeaturesError(problem=f"subset {first} has no defined CKA ({estimator}): its features are constant over the "
             f"{n} samples (or its self-HSIC estimate is not positive); pass on_degenerate='zero' to "
             f"report 0.0 for such subsets")
     return CKAResult(values=values, estimator=estimator, n_samples=n, degenerate=degenerate, batch_size=batch_size)
@@ -333,7 +295,7 @@ def _unbiased_terms(m: MomentAccumulator, M: np.ndarray):
     """(HSIC(K,L), HSIC(K,K), HSIC(L,L)) for every indicator column of M (K: all neurons)."""
     n, s, G, H, Q = m.n, m.s, m.G, m.H, m.Q
     if n < 4:
-        raise InvalidFeaturesError(f"the unbiased HSIC needs at least 4 samples; got {n}")
+        raise InvalidFeaturesError(problem=f"the unbiased HSIC needs at least 4 samples; got {n}")
     G2 = G * G
     sM = M * s[:, None]  # columns: s restricted to each subset
     # K vs K (all neurons)
@@ -377,7 +339,7 @@ def _pair_moments_terms(blocks: Iterable[tuple[np.ndarray, np.ndarray]]):
         acc = part if acc is None else {k: acc[k] + v for k, v in part.items()}
     n = acc["n"]
     if n < 4:
-        raise InvalidFeaturesError(f"the unbiased HSIC needs at least 4 samples; got {n}")
+        raise InvalidFeaturesError(problem=f"the unbiased HSIC needs at least 4 samples; got {n}")
     sa, sb = acc["sa"], acc["sb"]
     trKL = (acc["Gab"] ** 2).sum() - acc["rarb"]
     trKK = (acc["Gaa"] ** 2).sum() - acc["ra2"]
@@ -414,7 +376,7 @@ def _unbiased_prefix_terms(m: MomentAccumulator, blocks: Iterable[np.ndarray], W
         v += (Y * Y).sum(axis=1) @ Z2
     n, s, G, u = m.n, m.s, m.G, m.u
     if n < 4:
-        raise InvalidFeaturesError(f"the unbiased HSIC needs at least 4 samples; got {n}")
+        raise InvalidFeaturesError(problem=f"the unbiased HSIC needs at least 4 samples; got {n}")
     GW = G @ W
     WGW = W.T @ GW  # Z_kᵀ Z_k = its leading k x k block
     sb = W.T @ s  # column sums of Z (prefix k: the first k)
@@ -430,6 +392,168 @@ def _unbiased_prefix_terms(m: MomentAccumulator, blocks: Iterable[np.ndarray], W
     kk1 = s @ G @ s - 2.0 * s @ u + m.r2
     ll1 = _leading_sums(WGW * np.outer(sb, sb)) - 2.0 * _leading_sums(P3 * sb[None, :]) + rb2
     return _hsic1(trKL, sumK, sumL, kl1, n), _hsic1(trKK, sumK, sumK, kk1, n), _hsic1(trLL, sumL, sumL, ll1, n)
+
+
+# ----------------------------------------------------------------------------- the estimators
+
+
+def _terms_arrays(n: int):
+    return np.zeros(n), np.zeros(n), np.zeros(n)
+
+
+def _biased_subsets(X: Features, M, projections, kinds, opts, sums) -> CKAResult:
+    sums = sums if sums is not None else _accumulate(X, "biased", opts.block_rows)
+    return _biased(sums, M, projections, kinds, opts.on_degenerate)
+
+
+def _unbiased_subsets(X: Features, M, projections, kinds, opts, sums) -> CKAResult:
+    kl, kk, ll = _terms_arrays(len(kinds))
+    mom = sums if sums is not None else _accumulate(X, "unbiased", opts.block_rows)  # one pass
+    if M is not None:  # every index subset from the moment sums
+        ikl, ikk, ill = _unbiased_terms(mom, M)
+    for j, (kind, k) in enumerate(kinds):
+        if kind == "index":
+            kl[j], kk[j], ll[j] = ikl[k], ikk, ill[k]
+    # a projection's squared features are not in the sums: one more pass per basis, shared
+    # by all of its prefixes
+    for W, members in _projection_families(kinds, projections):
+        fkl, fkk, fll = _unbiased_prefix_terms(mom, X.blocks(opts.block_rows), W)
+        for j, k in members:
+            kl[j], kk[j], ll[j] = fkl[k - 1], fkk, fll[k - 1]
+    return _finish(kl, kk, ll, "unbiased", X.n_samples, opts.on_degenerate)
+
+
+def _minibatch_subsets(X: Features, M, projections, kinds, opts, sums) -> CKAResult:
+    """Per-minibatch unbiased HSIC, averaged over the minibatches, then the ratio."""
+    kl, kk, ll = _terms_arrays(len(kinds))
+    n_batches = 0
+    for batch in _minibatches(X.blocks(opts.block_rows), opts.batch_size):
+        n_batches += 1
+        if M is not None:
+            mom = MomentAccumulator(X.n_neurons)
+            mom.add(batch)
+            ikl, ikk, ill = _unbiased_terms(mom, M)
+        for j, (kind, k) in enumerate(kinds):
+            if kind == "index":
+                a, b, c = ikl[k], ikk, ill[k]
+            else:
+                a, b, c = _unbiased_pair_terms(batch, batch @ projections[k])
+            kl[j] += a; kk[j] += b; ll[j] += c  # noqa: E702
+    if n_batches == 0:
+        raise InvalidFeaturesError(where=X.where, problem=f"fewer rows than batch_size={opts.batch_size}: "
+                                                          f"no complete minibatch")
+    return _finish(kl / n_batches, kk / n_batches, ll / n_batches, "minibatch", n_batches * opts.batch_size,
+                   opts.on_degenerate, batch_size=opts.batch_size)
+
+
+def _biased_pairs(pairs, select, kinds, opts) -> CKAResult:
+    acc = [GramAccumulator() for _ in kinds]
+    for a, b in pairs():
+        for j, (kind, k) in enumerate(kinds):
+            acc[j].add(select(a, kind, k), b)
+    num, da, db = _terms_arrays(len(kinds))
+    for j, st in enumerate(acc):
+        caa, cab, cbb = st.centred()
+        num[j], da[j], db[j] = (cab * cab).sum(), (caa * caa).sum(), (cbb * cbb).sum()
+    return _finish(num, da, db, "biased", acc[0].n, opts.on_degenerate)
+
+
+def _unbiased_pairs(pairs, select, kinds, opts) -> CKAResult:
+    terms = [_pair_moments_terms((select(a, kind, k), b) for a, b in pairs()) for kind, k in kinds]
+    n = sum(len(a) for a, _ in pairs())
+    return _finish(*[np.array(t) for t in zip(*terms)], "unbiased", n, opts.on_degenerate)
+
+
+def _minibatch_pairs(pairs, select, kinds, opts) -> CKAResult:
+    sums = np.zeros((len(kinds), 3))
+    n_batches, width = 0, []
+
+    def joined():  # X's and Y's columns side by side, so one stream cuts both into minibatches
+        for a, b in pairs():
+            width[:] = [a.shape[1]]
+            yield np.hstack([a, b])
+
+    for batch in _minibatches(joined(), opts.batch_size):
+        a, b = batch[:, :width[0]], batch[:, width[0]:]
+        n_batches += 1
+        for j, (kind, k) in enumerate(kinds):
+            sums[j] += _unbiased_pair_terms(select(a, kind, k), b)
+    if n_batches == 0:
+        raise InvalidFeaturesError(problem=f"fewer rows than batch_size={opts.batch_size}: no complete minibatch")
+    sums /= n_batches
+    return _finish(sums[:, 0], sums[:, 1], sums[:, 2], "minibatch", n_batches * opts.batch_size,
+                   opts.on_degenerate, batch_size=opts.batch_size)
+
+
+@dataclass(frozen=True)
+class CKAEstimator:
+    """One entry of the CKA-estimator registry.
+
+    Attributes
+    ----------
+    name : str
+    description : str
+    subsets : callable
+        ``subsets(features, M, projections, kinds, options, sums) -> CKAResult``: subsets of
+        one layer against the layer.
+    pairs : callable
+        ``pairs(pairs, select, kinds, options) -> CKAResult``: two feature sets over the
+        same samples (``cross_cka``).
+    sums : callable or None
+        ``sums(n_neurons)``: the whole-split accumulator a pass fills (reusable through
+        ``cka_statistics``); None when the estimator has none (``minibatch``).
+    """
+
+    name: str
+    description: str
+    subsets: Callable
+    pairs: Callable
+    sums: Callable | None
+
+
+ESTIMATORS: dict[str, CKAEstimator] = {e.name: e for e in (
+    CKAEstimator("biased", "the appendix's HSIC over the whole split (centred Gram)", _biased_subsets,
+                 _biased_pairs, lambda d: GramAccumulator()),
+    CKAEstimator("unbiased", "Song et al.'s unbiased HSIC over the whole split", _unbiased_subsets,
+                 _unbiased_pairs, MomentAccumulator),
+    CKAEstimator("minibatch", "Nguyen et al.'s unbiased HSIC averaged over minibatches of consecutive rows",
+                 _minibatch_subsets, _minibatch_pairs, None),
+)}
+
+
+class CKAOptions(Parameters):
+    """How CKA is estimated: what a sweep's ``[metrics] cka_*`` keys set."""
+
+    estimator: Annotated[str, OneOf(ESTIMATORS, "CKA estimator")] = "biased"
+    """biased (the appendix's definition), unbiased or minibatch."""
+    batch_size: Annotated[int, Field(ge=4)] = 256
+    """Minibatch size of the minibatch estimator (the unbiased HSIC needs >= 4 rows)."""
+
+
+OnDegenerate = Literal["zero", "raise"]
+
+
+class _CKACall(CKAOptions):
+    """A call's options: the estimator's, and how the call streams and reports."""
+
+    block_rows: Annotated[int, Field(ge=1)] | None = None
+    """Rows per streamed block (the value does not change the result)."""
+    on_degenerate: OnDegenerate = "zero"
+    """What to do with subsets whose CKA is undefined: report 0.0 (flagged) or raise."""
+
+
+_CKA = defaults(_CKACall)
+
+
+def _options(**given) -> _CKACall:
+    return validate(_CKACall, given)
+
+
+def _accumulate(X: Features, estimator: str, block_rows: int | None):
+    sums = ESTIMATORS[estimator].sums(X.n_neurons)
+    for block in X.blocks(block_rows):
+        sums.add(block)
+    return sums
 
 
 # ----------------------------------------------------------------------------- public entry points
@@ -457,7 +581,7 @@ class CKAStatistics:
     sums: object = field(repr=False)
 
 
-def cka_statistics(X, estimator: str = "biased", *, block_rows: int | None = None) -> CKAStatistics:
+def cka_statistics(X, estimator: str = _CKA["estimator"], *, block_rows: int | None = None) -> CKAStatistics:
     """One streamed pass over X, for any number of later ``subset_cka(X, ..., statistics=...)`` calls.
 
     Parameters
@@ -466,41 +590,42 @@ def cka_statistics(X, estimator: str = "biased", *, block_rows: int | None = Non
     estimator : {"biased", "unbiased"}
         ``minibatch`` has no whole-split sums (each minibatch is its own estimate).
     """
-    if estimator not in ESTIMATORS:
-        raise UnknownNameError("CKA estimator", estimator, ESTIMATORS)
-    if estimator == "minibatch":
-        raise InvalidParameterError(
-            "estimator='minibatch' has no reusable whole-split statistics (every minibatch is its own "
-            "estimate); choose 'biased' or 'unbiased', or call subset_cka without statistics")
-    d = _n_neurons(X)
-    sums = GramAccumulator() if estimator == "biased" else MomentAccumulator(d)
-    for block in iter_row_blocks(X, block_rows):
-        sums.add(block)
-    return CKAStatistics(estimator, sums.n, d, sums)
+    opts = _options(estimator=estimator, block_rows=block_rows)
+    if ESTIMATORS[opts.estimator].sums is None:
+        raise IncompatibleParametersError(
+            key="estimator", value=estimator,
+            reason="it has no reusable whole-split statistics (every minibatch is its own estimate); choose "
+                   "one of " + ", ".join(repr(e.name) for e in ESTIMATORS.values() if e.sums is not None)
+                   + ", or call subset_cka without statistics")
+    X = as_features(X)
+    sums = _accumulate(X, opts.estimator, opts.block_rows)
+    return CKAStatistics(opts.estimator, sums.n, X.n_neurons, sums)
 
 
 def _check_statistics(statistics: CKAStatistics, estimator: str, n: int, d: int) -> None:
     if not isinstance(statistics, CKAStatistics):
-        raise InvalidParameterError(
-            f"statistics={type(statistics).__name__}: pass the CKAStatistics returned by cka_statistics(X)")
+        raise InvalidParameterError(key="statistics", value=statistics,
+                                    expected="the CKAStatistics returned by cka_statistics(X)")
     if statistics.estimator != estimator:
-        raise InvalidParameterError(
-            f"statistics were taken for estimator={statistics.estimator!r}, not {estimator!r}; "
-            f"call cka_statistics(X, estimator={estimator!r})")
+        raise IncompatibleParametersError(
+            key="statistics", value=statistics,
+            reason=f"they were taken for estimator={statistics.estimator!r}, not {estimator!r}; call "
+                   f"cka_statistics(X, estimator={estimator!r})")
     if (statistics.n_samples, statistics.n_neurons) != (n, d):
-        raise InvalidParameterError(
-            f"statistics were taken over features of shape ({statistics.n_samples}, {statistics.n_neurons}), "
-            f"but X has shape ({n}, {d}); they belong to other features")
+        raise IncompatibleParametersError(
+            key="statistics", value=statistics,
+            reason=f"they were taken over features of shape ({statistics.n_samples}, {statistics.n_neurons}), "
+                   f"but X has shape ({n}, {d}); they belong to other features")
 
 
 def subset_cka(
     X,
     subsets: Sequence,
-    estimator: str = "biased",
+    estimator: str = _CKA["estimator"],
     *,
-    batch_size: int = 256,
-    block_rows: int | None = None,
-    on_degenerate: str = "zero",
+    batch_size: int = _CKA["batch_size"],
+    block_rows: int | None = _CKA["block_rows"],
+    on_degenerate: OnDegenerate = _CKA["on_degenerate"],
     statistics: CKAStatistics | None = None,
 ) -> CKAResult:
     """Linear CKA between X[:, S] (or X @ P) and X, for many subsets, from one pass over X.
@@ -529,53 +654,13 @@ def subset_cka(
     CKAResult
         One value per subset, in order, with the estimator's name.
     """
-    if estimator not in ESTIMATORS:
-        raise UnknownNameError("CKA estimator", estimator, ESTIMATORS)
-    if on_degenerate not in ("zero", "raise"):
-        raise UnknownNameError("on_degenerate", on_degenerate, ("zero", "raise"))
-    d = _n_neurons(X)
-    M, projections, kinds = _subset_matrix(subsets, d)
+    opts = _options(estimator=estimator, batch_size=batch_size, block_rows=block_rows, on_degenerate=on_degenerate)
+    X = as_features(X)
+    M, projections, kinds = _subset_matrix(subsets, X.n_neurons)
     if statistics is not None:
-        _check_statistics(statistics, estimator, _n_samples(X), d)
-    if estimator == "biased":
-        stats = statistics.sums if statistics is not None else cka_statistics(X, "biased", block_rows=block_rows).sums
-        return _biased(stats, M, projections, kinds, on_degenerate)
-    if estimator == "unbiased":
-        kl = np.zeros(len(kinds)); kk = np.zeros(len(kinds)); ll = np.zeros(len(kinds))  # noqa: E702
-        mom = (statistics or cka_statistics(X, "unbiased", block_rows=block_rows)).sums  # one pass
-        if M is not None:  # every index subset from the moment sums
-            ikl, ikk, ill = _unbiased_terms(mom, M)
-        for j, (kind, k) in enumerate(kinds):
-            if kind == "index":
-                kl[j], kk[j], ll[j] = ikl[k], ikk, ill[k]
-        # a projection's squared features are not in the sums: one more pass per basis, shared
-        # by all of its prefixes
-        for W, members in _projection_families(kinds, projections):
-            fkl, fkk, fll = _unbiased_prefix_terms(mom, iter_row_blocks(X, block_rows), W)
-            for j, k in members:
-                kl[j], kk[j], ll[j] = fkl[k - 1], fkk, fll[k - 1]
-        return _finish(kl, kk, ll, "unbiased", _n_samples(X), on_degenerate)
-    # minibatch: per-minibatch unbiased HSIC, averaged, then the ratio
-    if batch_size < 4:
-        raise InvalidParameterError(f"batch_size={batch_size!r}: the unbiased HSIC needs minibatches of >= 4 rows")
-    kl = np.zeros(len(kinds)); kk = np.zeros(len(kinds)); ll = np.zeros(len(kinds))  # noqa: E702
-    n_batches = 0
-    for batch in _minibatches(iter_row_blocks(X, block_rows), batch_size):
-        n_batches += 1
-        if M is not None:
-            mom = MomentAccumulator(d)
-            mom.add(batch)
-            ikl, ikk, ill = _unbiased_terms(mom, M)
-        for j, (kind, k) in enumerate(kinds):
-            if kind == "index":
-                a, b, c = ikl[k], ikk, ill[k]
-            else:
-                a, b, c = _unbiased_pair_terms(batch, batch @ projections[k])
-            kl[j] += a; kk[j] += b; ll[j] += c  # noqa: E702
-    if n_batches == 0:
-        raise InvalidFeaturesError(f"fewer rows than batch_size={batch_size}: no complete minibatch")
-    return _finish(kl / n_batches, kk / n_batches, ll / n_batches, "minibatch", n_batches * batch_size,
-                   on_degenerate, batch_size=batch_size)
+        _check_statistics(statistics, opts.estimator, X.n_samples, X.n_neurons)
+    return ESTIMATORS[opts.estimator].subsets(X, M, projections, kinds, opts,
+                                              statistics.sums if statistics is not None else None)
 
 
 def _minibatches(blocks: Iterable[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
@@ -592,74 +677,46 @@ def _minibatches(blocks: Iterable[np.ndarray], batch_size: int) -> Iterator[np.n
             pending, have = ([rest] if len(rest) else []), len(rest)
 
 
-def cross_cka(X, Y, estimator: str = "biased", *, subsets: Sequence | None = None, batch_size: int = 256,
-              block_rows: int | None = None, on_degenerate: str = "zero") -> CKAResult:
+def cross_cka(X, Y, estimator: str = _CKA["estimator"], *, subsets: Sequence | None = None,
+              batch_size: int = _CKA["batch_size"], block_rows: int | None = _CKA["block_rows"],
+              on_degenerate: OnDegenerate = _CKA["on_degenerate"]) -> CKAResult:
     """CKA between two feature sets over the same samples (two layers, or two models).
 
     X, Y : arrays with equal rows, or featstore groups; for groups, dataset, split and
     sample ids must match (checked, not assumed). ``subsets`` (of X's neurons) gives one
     value per subset of X against all of Y; default: X against Y.
     """
-    if estimator not in ESTIMATORS:
-        raise UnknownNameError("CKA estimator", estimator, ESTIMATORS)
+    opts = _options(estimator=estimator, batch_size=batch_size, block_rows=block_rows, on_degenerate=on_degenerate)
     _check_same_samples(X, Y)
-    dx = _n_neurons(X)
-    subsets = [np.arange(dx)] if subsets is None else list(subsets)
-    M, projections, kinds = _subset_matrix(subsets, dx)
+    fx, fy = as_features(X, where="X"), as_features(Y, where="Y")
+    subsets = [np.arange(fx.n_neurons)] if subsets is None else list(subsets)
+    M, projections, kinds = _subset_matrix(subsets, fx.n_neurons)
     mats = [M[:, j] for j in range(M.shape[1])] if M is not None else []
 
     def select(block, kind, k):
         return block[:, mats[k].astype(bool)] if kind == "index" else block @ projections[k]
 
     def pairs():
-        for a, b in zip(iter_row_blocks(X, block_rows), iter_row_blocks(Y, block_rows)):
+        for a, b in zip(fx.blocks(opts.block_rows), fy.blocks(opts.block_rows)):
             if len(a) != len(b):
-                raise InvalidFeaturesError("X and Y stream blocks of different lengths")
+                raise InvalidFeaturesError(problem="X and Y stream blocks of different lengths")
             yield a, b
 
-    if estimator == "biased":
-        acc = [GramAccumulator() for _ in kinds]
-        for a, b in pairs():
-            for j, (kind, k) in enumerate(kinds):
-                acc[j].add(select(a, kind, k), b)
-        num, da, db = [], [], []
-        for st in acc:
-            caa, cab, cbb = st.centred()
-            num.append((cab * cab).sum()); da.append((caa * caa).sum()); db.append((cbb * cbb).sum())  # noqa: E702
-        return _finish(num, da, db, "biased", acc[0].n, on_degenerate)
-    if estimator == "unbiased":
-        terms = [_pair_moments_terms((select(a, kind, k), b) for a, b in pairs()) for kind, k in kinds]
-        n = sum(len(a) for a, _ in pairs())
-        return _finish(*[np.array(t) for t in zip(*terms)], "unbiased", n, on_degenerate)
-    sums = np.zeros((len(kinds), 3))
-    n_batches = 0
-    xb = _minibatches(iter_row_blocks(X, block_rows), batch_size)
-    yb = _minibatches(iter_row_blocks(Y, block_rows), batch_size)
-    for a, b in zip(xb, yb):
-        n_batches += 1
-        for j, (kind, k) in enumerate(kinds):
-            sums[j] += _unbiased_pair_terms(select(a, kind, k), b)
-    if n_batches == 0:
-        raise InvalidFeaturesError(f"fewer rows than batch_size={batch_size}: no complete minibatch")
-    sums /= n_batches
-    return _finish(sums[:, 0], sums[:, 1], sums[:, 2], "minibatch", n_batches * batch_size, on_degenerate,
-                   batch_size=batch_size)
+    return ESTIMATORS[opts.estimator].pairs(pairs, select, kinds, opts)
 
 
 def _check_same_samples(X, Y) -> None:
-    nx, ny = _n_samples(X), _n_samples(Y)
+    nx, ny = (int(A.n_samples) if hasattr(A, "n_samples") else len(A) for A in (X, Y))
     if nx != ny:
-        raise InvalidFeaturesError(f"X has {nx} samples and Y has {ny}; CKA compares the same samples")
+        raise InvalidFeaturesError(problem=f"X has {nx} samples and Y has {ny}; CKA compares the same samples")
     if hasattr(X, "sample_ids") and hasattr(Y, "sample_ids"):
         for key in ("dataset", "split"):
             if getattr(X.spec, key) != getattr(Y.spec, key):
-                raise InvalidFeaturesError(
-                    f"groups differ in {key}: {getattr(X.spec, key)!r} vs {getattr(Y.spec, key)!r}")
+                raise InvalidFeaturesError(problem=f"groups differ in {key}: {getattr(X.spec, key)!r} vs {getattr(Y.spec, key)!r}")
         ix, iy = X.sample_ids, Y.sample_ids
         if not np.array_equal(ix, iy):
             first = int(np.argmax(ix != iy))
-            raise InvalidFeaturesError(
-                f"groups {X.name} and {Y.name} hold different samples or another order (first "
+            raise InvalidFeaturesError(problem=f"groups {X.name} and {Y.name} hold different samples or another order (first "
                 f"difference at row {first}: {ix[first]!r} vs {iy[first]!r}); build both with the same "
                 f"--limit and --seed")
 

@@ -27,20 +27,25 @@ from __future__ import annotations
 
 import math
 import time
+import typing
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import Field
 
-from featstore._device import resolve_device
-from featstore.errors import InvalidFeaturesError, InvalidParameterError, UnknownNameError
+from featstore import Device, resolve_device
+from featstore.errors import IncompatibleParametersError, InvalidFeaturesError, InvalidParameterError, NotFittedError
+from featstore.params import Estimator, Parameters
 
-from ._selection import PAPER_FRACTIONS, Family, make_families
+from ._inputs import as_features
+from ._selection import Family, Selection, make_families
 
-__all__ = ["SubsetProbes", "SOLVERS", "load_training_data"]
+__all__ = ["SubsetProbes", "Protocol", "SOLVERS", "load_training_data"]
 
-SOLVERS = ("sgd", "ridge")
-PRECISIONS = ("fp32", "bf16")
+Solver = Literal["sgd", "ridge"]
+SOLVERS = typing.get_args(Solver)
+Precision = Literal["fp32", "bf16"]
 
 
 @dataclass
@@ -52,56 +57,90 @@ class TrainingData:
     source: str
 
 
-def _check_features(X: np.ndarray, where: str) -> None:
-    if X.ndim != 2:
-        raise InvalidFeaturesError(f"{where}: features must be 2-D (n_samples, n_neurons); got shape {X.shape}")
-    if X.shape[0] == 0:
-        raise InvalidFeaturesError(f"{where}: 0 samples (empty split)")
-    if X.shape[1] == 0:
-        raise InvalidFeaturesError(f"{where}: 0 neurons")
-    finite = np.isfinite(X)
-    if not finite.all():
-        r, c = np.argwhere(~finite)[0]
-        raise InvalidFeaturesError(f"{where}: features hold NaN/Inf (first at row {r}, neuron {c})")
-
-
 def load_training_data(X, y=None, n_classes: int | None = None, where: str = "train") -> TrainingData:
-    """Features and labels from an array, a torch tensor or a featstore group (verified)."""
+    """Features and labels from an array, a torch tensor or a featstore group.
+
+    A group is verified by the read that loads it (each chunk and the labels checked as
+    they stream), so it is read once; its augmented views are loaded too.
+    """
     if isinstance(X, TrainingData):
         return X
+    features = as_features(X, where=where)
+    group = features.group
     views: list[np.ndarray] = []
-    source = "array"
-    if hasattr(X, "spec") and hasattr(X, "check_readable"):  # featstore.Group
-        group = X
-        group.check_readable()
-        source = group.path
+    if group is not None:
         if y is None:
             y = group.labels
         if n_classes is None:
             n_classes = len(group.classes)
-        views = [group.numpy(v, dtype=np.float32) for v in range(1, group.n_views + 1)]
-        X = group.numpy(0, dtype=np.float32)
-    elif hasattr(X, "detach"):
-        X = X.detach().cpu().numpy()
-    X = np.ascontiguousarray(np.asarray(X, dtype=np.float32))
-    _check_features(X, f"{where} ({source})")
-    for v in views:
-        _check_features(v, f"{where} view ({source})")
+        views = [as_features(group, v, where).numpy() for v in range(1, group.n_views + 1)]
+    X = features.numpy()
     if y is None:
-        raise InvalidParameterError(f"{where}: labels y are required for array features")
+        raise InvalidParameterError(key=f"{where} labels y", value=None,
+                                    expected="an integer array of shape (n_samples,) for array features")
     y = np.asarray(y)
     if y.ndim != 1 or len(y) != len(X):
-        raise InvalidFeaturesError(f"{where}: {len(y)} labels for {len(X)} samples")
+        raise InvalidFeaturesError(where=features.where, problem=f"{len(y)} labels for {len(X)} samples")
     if not np.issubdtype(y.dtype, np.integer):
-        raise InvalidFeaturesError(f"{where}: labels must be integers, got dtype {y.dtype}")
+        raise InvalidFeaturesError(where=features.where, problem=f"labels must be integers, got dtype {y.dtype}")
     if n_classes is None:
         n_classes = int(y.max()) + 1
     bad = (y < 0) | (y >= n_classes)
     if bad.any():
         raise InvalidFeaturesError(
-            f"{where}: label {int(y[bad][0])} is outside the class range 0..{n_classes - 1} "
-            f"({int(bad.sum())} such labels)")
-    return TrainingData(X, y.astype(np.int64), views, int(n_classes), source)
+            where=features.where, problem=f"label {int(y[bad][0])} is outside the class range 0..{n_classes - 1} "
+                                          f"({int(bad.sum())} such labels)")
+    return TrainingData(X, y.astype(np.int64), views, int(n_classes), group.path if group is not None else "array")
+
+
+class Protocol(Parameters):
+    """How each probe is trained: the paper's protocol by default (appendix B). A sweep's
+    ``[probe]`` table takes exactly these keys."""
+
+    solver: Solver = "sgd"
+    """sgd: the paper's protocol (SGD with momentum, best validation epoch). ridge: closed-form ridge
+    regression to one-hot targets from the train Gram, regularisation chosen on the validation split;
+    a fast screening solver."""
+    epochs: Annotated[int, Field(ge=1)] = 50
+    """SGD epochs."""
+    lr: Annotated[float, Field(gt=0)] = 0.1
+    """Initial learning rate."""
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    """SGD momentum."""
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    """L2 weight decay, as torch.optim.SGD applies it."""
+    batch_size: Annotated[int, Field(ge=1)] = 256
+    """Minibatch size."""
+    lr_step: Annotated[int, Field(ge=1)] = 10
+    """Epochs between learning-rate decays."""
+    lr_gamma: Annotated[float, Field(gt=0)] = 0.1
+    """Learning-rate decay factor."""
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    """Seeded validation share of train used to pick each probe's best epoch (and ridge's alpha)."""
+    random_state: Annotated[int, Field(ge=0)] = 0
+    """Seeds the validation split, the minibatch order and the initial weights."""
+    precision: Precision = "fp32"
+    """bf16: bf16 matmuls with fp32 master weights, on CUDA or on CPUs with native bf16 (AVX512-BF16 / AMX)."""
+    ridge_alphas: Annotated[tuple[Annotated[float, Field(gt=0)], ...], Field(min_length=1, strict=False)] = (
+        1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+    """Regularisation grid of the ridge solver (relative to the mean Gram diagonal)."""
+    select_epoch: Literal["best", "last"] = "best"
+    """Keep each probe's weights from its best validation epoch (the paper) or the last."""
+
+
+class _Runtime(Parameters):
+    subsets: Any = None
+    """Explicit neuron lists (index arrays) instead of (mode, fractions, seeds)."""
+    device: Device = "auto"
+    """auto (cuda when present), cpu, cuda or cuda:N."""
+    include_full: bool = True
+    """Train the full layer (f = 1) alongside as the reference."""
+    verbose: bool = False
+    """Progress bar over epochs."""
+
+
+class SubsetProbesParameters(_Runtime, Protocol, Selection):
+    """Every parameter of :class:`SubsetProbes`: the selection, the protocol, the runtime."""
 
 
 # Narrowest column block on the CPU and CUDA: consecutive segments are merged until a
@@ -133,7 +172,7 @@ def _blocks(lengths: tuple[int, ...], min_width: int) -> list[tuple[int, int, in
     return out
 
 
-class _Group:
+class _ProbeBatch:
     """Families with equal prefix lengths, trained as one batch.
 
     Everything is kept transposed, samples last, so that each block's product writes a
@@ -347,99 +386,35 @@ class _Group:
         return self
 
 
-class SubsetProbes:
+class SubsetProbes(Estimator):
     """Linear probes on many neuron subsets of one layer, trained together.
 
-    Parameters
-    ----------
-    mode : str
-        Selection mode: ``random``, ``prefix``, ``pca``, ``pca-least``, ``randproj``
-        (ignored when ``subsets`` is given).
-    fractions : sequence of float in (0, 1]
-        Fractions of the layer; k = max(1, int(f * d)). Default: the paper's 22.
-    seeds : sequence of int
-        One draw family per seed (random, randproj).
-    subsets : sequence of index arrays, optional
-        Explicit neuron lists instead of (mode, fractions, seeds).
-    solver : {"sgd", "ridge"}
-        ``sgd``: the paper's protocol (below). ``ridge``: closed-form ridge regression
-        to one-hot targets from the train Gram, regularisation chosen on the validation
-        split; a fast screening solver.
-    epochs, lr, momentum, weight_decay, batch_size, lr_step, lr_gamma
-        SGD protocol (default: the paper's: 50 epochs, lr 0.1 x0.1 every 10, momentum
-        0.9, wd 1e-4, batch 256).
-    val_fraction : float
-        Seeded validation share of train used to pick each probe's best epoch.
-    random_state : int
-        Seeds the validation split, the minibatch order and the initial weights.
-    device : {"auto", "cpu", "cuda"}
-    precision : {"fp32", "bf16"}
-        bf16 matmuls with fp32 master weights, on CUDA or on CPUs with native bf16
-        (AVX512-BF16 / AMX).
-    include_full : bool
-        Train the full layer (f = 1) alongside as the reference.
-    randproj_distribution : {"uniform", "gaussian"}
-    ridge_alphas : sequence of float
-        Regularisation grid of the ridge solver (relative to the mean Gram diagonal).
-    select_epoch : {"best", "last"}
-        Keep each probe's weights from its best validation epoch (the paper) or the last.
-    verbose : bool
-        Progress bar over epochs.
+    Parameters are declared once, in :class:`SubsetProbesParameters` (the selection, the
+    training :class:`Protocol` and the runtime); ``help(SubsetProbes.__init__)`` lists them
+    with their types, ranges and defaults. The estimator follows scikit-learn's contract:
+    keyword-only ``__init__`` that stores the arguments, ``get_params`` / ``set_params``,
+    validation in :meth:`fit`, learned state in attributes ending in ``_``.
+
+    Training is plain SGD with momentum and weight decay, the update ``torch.optim.SGD``
+    applies, on each probe's own mean cross-entropy; a probe trained in a batch equals the
+    same probe trained alone with the same initial weights and minibatch order.
     """
 
-    def __init__(self, mode: str = "random", fractions: Sequence[float] = PAPER_FRACTIONS,
-                 seeds: Sequence[int] = (0, 1, 2, 3, 4), subsets=None, solver: str = "sgd", epochs: int = 50,
-                 lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 1e-4, batch_size: int = 256,
-                 lr_step: int = 10, lr_gamma: float = 0.1, val_fraction: float = 0.1, random_state: int = 0,
-                 device: str = "auto", precision: str = "fp32", include_full: bool = True,
-                 randproj_distribution: str = "uniform", ridge_alphas: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0),
-                 select_epoch: str = "best", verbose: bool = False):
-        self.mode = mode
-        self.fractions = fractions
-        self.seeds = seeds
-        self.subsets = subsets
-        self.solver = solver
-        self.epochs = epochs
-        self.lr = lr
-        self.momentum = momentum
-        self.weight_decay = weight_decay
-        self.batch_size = batch_size
-        self.lr_step = lr_step
-        self.lr_gamma = lr_gamma
-        self.val_fraction = val_fraction
-        self.random_state = random_state
-        self.device = device
-        self.precision = precision
-        self.include_full = include_full
-        self.randproj_distribution = randproj_distribution
-        self.ridge_alphas = ridge_alphas
-        self.select_epoch = select_epoch
-        self.verbose = verbose
+    _parameters = SubsetProbesParameters
 
     # ------------------------------------------------------------------ validation
-    def _validate(self) -> None:
-        if self.solver not in SOLVERS:
-            raise UnknownNameError("solver", self.solver, SOLVERS)
-        if self.select_epoch not in ("best", "last"):
-            raise UnknownNameError("select_epoch", self.select_epoch, ("best", "last"))
-        if self.precision not in PRECISIONS:
-            raise UnknownNameError("precision", self.precision, PRECISIONS)
-        for name, low in (("epochs", 1), ("batch_size", 1), ("lr_step", 1)):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < low:
-                raise InvalidParameterError(f"{name}={v!r} must be an integer >= {low}")
-        if not isinstance(self.random_state, (int, np.integer)) or self.random_state < 0:
-            raise InvalidParameterError(f"random_state={self.random_state!r} must be a non-negative integer")
-        for name in ("lr", "lr_gamma"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and v > 0):
-                raise InvalidParameterError(f"{name}={v!r} must be > 0")
-        if not 0 <= self.momentum < 1:
-            raise InvalidParameterError(f"momentum={self.momentum!r} must be in [0, 1)")
-        if self.weight_decay < 0:
-            raise InvalidParameterError(f"weight_decay={self.weight_decay!r} must be >= 0")
-        if not 0 < self.val_fraction < 1:
-            raise InvalidParameterError(f"val_fraction={self.val_fraction!r} must be in (0, 1)")
+    def check_params(self) -> str:
+        """Validate every parameter against its declaration, and the precision against the
+        device; return the resolved device. ``fit`` calls it; a sweep calls it before any work.
+        """
+        self._validated_params()
+        device = resolve_device(self.device)
+        if self.precision == "bf16" and device == "cpu" and not cpu_has_bf16():
+            raise IncompatibleParametersError(
+                key="precision", value="bf16",
+                reason="bf16 on the CPU needs native bf16 matmuls (AVX512-BF16 or AMX), which this CPU lacks; "
+                       "use precision='fp32' or a CUDA device")
+        return device
 
     # ------------------------------------------------------------------ fit
     def fit(self, X, y=None, n_classes: int | None = None) -> "SubsetProbes":
@@ -456,18 +431,15 @@ class SubsetProbes:
             Default: the group's classes, or max(y) + 1.
         """
 
-        self._validate()
-        device = resolve_device(self.device)
-        if self.precision == "bf16" and device == "cpu" and not cpu_has_bf16():
-            raise InvalidParameterError("precision='bf16' on the CPU needs native bf16 matmuls (AVX512-BF16 or AMX), "
-                                        "which this CPU lacks; use precision='fp32' or a CUDA device")
+        device = self.check_params()
         data = load_training_data(X, y, n_classes)
         n, d = data.X.shape
         rng = np.random.default_rng(self.random_state)
         perm = rng.permutation(n)
         n_val = max(1, int(round(self.val_fraction * n)))
         if n - n_val < 1:
-            raise InvalidFeaturesError(f"train split has {n} samples: too few for a {self.val_fraction:.0%} validation split")
+            raise InvalidFeaturesError(where=data.source, problem=f"train split has {n} samples: too few for a "
+                                                                  f"{self.val_fraction:.0%} validation split")
         val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
         fams = make_families(d, self.mode, self.fractions, self.seeds, X_train=data.X[train_idx],
                              subsets=self.subsets, randproj_distribution=self.randproj_distribution)
@@ -494,7 +466,7 @@ class SubsetProbes:
         """The train rows of ``epoch`` in minibatch order (shared by every probe)."""
         return np.random.default_rng([self.random_state, 11, epoch]).permutation(self.train_indices_)
 
-    def _groups(self, device, dtype):
+    def _batches(self, device, dtype):
         """The training batches: index probes with k >= DENSE_FRACTION * d in one dense group
         (the raw layer, all families at once); the rest grouped by prefix lengths."""
         from dataclasses import replace
@@ -511,10 +483,10 @@ class SubsetProbes:
                 f = replace(f, lengths=f.lengths[:cut], draws=f.draws[:cut])
             # index families and projection families cannot share one gather
             by_len.setdefault((f.lengths, f.columns is not None), []).append(f)
-        groups = [_Group(fs, key[0], self.n_classes_, device, dtype) for key, fs in by_len.items()]
+        groups = [_ProbeBatch(fs, key[0], self.n_classes_, device, dtype) for key, fs in by_len.items()]
         if dense:
             fam = Family("dense", None, (d,) * len(dense), dense)
-            groups.append(_Group([fam], fam.lengths, self.n_classes_, device, dtype,
+            groups.append(_ProbeBatch([fam], fam.lengths, self.n_classes_, device, dtype,
                                  dense=[np.asarray(dr.neurons) for dr in dense]))
         return groups
 
@@ -539,7 +511,7 @@ class SubsetProbes:
         import torch
 
         dtype = torch.bfloat16 if self.precision == "bf16" else None
-        groups = self._groups(device, dtype)
+        groups = self._batches(device, dtype)
         positions = self._draw_positions(groups)
         for di, (gi, fi, pi) in enumerate(positions):  # per-draw seeded init
             groups[gi].set_probe(fi, pi, *self.initial_weights(di))
@@ -550,17 +522,17 @@ class SubsetProbes:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=self.epochs, desc=f"probes ({len(self.draws_)})", unit="epoch", disable=not self.verbose)
-        best_acc, best_epoch, last_loss = self._train_groups(groups, ctx, bar)
+        best_acc, best_epoch, last_loss = self._train_batches(groups, ctx, bar)
         bar.close()
         for g in groups:  # the best epoch's weights are in place; keep them on the CPU (picklable)
             g.to("cpu")
-        self.groups_ = groups
+        self.batches_ = groups
         self.val_accuracy_ = np.array([float(best_acc[gi][fi, pi]) for gi, fi, pi in positions])
         self.best_epoch_ = np.array([int(best_epoch[gi][fi, pi]) for gi, fi, pi in positions])
         self.train_loss_ = np.array([float(last_loss[gi][fi, pi]) for gi, fi, pi in positions])
         self.positions_ = positions
 
-    def _train_groups(self, groups: list["_Group"], ctx: dict, bar):
+    def _train_batches(self, groups: list["_ProbeBatch"], ctx: dict, bar):
         """The SGD epochs; leaves each group's best epoch's weights in place and returns
         per group (best validation accuracy, best epoch, last epoch's train loss)."""
         import torch
@@ -623,7 +595,7 @@ class SubsetProbes:
             g.project_passes([])  # not kept with the fitted estimator
         return best_acc, best_epoch, last_loss
 
-    def _accuracy(self, g: _Group, X, y_all, rows, device, input_buf, logit_bufs):
+    def _accuracy(self, g: _ProbeBatch, X, y_all, rows, device, input_buf, logit_bufs):
         """(F, m) accuracy of every probe of g on X[rows] (the clean pass), in minibatches
         that reuse the training buffers."""
         import torch
@@ -654,7 +626,7 @@ class SubsetProbes:
         mx, my = Xt.mean(0), Yt.mean(0)
         Xc, Yc = Xt - mx, Yt - my
         G, XY = Xc.T @ Xc, Xc.T @ Yc
-        groups = self._groups(device, None)
+        groups = self._batches(device, None)
         positions = self._draw_positions(groups)
         val_t = torch.as_tensor(val_idx, device=device)
         y_all = torch.as_tensor(data.y, device=device)
@@ -687,7 +659,7 @@ class SubsetProbes:
             g.set_probe(fi, pi, W.float(), b.float())
         for g in groups:
             g.to("cpu")
-        self.groups_ = groups
+        self.batches_ = groups
         self.positions_ = positions
         self.val_accuracy_ = np.array(val_acc)
         self.best_epoch_ = np.zeros(len(positions), dtype=int)
@@ -700,14 +672,15 @@ class SubsetProbes:
         import torch
 
         self._check_fitted()
-        X = np.ascontiguousarray(np.asarray(X.numpy(0, dtype=np.float32) if hasattr(X, "spec") else X, dtype=np.float32))
-        _check_features(X, "X")
-        if X.shape[1] != self.n_features_in_:
-            raise InvalidFeaturesError(f"X has {X.shape[1]} neurons; the probes were fitted on {self.n_features_in_}")
+        features = as_features(X)
+        if features.n_neurons != self.n_features_in_:
+            raise InvalidFeaturesError(where=features.where, problem=f"{features.n_neurons} neurons; the probes were "
+                                                                     f"fitted on {self.n_features_in_}")
+        X = features.numpy()
         out = np.empty((len(X), len(self.draws_), self.n_classes_), dtype=np.float32)
         Xt = torch.from_numpy(X)
         with torch.no_grad():
-            for gi, g in enumerate(self.groups_):
+            for gi, g in enumerate(self.batches_):
                 mine = [(di, fi, pi) for di, (gj, fi, pi) in enumerate(self.positions_) if gj == gi]
                 step = g.chunk_rows()
                 for start in range(0, len(X), step):
@@ -725,10 +698,10 @@ class SubsetProbes:
         """
         self._check_fitted()
         if not 0 <= draw < len(self.draws_):
-            raise InvalidParameterError(f"draw={draw!r} is out of range: this estimator has {len(self.draws_)} draws "
-                                        f"(0..{len(self.draws_) - 1})")
+            raise InvalidParameterError(key="draw", value=draw,
+                                        expected=f"an integer in 0..{len(self.draws_) - 1} (the estimator's draws)")
         gi, fi, pi = self.positions_[draw]
-        return self.groups_[gi].probe_weights(fi, pi)
+        return self.batches_[gi].probe_weights(fi, pi)
 
     def predict(self, X) -> np.ndarray:
         """Predicted classes, array of shape (n_samples, n_draws)."""
@@ -759,19 +732,14 @@ class SubsetProbes:
         return self.results_
 
     def _check_fitted(self):
-        if not hasattr(self, "groups_"):
-            raise InvalidParameterError("this SubsetProbes is not fitted yet; call fit(X, y) first")
+        if not hasattr(self, "batches_"):
+            raise NotFittedError(estimator=type(self).__name__)
 
-    def get_params(self, deep: bool = True) -> dict:
-        import inspect
-
-        return {p: getattr(self, p) for p in inspect.signature(type(self).__init__).parameters if p != "self"}
-
-    def __repr__(self) -> str:
-        return f"SubsetProbes(mode={self.mode!r}, solver={self.solver!r}, epochs={self.epochs}, device={self.device!r})"
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "batches_")
 
 
-def _room_for(g: _Group, passes, device: str) -> bool:
+def _room_for(g: _ProbeBatch, passes, device: str) -> bool:
     """Whether a projection group's projected passes fit: at most twice the passes
     themselves or 1 GiB, and a quarter of the free memory of a GPU."""
     import torch

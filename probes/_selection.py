@@ -12,24 +12,29 @@ that uses the block.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Annotated, Callable, Literal, Sequence
 
 import numpy as np
+from pydantic import Field
 
-from featstore.errors import InvalidParameterError, UnknownNameError
+from featstore.errors import InvalidParameterError
+from featstore.params import OneOf, Parameters, Unique, defaults, describe, validate
 
-__all__ = ["Draw", "Family", "SELECTION_MODES", "PAPER_FRACTIONS", "make_families", "subset_size"]
+__all__ = ["Draw", "Family", "SelectionMode", "SELECTION_MODES", "Selection", "PAPER_FRACTIONS", "make_families",
+           "subset_size"]
 
 # The paper's 22 fractions.
 PAPER_FRACTIONS = (0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1,
                    0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.8, 0.9, 1.0)
+
+Fraction = Annotated[float, Field(gt=0, le=1)]
 
 
 def subset_size(fraction: float, d: int) -> int:
     """k = max(1, int(fraction * d)) (the original floors and can reach 0: guarded)."""
     if not isinstance(fraction, (int, float, np.floating, np.integer)) or isinstance(fraction, bool) \
             or not 0.0 < float(fraction) <= 1.0:
-        raise InvalidParameterError(f"fraction={fraction!r} must be in (0, 1]")
+        raise InvalidParameterError(key="fraction", value=fraction, expected=describe(Fraction))
     return max(1, int(float(fraction) * d))
 
 
@@ -111,7 +116,8 @@ def _prefix_ordering(X_train, d, seed, options):
 def _pca_basis(X_train, d, least: bool):
     """Principal directions of the train split (centred), sorted by variance."""
     if X_train is None:
-        raise InvalidParameterError("mode 'pca' needs the train features to fit principal directions")
+        raise InvalidParameterError(key="X_train", value=None,
+                                    expected="the train features, to fit principal directions (mode 'pca')")
     X = np.asarray(X_train, dtype=np.float64)
     Xc = X - X.mean(axis=0)
     cov = Xc.T @ Xc / max(1, len(X) - 1)
@@ -134,7 +140,10 @@ def _pca_least_ordering(X_train, d, seed, options):
     return None, _pca_basis(X_train, d, least=True)
 
 
-def random_projection(d: int, k: int, seed: int, distribution: str = "uniform") -> np.ndarray:
+Distribution = Literal["uniform", "gaussian"]
+
+
+def random_projection(d: int, k: int, seed: int, distribution: Distribution = "uniform") -> np.ndarray:
     """k seeded random directions (d x k), each column scaled to unit norm.
 
     ``uniform`` is the original's variant (entries uniform in [0, 1)); ``gaussian`` draws
@@ -149,33 +158,74 @@ def random_projection(d: int, k: int, seed: int, distribution: str = "uniform") 
     elif distribution == "gaussian":
         P = torch.randn((k, d), generator=g, dtype=torch.float64).T
     else:
-        raise UnknownNameError("randproj distribution", distribution, ("uniform", "gaussian"))
+        raise InvalidParameterError(key="distribution", value=distribution, expected=describe(Distribution))
     P = P / P.norm(dim=0, keepdim=True)
     return P.numpy().astype(np.float32)
 
 
 def _randproj_ordering(X_train, d, seed, options):
-    return None, random_projection(d, options["width"], seed, options.get("distribution", "uniform"))
+    return None, random_projection(d, options["width"], seed, options["distribution"])
 
 
-# name -> (ordering function, needs a seed, is a projection)
-SELECTION_MODES: dict[str, tuple[Callable, bool, bool]] = {
-    "random": (_random_ordering, True, False),
-    "prefix": (_prefix_ordering, False, False),
-    "pca": (_pca_ordering, False, True),
-    "pca-least": (_pca_least_ordering, False, True),
-    "randproj": (_randproj_ordering, True, True),
-}
+@dataclass(frozen=True)
+class SelectionMode:
+    """One entry of the selection-mode registry.
+
+    Attributes
+    ----------
+    name : str
+    ordering : callable
+        ``ordering(X_train, d, seed, options) -> (columns or None, basis or None)``: one
+        ordering of the layer, cut at every k.
+    seeded : bool
+        One family per seed (``random``, ``randproj``); otherwise one family in all.
+    projection : bool
+        Probes see directions (``basis``), not neurons (``columns``).
+    description : str
+    """
+
+    name: str
+    ordering: Callable
+    seeded: bool
+    projection: bool
+    description: str
+
+
+SELECTION_MODES: dict[str, SelectionMode] = {m.name: m for m in (
+    SelectionMode("random", _random_ordering, True, False, "seeded random neurons (the paper's torch.randperm)"),
+    SelectionMode("prefix", _prefix_ordering, False, False, "the first k neurons in the layer's order"),
+    SelectionMode("pca", _pca_ordering, False, True, "the train split's top-k principal directions"),
+    SelectionMode("pca-least", _pca_least_ordering, False, True, "the k directions of least variance"),
+    SelectionMode("randproj", _randproj_ordering, True, True, "k seeded random unit directions"),
+)}
+
+
+class Selection(Parameters):
+    """Which neurons (or directions) the probes see: the selection half of ``SubsetProbes``
+    and of a sweep's ``[selection]`` table."""
+
+    mode: Annotated[str, OneOf(SELECTION_MODES, "selection mode")] = "random"
+    """Selection mode: random, prefix, pca, pca-least or randproj (ignored when subsets is given)."""
+    fractions: Annotated[tuple[Fraction, ...], Field(min_length=1, strict=False), Unique()] = PAPER_FRACTIONS
+    """Fractions of the layer, each in (0, 1]; k = max(1, int(f * d)). Default: the paper's 22."""
+    seeds: Annotated[tuple[Annotated[int, Field(ge=0)], ...], Field(min_length=1, strict=False),
+                     Unique()] = (0, 1, 2, 3, 4)
+    """One draw family per seed (seeded modes: random, randproj)."""
+    randproj_distribution: Distribution = "uniform"
+    """Entries of randproj directions: uniform in [0, 1) (the original's) or gaussian."""
+
+
+_SELECTION = defaults(Selection)
 
 
 def make_families(
     d: int,
-    mode: str = "random",
-    fractions: Sequence[float] = PAPER_FRACTIONS,
-    seeds: Sequence[int] = (0, 1, 2, 3, 4),
+    mode: str = _SELECTION["mode"],
+    fractions: Sequence[float] = _SELECTION["fractions"],
+    seeds: Sequence[int] = _SELECTION["seeds"],
     X_train=None,
     subsets: Sequence[Sequence[int]] | None = None,
-    randproj_distribution: str = "uniform",
+    randproj_distribution: str = _SELECTION["randproj_distribution"],
 ) -> list[Family]:
     """Expand (mode, fractions, seeds) or explicit index lists into families of draws.
 
@@ -195,33 +245,18 @@ def make_families(
     if subsets is not None:
         fams = []
         for i, s in enumerate(subsets):
-            idx = np.asarray(s)
-            if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
-                raise InvalidParameterError(f"subsets[{i}] must be a non-empty 1-D array of neuron indices")
-            if idx.min() < 0 or idx.max() >= d:
-                raise InvalidParameterError(f"subsets[{i}] holds indices outside 0..{d - 1}")
-            if len(np.unique(idx)) != len(idx):
-                raise InvalidParameterError(f"subsets[{i}] repeats a neuron index")
+            idx = check_indices(s, d, f"subsets[{i}]")
             draw = Draw("explicit", None, len(idx), None, neurons=idx.copy())
             fams.append(Family("explicit", None, (len(idx),), [draw], columns=idx.copy()))
         return fams
-    if mode not in SELECTION_MODES:
-        raise UnknownNameError("selection mode", mode, list(SELECTION_MODES) + ["explicit (pass subsets=)"])
-    fractions = list(fractions)
-    if not fractions:
-        raise InvalidParameterError("fractions is empty")
-    ks = sorted({subset_size(f, d) for f in fractions})
-    order_f = sorted(fractions, key=float)
-    ordering, needs_seed, is_projection = SELECTION_MODES[mode]
-    seeds = list(seeds) if needs_seed else [None]
-    for s in seeds:
-        if s is not None and (not isinstance(s, (int, np.integer)) or isinstance(s, bool) or s < 0):
-            raise InvalidParameterError(f"seed={s!r} must be a non-negative integer")
-    if len(set(seeds)) != len(seeds):
-        raise InvalidParameterError(f"seeds={seeds!r} repeats a seed")
+    sel = validate(Selection, dict(mode=mode, fractions=fractions, seeds=seeds,
+                                   randproj_distribution=randproj_distribution))
+    ks = sorted({subset_size(f, d) for f in sel.fractions})
+    order_f = sorted(sel.fractions)
+    entry = SELECTION_MODES[mode]
     fams = []
-    for seed in seeds:
-        columns, basis = ordering(X_train, d, seed, {"width": ks[-1], "distribution": randproj_distribution})
+    for seed in (sel.seeds if entry.seeded else (None,)):
+        columns, basis = entry.ordering(X_train, d, seed, {"width": ks[-1], "distribution": randproj_distribution})
         draws = []
         for f in order_f:  # two fractions that floor to one k give two identical draws
             k = subset_size(f, d)
@@ -233,3 +268,14 @@ def make_families(
                 draws.append(Draw(mode, float(f), k, seed, projection=how))
         fams.append(Family(mode, seed, tuple(d_.k for d_ in draws), draws, columns=columns, basis=basis))
     return fams
+
+
+def check_indices(indices, d: int, key: str) -> np.ndarray:
+    """A subset of neuron indices as a 1-D integer array, checked against a layer of d neurons."""
+    idx = np.asarray(indices)
+    expected = f"a non-empty 1-D array of distinct integer neuron indices in 0..{d - 1}"
+    if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer) or idx.min() < 0 \
+            or idx.max() >= d or len(np.unique(idx)) != len(idx):
+        shown = idx.tolist() if idx.size <= 8 else f"array of shape {idx.shape}, dtype {idx.dtype}"
+        raise InvalidParameterError(key=key, value=shown, expected=expected)
+    return idx

@@ -86,9 +86,8 @@ def demo_store(tmp_path_factory):
     import featstore
 
     store = tmp_path_factory.mktemp("demo") / "featstore.zarr"
-    workers = max(0, min(4, (os.cpu_count() or 1) - 1))
-    featstore.build(splits="train", limit=5000, store=store, progress=False, workers=workers)
-    featstore.build(splits="test", limit=1000, store=store, progress=False, workers=workers)
+    featstore.build(splits="train", limit=5000, store=store, progress=False)  # workers: the build's default
+    featstore.build(splits="test", limit=1000, store=store, progress=False)
     return store
 
 

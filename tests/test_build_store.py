@@ -14,8 +14,8 @@ import zarr
 import featstore
 from featstore import errors
 from featstore._build import make_transforms, resolve_transform
-from featstore._datasets import load_split, stratified_subset
-from featstore._models import FeatureExtractor, create_backbone
+from featstore.datasets import load_split, stratified_subset
+from featstore.models import FeatureExtractor, create_backbone
 
 from .conftest import REPO, run_cli
 
@@ -96,7 +96,7 @@ def test_views_are_augmented_seeded_and_reproducible(tmp_path, tiny):
     (h,) = featstore.build(**{**tiny, "batch_size": 3, "workers": 2}, splits="train", views=2,
                            store=tmp_path / "b.zarr")
     np.testing.assert_allclose(h.numpy(2).astype(np.float32), v2.astype(np.float32), atol=2e-3)
-    with pytest.raises(errors.InvalidParameterError, match="view=3 is out of range"):
+    with pytest.raises(errors.InvalidParameterError, match=r"view: expected 0 \(clean\) or 1\.\.2 \(augmented\)"):
         g.view(3)
     # the test split never gets views
     (t,) = featstore.build(**tiny, splits="test", views=2, store=tmp_path / "a.zarr")
@@ -200,20 +200,35 @@ def test_resume_recomputes_only_unfinished_chunks(tmp_path, uninterrupted):
     assert chunk.stat().st_mtime_ns == mtime  # the finished chunk was not rewritten
 
 
+def _marked_chunks(store) -> int:
+    """Chunks recorded done in every group's progress array (each marked chunk is one file)."""
+    return sum(1 for p in store.glob("*/progress/c/*/*") if p.is_file())
+
+
 def test_external_sigkill_at_random_moments(tmp_path, uninterrupted):
-    """Kill the real process from outside at arbitrary times, not at chosen points."""
+    """Kill the real process from outside at arbitrary moments of its pass, not at chosen points:
+    each kill lands after this run marked a chunk and before the build finished (checked)."""
     import subprocess
     import sys
 
     tiny, ref = uninterrupted
     store = tmp_path / "s.zarr"
     rng = np.random.default_rng(0)
+    total = sum(2 * -(-len(a) // 8) for a, *_ in ref.values())  # 1 + 1 view, chunks of 8 rows, per group
+    before = 0
     for _ in range(3):
         proc = subprocess.Popen([sys.executable, "-m", "featstore.cli", *map(str, _cli_args(tiny, store))],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(float(rng.uniform(2.0, 5.0)))
+        deadline = time.monotonic() + 120
+        while _marked_chunks(store) <= before and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # until this run has written a chunk: it is in the middle of its pass
+        time.sleep(float(rng.uniform(0.0, 0.05)))
         proc.kill()
         proc.wait()
+        after = _marked_chunks(store)
+        assert proc.returncode == -9, "the build ended before the kill"
+        assert before < after < total, (before, after, total)  # killed mid-pass, after writing chunks
+        before = after
     run_cli(*_cli_args(tiny, store), check=True)
     got = _arrays(store)
     for key in ref:
@@ -227,7 +242,6 @@ def test_external_sigkill_at_random_moments(tmp_path, uninterrupted):
 def test_second_build_waits_or_exits_with_a_clear_message(tmp_path, tiny):
     store = tmp_path / "s.zarr"
     fs = featstore.FeatureStore(store, mode="a")
-    from featstore._build import resolve_transform  # noqa: F401 - the name is the key we lock
     # find the group name the build will use by building once elsewhere
     (g,) = featstore.build(**tiny, splits="test", store=tmp_path / "probe.zarr")
     with fs.lock([g.name]):
@@ -271,29 +285,39 @@ def test_two_concurrent_builds_of_one_group_do_not_corrupt_it(tmp_path, uninterr
 _RACE = """
 import os, sys, time
 import zarr  # imported before the start line, so every process reaches the root at once
-from featstore._store import FeatureStore
+from featstore import FeatureStore
 go = float(sys.argv[2])
+late = time.time() > go
 while time.time() < go:
     pass
 FeatureStore(sys.argv[1], mode="a")
+print("late" if late else "on time")
 """
 
 
 def test_many_processes_creating_one_new_store_all_succeed(tmp_path):
-    """The root is created atomically: no process sees another's half-made root (a CI failure once)."""
+    """The root is created atomically: no process sees another's half-made root (a CI failure once).
+
+    Every process spins until one instant; a trial where a process arrived after it raced no
+    one and does not count. Too few trials that raced skip the test, saying so."""
     import subprocess
     import sys
     import time
 
-    for trial in range(4):
+    raced = 0
+    for trial in range(8):
         store = tmp_path / f"s{trial}.zarr"
-        go = time.time() + 1.5  # every process spins until the same instant
+        go = time.time() + 1.5 + trial  # later start lines when a busy machine is slow to start processes
         procs = [subprocess.Popen([sys.executable, "-c", _RACE, str(store), str(go)], cwd=REPO,
-                                  stderr=subprocess.PIPE, text=True) for _ in range(6)]
-        errs = [p.communicate(timeout=60)[1] for p in procs]
-        assert [p.returncode for p in procs] == [0] * 6, errs
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(6)]
+        outs = [p.communicate(timeout=60) for p in procs]
+        assert [p.returncode for p in procs] == [0] * 6, [e for _, e in outs]
         assert sorted(e.name for e in store.iterdir()) == ["zarr.json"]
         assert featstore.open(store).groups() == []
+        raced += all(o.strip() == "on time" for o, _ in outs)
+        if raced == 4:
+            return
+    pytest.skip(f"only {raced} of 8 trials had all 6 processes at the start line (machine too busy to race)")
 
 
 def test_store_with_a_root_write_in_flight_is_not_foreign(tmp_path):

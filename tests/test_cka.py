@@ -55,6 +55,11 @@ def ref_minibatch_cka(Y, Z, batch_size):
     return (kl / batches) / np.sqrt((kk / batches) * (ll / batches))
 
 
+# the slow references of every registered estimator with whole-split sums (a new one needs one here)
+REFERENCES = {"biased": ref_biased_cka, "unbiased": ref_unbiased_cka}
+WHOLE_SPLIT = [(name, REFERENCES[name]) for name, entry in probes.CKA_ESTIMATORS.items() if entry.sums is not None]
+
+
 @pytest.fixture(scope="module")
 def X():
     rng = np.random.default_rng(0)
@@ -94,7 +99,7 @@ def test_minibatch_equals_nguyen_average(X, subsets, batch_size):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
 
 
-@pytest.mark.parametrize("estimator", ["biased", "unbiased", "minibatch"])
+@pytest.mark.parametrize("estimator", list(probes.CKA_ESTIMATORS))
 def test_projections_equal_reference(X, estimator):
     rng = np.random.default_rng(2)
     P = rng.uniform(size=(40, 6))
@@ -106,7 +111,7 @@ def test_projections_equal_reference(X, estimator):
     np.testing.assert_allclose(got[1], ref(X[:, :5], X), rtol=1e-6)
 
 
-@pytest.mark.parametrize("estimator", ["biased", "unbiased", "minibatch"])
+@pytest.mark.parametrize("estimator", list(probes.CKA_ESTIMATORS))
 def test_identity_orthogonal_and_scaling_invariance(X, subsets, estimator):
     full = probes.subset_cka(X, [np.arange(40)], estimator=estimator)
     np.testing.assert_allclose(full[0], 1.0, rtol=1e-9)
@@ -166,18 +171,38 @@ def test_degenerate_subsets_are_defined_never_nan(X):
 
 
 def test_bad_input(X):
-    with pytest.raises(errors.UnknownNameError, match="known: biased, minibatch, unbiased"):
+    with pytest.raises(errors.UnknownNameError, match="estimator: Unknown CKA estimator 'rbf'; known: biased, minibatch, unbiased"):
         probes.subset_cka(X, [np.arange(3)], estimator="rbf")
-    with pytest.raises(errors.InvalidParameterError, match="valid neurons are 0..39"):
+    with pytest.raises(errors.InvalidParameterError, match=r"subsets\[0\]: expected .* neuron indices in 0\.\.39; got \[0, 40\]"):
         probes.subset_cka(X, [np.array([0, 40])])
-    with pytest.raises(errors.InvalidParameterError, match="is empty"):
+    with pytest.raises(errors.InvalidParameterError, match=r"subsets\[0\]: expected a non-empty"):
         probes.subset_cka(X, [np.array([], dtype=int)])
+    with pytest.raises(errors.InvalidParameterError, match=r"batch_size: expected an integer >= 4; got 0"):
+        probes.subset_cka(X, [np.arange(3)], estimator="minibatch", batch_size=0)
+    with pytest.raises(errors.InvalidParameterError, match=r"on_degenerate: expected one of 'zero', 'raise'"):
+        probes.subset_cka(X, [np.arange(3)], on_degenerate="ignore")
     bad = X.copy()
     bad[5, 2] = np.nan
     with pytest.raises(errors.InvalidFeaturesError, match="NaN/Inf .*row 5, neuron 2"):
         probes.subset_cka(bad, [np.arange(3)])
     with pytest.raises(errors.InvalidFeaturesError, match="empty split"):
         probes.subset_cka(np.zeros((0, 4)), [np.arange(3)])
+
+
+@pytest.mark.parametrize("estimator", list(probes.CKA_ESTIMATORS))
+def test_every_registered_estimator_scores_subsets_and_pairs(X, subsets, estimator):
+    """Each registry entry serves subset_cka and cross_cka with one definition: a subset of X
+    against X scores the same through both."""
+    chosen = subsets[:3]
+    one = np.asarray(probes.subset_cka(X, chosen, estimator=estimator, batch_size=64))
+    two = np.asarray(probes.cross_cka(X, X, estimator=estimator, subsets=chosen, batch_size=64))
+    np.testing.assert_allclose(one, two, rtol=1e-9)
+    entry = probes.CKA_ESTIMATORS[estimator]
+    if entry.sums is None:
+        with pytest.raises(errors.IncompatibleParametersError, match="no reusable whole-split statistics"):
+            probes.cka_statistics(X, estimator)
+    else:
+        assert probes.cka_statistics(X, estimator).estimator == estimator
 
 
 def test_corrupt_group_is_refused_with_its_path(tmp_path, tiny):
@@ -190,7 +215,7 @@ def test_corrupt_group_is_refused_with_its_path(tmp_path, tiny):
         probes.subset_cka(featstore.open(store).group(g.name), [np.arange(3)])
 
 
-@pytest.mark.parametrize("estimator, reference", [("biased", ref_biased_cka), ("unbiased", ref_unbiased_cka)])
+@pytest.mark.parametrize("estimator, reference", WHOLE_SPLIT)
 def test_statistics_taken_once_serve_many_calls(X, subsets, estimator, reference):
     stats = probes.cka_statistics(X, estimator, block_rows=37)
     assert (stats.estimator, stats.n_samples, stats.n_neurons) == (estimator, 300, 40)
@@ -212,11 +237,11 @@ def test_statistics_must_match_estimator_and_features(X, subsets):
         probes.cka_statistics(X, "minibatch")
     with pytest.raises(errors.UnknownNameError, match="nope"):
         probes.cka_statistics(X, "nope")
-    with pytest.raises(errors.InvalidParameterError, match="pass the CKAStatistics"):
+    with pytest.raises(errors.InvalidParameterError, match="expected the CKAStatistics returned by cka_statistics"):
         probes.subset_cka(X, subsets, statistics={"n": 3})
 
 
-@pytest.mark.parametrize("estimator, reference", [("biased", ref_biased_cka), ("unbiased", ref_unbiased_cka)])
+@pytest.mark.parametrize("estimator, reference", WHOLE_SPLIT)
 def test_prefixes_of_one_basis_equal_separate_projections(X, estimator, reference):
     """A pca / randproj family's draws are views basis[:, :k]: they share the products (biased)
     or the one pass (unbiased) of their basis, with the values of separate projections."""

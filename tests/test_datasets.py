@@ -7,7 +7,7 @@ import pytest
 
 import featstore
 from featstore import errors
-from featstore._datasets import DATASETS, DEBIAN_FASHION_MNIST, load_split, stratified_subset
+from featstore.datasets import DATASETS, DEBIAN_FASHION_MNIST, load_split, stratified_subset
 
 
 def test_registry_lists_every_dataset_of_the_issue():
@@ -29,10 +29,10 @@ def test_fashion_mnist_reads_real_images_from_debian_package():
 
 
 def test_fashion_mnist_without_files_explains_how_to_get_them(tmp_path, monkeypatch):
-    import featstore._datasets as d
+    import featstore.datasets as d
 
     monkeypatch.setattr(d, "DEBIAN_FASHION_MNIST", tmp_path / "none")
-    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist.*--download"):
+    with pytest.raises(errors.DatasetNotFoundError, match="apt-get install dataset-fashion-mnist.*--download"):
         load_split("fashion-mnist", "train", root=tmp_path)
 
 
@@ -72,17 +72,37 @@ def test_stratified_subset_imbalanced_keeps_every_class():
     np.testing.assert_array_equal(stratified_subset(targets, 1000, 0), np.arange(100))
 
 
+def test_dataset_names_are_parsed_once_and_folders_match_whole_components(tmp_path):
+    """``imagefolder:`` is read by one parser; a folder name matches a recorded path by whole
+    components (imagenet is not tiny-imagenet)."""
+    from featstore import parse_dataset_name
+
+    assert parse_dataset_name("imagefolder:data/x") == featstore.DatasetName("imagefolder", "data/x")
+    assert parse_dataset_name("digits") == featstore.DatasetName("", "digits")
+    q = parse_dataset_name("imagefolder:imagenet")
+    assert q.matches("imagefolder:/data/imagenet") and q.matches("imagefolder:/data/imagenet/")
+    assert not q.matches("imagefolder:/data/tiny-imagenet") and not q.matches("digits")
+    assert parse_dataset_name("imagefolder:data/imagenet").matches("imagefolder:/srv/data/imagenet")
+    assert not parse_dataset_name("imagefolder:data/imagenet").matches("imagefolder:/srv/old-data/imagenet")
+    assert parse_dataset_name("imagefolder:/data/imagenet").matches("imagefolder:/data/imagenet")
+    assert not parse_dataset_name("imagefolder:/data/imagenet").matches("imagefolder:/mnt/data/imagenet")
+    assert parse_dataset_name("digits").matches("digits") and not parse_dataset_name("digits").matches("cifar10")
+    assert parse_dataset_name(f"imagefolder:{tmp_path.name}").matches(f"imagefolder:{tmp_path}")
+
+
 def test_bad_dataset_names():
     with pytest.raises(errors.UnknownNameError, match="Unknown dataset 'cifar-10'; known: cifar10, cifar100"):
         load_split("cifar-10", "train")
-    with pytest.raises(errors.InvalidParameterError, match="path separator or '..'"):
+    with pytest.raises(errors.InvalidParameterError, match=r"dataset: expected a registry name \(cifar10, .*\); for a "
+                                                           r"folder of images use 'imagefolder:PATH'; got '\.\./etc'"):
         load_split("../etc", "train")
-    with pytest.raises(errors.UnknownNameError, match="Unknown split of dataset 'digits' 'val'; known: test, train"):
+    with pytest.raises(errors.UnknownNameError, match="Unknown split 'val' for dataset 'digits'; known: test, train"):
         load_split("digits", "val")
     with pytest.raises(errors.InvalidParameterError, match="is not a directory"):
         load_split("imagefolder:/nonexistent/path", "train")
 
 
-def test_torchvision_dataset_missing_says_download(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--download"):
-        load_split("cifar10", "train", root=tmp_path)
+@pytest.mark.parametrize("name", [n for n, e in DATASETS.items() if e.needs_root])
+def test_torchvision_dataset_missing_says_download(tmp_path, name):
+    with pytest.raises(errors.DatasetNotFoundError, match="not found: .*Pass --download"):
+        load_split(name, DATASETS[name].splits[0], root=tmp_path)

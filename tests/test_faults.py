@@ -52,40 +52,77 @@ def test_failed_write_during_build_is_a_clear_error_and_resumable(tmp_path, tiny
 
 
 def test_failed_result_write_leaves_results_as_they_were(tmp_path, spec_file, reference, monkeypatch):
+    """The second task's rows hit a full disk mid-write: the first task stays recorded, nothing
+    of the second is left, and a re-run finishes the sweep."""
+    from featstore import fileio
+
     out = tmp_path / "out"
-    real = pipelines._sweep._atomic_write_bytes
+    real_fsync = os.fsync
     state = {"n": 0}
 
-    def failing(path, data):
-        if path.suffix == ".parquet":
+    def fsync(fd):
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        if fileio.is_temporary(name) and ".parquet." in name:
             state["n"] += 1
-            if state["n"] == 2:
-                tmp = path.with_name(f".{path.name}.x.tmp")
-                tmp.write_bytes(data[: len(data) // 2])  # a half-written file, as a full disk leaves it
-                tmp.unlink()
-                raise errors.StoreError(f"writing {path} failed: No space left on device")
-        return real(path, data)
+            if state["n"] == 2:  # the rows are half on disk in the temporary file: the disk fills up
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
 
-    monkeypatch.setattr(pipelines._sweep, "_atomic_write_bytes", failing)
-    with pytest.raises(errors.StoreError, match="No space left"):
+    monkeypatch.setattr(fileio.os, "fsync", fsync)
+    with pytest.raises(errors.WriteFailedError, match="No space left on device; nothing of this task was recorded"):
         pipelines.run_sweep(spec_file, out, progress=False)
+    assert state["n"] == 2  # the failure really happened during a task's rows
     first = pipelines.load_results(out)
     assert first["task"].nunique() == 1  # the task before the failure, and nothing of the failed one
     assert sorted(p.name for p in (out / "results").iterdir()) == [f"{first['task'].iloc[0]}.parquet"]
-    monkeypatch.setattr(pipelines._sweep, "_atomic_write_bytes", real)
+    monkeypatch.setattr(fileio.os, "fsync", real_fsync)
     _same(pipelines.run_sweep(spec_file, out, progress=False), reference)
 
 
-def test_atomic_write_cleans_up_on_os_error(tmp_path, monkeypatch):
+@pytest.mark.parametrize("replace", [True, False])
+def test_atomic_write_cleans_up_on_os_error(tmp_path, monkeypatch, replace):
+    from featstore import fileio
+
     target = tmp_path / "x.parquet"
 
     def boom(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(os, "fsync", boom)
-    with pytest.raises(errors.StoreError, match="nothing of this task was recorded"):
-        pipelines._sweep._atomic_write_bytes(target, b"data")
+    monkeypatch.setattr(fileio.os, "fsync", boom)
+    with pytest.raises(errors.WriteFailedError, match=f"writing {target} failed: No space left on device; it is lost"):
+        fileio.atomic_write(target, b"data", replace=replace, consequence="it is lost")
     assert tree_listing(tmp_path) == []
+
+
+def test_atomic_write_without_replace_keeps_the_first(tmp_path):
+    from featstore import fileio
+
+    target = tmp_path / "zarr.json"
+    assert fileio.atomic_write(target, b"first", replace=False) is True
+    assert fileio.atomic_write(target, b"second", replace=False) is False
+    assert target.read_bytes() == b"first" and tree_listing(tmp_path) == ["zarr.json"]
+    assert fileio.atomic_write(target, b"third") is True and target.read_bytes() == b"third"
+
+
+def test_a_busy_lock_names_its_holder_and_keeps_its_record(tmp_path):
+    from featstore import fileio
+
+    lock = tmp_path / "x.lock"
+    code = ("import sys, time; from featstore import fileio\n"
+            "with fileio.locked(sys.argv[1]):\n    print('held', flush=True); time.sleep(30)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(fileio.LockBusy) as busy:
+            with fileio.locked(lock, wait=False):
+                pass
+        assert busy.value.holder.startswith(f"pid {holder.pid} on ")
+        assert lock.read_text().startswith(f"pid {holder.pid} on ")  # the failed try did not erase it
+    finally:
+        holder.kill()
+        holder.wait()
+    with fileio.locked(lock, wait=False):  # the kernel released a killed holder's lock
+        assert lock.read_text().startswith(f"pid {os.getpid()} on ")
 
 
 def test_two_sweeps_into_one_output_do_not_corrupt_it(tmp_path, spec_file, reference):
@@ -96,7 +133,7 @@ def test_two_sweeps_into_one_output_do_not_corrupt_it(tmp_path, spec_file, refer
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     errs = "".join(e for _, e in outs)
-    assert "another sweep is writing to" in errs and "already done" in errs
+    assert "another sweep (pid " in errs and "is writing to" in errs and "already done" in errs
     _same(pipelines.load_results(out), reference)
 
 
@@ -105,7 +142,7 @@ def test_sweep_into_an_output_another_sweep_is_just_creating(tmp_path, spec_file
     out = tmp_path / "out"
     out.mkdir()
     (out / ".lock").touch()
-    (out / ".sweep.json.1234abcd.tmp").write_text("{")
+    (out / ".sweep.json.0123456789ab.tmp").write_text("{")  # fileio.atomic_write's temporary name
     _same(pipelines.run_sweep(spec_file, out, progress=False), reference)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -114,7 +151,7 @@ def test_sweep_into_an_output_another_sweep_is_just_creating(tmp_path, spec_file
     hidden.mkdir()
     (hidden / ".draft.tmp").write_text("mine too")  # a hidden temporary file that is not a sweep's
     for path, listing in ((foreign, ["notes.txt"]), (hidden, [".draft.tmp"])):
-        with pytest.raises(errors.InvalidParameterError, match="non-empty directory without a sweep.json"):
+        with pytest.raises(errors.OutputConflictError, match="non-empty directory without a sweep.json"):
             pipelines.run_sweep(spec_file, path, progress=False)
         assert tree_listing(path) == listing
 

@@ -12,7 +12,7 @@ import torch
 
 from featstore import errors
 from featstore._build import make_transforms, resolve_transform
-from featstore._models import (
+from featstore.models import (
     FeatureExtractor,
     create_backbone,
     list_layers,
@@ -117,7 +117,7 @@ def test_checkpoint_errors_name_the_file(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(errors.CheckpointError, match="junk.pth"):
         load_checkpoint_state(junk)
-    with pytest.raises(errors.InvalidParameterError, match="needs --checkpoint"):
+    with pytest.raises(errors.InvalidParameterError, match="weights='checkpoint' cannot be used here: it needs --checkpoint FILE"):
         create_backbone("test_resnet", "checkpoint")
 
 
@@ -126,10 +126,10 @@ def test_embedded_weights_are_real_imagenet_weights():
     from PIL import Image
     from sklearn.datasets import load_sample_image
 
-    import featstore._models as m
+    import featstore.models as m
 
     model = timm.create_model("tf_efficientnet_lite0")
-    state = load_checkpoint_state(m._embedded_path())
+    state = load_checkpoint_state(m.embedded_weights_path())
     model.load_state_dict(map_state_dict(state, model.state_dict(), "positional"))
     model.eval()
     tspec = resolve_transform(model)
@@ -144,7 +144,7 @@ def test_embedded_weights_are_real_imagenet_weights():
     # and the registry's embedded source gives the same backbone, classifier removed
     backbone, info = create_backbone("tf_efficientnet_lite0")
     assert info.source == "embedded" and backbone.num_classes == 0
-    with pytest.raises(errors.InvalidParameterError, match="only for model 'tf_efficientnet_lite0'"):
+    with pytest.raises(errors.InvalidParameterError, match="weights='embedded' cannot be used here: embedded weights exist only for model 'tf_efficientnet_lite0'"):
         create_backbone("test_resnet", "embedded")
 
 
@@ -197,7 +197,7 @@ def test_pooling_modes():
     tokens = torch.randn(2, 5, 4)
     assert torch.equal(pool(tokens, "cls"), tokens[:, 0])
     assert torch.allclose(pool(tokens, "avg"), tokens.mean(dim=1))
-    with pytest.raises(errors.InvalidParameterError, match="does not apply to a spatial map"):
+    with pytest.raises(errors.InvalidParameterError, match="pooling='cls' cannot be used here: it does not apply to an output of shape"):
         pool(fmap, "cls")
 
 

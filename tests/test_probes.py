@@ -15,6 +15,10 @@ from featstore import errors
 from probes import SubsetProbes, make_families, random_permutation, subset_size
 
 
+INDEX_MODES = [m for m, e in probes.SELECTION_MODES.items() if not e.projection]
+PROJECTION_MODES = [m for m, e in probes.SELECTION_MODES.items() if e.projection]
+
+
 @pytest.fixture(scope="module")
 def data():
     rng = np.random.default_rng(0)
@@ -45,13 +49,14 @@ def train_alone(X, y, neurons, w0, b0, orders, *, lr, momentum, wd, batch_size, 
     return lin
 
 
-@pytest.mark.parametrize("mode", ["random", "prefix", "explicit"])
+@pytest.mark.parametrize("mode", INDEX_MODES + ["explicit"])
 def test_probe_in_a_batch_equals_probe_trained_alone(data, mode):
     Xtr, ytr, Xte, yte = data
     kw = dict(epochs=4, lr=0.1, momentum=0.9, weight_decay=1e-4, batch_size=64, lr_step=2, lr_gamma=0.1)
     subsets = [np.array([3, 7, 11]), np.arange(40), np.array([0, 47, 5, 9, 30])] if mode == "explicit" else None
-    est = SubsetProbes(mode=mode, fractions=(0.05, 0.25, 0.5, 1.0), seeds=(0, 3), subsets=subsets,
-                       select_epoch="last", device="cpu", **kw).fit(Xtr, ytr)
+    selection = dict(subsets=subsets) if mode == "explicit" else dict(mode=mode)
+    est = SubsetProbes(fractions=(0.05, 0.25, 0.5, 1.0), seeds=(0, 3), select_epoch="last", device="cpu",
+                       **selection, **kw).fit(Xtr, ytr)
     logits = est.decision_function(Xte)
     orders = [est.epoch_order(e) for e in range(kw["epochs"])]
     assert len(est.draws_) == (len(subsets) if subsets else (8 if mode == "random" else 4)) + 1
@@ -78,7 +83,7 @@ def test_every_layout_trains_each_probe_as_if_alone(data, monkeypatch, min_block
     kw = dict(epochs=3, lr=0.1, momentum=0.9, weight_decay=1e-4, batch_size=64, lr_step=2, lr_gamma=0.1)
     est = SubsetProbes(fractions=(0.02, 0.05, 0.1, 0.25, 0.3, 0.5, 0.8, 1.0), seeds=(0, 3, 5), select_epoch="last",
                        device="cpu", **kw).fit(Xtr, ytr)
-    kinds = {("dense" if g.dense is not None else f"{len(g.blocks)} blocks") for g in est.groups_}
+    kinds = {("dense" if g.dense is not None else f"{len(g.blocks)} blocks") for g in est.batches_}
     if dense_fraction == 0.0:
         assert kinds == {"dense"}
     elif dense_fraction > 1:
@@ -101,11 +106,11 @@ def test_every_layout_trains_each_probe_as_if_alone(data, monkeypatch, min_block
             ref = lin(torch.from_numpy(Xte[:, draw.neurons])).numpy()
         assert np.abs(logits[:, di] - ref).max() < 1e-4, (di, draw)
         np.testing.assert_allclose(Xte[:, draw.neurons] @ w + b, logits[:, di], atol=1e-4)
-    with pytest.raises(errors.InvalidParameterError, match="out of range"):
+    with pytest.raises(errors.InvalidParameterError, match=r"draw: expected an integer in 0\.\.24"):
         est.probe_weights(len(est.draws_))
 
 
-@pytest.mark.parametrize("mode", ["pca", "randproj"])
+@pytest.mark.parametrize("mode", PROJECTION_MODES)
 def test_projected_once_equals_projected_per_minibatch(data, monkeypatch, mode):
     """Projection modes project each pass once when it fits; the per-minibatch fallback
     (features too large to hold projected) trains the same probes."""
@@ -117,8 +122,37 @@ def test_projected_once_equals_projected_per_minibatch(data, monkeypatch, mode):
     monkeypatch.setattr(_engine, "_room_for", lambda *a: False)
     each = SubsetProbes(**kw).fit(Xtr, ytr)
     np.testing.assert_allclose(once.decision_function(Xte), each.decision_function(Xte), atol=1e-4)
-    assert once.groups_[0].is_projection
-    assert once.groups_[0].projected is None  # dropped after fit: not pickled with the estimator
+    assert once.batches_[0].is_projection
+    assert once.batches_[0].projected is None  # dropped after fit: not pickled with the estimator
+
+
+@pytest.mark.parametrize("mode", PROJECTION_MODES)
+def test_projection_probes_equal_a_probe_trained_alone_on_projected_inputs(data, mode):
+    """pca / pca-least / randproj probes against nn.Linear + torch.optim.SGD trained alone on
+    X @ basis[:, :k] (the draw's directions), with the same initial weights and order."""
+    Xtr, ytr, Xte, yte = data
+    kw = dict(epochs=3, lr=0.1, momentum=0.9, weight_decay=1e-4, batch_size=64, lr_step=2, lr_gamma=0.1)
+    est = SubsetProbes(mode=mode, fractions=(0.05, 0.25, 1.0), seeds=(0, 2), select_epoch="last", device="cpu",
+                       include_full=False, **kw).fit(Xtr, ytr)
+    orders = [est.epoch_order(e) for e in range(kw["epochs"])]
+    logits = est.decision_function(Xte)
+    checked = 0
+    for fam in est.families_:
+        for draw in fam.draws:
+            di = est.draws_.index(draw)
+            P = fam.basis[:, :draw.k]
+            w0, b0 = est.initial_weights(di)
+            lin = train_alone(Xtr @ P, ytr, np.arange(draw.k), w0, b0, orders, C=4, lr=kw["lr"],
+                              momentum=kw["momentum"], wd=kw["weight_decay"], batch_size=kw["batch_size"],
+                              lr_step=kw["lr_step"], lr_gamma=kw["lr_gamma"])
+            w, b = est.probe_weights(di)
+            np.testing.assert_allclose(w, lin.weight.detach().numpy().T, atol=1e-4)
+            np.testing.assert_allclose(b, lin.bias.detach().numpy(), atol=1e-4)
+            with torch.no_grad():
+                ref = lin(torch.from_numpy(Xte @ P)).numpy()
+            assert np.abs(logits[:, di] - ref).max() < 1e-3, (di, draw)
+            checked += 1
+    assert checked == len(est.draws_) == (6 if probes.SELECTION_MODES[mode].seeded else 3)
 
 
 def test_best_epoch_selection_and_reported_fields(data):
@@ -206,28 +240,119 @@ def test_estimator_is_picklable_and_joblib_ready(data):
 
 
 def test_group_input_reads_views_per_epoch(tmp_path, tiny):
+    """Epoch e trains on pass e mod (1 + views): checked against a probe trained alone that
+    reads exactly those passes (a wrong pass in any epoch changes the weights)."""
     import featstore
 
     (g,) = featstore.build(**tiny, splits="train", views=2, store=tmp_path / "s.zarr", dtype="float32")
-    est = SubsetProbes(fractions=(0.5,), seeds=(0,), epochs=3, batch_size=8, device="cpu").fit(g)
+    passes = [g.numpy(v) for v in range(3)]
+    assert not np.array_equal(passes[0], passes[1]) and not np.array_equal(passes[1], passes[2])
+    kw = dict(epochs=5, lr=0.05, momentum=0.9, weight_decay=1e-4, batch_size=8, lr_step=2, lr_gamma=0.5)
+    est = SubsetProbes(fractions=(0.5,), seeds=(0,), select_epoch="last", include_full=False, device="cpu",
+                       **kw).fit(g)
     assert est.n_classes_ == 3 and est.n_features_in_ == g.n_neurons
+    draw = est.draws_[0]
+    orders = [est.epoch_order(e) for e in range(kw["epochs"])]
+    w0, b0 = est.initial_weights(0)
+    y = g.labels
+    lin = torch.nn.Linear(draw.k, 3)
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(w0.T))
+        lin.bias.copy_(torch.from_numpy(b0))
+    opt = torch.optim.SGD(lin.parameters(), lr=kw["lr"], momentum=kw["momentum"], weight_decay=kw["weight_decay"])
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=kw["lr_step"], gamma=kw["lr_gamma"])
+    for epoch, order in enumerate(orders):
+        Xs = torch.from_numpy(passes[epoch % 3][:, draw.neurons])  # clean, view 1, view 2, clean, view 1
+        for s in range(0, len(order), kw["batch_size"]):
+            rows = torch.from_numpy(order[s:s + kw["batch_size"]])
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(lin(Xs[rows]), torch.from_numpy(y)[rows]).backward()
+            opt.step()
+        sched.step()
+    w, b = est.probe_weights(0)
+    np.testing.assert_allclose(w, lin.weight.detach().numpy().T, atol=1e-5)
+    np.testing.assert_allclose(b, lin.bias.detach().numpy(), atol=1e-5)
     res = est.evaluate(g)
-    assert len(res) == 2 and res["test_accuracy"].between(0, 1).all()
+    assert len(res) == 1 and res["test_accuracy"].between(0, 1).all()
+
+
+def test_a_group_is_read_once_and_verified_by_that_read(tmp_path, tiny, monkeypatch):
+    """Training data from a group: every chunk is read once, and that read is the check (a
+    missing chunk is still refused: test_faults)."""
+    import featstore
+
+    (g,) = featstore.build(**tiny, splits="train", views=1, store=tmp_path / "s.zarr", dtype="float32")
+    n_chunks = -(-g.n_samples // g.spec.chunk_rows)
+    reads = []
+    real = featstore.Group._read_chunk
+    monkeypatch.setattr(featstore.Group, "_read_chunk", lambda self, label, arr, v, c: reads.append((label, c))
+                        or real(self, label, arr, v, c))
+    data = probes.load_training_data(g)
+    assert sorted(reads) == sorted([("features", c) for c in range(n_chunks)] + [("views[0]", c) for c in range(n_chunks)])
+    np.testing.assert_array_equal(data.X, g.numpy(0))
+    reads.clear()
+    probes.subset_cka(g, [np.arange(3)])
+    assert sorted(reads) == [("features", c) for c in range(n_chunks)]
 
 
 @pytest.mark.parametrize("kwargs, exc, message", [
-    (dict(fractions=(0.0, 0.5)), errors.InvalidParameterError, "fraction=0.0 must be in (0, 1]"),
-    (dict(fractions=(1.5,)), errors.InvalidParameterError, "fraction=1.5 must be in (0, 1]"),
-    (dict(mode="lottery"), errors.UnknownNameError, "Unknown selection mode 'lottery'; known: explicit"),
-    (dict(subsets=[np.array([0, 99])]), errors.InvalidParameterError, "outside 0..47"),
-    (dict(seeds=(-1,)), errors.InvalidParameterError, "seed=-1 must be a non-negative integer"),
-    (dict(seeds=(1.5,)), errors.InvalidParameterError, "seed=1.5"),
-    (dict(solver="adam"), errors.UnknownNameError, "Unknown solver 'adam'; known: ridge, sgd"),
+    (dict(fractions=(0.0, 0.5)), errors.InvalidParameterError,
+     "SubsetProbes.fractions[0]: expected a number in (0, 1]; got 0.0 (float)"),
+    (dict(fractions=(1.5,)), errors.InvalidParameterError, "SubsetProbes.fractions[0]: expected a number in (0, 1]"),
+    (dict(fractions=()), errors.InvalidParameterError, "SubsetProbes.fractions: expected a non-empty list"),
+    (dict(fractions=(0.5, 0.5)), errors.InvalidParameterError, "expected a non-empty list without repeats"),
+    (dict(mode="lottery"), errors.UnknownNameError,
+     "SubsetProbes.mode: Unknown selection mode 'lottery'; known: pca, pca-least, prefix, random, randproj"),
+    (dict(subsets=[np.array([0, 99])]), errors.InvalidParameterError,
+     "subsets[0]: expected a non-empty 1-D array of distinct integer neuron indices in 0..47; got [0, 99]"),
+    (dict(seeds=(-1,)), errors.InvalidParameterError, "SubsetProbes.seeds[0]: expected an integer >= 0; got -1"),
+    (dict(seeds=(1.5,)), errors.InvalidParameterError, "SubsetProbes.seeds[0]: expected an integer >= 0; got 1.5 (float)"),
+    (dict(solver="adam"), errors.InvalidParameterError, "SubsetProbes.solver: expected one of 'sgd', 'ridge'; got 'adam'"),
+    (dict(momentum="0.9"), errors.InvalidParameterError,
+     "SubsetProbes.momentum: expected a number in [0, 1); got '0.9' (string)"),
+    (dict(epochs=True), errors.InvalidParameterError, "SubsetProbes.epochs: expected an integer >= 1; got True (boolean)"),
+    (dict(include_full="no"), errors.InvalidParameterError, "SubsetProbes.include_full: expected true or false"),
+    (dict(device="gpu"), errors.InvalidParameterError, "SubsetProbes.device: expected one of 'auto', 'cpu', 'cuda'"),
 ])
 def test_bad_parameters(data, kwargs, exc, message):
+    """Every parameter is checked against its declaration, before any work: the message names
+    the key, the value, its type and what the declaration allows; strings are never coerced."""
+    import re
+
     Xtr, ytr, _, _ = data
-    with pytest.raises(exc, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
-        SubsetProbes(epochs=1, **kwargs).fit(Xtr, ytr)
+    with pytest.raises(exc, match=re.escape(message)):
+        SubsetProbes(**{"epochs": 1, **kwargs}).fit(Xtr, ytr)
+
+
+def test_estimator_follows_scikit_learns_contract(data):
+    """Keyword-only __init__ that stores its arguments unchanged, get_params / set_params from
+    the one declaration, clone, and a not-fitted error that is also AttributeError / ValueError."""
+    import inspect
+
+    from sklearn.base import clone
+
+    declared = list(probes.SubsetProbesParameters.model_fields)
+    sig = inspect.signature(SubsetProbes)
+    assert list(sig.parameters) == declared
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in sig.parameters.values())
+    assert {n: p.default for n, p in sig.parameters.items()} == {
+        n: f.default for n, f in probes.SubsetProbesParameters.model_fields.items()}
+    with pytest.raises(TypeError):
+        SubsetProbes("random")  # keyword-only
+    with pytest.raises(TypeError, match="unexpected keyword argument 'epoch'"):
+        SubsetProbes(epoch=3)
+    est = SubsetProbes(momentum="not checked here", epochs=2)
+    assert est.momentum == "not checked here"  # __init__ stores, fit validates
+    est.set_params(momentum=0.5)
+    assert est.get_params()["momentum"] == 0.5 and set(est.get_params()) == set(declared)
+    with pytest.raises(errors.UnknownKeyError, match="SubsetProbes.momentun"):
+        est.set_params(momentun=0.1)
+    copy = clone(est)
+    assert copy.get_params() == est.get_params() and copy is not est
+    assert repr(est) == "SubsetProbes(epochs=2, momentum=0.5)"
+    for builtin in (AttributeError, ValueError, errors.NotFittedError):
+        with pytest.raises(builtin, match="not fitted yet"):
+            est.predict(data[2])
 
 
 def test_bad_data(data):
@@ -244,19 +369,24 @@ def test_bad_data(data):
         SubsetProbes(epochs=1).fit(Xtr, ytr[:-1])
 
 
-def test_bf16_path_tracks_fp32(data):
-    """The bf16 compute path (the GPU's option) on a CPU with native bf16; elsewhere a clear error."""
-    from probes._engine import cpu_has_bf16
+def test_bf16_on_a_cpu_without_it_is_refused_before_any_work(data, monkeypatch):
+    from probes import _engine
 
+    monkeypatch.setattr(_engine, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(_engine, "load_training_data", lambda *a, **k: pytest.fail("data read before the check"))
+    with pytest.raises(errors.IncompatibleParametersError, match="native bf16"):
+        SubsetProbes(precision="bf16", device="cpu").fit(data[0], data[1])
+
+
+def test_bf16_path_tracks_fp32(data):
+    """The bf16 compute path (the GPU's option) on a CPU with native bf16."""
     Xtr, ytr, Xte, yte = data
     kw = dict(fractions=(0.1, 0.5, 0.8, 1.0), seeds=(0, 1), epochs=4, batch_size=64, device="cpu")
-    if not cpu_has_bf16():
-        with pytest.raises(errors.InvalidParameterError, match="native bf16"):
-            SubsetProbes(precision="bf16", **kw).fit(Xtr, ytr)
-        return
+    if not probes.cpu_has_bf16():
+        pytest.skip("this CPU has no native bf16 matmuls (AVX512-BF16 / AMX)")
     fp = SubsetProbes(**kw).fit(Xtr, ytr)
     bf = SubsetProbes(precision="bf16", **kw).fit(Xtr, ytr)
-    assert all(w.dtype == torch.float32 for g in bf.groups_ for w in g.W)  # fp32 master weights
+    assert all(w.dtype == torch.float32 for g in bf.batches_ for w in g.W)  # fp32 master weights
     a, b = fp.evaluate(Xte, yte), bf.evaluate(Xte, yte)
     assert np.abs(a["test_accuracy"] - b["test_accuracy"]).max() <= 0.06
     la, lb = fp.decision_function(Xte), bf.decision_function(Xte)
@@ -277,7 +407,7 @@ def test_cuda_equals_cpu(data):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("mode", ["random", "pca", "randproj"])
+@pytest.mark.parametrize("mode", list(probes.SELECTION_MODES))
 @pytest.mark.parametrize("room", ["on the GPU", "streamed from pinned host memory"])
 def test_cuda_paths_equal_cpu(data, monkeypatch, mode, room):
     """Features on the GPU (projections projected once there), or, when the GPU has no room,
@@ -304,7 +434,7 @@ def test_cuda_paths_equal_cpu(data, monkeypatch, mode, room):
     assert np.abs(cpu - gpu).max() < 1e-3 * max(1.0, np.abs(cpu).max())
 
 
-@pytest.mark.parametrize("mode", ["pca", "pca-least"])
+@pytest.mark.parametrize("mode", [m for m in probes.SELECTION_MODES if m.startswith("pca")])
 def test_pca_directions_do_not_depend_on_the_eigensolvers_signs(data, monkeypatch, mode):
     """LAPACK builds may return any eigenvector with either sign; the basis (and so the
     probes a task trains) must be the same on every machine."""

@@ -100,7 +100,7 @@ def test_sweep_rows_and_columns(reference):
     assert json.loads(df["protocol"].iloc[0])["epochs"] == 3
 
 
-@pytest.mark.parametrize("launcher", ["joblib", "dask"])
+@pytest.mark.parametrize("launcher", [name for name in pipelines.LAUNCHERS if name != "local"])
 def test_launchers_agree_with_local(tmp_path, spec_file, reference, launcher):
     df = run_sweep(spec_file, tmp_path / "out", launcher=launcher, workers=2, progress=False)
     _same(df, reference)
@@ -124,7 +124,7 @@ def test_a_worker_reads_a_group_and_takes_its_cka_pass_once(tmp_path, spec_file,
     monkeypatch.setattr(probes, "cka_statistics", stats)
     _same(run_sweep(spec_file, tmp_path / "out", progress=False), reference)
     assert calls == {"read": 2, "cka_pass": 1}  # 4 tasks: train + test read once, one d x d pass
-    assert pipelines._sweep._GroupCache.key() is None  # freed when the sweep ends
+    assert pipelines.FeatureCache.key() is None  # freed when the sweep ends
 
 
 def test_group_cache_reads_a_rebuilt_or_other_group_afresh(monkeypatch):
@@ -139,7 +139,7 @@ def test_group_cache_reads_a_rebuilt_or_other_group_afresh(monkeypatch):
     def group(path, built):
         return NS(path=path, provenance={"created": built}, timings={"completed": built})
 
-    cache = pipelines._sweep._GroupCache
+    cache = pipelines.FeatureCache
     try:
         first = cache.get(group("s/a_train", "t0"), group("s/a_test", "t0"))
         assert cache.get(group("s/a_train", "t0"), group("s/a_test", "t0")) is first
@@ -173,7 +173,7 @@ def test_group_cache_is_safe_across_threads_of_one_worker(monkeypatch):
     def group(path):
         return NS(path=path, provenance={"created": "t0"}, timings={"completed": "t0"})
 
-    cache = pipelines._sweep._GroupCache
+    cache = pipelines.FeatureCache
     got = []
     try:
         threads = [threading.Thread(target=lambda: got.append(cache.get(group("s/a_train"), group("s/a_test"))))
@@ -306,36 +306,148 @@ def test_dr_from_cka_by_hand():
 # ------------------------------------------------------------------ bad specs: clear errors, nothing written
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda s: s + "\n[extra]\nx = 1\n", "Unknown key 'extra' (= {'x': 1}) in [top level] of the sweep spec; allowed: groups, metrics"),
-    (lambda s: s.replace("[probe]", "[probe]\nmomemtum = 0.5"), "Unknown key 'momemtum' (= 0.5) in [probe] of the sweep spec; allowed: batch_size, epochs"),
-    (lambda s: s.replace('modes = ["random", "pca"]', 'modes = ["random", "lottery"]'),
-     "Unknown selection mode 'lottery'; known: pca, pca-least, prefix, random, randproj"),
-    (lambda s: s.replace("fractions = [0.1, 0.5, 1.0]", "fractions = [0.1, 1.5]"), "fraction 1.5 must be in (0, 1]"),
-    (lambda s: s.replace("seeds = [0, 1]", "seeds = [0, -2]"), "seed -2 must be a non-negative integer"),
-    (lambda s: s.replace("seeds = [0, 1]", "seeds = [0, 1.5]"), "seed 1.5 must be a non-negative integer"),
-    (lambda s: s.replace('cka_estimator = "biased"', 'cka_estimator = "rbf"'), "Unknown CKA estimator 'rbf'"),
-    (lambda s: s.replace('model = "test_resnet"', 'model = "resnet50"'), "No complete group matches"),
-    (lambda s: s.replace('model = "test_resnet"', 'model = "../x"'), "is not a valid name"),
-    (lambda s: s.replace('layer = "pre_logits"', 'layer = "pre_logits"\ntrain = { limit = 7 }'), "No complete group"),
-])
-def test_bad_specs_fail_before_any_work(tmp_path, spec_file, edit, message):
+def _set(key, value):
+    """An edit of the spec: put ``key = value`` (TOML) at the top of its [section]."""
+    section, name = key.split(".")
+    return lambda s: s.replace(f"[{section}]", f"[{section}]\n{name} = {value}", 1)
+
+
+@pytest.mark.parametrize("edit, error, message", [
+    # the four cases found by trying the demo store as a new user
+    (lambda s: s.replace("cka = true", 'cka = "false"'), errors.InvalidParameterError,
+     "metrics.cka: expected true or false; got 'false' (string)"),
+    (_set("probe.momentum", '"0.9"'), errors.InvalidParameterError,
+     "probe.momentum: expected a number in [0, 1); got '0.9' (string)"),
+    (lambda s: s.replace('cka_estimator = "biased"', 'cka_estimator = "minibatch"\ncka_batch_size = 0'),
+     errors.InvalidParameterError, "metrics.cka_batch_size: expected an integer >= 4; got 0 (integer)"),
+    # unknown keys, anywhere
+    (lambda s: s + "\n[extra]\nx = 1\n", errors.UnknownKeyError,
+     "Unknown key extra (= {'x': 1}); allowed here: groups, metrics, probe, selection, store"),
+    (_set("probe.momemtum", "0.5"), errors.UnknownKeyError,
+     "Unknown key probe.momemtum (= 0.5); allowed here: batch_size, epochs, lr, lr_gamma, lr_step, momentum"),
+    (_set("probe.randproj_distribution", '"gaussian"'), errors.UnknownKeyError,
+     "Unknown key probe.randproj_distribution"),  # a selection key: it lives in [selection]
+    (lambda s: s.replace('layer = "pre_logits"', 'layer = "pre_logits"\ntrain = { limt = 7 }'),
+     errors.UnknownKeyError, "Unknown key groups[0].train.limt (= 7); allowed here: limit, split, views"),
+    # wrong types, out of range, empty lists, registries
+    (lambda s: s.replace("epochs = 3", "epochs = true"), errors.InvalidParameterError,
+     "probe.epochs: expected an integer >= 1; got True (boolean)"),
+    (lambda s: s.replace("epochs = 3", "epochs = 0"), errors.InvalidParameterError, "probe.epochs: expected an integer >= 1; got 0 (integer)"),
+    (_set("probe.solver", '"adam"'), errors.InvalidParameterError,
+     "probe.solver: expected one of 'sgd', 'ridge'; got 'adam' (string)"),
+    (lambda s: s.replace('modes = ["random", "pca"]', 'modes = ["random", "lottery"]'), errors.UnknownNameError,
+     "selection.modes[1]: Unknown selection mode 'lottery'; known: pca, pca-least, prefix, random, randproj"),
+    (lambda s: s.replace('modes = ["random", "pca"]', "modes = []"), errors.InvalidParameterError,
+     "selection.modes: expected a non-empty list without repeats, each item one of"),
+    (lambda s: s.replace("fractions = [0.1, 0.5, 1.0]", "fractions = []"), errors.InvalidParameterError,
+     "selection.fractions: expected a non-empty list without repeats, each item a number in (0, 1]; got []"),
+    (lambda s: s.replace("fractions = [0.1, 0.5, 1.0]", "fractions = [0.1, 1.5]"), errors.InvalidParameterError,
+     "selection.fractions[1]: expected a number in (0, 1]; got 1.5 (float)"),
+    (lambda s: s.replace("fractions = [0.1, 0.5, 1.0]", 'fractions = [0.1, "0.5"]'), errors.InvalidParameterError,
+     "selection.fractions[1]: expected a number in (0, 1]; got '0.5' (string)"),
+    (lambda s: s.replace("seeds = [0, 1]", "seeds = [0, -2]"), errors.InvalidParameterError,
+     "selection.seeds[1]: expected an integer >= 0; got -2 (integer)"),
+    (lambda s: s.replace("seeds = [0, 1]", "seeds = [0, 1.5]"), errors.InvalidParameterError,
+     "selection.seeds[1]: expected an integer >= 0; got 1.5 (float)"),
+    (lambda s: s.replace("seeds = [0, 1]", "seeds = [1, 1]"), errors.InvalidParameterError,
+     "selection.seeds: expected a non-empty list without repeats"),
+    (lambda s: s.replace('cka_estimator = "biased"', 'cka_estimator = "rbf"'), errors.UnknownNameError,
+     "metrics.cka_estimator: Unknown CKA estimator 'rbf'; known: biased, minibatch, unbiased"),
+    (lambda s: s.replace('model = "test_resnet"', 'model = "../x"'), errors.InvalidParameterError,
+     "groups[0].model: expected a name without path separators or '..'; got '../x' (string)"),
+    (lambda s: s.replace('model = "test_resnet"\n', ""), errors.MissingKeyError, "groups[0].model is required"),
+    # groups that are not in the store
+    (lambda s: s.replace('model = "test_resnet"', 'model = "resnet50"'), errors.GroupNotFoundError,
+     "sweep group resnet50/pre_logits/"),
+    (lambda s: s.replace('layer = "pre_logits"', 'layer = "pre_logits"\ntrain = { limit = 7 }'),
+     errors.GroupNotFoundError, "(train): No group matching"),
+], ids=lambda v: None)
+def test_bad_specs_fail_before_any_work(tmp_path, spec_file, monkeypatch, edit, error, message):
+    import probes
+
     spec_file.write_text(edit(spec_file.read_text()))
     out = tmp_path / "out"
-    with pytest.raises(errors.FeatstoreError) as e:
+    monkeypatch.setattr(probes, "load_training_data", lambda *a, **k: pytest.fail("a task started"))
+    with pytest.raises(error) as e:
         run_sweep(spec_file, out, progress=False)
     assert message in str(e.value)
     assert not out.exists()
 
 
+def test_spec_errors_on_the_command_line_are_one_line_and_exit_2(tmp_path, spec_file):
+    spec_file.write_text(_set("probe.momentum", '"0.9"')(spec_file.read_text()))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "featstore.cli", "sweep", str(spec_file), "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("featstore sweep: error: probe.momentum: expected a number in [0, 1); "
+                                   "got '0.9' (string)")
+    assert not out.exists()
+    for args, text in ((["--workers", "0"], "--workers: expected an integer >= 1; got 0 (integer)"),
+                       (["--workers", "two"], "--workers: expected an integer >= 1; got 'two' (string)"),
+                       (["--launcher", "slurm"], "--launcher: Unknown launcher 'slurm'; known: dask, joblib, local"),
+                       (["--scheduler", "tcp://x:1"], "scheduler='tcp://x:1' cannot be used here: --launcher local")):
+        proc = subprocess.run([sys.executable, "-m", "featstore.cli", "sweep", str(spec_file), "--out", str(out),
+                               *args], capture_output=True, text=True, cwd=REPO, timeout=600)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert text in proc.stderr, (args, proc.stderr)
+        assert not out.exists()
+
+
+def test_probe_keys_are_the_estimators_parameters(tmp_path, spec_file, monkeypatch):
+    """[probe] takes exactly probes.Protocol (ridge_alphas included), [metrics] cka_* exactly
+    probes.CKAOptions, [selection] probes.Selection; each task's estimator gets them."""
+    import probes
+
+    spec = load_spec(spec_file)
+    assert set(spec.probe.model_dump()) == set(probes.Protocol.model_fields)
+    assert {k for k in spec.metrics.model_dump() if k.startswith("cka_")} == {
+        f"cka_{k}" for k in probes.CKAOptions.model_fields}
+    assert set(probes.Selection.model_fields) - {"mode"} <= set(spec.selection.model_dump())
+    spec_file.write_text(spec_file.read_text().replace("epochs = 3", 'solver = "ridge"\nridge_alphas = [0.01, 1.0]'))
+    df = run_sweep(spec_file, tmp_path / "out", progress=False)
+    protocol = json.loads(df["protocol"].iloc[0])
+    assert protocol["solver"] == "ridge" and protocol["ridge_alphas"] == [0.01, 1.0]
+    assert set(protocol) == set(probes.Protocol.model_fields)
+    assert set(df["solver"]) == {"ridge"}
+
+
+def test_a_changed_declared_default_changes_the_spec_key(spec_file):
+    """The key covers every declared default: a new default in the estimator's (or CKA's, or
+    the selection's) declaration gives another key, so a resumed sweep cannot mix protocols."""
+    code = """
+import sys, probes
+model, name, value = sys.argv[2], sys.argv[3], float(sys.argv[4])
+if model != "none":
+    cls = getattr(probes, model)
+    cls.model_fields[name].default = type(cls.model_fields[name].default)(value)
+    cls.model_rebuild(force=True)
+import pipelines
+spec = pipelines.load_spec(sys.argv[1])
+print(spec.key(), dict(spec.probe)["lr"], spec.metrics.cka_batch_size)
+"""
+
+    def key(*change):
+        out = subprocess.run([sys.executable, "-c", code, str(spec_file), *(change or ("none", "-", "0"))],
+                             capture_output=True, text=True, cwd=REPO, timeout=600, check=True).stdout.split()
+        return out
+
+    base = key()
+    lr = key("Protocol", "lr", "0.2")
+    batch = key("CKAOptions", "batch_size", "128")
+    assert base[1:] == ["0.1", "256"] and lr[1:] == ["0.2", "256"] and batch[1:] == ["0.1", "128"]
+    assert len({base[0], lr[0], batch[0]}) == 3
+    assert key() == base  # and the key itself is stable
+
+
 def test_bad_launcher_and_other_spec_in_out(tmp_path, spec_file, reference):
-    with pytest.raises(errors.UnknownNameError, match="Unknown launcher 'slurm'; known: dask, joblib, local"):
+    with pytest.raises(errors.UnknownNameError, match="launcher: Unknown launcher 'slurm'; known: dask, joblib, local"):
         run_sweep(spec_file, tmp_path / "o", launcher="slurm")
     out = tmp_path / "out"
     run_sweep(spec_file, out, progress=False)
     before = tree_listing(out)
     spec_file.write_text(spec_file.read_text().replace("epochs = 3", "epochs = 4"))
-    with pytest.raises(errors.InvalidParameterError, match="holds results of a different sweep spec"):
+    with pytest.raises(errors.OutputConflictError, match="holds results of a different sweep spec"):
         run_sweep(spec_file, out, progress=False)
     assert tree_listing(out) == before
 
@@ -355,7 +467,7 @@ def test_incomplete_group_and_mismatched_train_test(tmp_path, sweep_store, image
     featstore.build("test_resnet", weights="random", dataset=dataset, image_size=40, batch_size=8, workers=0,
                     progress=False, splits="test", store=store, dtype="float32", limit=5)
     spec3 = load_spec({"groups": [{"model": "test_resnet", "dataset": dataset, "test": {"limit": 5}}]}, store=str(store))
-    with pytest.raises(errors.StaleGroupError, match="different specs: .*transform"):
+    with pytest.raises(errors.MismatchedGroupsError, match="were built differently .*transform"):
         run_sweep(spec3, tmp_path / "o2", progress=False)
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 

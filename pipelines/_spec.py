@@ -1,0 +1,178 @@
+"""The sweep spec: a TOML file validated against declarations the sweep does not own.
+
+Every key of a spec comes from a declaration elsewhere, so a parameter has one name,
+one type, one range and one default wherever it appears:
+
+``[[groups]]``
+    Query keys of the store (``featstore.QUERY_KEYS``), typed by the
+    :class:`featstore.ExtractionSpec` fields they select on; ``train`` / ``test`` tables
+    hold the keys that may differ between the two splits (:data:`SPLIT_KEYS`).
+``[selection]``
+    ``modes`` (a list of :class:`probes.Selection`'s ``mode``) and the rest of
+    :class:`probes.Selection` (``fractions``, ``seeds``, ``randproj_distribution``).
+``[probe]``
+    Exactly :class:`probes.Protocol`, the estimator's training parameters.
+``[metrics]``
+    ``accuracy``, ``cka``, and ``cka_`` + each field of :class:`probes.CKAOptions`.
+
+The content hash (:meth:`SweepSpec.key`) covers every value with the defaults filled in,
+so a changed default gives another key and a resumed sweep never mixes two protocols.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, create_model
+
+import probes
+from featstore import DEFAULT_STORE, QUERY_KEYS, BuildOptions, DatasetText, ExtractionSpec
+from featstore.errors import SpecNotFoundError, SpecSyntaxError
+from featstore.params import Parameters, PathText, Unique, field_type, validate
+
+__all__ = ["SweepSpec", "GroupTable", "load_spec", "SPLIT_KEYS", "GROUP_KEYS", "SPLIT_ONLY_FIELDS", "CKA_PREFIX"]
+
+# Query keys a [[groups]] table's train / test sub-tables set: they may differ between the
+# two groups of one pairing. The rest of the store's query keys describe the pairing.
+SPLIT_KEYS = ("split", "limit", "views")
+GROUP_KEYS = tuple(k for k in QUERY_KEYS if k not in SPLIT_KEYS)
+# ExtractionSpec fields that may differ between a pairing's train and test groups: the split
+# keys, and what follows from them (views bring an augmentation; chunk rows follow n).
+SPLIT_ONLY_FIELDS = frozenset(SPLIT_KEYS) | {"augmentation", "chunk_rows"}
+CKA_PREFIX = "cka_"
+
+
+def _query_fields(keys) -> dict[str, Any]:
+    """Optional fields typed as the ExtractionSpec fields they select on (None: any)."""
+    return {k: (field_type(ExtractionSpec, k) | None, None) for k in keys}
+
+
+SplitTable = create_model("SplitTable", __base__=Parameters, __doc__="Keys of one split's group.",
+                          **_query_fields(SPLIT_KEYS))
+
+
+class GroupTable(create_model("_GroupQuery", __base__=Parameters, **_query_fields(GROUP_KEYS))):
+    """One ``[[groups]]`` table: a (train, test) pairing of cached feature groups."""
+
+    model: field_type(ExtractionSpec, "model")
+    """timm architecture of both groups."""
+    dataset: DatasetText
+    """Dataset of both groups."""
+    layer: field_type(ExtractionSpec, "layer") = BuildOptions.model_fields["layers"].default[0]
+    """Layer of both groups (the build's default layer when omitted)."""
+    train: SplitTable = SplitTable()
+    """Keys of the train group only (split, limit, views)."""
+    test: SplitTable = SplitTable()
+    """Keys of the test group only."""
+
+    def query(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in GROUP_KEYS if getattr(self, k) is not None}
+
+    def train_query(self) -> dict[str, Any]:
+        return {**self.query(), "split": "train", **self.train.model_dump(exclude_none=True)}
+
+    def test_query(self) -> dict[str, Any]:
+        return {**self.query(), "split": "test", **self.test.model_dump(exclude_none=True)}
+
+    def label(self) -> str:
+        return f"{self.model}/{self.layer}/{self.dataset}"
+
+
+def _selection_fields() -> dict[str, Any]:
+    declared = probes.Selection.model_fields
+    mode = field_type(probes.Selection, "mode")
+    fields = {"modes": (Annotated[tuple[mode, ...], Field(min_length=1, strict=False), Unique()],
+                        Field(default=(declared["mode"].default,),
+                              description="Selection modes, each trained and scored with every seed it takes."))}
+    fields.update({k: (field_type(probes.Selection, k), Field(default=f.default, description=f.description))
+                   for k, f in declared.items() if k != "mode"})
+    return fields
+
+
+SelectionTable = create_model("SelectionTable", __base__=Parameters,
+                              __doc__="The [selection] table: probes.Selection with a list of modes.",
+                              **_selection_fields())
+
+MetricsTable = create_model(
+    "MetricsTable", __base__=Parameters, __doc__="The [metrics] table: what each task measures.",
+    accuracy=(bool, Field(default=True, description="Report each probe's test accuracy.")),
+    cka=(bool, Field(default=True, description="Compute each subset's CKA with the whole layer.")),
+    **{CKA_PREFIX + k: (field_type(probes.CKAOptions, k), Field(default=f.default, description=f.description))
+       for k, f in probes.CKAOptions.model_fields.items()})
+
+
+class SweepSpec(Parameters):
+    """A parsed, validated sweep spec (see :func:`load_spec`)."""
+
+    store: PathText = DEFAULT_STORE
+    """The feature store (a path or URL); --store overrides it."""
+    groups: Annotated[tuple[GroupTable, ...], Field(min_length=1, strict=False)]
+    """One [[groups]] table per (train, test) pairing of cached groups."""
+    selection: SelectionTable = SelectionTable()
+    """Which neurons or directions the probes see."""
+    probe: probes.Protocol = probes.Protocol()
+    """How each probe is trained (probes.Protocol)."""
+    metrics: MetricsTable = MetricsTable()
+    """What is measured."""
+
+    def cka_options(self) -> dict[str, Any]:
+        """The [metrics] cka_* keys as probes.CKAOptions keywords."""
+        return {k: getattr(self.metrics, CKA_PREFIX + k) for k in probes.CKAOptions.model_fields}
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def key(self) -> str:
+        """sha256 of everything that determines the results, defaults included (not the store path)."""
+        d = self.to_dict()
+        d.pop("store")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def load_spec(source: str | os.PathLike | dict, store: str | None = None) -> SweepSpec:
+    """Parse and validate a sweep spec from a TOML file (or an equivalent dict).
+
+    Every problem is one error naming the key path (``probe.momentum``), the value, its
+    type and what is expected, before any work; strings are never taken for numbers or
+    booleans. Example::
+
+        store = "data/featstore.zarr"
+
+        [[groups]]
+        model = "tf_efficientnet_lite0"
+        layer = "pre_logits"
+        dataset = "fashion-mnist"
+        train = { limit = 5000 }      # keys of one split's group: split, limit, views
+        test = { limit = 1000 }
+
+        [selection]
+        modes = ["random", "prefix", "pca", "randproj"]
+        fractions = [0.01, 0.1, 0.5, 1.0]   # default: the paper's 22
+        seeds = [0, 1, 2, 3, 4]
+
+        [probe]
+        epochs = 50                   # any probes.Protocol parameter
+
+        [metrics]
+        accuracy = true
+        cka = true
+        cka_estimator = "biased"      # or "unbiased", "minibatch"
+    """
+    if isinstance(source, dict):
+        raw = dict(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise SpecNotFoundError(path=str(path))
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise SpecSyntaxError(path=str(path), reason=str(e)) from None
+    if store is not None:
+        raw["store"] = store
+    return validate(SweepSpec, raw)

@@ -1,0 +1,255 @@
+"""A sweep's tasks: expansion from the spec, the per-worker feature cache, and running one task.
+
+A task is one (group pairing, mode, seed) batch of probes, plus one full-layer
+reference per pairing. It opens its train and test groups read-only, trains its probes
+(one per fraction), computes their CKAs and commits its rows (``_results``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+import featstore
+import probes
+from featstore.errors import FeatstoreError, MismatchedGroupsError
+
+from ._results import commit_rows, done_count
+from ._spec import SPLIT_ONLY_FIELDS, GroupTable, MetricsTable, SelectionTable, SweepSpec
+
+__all__ = ["Task", "expand_tasks", "run_task", "check_groups", "FULL_LAYER"]
+
+FULL_LAYER = "full"  # the mode of each pairing's full-layer reference task
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of work: a (group pairing, mode, seed) batch of probes.
+
+    Attributes
+    ----------
+    spec_key : str
+        The sweep spec's content hash (part of the task id).
+    group_index : int
+        Which ``[[groups]]`` table.
+    group : GroupTable
+    mode : str
+        A selection mode, or ``"full"`` for the full-layer reference.
+    seed : int or None
+        The draw seed of seeded modes.
+    selection, probe, metrics
+        The spec's tables the task runs with.
+    """
+
+    spec_key: str
+    group_index: int
+    group: GroupTable
+    mode: str
+    seed: int | None
+    selection: SelectionTable
+    probe: probes.Protocol
+    metrics: MetricsTable
+    cka_options: tuple[tuple[str, Any], ...]
+
+    @property
+    def id(self) -> str:
+        blob = json.dumps([self.spec_key, self.group_index, self.mode, self.seed], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+    def label(self) -> str:
+        return f"{self.group.label()} {self.mode}" + (f" seed {self.seed}" if self.seed is not None else "")
+
+    def estimator(self, n_neurons: int, device: str) -> probes.SubsetProbes:
+        """The task's SubsetProbes (the reference task: the whole layer as one explicit subset)."""
+        protocol = self.probe.model_dump()
+        if self.mode == FULL_LAYER:
+            return probes.SubsetProbes(subsets=[np.arange(n_neurons)], include_full=False, device=device, **protocol)
+        return probes.SubsetProbes(mode=self.mode, fractions=self.selection.fractions,
+                                   seeds=(self.seed,) if self.seed is not None else (0,),
+                                   randproj_distribution=self.selection.randproj_distribution,
+                                   include_full=False, device=device, **protocol)
+
+
+def expand_tasks(spec: SweepSpec) -> list[Task]:
+    """The spec's tasks: per pairing, one full-layer reference, then each mode x seed."""
+    common = dict(spec_key=spec.key(), selection=spec.selection, probe=spec.probe, metrics=spec.metrics,
+                  cka_options=tuple(spec.cka_options().items()))
+    tasks = []
+    for gi, g in enumerate(spec.groups):
+        tasks.append(Task(group_index=gi, group=g, mode=FULL_LAYER, seed=None, **common))
+        for mode in spec.selection.modes:
+            for seed in (spec.selection.seeds if probes.SELECTION_MODES[mode].seeded else (None,)):
+                tasks.append(Task(group_index=gi, group=g, mode=mode, seed=seed, **common))
+    return tasks
+
+
+# ----------------------------------------------------------------------------- the groups of a pairing
+
+
+def open_pair(store, g: GroupTable):
+    """The pairing's complete (train, test) groups; an error names the pairing and split."""
+    fs = store if isinstance(store, featstore.FeatureStore) else featstore.open(store)
+    groups = []
+    for split, query in (("train", g.train_query()), ("test", g.test_query())):
+        try:
+            groups.append(fs.group(**query))
+        except FeatstoreError as e:
+            raise e.within(f"sweep group {g.label()} ({split})") from None
+    return groups
+
+
+def check_groups(spec: SweepSpec) -> None:
+    """Every pairing's groups exist and are complete, and its train and test groups match."""
+    fs = featstore.open(spec.store)
+    for g in spec.groups:
+        train, test = open_pair(fs, g)
+        a, b = train.spec.to_dict(), test.spec.to_dict()
+        diff = {k: (a[k], b[k]) for k in a if k not in SPLIT_ONLY_FIELDS and a[k] != b[k]}
+        if train.classes != test.classes:
+            diff["classes"] = ("train's class list", "test's class list")
+        if diff:
+            raise MismatchedGroupsError(first=train.name, second=test.name, differences=diff,
+                                        where=f"sweep group {g.label()}")
+
+
+# ----------------------------------------------------------------------------- the worker's cache
+
+
+class _CachedPair:
+    """One pairing's train / test features and the CKA passes taken over them."""
+
+    def __init__(self, key, train, test):
+        self.key, self.train, self.test = key, train, test
+        self._statistics: dict = {}
+        self._lock = threading.Lock()
+
+    def cka_statistics(self, estimator: str):
+        with self._lock:  # tasks of one pairing in threads of one worker take the pass once
+            if estimator not in self._statistics:
+                self._statistics[estimator] = probes.cka_statistics(self.train.X, estimator)
+            return self._statistics[estimator]
+
+
+class FeatureCache:
+    """The last pairing a worker process read (a ``_CachedPair``).
+
+    A sweep runs a pairing's tasks one after another (the reference, then each mode x
+    seed), so a worker that runs several of them reads the features and takes the d x d
+    CKA pass once, not per task. Only one pairing is held: a different one first drops
+    the old, so an idle worker never holds two layers. The key includes when each group
+    was built and completed, so a group rebuilt in place is read afresh. Thread-safe
+    (``dask worker --nthreads N`` runs tasks in threads of one process): each task keeps
+    the entry it got, so a thread that moves the cache on never changes the features or
+    statistics a running task uses.
+    """
+
+    _entry: _CachedPair | None = None
+    _lock = threading.Lock()
+
+    @classmethod
+    def get(cls, train, test) -> _CachedPair:
+        key = tuple((g.path, g.provenance.get("created"), g.timings.get("completed")) for g in (train, test))
+        with cls._lock:
+            if cls._entry is None or cls._entry.key != key:
+                cls._entry = None  # drop the old layer before reading the new one
+                data = probes.load_training_data(train)
+                cls._entry = _CachedPair(key, data, probes.load_training_data(test, n_classes=data.n_classes,
+                                                                               where="test"))
+            return cls._entry
+
+    @classmethod
+    def key(cls):
+        return cls._entry.key if cls._entry is not None else None
+
+    @classmethod
+    def clear(cls) -> None:
+        cls._entry = None
+
+
+# ----------------------------------------------------------------------------- one task
+
+
+def run_task(task: Task, store: str, out: str, device: str = "auto", threads: int | None = None) -> int:
+    """Train, evaluate and (optionally) CKA one task; commit its rows; return the row count.
+
+    Safe to call again for a done task (it returns its recorded count without work).
+    """
+    import torch
+
+    done = done_count(out, task)
+    if done is not None:
+        return done
+    if threads:
+        torch.set_num_threads(threads)
+    device = _worker_device(device)
+    t0 = time.perf_counter()
+    train, test = open_pair(store, task.group)
+    est = task.estimator(train.n_neurons, device)
+    cached = FeatureCache.get(train, test)  # read once per pairing by each worker
+    data, test_data = cached.train, cached.test
+    est.fit(data)
+    t_fit = time.perf_counter() - t0
+    res = est.evaluate(test_data)
+    if task.mode == FULL_LAYER:
+        res["mode"] = FULL_LAYER
+        res["fraction"] = 1.0
+    t1 = time.perf_counter()
+    cka_options = dict(task.cka_options)
+    if task.metrics.cka:
+        selections = [fam.columns[: dr.k] if fam.columns is not None else fam.basis[:, : dr.k]
+                      for fam in est.families_ for dr in fam.draws]
+        reusable = probes.CKA_ESTIMATORS[cka_options["estimator"]].sums is not None
+        stats = cached.cka_statistics(cka_options["estimator"]) if reusable else None
+        cka = probes.subset_cka(data.X, selections, statistics=stats, **cka_options)
+        res["cka"] = np.asarray(cka)
+        res["cka_degenerate"] = cka.degenerate
+        res["cka_estimator"] = cka.estimator
+    else:
+        res["cka"] = np.nan
+        res["cka_degenerate"] = False
+        res["cka_estimator"] = None
+    t_cka = time.perf_counter() - t1
+    res.insert(0, "task", task.id)
+    res.insert(1, "group", task.group_index)
+    for i, k in enumerate(("model", "layer", "dataset")):
+        res.insert(2 + i, k, getattr(task.group, k))
+    res["weights"] = train.spec.weights
+    res["train_group"] = train.name
+    res["test_group"] = test.name
+    res["n_neurons"] = train.n_neurons
+    res["n_classes"] = len(train.classes)
+    res["seed"] = task.seed
+    res["protocol"] = json.dumps(task.probe.model_dump(mode="json"), sort_keys=True)
+    res["seconds_fit"] = t_fit
+    res["seconds_cka"] = t_cka
+    res["seconds_task"] = time.perf_counter() - t0
+    res["host"] = socket.gethostname()
+    if not task.metrics.accuracy:
+        res["test_accuracy"] = np.nan
+    res["draw"] = res["draw"].astype(np.int64)
+    res["seed"] = res["seed"].astype("Int64")
+    return commit_rows(out, task, res)
+
+
+def _worker_device(device: str) -> str:
+    """On a multi-GPU machine, dask worker i of a LocalCluster uses cuda:(i mod n_gpus):
+    one process per GPU. Workers are spawned processes, so no CUDA state was forked."""
+    if device not in ("auto", "cuda"):
+        return device
+    try:
+        from distributed import get_worker
+
+        index = int(get_worker().name)
+    except (ImportError, ValueError, TypeError):
+        return device
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return f"cuda:{index % n}" if n > 1 else device

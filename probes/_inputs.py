@@ -1,0 +1,99 @@
+"""One converter for features-like inputs: numpy arrays, torch tensors, zarr arrays and
+featstore groups become :class:`Features`, which the probe engine and CKA both read.
+
+A featstore group is verified by the read that uses it (each chunk checked for presence,
+decoding and NaN/Inf as it streams; the labels first), so it is read once, never once to
+verify and again to use. Arrays are checked for shape and NaN/Inf the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from featstore.errors import InvalidFeaturesError
+
+__all__ = ["Features", "as_features"]
+
+DEFAULT_BLOCK_BYTES = 16 << 20  # float64 rows per streamed block: ~16 MB, whatever the width
+
+
+def _is_group(X) -> bool:
+    return hasattr(X, "read_verified") and hasattr(X, "spec")
+
+
+class Features:
+    """Rows of one layer's features, whatever held them.
+
+    Attributes
+    ----------
+    n_samples, n_neurons : int
+    where : str
+        Whose features, for messages (``"train (store/group)"``, ``"X (array)"``).
+    group : featstore.Group or None
+    """
+
+    def __init__(self, X, view: int = 0, where: str = "X"):
+        self.group = X if _is_group(X) else None
+        self.view = view
+        if self.group is not None:
+            self.n_samples, self.n_neurons = self.group.n_samples, self.group.n_neurons
+            self.where = f"{where} ({self.group.path}" + (f", view {view})" if view else ")")
+            self._array = None
+        else:
+            if hasattr(X, "detach"):  # torch tensor
+                X = X.detach().cpu().numpy()
+            shape = tuple(getattr(X, "shape", np.shape(X)))
+            self.where = f"{where} (array)"
+            if len(shape) != 2:
+                raise InvalidFeaturesError(where=self.where,
+                                           problem=f"features must be 2-D (n_samples, n_neurons); got shape {shape}")
+            self._array = X
+            self.n_samples, self.n_neurons = int(shape[0]), int(shape[1])
+        if self.n_samples == 0:
+            raise InvalidFeaturesError(where=self.where, problem="0 samples (empty split)")
+        if self.n_neurons == 0:
+            raise InvalidFeaturesError(where=self.where, problem="0 neurons")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.n_samples, self.n_neurons
+
+    def blocks(self, block_rows: int | None = None, dtype=np.float64) -> Iterator[np.ndarray]:
+        """Yield checked row blocks of ``dtype``, ~16 MB of float64 each by default (a group's
+        blocks are whole chunks). The value of ``block_rows`` never changes a result."""
+        if not block_rows:
+            block_rows = max(1, DEFAULT_BLOCK_BYTES // (8 * self.n_neurons))
+        if self.group is not None:
+            yield from self.group.read_verified(self.view, dtype=dtype, block_rows=block_rows)
+            return
+        for start in range(0, self.n_samples, block_rows):
+            block = np.asarray(self._array[start:start + block_rows], dtype=dtype)
+            self._check_finite(block, start)
+            yield block
+
+    def numpy(self, dtype=np.float32) -> np.ndarray:
+        """The whole matrix, C-contiguous, of ``dtype``, checked; read once."""
+        if self.group is None:
+            X = np.ascontiguousarray(np.asarray(self._array, dtype=dtype))
+            self._check_finite(X, 0)
+            return X
+        out = np.empty((self.n_samples, self.n_neurons), dtype=dtype)
+        at = 0
+        for block in self.group.read_verified(self.view, dtype=dtype):
+            out[at:at + len(block)] = block
+            at += len(block)
+        return out
+
+    def _check_finite(self, block: np.ndarray, start: int) -> None:
+        finite = np.isfinite(block)
+        if not finite.all():
+            r, c = np.argwhere(~finite)[0]
+            raise InvalidFeaturesError(where=self.where,
+                                       problem=f"features hold NaN/Inf (first at row {start + int(r)}, neuron {int(c)})")
+
+
+def as_features(X, view: int = 0, where: str = "X") -> Features:
+    """``X`` as :class:`Features` (returned unchanged when it already is)."""
+    return X if isinstance(X, Features) else Features(X, view, where)
