@@ -10,7 +10,7 @@ STAMP := $(VENV)/.featstore-installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO_STORE ?= data/featstore.zarr
 
-.PHONY: setup demo test test-fast bench clean dataset
+.PHONY: setup demo test test-fast bench clean dataset docs
 
 setup: $(STAMP) dataset
 
@@ -58,6 +58,11 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# docs/parameters.md: every declared parameter, generated from the declarations (a test
+# fails when the committed file and the code disagree)
+docs: setup
+	$(PY) -m pipelines.reference > docs/parameters.md
 
 bench: setup
 	$(PY) benchmarks/bench_build.py

@@ -85,59 +85,42 @@ PAPER_AUGMENTATION = (
 
 
 class ExtractionSpec(Parameters):
-    """Everything that determines the features of one group.
-
-    Attributes
-    ----------
-    model : str
-        timm architecture name.
-    weights : str
-        Weight source name (``embedded``, ``hub``, ``checkpoint``, ``random``).
-    weights_sha256 : str
-        Digest of the weights: the file's sha256 for files, else of the state dict.
-    layer : str
-        ``pre_logits`` or a module name of the model.
-    pooling : str
-        How a spatial map or token sequence becomes one vector per image.
-    dataset : str
-        Registered dataset name (``imagefolder:`` carries its absolute path).
-    split : str
-        Split name (``train``, ``test``, ...).
-    limit : int or None
-        Stratified, seeded subset size of the split; None = all of it.
-    seed : int
-        Seed of the subset and of the augmentation views.
-    views : int
-        Number of extra augmented passes (train split only).
-    dtype : str
-        Storage dtype of the features, ``float16`` or ``float32``.
-    compute : str
-        ``float32`` or ``autocast-float16`` / ``autocast-bfloat16`` (GPU autocast).
-    transform : TransformSpec
-        Eval preprocessing.
-    augmentation : str
-        Description of the view augmentation ("" when ``views == 0``).
-    chunk_rows : int
-        Rows per Zarr chunk.
-    """
+    """Everything that determines the features of one group (each field documented below)."""
 
     model: Name
+    """timm architecture name."""
     weights: str
+    """Weight source name (embedded, hub, checkpoint, random)."""
     weights_sha256: str
+    """Digest of the weights: the file's sha256 for files, else of the state dict."""
     layer: Name
+    """pre_logits or a module name of the model."""
     pooling: Pooling | Literal["model"]
+    """How a spatial map or token sequence became one vector per image ("model" for pre_logits)."""
     dataset: str
+    """Registered dataset name (imagefolder: carries its absolute path)."""
     split: str
+    """Split name (train, test, ...)."""
     limit: Limit
+    """Stratified, seeded subset size of the split; None = all of it."""
     seed: Seed
+    """Seed of the subset and of the augmentation views."""
     views: Views
+    """Number of extra augmented passes (train split only)."""
     dtype: Dtype
+    """Storage dtype of the features."""
     compute: str
+    """float32, or autocast-float16 / autocast-bfloat16 (GPU autocast)."""
     transform: TransformSpec
+    """Eval preprocessing."""
     augmentation: str = ""
+    """Description of the view augmentation ("" when there are no views)."""
     chunk_rows: Annotated[int, Field(ge=0)] = 0
+    """Rows per Zarr chunk."""
     format_version: int = FORMAT_VERSION
+    """The on-disk layout's version."""
     extra: Annotated[tuple[tuple[str, str], ...], Field(strict=False)] = ()
+    """Further (key, value) facts that determine the features."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (lists for tuples): what the group's attributes record."""

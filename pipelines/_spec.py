@@ -49,7 +49,8 @@ CKA_PREFIX = "cka_"
 
 def _query_fields(keys) -> dict[str, Any]:
     """Optional fields typed as the ExtractionSpec fields they select on (None: any)."""
-    return {k: (field_type(ExtractionSpec, k) | None, None) for k in keys}
+    return {k: (field_type(ExtractionSpec, k) | None,
+                Field(default=None, description=ExtractionSpec.model_fields[k].description)) for k in keys}
 
 
 SplitTable = create_model("SplitTable", __base__=Parameters, __doc__="Keys of one split's group.",

@@ -182,3 +182,17 @@ def test_lookup_errors_are_actionable(built):
         s.group(modle="x")
     with pytest.raises(errors.GroupNotFoundError, match="No group 'nope'"):
         s.group("nope")
+
+
+def test_the_parameter_reference_is_generated_from_the_declarations():
+    """docs/parameters.md is `make docs`' output: a changed parameter, default or choice shows
+    up there, and this test fails until the file is regenerated."""
+    import pipelines
+    from pipelines._reference import parameters_markdown
+
+    from .conftest import REPO
+
+    assert (REPO / "docs" / "parameters.md").read_text() == parameters_markdown()
+    text = parameters_markdown()
+    for name in list(featstore.BuildOptions.model_fields) + list(pipelines.SweepSpec.model_fields):
+        assert name in text
