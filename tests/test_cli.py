@@ -194,5 +194,7 @@ def test_the_parameter_reference_is_generated_from_the_declarations():
 
     assert (REPO / "docs" / "parameters.md").read_text() == parameters_markdown()
     text = parameters_markdown()
-    for name in list(featstore.BuildOptions.model_fields) + list(pipelines.SweepSpec.model_fields):
-        assert name in text
+    for flag in featstore.params.flags(featstore.BuildOptions).values():
+        assert flag[2:] in text  # --no-progress for progress
+    for name in list(pipelines.SweepSpec.model_fields) + list(pipelines.SweepSpec.model_fields["probe"].annotation.model_fields):
+        assert f"`{name}`" in text or f".{name}`" in text
