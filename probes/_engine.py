@@ -2,7 +2,7 @@
 
 Layout. Draws are grouped into *families* (one ordering of the layer cut at increasing
 prefix lengths k_1 <= ... <= k_m; see ``_selection``), and families with the same
-lengths are trained together as one *group*. A family's ordered inputs are split into
+lengths are trained together as one *batch* (``_ProbeBatch``). A family's ordered inputs are split into
 *segments* [k_{j-1}, k_j); probe i sees segments 0..i. Consecutive segments are merged
 into *column blocks* at least ``MIN_BLOCK_WIDTH`` wide (a product a few columns wide is
 all overhead); block (a, lo, hi) holds the weights of probes a..m-1 on columns lo..hi
@@ -10,7 +10,7 @@ as one tensor (families, (m - a) * classes, hi - lo), and the corner of a probe 
 than hi is held at zero by masking its gradient. A minibatch's logits are the bias plus
 one batched product per block, and one read of the minibatch serves every probe.
 
-Index probes that see at least ``DENSE_FRACTION`` of the layer go to one *dense* group
+Index probes that see at least ``DENSE_FRACTION`` of the layer go to one *dense* batch
 instead: weights in the layer's own neuron order (zero off the probe's subset), all
 families together, so their logits are one wide product with the raw minibatch, with
 no gather; at k close to d that costs a few wasted multiply-adds and is far cheaper
@@ -243,8 +243,8 @@ class _ProbeBatch:
         """Zt (F, width, B): every family's inputs for a transposed minibatch Xt (d, B).
 
         ``out`` (F * width, B), when given, is reused: a fresh tensor this large per
-        minibatch costs page faults on every step. The dense group reads Xt as it is. A
-        projection group with projected passes (``project_passes``) reads the minibatch's
+        minibatch costs page faults on every step. The dense batch reads Xt as it is. A
+        projection batch with projected passes (``project_passes``) reads the minibatch's
         ``rows`` of pass ``pass_index`` instead of projecting Xt.
         """
         import torch
@@ -269,7 +269,7 @@ class _ProbeBatch:
 
     def project_passes(self, passes, rows_per_chunk: int = 8192) -> None:
         """Project every pass (n, d) once, when they fit (``_room_for``): (n, F * width) each,
-        on the group's device. ``inputs`` then reads rows instead of projecting each
+        on the batch's device. ``inputs`` then reads rows instead of projecting each
         minibatch of every epoch. ``project_passes([])`` drops them."""
         import torch
 
@@ -467,7 +467,7 @@ class SubsetProbes(Estimator):
         return np.random.default_rng([self.random_state, 11, epoch]).permutation(self.train_indices_)
 
     def _batches(self, device, dtype):
-        """The training batches: index probes with k >= DENSE_FRACTION * d in one dense group
+        """The training batches: index probes with k >= DENSE_FRACTION * d in one dense batch
         (the raw layer, all families at once); the rest grouped by prefix lengths."""
         from dataclasses import replace
 
@@ -483,12 +483,12 @@ class SubsetProbes(Estimator):
                 f = replace(f, lengths=f.lengths[:cut], draws=f.draws[:cut])
             # index families and projection families cannot share one gather
             by_len.setdefault((f.lengths, f.columns is not None), []).append(f)
-        groups = [_ProbeBatch(fs, key[0], self.n_classes_, device, dtype) for key, fs in by_len.items()]
+        batches = [_ProbeBatch(fs, key[0], self.n_classes_, device, dtype) for key, fs in by_len.items()]
         if dense:
             fam = Family("dense", None, (d,) * len(dense), dense)
-            groups.append(_ProbeBatch([fam], fam.lengths, self.n_classes_, device, dtype,
+            batches.append(_ProbeBatch([fam], fam.lengths, self.n_classes_, device, dtype,
                                  dense=[np.asarray(dr.neurons) for dr in dense]))
-        return groups
+        return batches
 
     def initial_weights(self, draw: int):
         """The initial (weight (k, C), bias (C,)) of a draw: nn.Linear's default uniform init, seeded per draw."""
@@ -498,23 +498,23 @@ class SubsetProbes(Estimator):
         return (g.uniform(-bound, bound, size=(k, self.n_classes_)).astype(np.float32),
                 g.uniform(-bound, bound, size=self.n_classes_).astype(np.float32))
 
-    def _draw_positions(self, groups):
-        """For each draw: (group index, family index in group, probe index in family)."""
+    def _draw_positions(self, batches):
+        """For each draw: (batch index, family index in the batch, probe index in the family)."""
         pos = {}
-        for gi, g in enumerate(groups):
+        for bi, g in enumerate(batches):
             for fi, fam in enumerate(g.families):
                 for pi, dr in enumerate(fam.draws):
-                    pos[id(dr)] = (gi, fi, pi)
+                    pos[id(dr)] = (bi, fi, pi)
         return [pos[id(dr)] for dr in self.draws_]
 
     def _fit_sgd(self, data: TrainingData, train_idx, val_idx, device):
         import torch
 
         dtype = torch.bfloat16 if self.precision == "bf16" else None
-        groups = self._batches(device, dtype)
-        positions = self._draw_positions(groups)
-        for di, (gi, fi, pi) in enumerate(positions):  # per-draw seeded init
-            groups[gi].set_probe(fi, pi, *self.initial_weights(di))
+        batches = self._batches(device, dtype)
+        positions = self._draw_positions(batches)
+        for di, (bi, fi, pi) in enumerate(positions):  # per-draw seeded init
+            batches[bi].set_probe(fi, pi, *self.initial_weights(di))
         passes = [data.X] + data.views
         ctx = {"passes": [_to_device(p, device) for p in passes], "y": torch.as_tensor(data.y, device=device),
                "val": torch.as_tensor(val_idx, device=device), "device": device,
@@ -522,35 +522,35 @@ class SubsetProbes(Estimator):
         from tqdm.auto import tqdm
 
         bar = tqdm(total=self.epochs, desc=f"probes ({len(self.draws_)})", unit="epoch", disable=not self.verbose)
-        best_acc, best_epoch, last_loss = self._train_batches(groups, ctx, bar)
+        best_acc, best_epoch, last_loss = self._train_batches(batches, ctx, bar)
         bar.close()
-        for g in groups:  # the best epoch's weights are in place; keep them on the CPU (picklable)
+        for g in batches:  # the best epoch's weights are in place; keep them on the CPU (picklable)
             g.to("cpu")
-        self.batches_ = groups
-        self.val_accuracy_ = np.array([float(best_acc[gi][fi, pi]) for gi, fi, pi in positions])
-        self.best_epoch_ = np.array([int(best_epoch[gi][fi, pi]) for gi, fi, pi in positions])
-        self.train_loss_ = np.array([float(last_loss[gi][fi, pi]) for gi, fi, pi in positions])
+        self.batches_ = batches
+        self.val_accuracy_ = np.array([float(best_acc[bi][fi, pi]) for bi, fi, pi in positions])
+        self.best_epoch_ = np.array([int(best_epoch[bi][fi, pi]) for bi, fi, pi in positions])
+        self.train_loss_ = np.array([float(last_loss[bi][fi, pi]) for bi, fi, pi in positions])
         self.positions_ = positions
 
-    def _train_batches(self, groups: list["_ProbeBatch"], ctx: dict, bar):
-        """The SGD epochs; leaves each group's best epoch's weights in place and returns
-        per group (best validation accuracy, best epoch, last epoch's train loss)."""
+    def _train_batches(self, batches: list["_ProbeBatch"], ctx: dict, bar):
+        """The SGD epochs; leaves each batch's best epoch's weights in place and returns
+        per batch (best validation accuracy, best epoch, last epoch's train loss)."""
         import torch
 
         device, y_all, val_t = ctx["device"], ctx["y"], ctx["val"]
         on_device = ctx["passes"]
         C = self.n_classes_
-        grad = [torch.zeros_like(g.flat) for g in groups]  # flat, laid out like the parameters
-        grad_views = [g.views(f) for g, f in zip(groups, grad)]
-        buf = [torch.zeros_like(g.flat) for g in groups]
-        best = [g.flat.clone() for g in groups]
-        best_acc = [torch.full((g.F, g.m), -1.0, device=device) for g in groups]
-        best_epoch = [torch.zeros((g.F, g.m), dtype=torch.long, device=device) for g in groups]
-        last_loss = [torch.zeros((g.F, g.m), device=device) for g in groups]
-        logit_bufs = [g.logit_buffers(self.batch_size) for g in groups]
+        grad = [torch.zeros_like(g.flat) for g in batches]  # flat, laid out like the parameters
+        grad_views = [g.views(f) for g, f in zip(batches, grad)]
+        buf = [torch.zeros_like(g.flat) for g in batches]
+        best = [g.flat.clone() for g in batches]
+        best_acc = [torch.full((g.F, g.m), -1.0, device=device) for g in batches]
+        best_epoch = [torch.zeros((g.F, g.m), dtype=torch.long, device=device) for g in batches]
+        last_loss = [torch.zeros((g.F, g.m), device=device) for g in batches]
+        logit_bufs = [g.logit_buffers(self.batch_size) for g in batches]
         input_bufs = [None if g.dense is not None else torch.empty((g.F * g.width, self.batch_size), device=device)
-                      for g in groups]
-        for g in groups:  # projection groups: every pass projected once, not every minibatch of every epoch
+                      for g in batches]
+        for g in batches:  # projection batches: every pass projected once, not every minibatch of every epoch
             g.project_passes(on_device)
         minus_one = torch.tensor(-1.0, device=device)
         for epoch in range(self.epochs):
@@ -558,40 +558,40 @@ class SubsetProbes(Estimator):
             pass_index = epoch % len(on_device)
             Xp = on_device[pass_index]
             order = ctx["orders"][epoch]
-            loss_sum = [torch.zeros((g.F, g.m), device=device) for g in groups]
+            loss_sum = [torch.zeros((g.F, g.m), device=device) for g in batches]
             for start in range(0, len(order), self.batch_size):
                 rows = order[start:start + self.batch_size]
                 Xt = Xp.index_select(0, rows.to(Xp.device)).to(device, non_blocking=True).t().contiguous()
                 B = len(rows)
                 full = B == self.batch_size
                 y_index = y_all[rows].view(1, 1, 1, B)
-                for gi, g in enumerate(groups):
-                    Zt = g.inputs(Xt, out=input_bufs[gi] if full else None, rows=rows, pass_index=pass_index)
-                    logits = g.logits(Zt, bufs=logit_bufs[gi] if full else None).view(g.F, g.m, C, B)
+                for bi, g in enumerate(batches):
+                    Zt = g.inputs(Xt, out=input_bufs[bi] if full else None, rows=rows, pass_index=pass_index)
+                    logits = g.logits(Zt, bufs=logit_bufs[bi] if full else None).view(g.F, g.m, C, B)
                     # softmax cross-entropy over the class axis (not last: samples are)
                     idx = y_index.expand(g.F, g.m, 1, B)
                     logp = torch.log_softmax(logits, dim=2)
-                    loss_sum[gi] -= logp.gather(2, idx).sum((2, 3))
+                    loss_sum[bi] -= logp.gather(2, idx).sum((2, 3))
                     p = logp.exp_()
                     p.scatter_add_(2, idx, minus_one.expand(g.F, g.m, 1, B))  # softmax - onehot
-                    gW, gb = grad_views[gi]
+                    gW, gb = grad_views[bi]
                     g.grads(Zt, p.view(g.F, g.m * C, B), gW, gb, 1.0 / B)  # of the mean loss
-                    _sgd_step(g.flat, grad[gi], buf[gi], lr, self.momentum, self.weight_decay)
+                    _sgd_step(g.flat, grad[bi], buf[bi], lr, self.momentum, self.weight_decay)
             # validation on the clean pass picks each probe's best epoch
-            for gi, g in enumerate(groups):
-                last_loss[gi] = loss_sum[gi] / len(order)
-                acc = self._accuracy(g, on_device[0], y_all, val_t, device, input_bufs[gi], logit_bufs[gi])
-                better = acc > best_acc[gi] if self.select_epoch == "best" else torch.ones_like(acc, dtype=torch.bool)
-                best_acc[gi] = torch.where(better, acc, best_acc[gi])  # with "last": the last epoch's
-                best_epoch[gi] = torch.where(better, torch.full_like(best_epoch[gi], epoch + 1), best_epoch[gi])
-                bw, bb = g.views(best[gi])
+            for bi, g in enumerate(batches):
+                last_loss[bi] = loss_sum[bi] / len(order)
+                acc = self._accuracy(g, on_device[0], y_all, val_t, device, input_bufs[bi], logit_bufs[bi])
+                better = acc > best_acc[bi] if self.select_epoch == "best" else torch.ones_like(acc, dtype=torch.bool)
+                best_acc[bi] = torch.where(better, acc, best_acc[bi])  # with "last": the last epoch's
+                best_epoch[bi] = torch.where(better, torch.full_like(best_epoch[bi], epoch + 1), best_epoch[bi])
+                bw, bb = g.views(best[bi])
                 for (a, _, _), w, keep in zip(g.blocks, g.W, bw):
                     mask = better[:, a:].repeat_interleave(C, dim=1).unsqueeze(2)
                     keep.copy_(torch.where(mask, w, keep))
                 bb.copy_(torch.where(better.repeat_interleave(C, dim=1), g.b, bb))
             bar.update(1)
-        for gi, g in enumerate(groups):
-            g.set_flat(best[gi])
+        for bi, g in enumerate(batches):
+            g.set_flat(best[bi])
             g.project_passes([])  # not kept with the fitted estimator
         return best_acc, best_epoch, last_loss
 
@@ -626,14 +626,14 @@ class SubsetProbes(Estimator):
         mx, my = Xt.mean(0), Yt.mean(0)
         Xc, Yc = Xt - mx, Yt - my
         G, XY = Xc.T @ Xc, Xc.T @ Yc
-        groups = self._batches(device, None)
-        positions = self._draw_positions(groups)
+        batches = self._batches(device, None)
+        positions = self._draw_positions(batches)
         val_t = torch.as_tensor(val_idx, device=device)
         y_all = torch.as_tensor(data.y, device=device)
         val_acc, alphas = [], []
         family_of = {id(dr): f for f in self.families_ for dr in f.draws}
-        for di, (gi, fi, pi) in enumerate(positions):
-            g, draw = groups[gi], self.draws_[di]
+        for di, (bi, fi, pi) in enumerate(positions):
+            g, draw = batches[bi], self.draws_[di]
             fam, k = family_of[id(draw)], draw.k
             if fam.columns is not None:
                 idx = torch.as_tensor(fam.columns[:k], device=device)
@@ -657,9 +657,9 @@ class SubsetProbes(Estimator):
             val_acc.append(acc)
             alphas.append(a)
             g.set_probe(fi, pi, W.float(), b.float())
-        for g in groups:
+        for g in batches:
             g.to("cpu")
-        self.batches_ = groups
+        self.batches_ = batches
         self.positions_ = positions
         self.val_accuracy_ = np.array(val_acc)
         self.best_epoch_ = np.zeros(len(positions), dtype=int)
@@ -680,8 +680,8 @@ class SubsetProbes(Estimator):
         out = np.empty((len(X), len(self.draws_), self.n_classes_), dtype=np.float32)
         Xt = torch.from_numpy(X)
         with torch.no_grad():
-            for gi, g in enumerate(self.batches_):
-                mine = [(di, fi, pi) for di, (gj, fi, pi) in enumerate(self.positions_) if gj == gi]
+            for bi, g in enumerate(self.batches_):
+                mine = [(di, fi, pi) for di, (bj, fi, pi) in enumerate(self.positions_) if bj == bi]
                 step = g.chunk_rows()
                 for start in range(0, len(X), step):
                     Xb = Xt[start:start + step]
@@ -700,8 +700,8 @@ class SubsetProbes(Estimator):
         if not 0 <= draw < len(self.draws_):
             raise InvalidParameterError(key="draw", value=draw,
                                         expected=f"an integer in 0..{len(self.draws_) - 1} (the estimator's draws)")
-        gi, fi, pi = self.positions_[draw]
-        return self.batches_[gi].probe_weights(fi, pi)
+        bi, fi, pi = self.positions_[draw]
+        return self.batches_[bi].probe_weights(fi, pi)
 
     def predict(self, X) -> np.ndarray:
         """Predicted classes, array of shape (n_samples, n_draws)."""
@@ -740,7 +740,7 @@ class SubsetProbes(Estimator):
 
 
 def _room_for(g: _ProbeBatch, passes, device: str) -> bool:
-    """Whether a projection group's projected passes fit: at most twice the passes
+    """Whether a projection batch's projected passes fit: at most twice the passes
     themselves or 1 GiB, and a quarter of the free memory of a GPU."""
     import torch
 
