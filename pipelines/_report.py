@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from probes import SELECTION_MODES
+
 from ._analysis import (
     accuracy_curve,
     critical_fraction,
@@ -22,7 +24,8 @@ __all__ = ["write_report", "FIGURES"]
 
 FIGURES = ("accuracy_vs_fraction", "dr_vs_delta", "cka_vs_fraction", "inequality_vs_fraction",
            "classwise_accuracy", "modes_compared")
-MODE_COLORS = {"random": "C0", "prefix": "C1", "pca": "C2", "pca-least": "C3", "randproj": "C4", "explicit": "C5"}
+# one colour per selection mode (the registry's order), and for explicit index lists
+MODE_COLORS = {mode: f"C{i}" for i, mode in enumerate([*SELECTION_MODES, "explicit"])}
 
 
 def _label(keys) -> str:

@@ -198,3 +198,27 @@ def test_the_parameter_reference_is_generated_from_the_declarations():
         assert flag[2:] in text  # --no-progress for progress
     for name in list(pipelines.SweepSpec.model_fields) + list(pipelines.SweepSpec.model_fields["probe"].annotation.model_fields):
         assert f"`{name}`" in text or f".{name}`" in text
+
+
+def test_messages_name_only_flags_that_exist():
+    """Every --flag the code mentions (messages, help) is an option of some featstore command."""
+    import argparse
+    import re
+
+    from featstore.cli import build_parser
+
+    from .conftest import REPO
+
+    known = set()
+    for action in build_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                known |= {o for a in sub._actions for o in a.option_strings}
+    outside = {"--nthreads", "--name"}  # dask's own worker flags, quoted in comments and docs
+    mentioned = {}
+    for path in [*REPO.glob("featstore/*.py"), *REPO.glob("probes/*.py"), *REPO.glob("pipelines/*.py")]:
+        for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9](?![\w-])", path.read_text()):
+            mentioned.setdefault(flag, path.name)
+    unknown = {f: where for f, where in mentioned.items() if f not in known and f not in outside}
+    assert not unknown, unknown
+    assert {"--store", "--weights", "--map", "--checkpoint", "--incomplete"} <= set(mentioned)
