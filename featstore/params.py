@@ -203,7 +203,7 @@ def _flat_meta(meta) -> list:
     return out
 
 
-_OMIT = " (or None: omit the key)"
+_OMIT = " (or left out)"
 
 
 def describe(tp, meta: Sequence = ()) -> str:
@@ -295,7 +295,7 @@ def _key_text(loc: Sequence, prefix: str) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out and not out.endswith((".", "(")) else "") + str(part)
+            out += ("." if out and not out.endswith(".") else "") + str(part)
     return out
 
 
@@ -429,11 +429,11 @@ def takes(model: type[Parameters], *, first_positional: bool = True, extra: Sequ
                 given = set(kwargs) - set(sig.parameters)
                 if given:
                     name = sorted(given)[0]
-                    raise UnknownKeyError(key=f"{fn.__name__}({name}=)", value=kwargs[name],
+                    raise UnknownKeyError(key=f"{fn.__name__}.{name}", value=kwargs[name],
                                           allowed=list(model.model_fields)) from None
                 raise TypeError(f"{fn.__name__}(): {e}") from None
             passed = {k: bound.arguments.pop(k) for k in list(bound.arguments) if k in extra}
-            params = validate(model, bound.arguments, prefix=f"{fn.__name__}(")
+            params = validate(model, bound.arguments, prefix=f"{fn.__name__}.")
             return fn(params, **passed)
 
         wrapper.__signature__ = sig  # inspect stops here, not at fn's (params) signature

@@ -15,7 +15,7 @@ __all__ = ["parameters_markdown"]
 def _table(model, key_prefix: str = "", flag=None) -> list[str]:
     rows = ["| key | allowed | default | meaning |", "|---|---|---|---|"]
     for name, f in model.model_fields.items():
-        allowed = describe(field_type(model, name)).replace(" (or None: omit the key)", "")
+        allowed = describe(field_type(model, name)).replace(" (or left out)", "")
         default = "required" if f.is_required() else f.get_default(call_default_factory=True)
         if hasattr(default, "model_dump"):
             default = "(the table's defaults)"

@@ -222,3 +222,21 @@ def test_messages_name_only_flags_that_exist():
     unknown = {f: where for f, where in mentioned.items() if f not in known and f not in outside}
     assert not unknown, unknown
     assert {"--store", "--weights", "--map", "--checkpoint", "--incomplete"} <= set(mentioned)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(limit="5"), errors.InvalidParameterError, "build.limit: expected an integer >= 1 (or left out); got '5' (string)"),
+    (dict(progress="false"), errors.InvalidParameterError, "build.progress: expected true or false; got 'false' (string)"),
+    (dict(limt=5), errors.UnknownKeyError, "Unknown key build.limt (= 5); allowed here: batch_size, checkpoint"),
+    (dict(layers=["pre_logits", "../x"]), errors.InvalidParameterError, "build.layers[1]: expected a name without"),
+])
+def test_build_keywords_are_checked_like_the_options(tmp_path, tiny, kwargs, error, message):
+    import inspect
+
+    with pytest.raises(error) as e:
+        featstore.build(**{**tiny, "store": tmp_path / "s.zarr", **kwargs})
+    assert message in str(e.value)
+    assert tree_listing(tmp_path) == []
+    sig = inspect.signature(featstore.build)
+    assert list(sig.parameters)[:-1] == list(featstore.BuildOptions.model_fields)  # and log=
+    assert all(sig.parameters[n].default == f.default for n, f in featstore.BuildOptions.model_fields.items())
