@@ -13,7 +13,7 @@ import zarr
 
 import featstore
 from featstore import errors
-from featstore._build import make_transforms, resolve_transform
+from featstore import make_transforms, resolve_transform
 from featstore.datasets import load_split, stratified_subset
 from featstore.models import FeatureExtractor, create_backbone
 

@@ -11,7 +11,7 @@ import timm
 import torch
 
 from featstore import errors
-from featstore._build import make_transforms, resolve_transform
+from featstore import make_transforms, resolve_transform
 from featstore.models import (
     FeatureExtractor,
     create_backbone,
