@@ -2,32 +2,41 @@
 
 * accuracy vs fraction (mean and spread over seeds, absolute and relative to the full layer);
 * diffused redundancy DR(δ) = 1 - min{ f : Acc(f) >= δ · Acc(1) } over the evaluated
-  fractions, from accuracy (Acc(1) = the full-layer probe) or from CKA (CKA(f) >= δ),
-  with a seed-bootstrap interval;
+  effective fractions f = k/d, from accuracy (Acc(1) = the full-layer probes) or from CKA
+  (CKA(f) >= δ), with a seed-bootstrap interval and censoring marked;
 * Gini coefficient and coefficient of variation of per-class accuracies vs fraction;
 * modes compared at equal k.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
 
-from featstore.errors import InvalidParameterError
+from featstore.errors import InvalidParameterError, MissingKeyError, UnknownNameError
 
-__all__ = ["gini", "coefficient_of_variation", "accuracy_curve", "diffused_redundancy", "dr_table",
-           "inequality_curve", "modes_at_equal_k", "critical_fraction", "DELTAS"]
+__all__ = ["gini", "coefficient_of_variation", "accuracy_curve", "diffused_redundancy", "dr_table", "dr_text",
+           "effective_fraction", "inequality_curve", "modes_at_equal_k", "critical_fraction", "DELTAS"]
 
 DELTAS = tuple(np.round(np.linspace(0.5, 1.0, 51), 3))
 GROUP_COLS = ["group", "model", "layer", "dataset"]
 
 
-def gini(values) -> float:
-    """Gini coefficient: Σ_i Σ_j |x_i - x_j| / (2 n² mean); 0 = equal, -> 1 = unequal."""
+def _defined(values) -> np.ndarray:
+    """The values that are numbers: a class absent from the evaluated split has NaN accuracy
+    and takes no part in an inequality measure."""
     x = np.asarray(values, dtype=float)
+    return x[~np.isnan(x)]
+
+
+def gini(values) -> float:
+    """Gini coefficient: Σ_i Σ_j |x_i - x_j| / (2 n² mean) over the defined values (NaN left
+    out); 0 = equal, -> 1 = unequal."""
+    x = _defined(values)
     if x.size == 0:
-        raise InvalidParameterError("gini of an empty list")
+        raise InvalidParameterError(key="values", value=list(values), expected="at least one number that is not NaN")
     mean = x.mean()
     if mean == 0:
         return 0.0
@@ -35,20 +44,33 @@ def gini(values) -> float:
 
 
 def coefficient_of_variation(values) -> float:
-    """std / mean (population std), 0 for a zero mean."""
-    x = np.asarray(values, dtype=float)
+    """std / mean (population std) over the defined values (NaN left out), 0 for a zero mean."""
+    x = _defined(values)
     mean = x.mean()
     return float(x.std() / mean) if mean else 0.0
 
 
+FULL_LAYER = "full"  # the mode of the full-layer reference rows
+SOURCES = {"accuracy": "test_accuracy", "cka": "cka"}  # what DR(δ) is computed from
+EDGE, NOT_REACHED = "at grid edge", "not reached"  # the two ways a DR value is censored
+
+
+def effective_fraction(df):
+    """k / d of each row: the fraction a probe really saw. Several small nominal fractions give
+    the same k (d = 512: 0.0005, 0.001 and 0.002 are all k = 1), and a PCA draw clamped at
+    the train split's rank sees fewer directions than it asked for."""
+    return df["k"] / df["n_neurons"]
+
+
 def _full_reference(df):
-    full = df[df["mode"] == "full"]
+    full = df[df["mode"] == FULL_LAYER]
     return full.groupby("group")["test_accuracy"].mean()
 
 
 def accuracy_curve(df, metric: str = "test_accuracy"):
-    """Mean, std, min, max over seeds of ``metric`` per (group, mode, fraction), and relative to the full layer."""
-    sub = df[df["mode"] != "full"]
+    """Mean, std, min, max over seeds of ``metric`` per (group, mode, k), at the effective
+    fraction k/d, and relative to the full layer (the mean of its reference rows)."""
+    sub = df[df["mode"] != FULL_LAYER].assign(fraction=lambda d: effective_fraction(d))
     keys = GROUP_COLS + ["mode", "fraction", "k"]
     curve = sub.groupby(keys)[metric].agg(["mean", "std", "min", "max", "count"]).reset_index()
     curve["std"] = curve["std"].fillna(0.0)
@@ -59,19 +81,42 @@ def accuracy_curve(df, metric: str = "test_accuracy"):
 
 
 def _dr_from_curve(fractions: np.ndarray, values: np.ndarray, reference: float, deltas: Sequence[float]):
+    """(DR per δ, censoring per δ) of one curve: DR = 1 - the smallest evaluated fraction whose
+    value reaches δ x reference. Reached at the smallest evaluated fraction, the true critical
+    fraction may be smaller still: DR is a lower bound (``at grid edge``). Reached nowhere: NaN
+    (``not reached``)."""
     order = np.argsort(fractions)
     f, v = fractions[order], values[order]
-    out = []
+    dr, censored = [], []
     for d in deltas:
-        ok = v >= d * reference
-        fmin = f[ok].min() if ok.any() else 1.0  # the full layer always qualifies
-        out.append(1.0 - fmin)
-    return np.array(out)
+        ok = np.nan_to_num(v, nan=-np.inf) >= d * reference
+        if not ok.any():
+            dr.append(np.nan)
+            censored.append(NOT_REACHED)
+            continue
+        first = int(np.argmax(ok))
+        dr.append(1.0 - f[first])
+        censored.append(EDGE if first == 0 else "")
+    return np.array(dr), censored
+
+
+def _seed_tables(g, full, metric: str):
+    """(seeds x effective fractions values, per-seed full-layer references or None) of one group."""
+    g = g.assign(effective=effective_fraction(g))
+    seeded = g["seed"].notna().any()
+    index = g["seed"] if seeded else np.zeros(len(g))
+    table = g.pivot_table(index=index, columns="effective", values=metric, aggfunc="mean", dropna=False)
+    refs = None
+    if seeded and len(full) and full["seed"].notna().all():
+        per_seed = full.groupby("seed")["test_accuracy"].mean()
+        if set(table.index) <= set(per_seed.index):
+            refs = per_seed.loc[table.index].to_numpy(dtype=float)
+    return table, refs
 
 
 def diffused_redundancy(df, mode: str = "random", deltas: Sequence[float] = DELTAS, source: str = "accuracy",
                         n_boot: int = 1000, ci: float = 0.95, random_state: int = 0):
-    """DR(δ) per group, from accuracy or CKA, with a seed-bootstrap interval.
+    """DR(δ) per group, from accuracy or CKA, on effective fractions, with a seed-bootstrap interval.
 
     Parameters
     ----------
@@ -80,58 +125,77 @@ def diffused_redundancy(df, mode: str = "random", deltas: Sequence[float] = DELT
     mode : str
         Selection mode whose curve is used (the paper: ``random``).
     source : {"accuracy", "cka"}
-        ``accuracy``: Acc(f) >= δ · Acc(1), Acc(1) the full-layer probe's test accuracy.
+        ``accuracy``: Acc(f) >= δ · Acc(1), Acc(1) the full-layer probes' test accuracy.
         ``cka``: CKA(X_S, X) >= δ.
     n_boot : int
-        Bootstrap resamples of the seeds (with replacement); the mean curve and DR are
-        recomputed for each.
+        Bootstrap resamples of the seeds (with replacement). When the full layer was trained
+        under each seed, each resample takes the picked seeds' references too, so the
+        interval carries the reference's own seed noise.
 
     Returns
     -------
-    DataFrame with columns group, model, layer, dataset, mode, source, delta, dr,
-    dr_low, dr_high.
+    DataFrame with columns group, model, layer, dataset, mode, source, delta, dr, dr_low,
+    dr_high, censored ("" / "at grid edge": DR is a lower bound / "not reached": DR is NaN),
+    fraction (the effective fraction reached), n_seeds.
     """
     import pandas as pd
 
-    if source not in ("accuracy", "cka"):
-        raise InvalidParameterError(f"source={source!r}; choose 'accuracy' or 'cka'")
-    metric = "test_accuracy" if source == "accuracy" else "cka"
+    if source not in SOURCES:
+        raise UnknownNameError("DR source", source, SOURCES)
+    metric = SOURCES[source]
     rng = np.random.default_rng(random_state)
-    full = _full_reference(df)
     rows = []
     sub = df[df["mode"] == mode]
     if sub.empty:
-        raise InvalidParameterError(f"no rows with mode={mode!r}; modes in the results: {sorted(df['mode'].unique())}")
+        raise InvalidParameterError(key="mode", value=mode,
+                                    expected="a mode with rows in the results: " + ", ".join(sorted(df["mode"].unique())))
     for keys, g in sub.groupby(GROUP_COLS):
-        table = g.pivot_table(index="seed", columns="fraction", values=metric, aggfunc="mean", dropna=False) \
-            if g["seed"].notna().any() else g.pivot_table(index=np.zeros(len(g)), columns="fraction", values=metric)
+        full = df[(df["mode"] == FULL_LAYER) & (df["group"] == keys[0])]
+        if source == "accuracy" and full.empty:
+            raise MissingKeyError(key=f"group {keys[0]} full-layer rows", expected="the sweep's reference task rows")
+        table, refs = _seed_tables(g, full, metric)
         fractions = table.columns.to_numpy(dtype=float)
         values = table.to_numpy(dtype=float)
-        ref = float(full.get(keys[0], np.nan)) if source == "accuracy" else 1.0
-        if source == "accuracy" and np.isnan(ref):
-            raise InvalidParameterError(f"group {keys[0]} has no full-layer reference row")
-        dr = _dr_from_curve(fractions, np.nanmean(values, axis=0), ref, deltas)
+        fixed = float(full["test_accuracy"].mean()) if source == "accuracy" else 1.0
+
+        def reference(pick):
+            return float(np.mean(refs[pick])) if (refs is not None and source == "accuracy") else fixed
+
+        everyone = np.arange(len(values))
+        dr, censored = _dr_from_curve(fractions, np.nanmean(values, axis=0), reference(everyone), deltas)
         boots = np.empty((n_boot, len(deltas)))
         for b in range(n_boot):
             pick = rng.integers(0, len(values), len(values))
-            boots[b] = _dr_from_curve(fractions, np.nanmean(values[pick], axis=0), ref, deltas)
-        lo, hi = np.quantile(boots, [(1 - ci) / 2, 1 - (1 - ci) / 2], axis=0)
-        for d, v, l, h in zip(deltas, dr, lo, hi):
+            boots[b] = _dr_from_curve(fractions, np.nanmean(values[pick], axis=0), reference(pick), deltas)[0]
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a δ no resample reaches: NaN bounds
+            lo, hi = np.nanquantile(boots, [(1 - ci) / 2, 1 - (1 - ci) / 2], axis=0)
+        for d, v, l, h, c in zip(deltas, dr, lo, hi, censored):
             rows.append(dict(zip(GROUP_COLS, keys), mode=mode, source=source, delta=float(d), dr=float(v),
-                             dr_low=float(l), dr_high=float(h)))
+                             dr_low=float(l), dr_high=float(h), censored=c, fraction=1.0 - float(v),
+                             n_seeds=len(values)))
     return pd.DataFrame(rows)
+
+
+def dr_text(dr: float, low: float, high: float, censored: str) -> str:
+    """One DR value as people read it: "0.900 [0.900, 0.925]", "≥ 0.999 [...]", "not reached"."""
+    if censored == NOT_REACHED:
+        return "not reached"
+    return f"{'≥ ' if censored == EDGE else ''}{dr:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def dr_table(df, deltas: Sequence[float] = (0.8, 0.9, 0.95, 0.99), mode: str = "random", source: str = "accuracy",
              n_boot: int = 1000):
-    """DR at a few δ per group, one row per group (the paper tabulates δ = 0.9)."""
+    """DR at a few δ per group, one row per group (the paper tabulates δ = 0.9); a value reached
+    at the smallest evaluated fraction reads "≥ x", one reached nowhere "not reached"."""
     dr = diffused_redundancy(df, mode=mode, deltas=deltas, source=source, n_boot=n_boot)
-    dr["value"] = dr.apply(lambda r: f"{r.dr:.3f} [{r.dr_low:.3f}, {r.dr_high:.3f}]", axis=1)
+    dr["value"] = [dr_text(r.dr, r.dr_low, r.dr_high, r.censored) for r in dr.itertuples()]
     return dr.pivot_table(index=GROUP_COLS, columns="delta", values="value", aggfunc="first")
 
 
 def critical_fraction(df, within: float = 0.05, mode: str = "random"):
-    """Smallest evaluated fraction whose mean accuracy is within ``within`` (relative) of the full layer."""
+    """Smallest evaluated effective fraction whose mean accuracy is within ``within`` (relative) of
+    the full layer."""
     curve = accuracy_curve(df)
     curve = curve[curve["mode"] == mode]
     out = {}
@@ -145,7 +209,7 @@ def critical_fraction(df, within: float = 0.05, mode: str = "random"):
 
 def inequality_curve(df):
     """Gini and coefficient of variation of each probe's per-class accuracies, averaged over seeds."""
-    d = df.copy()
+    d = df.assign(fraction=lambda x: effective_fraction(x))
     d["gini"] = d["per_class_accuracy"].apply(gini)
     d["cov"] = d["per_class_accuracy"].apply(coefficient_of_variation)
     keys = GROUP_COLS + ["mode", "fraction"]

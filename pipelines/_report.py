@@ -16,6 +16,7 @@ from ._analysis import (
     critical_fraction,
     diffused_redundancy,
     dr_table,
+    effective_fraction,
     inequality_curve,
     modes_at_equal_k,
 )
@@ -54,7 +55,7 @@ def _fig_accuracy(df, plt):
             ax.fill_between(m["fraction"], m["min"], m["max"], alpha=0.2, color=color)
         full = c["full"].iloc[0] if len(c) else np.nan
         ax.axhline(full, color="k", ls="--", lw=1, label=f"full layer ({full:.3f})")
-        ax.set(xscale="log", xlabel="fraction of neurons (log scale)", ylabel="test accuracy",
+        ax.set(xscale="log", xlabel="effective fraction k/d (log scale)", ylabel="test accuracy",
                title=f"Accuracy vs fraction\n{_label(keys)}")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
@@ -92,7 +93,7 @@ def _fig_cka(df, plt):
             m = m.sort_values("fraction")
             ax.plot(m["fraction"], m["mean"], marker="o", ms=3, label=mode, color=MODE_COLORS.get(mode))
             ax.fill_between(m["fraction"], m["min"], m["max"], alpha=0.2, color=MODE_COLORS.get(mode))
-        ax.set(xscale="log", xlabel="fraction of neurons (log scale)", ylabel=f"linear CKA with the full layer ({est})",
+        ax.set(xscale="log", xlabel="effective fraction k/d (log scale)", ylabel=f"linear CKA with the full layer ({est})",
                title=f"CKA(subset, layer) vs fraction\n{_label(keys)}", ylim=(0, 1.02))
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
@@ -109,7 +110,7 @@ def _fig_inequality(df, plt):
                 ax.errorbar(m["fraction"], m[(col, "mean")], yerr=m[(col, "std")].fillna(0), marker="o", ms=3,
                             capsize=2, label=f"{_label(keys)} {mode}", color=MODE_COLORS.get(mode))
     for ax, name in zip(axes, ("Gini coefficient", "coefficient of variation")):
-        ax.set(xscale="log", xlabel="fraction of neurons (log scale)", ylabel=f"{name} of per-class accuracy",
+        ax.set(xscale="log", xlabel="effective fraction k/d (log scale)", ylabel=f"{name} of per-class accuracy",
                title=f"Inequality across classes: {name}")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
@@ -118,6 +119,7 @@ def _fig_inequality(df, plt):
 
 def _fig_classwise(df, plt):
     sub = df[df["mode"].isin(["random", "full"])] if "random" in set(df["mode"]) else df
+    sub = sub.assign(fraction=effective_fraction(sub))
     fractions = np.array(sorted(sub["fraction"].unique()))
     wanted = [0.005, 0.02, 0.1, 0.5, 1.0]
     picks = sorted({float(fractions[np.argmin(np.abs(np.log(fractions) - np.log(w)))]) for w in wanted})
@@ -129,11 +131,12 @@ def _fig_classwise(df, plt):
         for f in picks:
             rows = g[np.isclose(g["fraction"], f)]
             if len(rows):
-                data.append(np.concatenate([np.asarray(p) for p in rows["per_class_accuracy"]]))
+                values = np.concatenate([np.asarray(p, dtype=float) for p in rows["per_class_accuracy"]])
+                data.append(values[~np.isnan(values)])  # classes absent from the test split have none
                 labels.append(f"{f:g}")
         ax.boxplot(data, showfliers=True)
         ax.set_xticks(range(1, len(labels) + 1), labels)
-        ax.set(xlabel="fraction of neurons", ylabel="per-class test accuracy (all seeds)",
+        ax.set(xlabel="effective fraction k/d", ylabel="per-class test accuracy (all seeds)",
                title=f"Class-wise accuracy distribution\n{_label(keys)}")
         ax.grid(alpha=0.3)
     return fig
@@ -168,9 +171,9 @@ def write_report(results_dir: str | os.PathLike, out: str | os.PathLike | None =
 
     df = load_results(results_dir)
     if df.empty:
-        from featstore.errors import InvalidParameterError
+        from featstore.errors import ResultsNotFoundError
 
-        raise InvalidParameterError(f"{str(results_dir)!r} holds no completed tasks yet; run the sweep first")
+        raise ResultsNotFoundError(path=str(results_dir), hint="no task has completed yet")
     out = Path(out) if out else Path(results_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     makers = {"accuracy_vs_fraction": _fig_accuracy, "dr_vs_delta": _fig_dr, "cka_vs_fraction": _fig_cka,

@@ -710,7 +710,8 @@ class SubsetProbes(Estimator):
     def evaluate(self, X, y=None):
         """Per-probe results on a test split, as a pandas DataFrame (one row per draw).
 
-        Columns: draw, mode, fraction, k, seed, test_accuracy, per_class_accuracy (list),
+        Columns: draw, mode, fraction, k, seed, test_accuracy, per_class_accuracy (list; NaN for
+        a class absent from the split),
         val_accuracy, best_epoch, train_loss, solver, neurons / projection (the draw's record).
         """
         import pandas as pd
@@ -721,7 +722,9 @@ class SubsetProbes(Estimator):
         counts = np.bincount(data.y, minlength=self.n_classes_)
         rows = []
         for di, dr in enumerate(self.draws_):
-            per_class = np.bincount(data.y[correct[:, di]], minlength=self.n_classes_) / np.maximum(counts, 1)
+            # a class with no test sample has no accuracy: NaN, not 0 (it would inflate Gini / CoV)
+            per_class = np.where(counts > 0, np.bincount(data.y[correct[:, di]], minlength=self.n_classes_)
+                                 / np.maximum(counts, 1), np.nan)
             rec = dr.record()
             rows.append({"draw": di, "mode": dr.mode, "fraction": dr.fraction, "k": dr.k, "seed": dr.seed,
                          "test_accuracy": float(correct[:, di].mean()), "per_class_accuracy": per_class.tolist(),

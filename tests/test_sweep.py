@@ -261,7 +261,7 @@ def test_report_renders_every_figure(tmp_path, reference):
 
 
 def _table(rows):
-    base = dict(group=0, model="m", layer="l", dataset="d", cka=np.nan, cka_estimator=None, task="t")
+    base = dict(group=0, model="m", layer="l", dataset="d", cka=np.nan, cka_estimator=None, task="t", n_neurons=100)
     return pd.DataFrame([{**base, **r} for r in rows])
 
 
@@ -295,12 +295,57 @@ def test_diffused_redundancy_by_hand():
 
 
 def test_dr_from_cka_by_hand():
-    rows = [dict(mode="full", fraction=1.0, k=10, seed=None, test_accuracy=0.9, per_class_accuracy=[0.9], cka=1.0)]
+    rows = [dict(mode="full", fraction=1.0, k=10, seed=None, test_accuracy=0.9, per_class_accuracy=[0.9], cka=1.0,
+                 n_neurons=10)]
     for f, c in ((0.1, 0.5), (0.5, 0.92), (1.0, 1.0)):
         rows.append(dict(mode="random", fraction=f, k=int(f * 10), seed=0, test_accuracy=0.9, per_class_accuracy=[0.9],
+                         n_neurons=10,
                          cka=c))
     dr = pipelines.diffused_redundancy(_table(rows), deltas=(0.5, 0.9, 0.95), source="cka", n_boot=10)
     assert dr["dr"].tolist() == pytest.approx([0.9, 0.5, 0.0])
+
+
+def test_dr_on_effective_fractions_with_censoring_and_per_seed_references_by_hand():
+    """d = 512: the nominal fractions 0.0005, 0.001, 0.002 are all k = 1. DR uses k/d; a value
+    reached at the smallest k is a lower bound, one reached nowhere is NaN; the bootstrap
+    resamples each seed's full-layer reference with its curve."""
+    d = 512
+    curves = {0: (0.40, 0.40, 0.40, 0.60, 0.76, 0.79), 1: (0.42, 0.42, 0.42, 0.63, 0.798, 0.83)}
+    rows = [dict(mode="full", fraction=1.0, k=d, seed=s, test_accuracy=acc, per_class_accuracy=[acc], n_neurons=d)
+            for s, acc in ((0, 0.80), (1, 0.84))]  # references: each seed's curve is 0.5, 0.75, 0.95 of it, then < 1
+    for seed, accs in curves.items():
+        for f, a in zip((0.0005, 0.001, 0.002, 0.01, 0.1, 1.0), accs):
+            rows.append(dict(mode="random", fraction=f, k=max(1, int(f * d)), seed=seed, test_accuracy=a,
+                             per_class_accuracy=[a], n_neurons=d))
+    dr = pipelines.diffused_redundancy(_table(rows), deltas=(0.45, 0.7, 0.94, 0.999), n_boot=300).set_index("delta")
+    # δ = 0.45: reached at k = 1 -> DR = 1 - 1/512 (not 1 - 0.0005), a lower bound
+    assert dr.loc[0.45, "dr"] == pytest.approx(1 - 1 / d) and dr.loc[0.45, "censored"] == "at grid edge"
+    # δ = 0.7: k = 5 (0.615 >= 0.574) -> 1 - 5/512, not censored
+    assert dr.loc[0.7, "dr"] == pytest.approx(1 - 5 / d) and dr.loc[0.7, "censored"] == ""
+    # δ = 0.94: k = 51 reaches 0.95 of its own seed's reference in every resample -> a point interval
+    assert dr.loc[0.94, "dr"] == pytest.approx(1 - 51 / d)
+    assert dr.loc[0.94, "dr_low"] == dr.loc[0.94, "dr_high"] == pytest.approx(1 - 51 / d)
+    # δ = 0.999: the curve never reaches 0.999 x 0.82 -> NaN, "not reached"
+    assert np.isnan(dr.loc[0.999, "dr"]) and dr.loc[0.999, "censored"] == "not reached"
+    table = pipelines.dr_table(_table(rows), deltas=(0.45, 0.7, 0.999), n_boot=50)
+    assert table.iloc[0].tolist()[0].startswith("≥ 0.998") and table.iloc[0].tolist()[2] == "not reached"
+    # a single full-layer row (results of older sweeps) is a fixed reference
+    one_ref = _table([r for r in rows if not (r["mode"] == "full" and r["seed"] == 1)])
+    assert pipelines.diffused_redundancy(one_ref, deltas=(0.7,), n_boot=10)["dr"].iloc[0] == pytest.approx(1 - 5 / d)
+
+
+def test_absent_classes_are_nan_and_left_out_of_inequality(data=None):
+    import probes
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 8)).astype(np.float32)
+    y = rng.integers(0, 3, 300)
+    est = probes.SubsetProbes(fractions=(0.5,), seeds=(0,), epochs=2, device="cpu").fit(X, y, n_classes=4)
+    res = est.evaluate(X[:100], y[:100])  # class 3 has no sample
+    per_class = np.array(res["per_class_accuracy"].iloc[0])
+    assert np.isnan(per_class[3]) and not np.isnan(per_class[:3]).any()
+    assert pipelines.gini(per_class) == pytest.approx(pipelines.gini(per_class[:3]))
+    assert pipelines.coefficient_of_variation(per_class) == pytest.approx(np.std(per_class[:3]) / np.mean(per_class[:3]))
 
 
 # ------------------------------------------------------------------ bad specs: clear errors, nothing written
