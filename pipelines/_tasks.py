@@ -209,12 +209,14 @@ def run_task(task: Task, store: str, out: str, device: str = "auto", threads: in
         stats = cached.cka_statistics(cka_options["estimator"]) if reusable else None
         cka = probes.subset_cka(data.X, selections, statistics=stats, **cka_options)
         res["cka"] = np.asarray(cka)
-        res["cka_degenerate"] = cka.degenerate
+        res["cka_degenerate"] = cka.degenerate  # cka is NaN there
         res["cka_estimator"] = cka.estimator
+        res["cka_shuffle_seed"] = cka.shuffle_seed  # the minibatch estimator's row shuffle, else None
     else:
         res["cka"] = np.nan
         res["cka_degenerate"] = False
         res["cka_estimator"] = None
+        res["cka_shuffle_seed"] = None
     t_cka = time.perf_counter() - t1
     res.insert(0, "task", task.id)
     res.insert(1, "group", task.group_index)

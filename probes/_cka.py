@@ -16,15 +16,18 @@ Three estimators, every result tagged with the one that produced it:
     function of streamed sums (Gram, Y ᵀ(Y∘Y), (Y∘Y)ᵀ(Y∘Y), row norms), so it too is
     one pass and GEMMs over subsets.
 ``minibatch`` (Nguyen et al. 2021, the authors' library)
-    HSIC₁ of each equal-size minibatch of consecutive rows, averaged over minibatches
-    for each of the three HSIC terms, then the CKA ratio. A ragged last minibatch
-    (fewer rows than ``batch_size``) is dropped, so every average is over equal-size
-    minibatches; the number of rows used is reported.
+    HSIC₁ of each equal-size minibatch, averaged over minibatches for each of the three
+    HSIC terms, then the CKA ratio. Minibatches are cut from a seeded shuffle of the rows
+    (``shuffle_seed``; as STIR draws them from a shuffled loader): stored rows are often
+    sorted by class, and consecutive rows would bias the estimate. The shuffle depends on
+    the rows' content only, so any stored order of the same data gives the same value. A
+    ragged last minibatch is dropped; the number of rows used is reported.
 
-Zero-variance subsets (all neurons constant over the split) and, for the unbiased
-estimators, subsets whose self-HSIC estimate is not positive have no defined CKA:
-they get ``0.0`` and are flagged in ``CKAResult.degenerate`` (or raise with
-``on_degenerate="raise"``); never NaN.
+Subsets whose features are constant over the split (judged against the subset's own
+scale: CKA does not depend on it, so a quiet live neuron is not constant) and, for the
+unbiased estimators, subsets whose self-HSIC estimate is not positive have no defined
+CKA: they get NaN and are flagged in ``CKAResult.degenerate`` (or raise with
+``on_degenerate="raise"``).
 """
 
 from __future__ import annotations
@@ -59,9 +62,13 @@ class CKAResult:
     n_samples : int
         Rows that entered the estimate.
     degenerate : array of bool, shape (n_subsets,)
-        Subsets with no defined CKA (value set to 0.0).
+        Subsets with no defined CKA (value NaN): features constant over the samples (judged
+        against the subset's own scale, so a quiet but live neuron is not one), or a
+        self-HSIC estimate that is not positive.
     batch_size : int or None
         Minibatch size for ``minibatch``.
+    shuffle_seed : int or None
+        Seed of the row order the minibatches were cut from (``minibatch``).
     """
 
     values: np.ndarray
@@ -69,6 +76,7 @@ class CKAResult:
     n_samples: int
     degenerate: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     batch_size: int | None = None
+    shuffle_seed: int | None = None
 
     def __array__(self, dtype=None, copy=None):
         return self.values.astype(dtype) if dtype is not None else self.values
@@ -80,7 +88,7 @@ class CKAResult:
         return self.values[i]
 
     def __repr__(self) -> str:
-        bs = f", batch_size={self.batch_size}" if self.batch_size else ""
+        bs = f", batch_size={self.batch_size}, shuffle_seed={self.shuffle_seed}" if self.batch_size else ""
         return (f"CKAResult(estimator={self.estimator!r}{bs}, n_samples={self.n_samples}, "
                 f"values={np.array2string(self.values, precision=4, threshold=8)}, "
                 f"degenerate={int(self.degenerate.sum())})")
@@ -196,6 +204,12 @@ class GramAccumulator:
             self.gab += A.T @ B
             self.gbb += B.T @ B
 
+    def spread_size(self, side: str = "a") -> tuple[float, float]:
+        """(Σ ||z - z̄||², Σ ||z||²) of one side's rows: its centred spread and its own raw size."""
+        n, shift, s, g = (self.n, self.shift_a, self.sa, self.gaa) if side == "a" else \
+            (self.n, self.shift_b, self.sb, self.gbb)
+        return _spread_size(n, shift, s, g)
+
     def centred(self):
         """(Caa, Cab, Cbb): centred Grams (Cab, Cbb are None without B)."""
         caa = self.gaa - np.outer(self.sa, self.sa) / self.n
@@ -206,21 +220,81 @@ class GramAccumulator:
         return caa, cab, cbb
 
 
-def _finish(num, den_a, den_b, estimator, n, on_degenerate, batch_size=None, names=None) -> CKAResult:
-    """CKA = num / sqrt(den_a * den_b); den_* are the self-HSIC terms (squared norms)."""
+# A subset is constant when its centred spread is this small against its own raw size: exact
+# arithmetic gives 0, float64 sums leave ~1e-16. Judged per subset, never against the whole
+# layer's scale, since CKA does not depend on a subset's scale (a quiet neuron is live).
+CONSTANT_RTOL = 1e-12
+
+
+def _spread_size(n, shift, s, G) -> tuple[np.ndarray, np.ndarray]:
+    """Per column: (centred sum of squares, raw sum of squares) from rows shifted by ``shift``
+    (s = Σ(y - shift), G = Σ(y - shift)(y - shift)ᵀ)."""
+    g = np.diagonal(G)
+    return g - s * s / n, g + 2.0 * shift * s + n * shift * shift
+
+
+def _subset_constant(n, shift, s, G, M, projections, kinds) -> tuple[np.ndarray, bool]:
+    """(constant per subset, the whole layer constant) from shifted moment sums."""
+    C = G - np.outer(s, s) / n
+    spread_col, size_col = _spread_size(n, shift, s, G)
+    spread, size = np.zeros(len(kinds)), np.zeros(len(kinds))
+    if M is not None:
+        ci, ri = spread_col @ M, size_col @ M
+    for j, (kind, k) in enumerate(kinds):
+        if kind == "index":
+            spread[j], size[j] = ci[k], ri[k]
+    families = _projection_families(kinds, projections)
+    if families:
+        R = G + np.outer(shift, s) + np.outer(s, shift) + n * np.outer(shift, shift)  # raw Gram
+        for W, members in families:
+            cw, rw = np.cumsum((W * (C @ W)).sum(axis=0)), np.cumsum((W * (R @ W)).sum(axis=0))
+            for j, k in members:
+                spread[j], size[j] = cw[k - 1], rw[k - 1]
+    return _constant(spread, size), bool(_constant(spread_col.sum(), size_col.sum()))
+
+
+def _constant(spread, size):
+    spread, size = np.asarray(spread, float), np.asarray(size, float)
+    return (size <= 0) | (spread <= CONSTANT_RTOL * size)
+
+
+class _ColumnStats:
+    """Streamed n, Σz and Σz² of one subset's columns (for the constant-subset check)."""
+
+    def __init__(self):
+        self.n, self.s, self.q = 0, 0.0, 0.0
+
+    def add(self, Z: np.ndarray) -> None:
+        self.n += len(Z)
+        self.s = self.s + Z.sum(axis=0)
+        self.q = self.q + (Z * Z).sum(axis=0)
+
+    def constant(self) -> bool:
+        return bool(_constant((self.q - self.s * self.s / self.n).sum(), np.sum(self.q)))
+
+
+def _finish(num, den_a, den_b, estimator, n, on_degenerate, constant, layer_constant=False, batch_size=None,
+            shuffle_seed=None) -> CKAResult:
+    """CKA = num / sqrt(den_a * den_b); den_* are the self-HSIC terms (squared norms).
+
+    A subset has no defined CKA when it is constant (``constant``, judged on its own scale),
+    or its self-HSIC estimate is not positive (the unbiased estimators can give that); nor has
+    any subset when the reference side is constant or its self-HSIC is not positive. Those
+    get NaN and the degenerate flag.
+    """
     num, den_a, den_b = np.broadcast_arrays(np.asarray(num, float), np.asarray(den_a, float), np.asarray(den_b, float))
-    scale = max(np.abs(den_a).max(), np.abs(den_b).max()) if num.size else 1.0
-    # constant features give exactly 0 in exact arithmetic; rounding leaves ~1e-16 * scale
-    degenerate = (den_a <= 1e-12 * scale) | (den_b <= 1e-12 * scale)
-    values = np.zeros(num.shape)
+    degenerate = np.asarray(constant, bool) | ~(den_b > 0) | ~(den_a > 0) | bool(layer_constant)
+    values = np.full(num.shape, np.nan)
     ok = ~degenerate
     values[ok] = num[ok] / np.sqrt(den_a[ok] * den_b[ok])
     if degenerate.any() and on_degenerate == "raise":
         first = int(np.argmax(degenerate))
-        raise InvalidFeaturesError(problem=f"subset {first} has no defined CKA ({estimator}): its features are constant over the "
-            f"{n} samples (or its self-HSIC estimate is not positive); pass on_degenerate='zero' to "
-            f"report 0.0 for such subsets")
-    return CKAResult(values=values, estimator=estimator, n_samples=n, degenerate=degenerate, batch_size=batch_size)
+        raise InvalidFeaturesError(
+            problem=f"subset {first} has no defined CKA ({estimator}): its features (or the layer's) are constant over "
+                    f"the {n} samples, or its self-HSIC estimate is not positive; pass on_degenerate='nan' to get NaN "
+                    f"(flagged in .degenerate) for such subsets")
+    return CKAResult(values=values, estimator=estimator, n_samples=n, degenerate=degenerate, batch_size=batch_size,
+                     shuffle_seed=shuffle_seed)
 
 
 def _biased(stats: GramAccumulator, M, projections, kinds, on_degenerate) -> CKAResult:
@@ -242,7 +316,8 @@ def _biased(stats: GramAccumulator, M, projections, kinds, on_degenerate) -> CKA
         den_upto = _leading_sums(B * B)  # ||Zcᵀ Zc||_F^2
         for j, k in members:
             num[j], den_s[j] = num_upto[k - 1], den_upto[k - 1]
-    return _finish(num, full, den_s, "biased", stats.n, on_degenerate)
+    constant, layer_constant = _subset_constant(stats.n, stats.shift_a, stats.sa, stats.gaa, M, projections, kinds)
+    return _finish(num, full, den_s, "biased", stats.n, on_degenerate, constant, layer_constant)
 
 
 # ----------------------------------------------------------------------------- unbiased HSIC (Song et al.)
@@ -420,15 +495,46 @@ def _unbiased_subsets(X: Features, M, projections, kinds, opts, sums) -> CKAResu
         fkl, fkk, fll = _unbiased_prefix_terms(mom, X.blocks(opts.block_rows), W)
         for j, k in members:
             kl[j], kk[j], ll[j] = fkl[k - 1], fkk, fll[k - 1]
-    return _finish(kl, kk, ll, "unbiased", X.n_samples, opts.on_degenerate)
+    constant, layer_constant = _subset_constant(mom.n, mom.shift, mom.s, mom.G, M, projections, kinds)
+    return _finish(kl, kk, ll, "unbiased", X.n_samples, opts.on_degenerate, constant, layer_constant)
+
+
+def _row_order(rows: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded random order of the rows that depends on their content only, not on where they
+    are stored: rows sorted by a seeded hash of their bits (multiply-add universal hashing of
+    the float32 words, then a murmur finaliser). A class-sorted store and any reordering of it
+    give the same minibatches (identical rows are interchangeable)."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    coeffs = np.random.default_rng([seed, 17]).integers(1, 2 ** 63, size=rows.shape[1], dtype=np.uint64) | np.uint64(1)
+    keys = np.empty(len(rows), dtype=np.uint64)
+    for i in range(0, len(rows), 8192):
+        h = (rows[i:i + 8192].view(np.uint32).astype(np.uint64) * coeffs).sum(axis=1)  # wraps mod 2**64
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xFF51AFD7ED558CCD)
+        h ^= h >> np.uint64(33)
+        keys[i:i + 8192] = h
+    return np.argsort(keys, kind="stable")
+
+
+def _shuffled_minibatches(rows: np.ndarray, order: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """float64 minibatches of exactly ``batch_size`` rows in ``order``; a ragged tail is dropped."""
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        yield rows[order[start:start + batch_size]].astype(np.float64)
 
 
 def _minibatch_subsets(X: Features, M, projections, kinds, opts, sums) -> CKAResult:
-    """Per-minibatch unbiased HSIC, averaged over the minibatches, then the ratio."""
+    """Per-minibatch unbiased HSIC, averaged over the minibatches, then the ratio. Minibatches
+    are cut from a seeded shuffle of the rows (as STIR draws them from a shuffled loader):
+    consecutive stored rows are often one class, which biases the estimate."""
     kl, kk, ll = _terms_arrays(len(kinds))
+    rows = X.numpy(np.float32)  # read once (and checked) for the shuffled minibatches
+    order = _row_order(rows, opts.shuffle_seed)
+    whole = GramAccumulator()  # over every row used: which subsets are constant
+    stats = [_ColumnStats() for _ in kinds]
     n_batches = 0
-    for batch in _minibatches(X.blocks(opts.block_rows), opts.batch_size):
+    for batch in _shuffled_minibatches(rows, order, opts.batch_size):
         n_batches += 1
+        whole.add(batch)
         if M is not None:
             mom = MomentAccumulator(X.n_neurons)
             mom.add(batch)
@@ -437,13 +543,19 @@ def _minibatch_subsets(X: Features, M, projections, kinds, opts, sums) -> CKARes
             if kind == "index":
                 a, b, c = ikl[k], ikk, ill[k]
             else:
-                a, b, c = _unbiased_pair_terms(batch, batch @ projections[k])
+                Z = batch @ projections[k]
+                stats[j].add(Z)
+                a, b, c = _unbiased_pair_terms(batch, Z)
             kl[j] += a; kk[j] += b; ll[j] += c  # noqa: E702
     if n_batches == 0:
         raise InvalidFeaturesError(where=X.where, problem=f"fewer rows than batch_size={opts.batch_size}: "
                                                           f"no complete minibatch")
+    constant, layer_constant = _subset_constant(whole.n, whole.shift_a, whole.sa, whole.gaa, M, [], [
+        (kind, k) if kind == "index" else ("none", k) for kind, k in kinds])
+    constant = np.array([stats[j].constant() if kind == "proj" else constant[j] for j, (kind, _) in enumerate(kinds)])
     return _finish(kl / n_batches, kk / n_batches, ll / n_batches, "minibatch", n_batches * opts.batch_size,
-                   opts.on_degenerate, batch_size=opts.batch_size)
+                   opts.on_degenerate, constant, layer_constant, batch_size=opts.batch_size,
+                   shuffle_seed=opts.shuffle_seed)
 
 
 def _biased_pairs(pairs, select, kinds, opts) -> CKAResult:
@@ -455,34 +567,55 @@ def _biased_pairs(pairs, select, kinds, opts) -> CKAResult:
     for j, st in enumerate(acc):
         caa, cab, cbb = st.centred()
         num[j], da[j], db[j] = (cab * cab).sum(), (caa * caa).sum(), (cbb * cbb).sum()
-    return _finish(num, da, db, "biased", acc[0].n, opts.on_degenerate)
+    # here the subsets are X's (side a) and Y is the reference (side b)
+    constant = [bool(_constant(*(v.sum() for v in st.spread_size("a")))) for st in acc]
+    y_constant = bool(_constant(*(v.sum() for v in acc[0].spread_size("b"))))
+    return _finish(num, db, da, "biased", acc[0].n, opts.on_degenerate, constant, y_constant)
 
 
 def _unbiased_pairs(pairs, select, kinds, opts) -> CKAResult:
-    terms = [_pair_moments_terms((select(a, kind, k), b) for a, b in pairs()) for kind, k in kinds]
-    n = sum(len(a) for a, _ in pairs())
-    return _finish(*[np.array(t) for t in zip(*terms)], "unbiased", n, opts.on_degenerate)
+    stats, y_stats = [_ColumnStats() for _ in kinds], _ColumnStats()
+
+    def counted(j, kind, k):
+        for a, b in pairs():
+            Z = select(a, kind, k)
+            stats[j].add(Z)
+            if j == 0:
+                y_stats.add(b)
+            yield Z, b
+
+    terms = [_pair_moments_terms(counted(j, kind, k)) for j, (kind, k) in enumerate(kinds)]
+    kl, kk, ll = (np.array(t) for t in zip(*terms))  # K: the subset of X, L: Y
+    return _finish(kl, ll, kk, "unbiased", y_stats.n, opts.on_degenerate, [st.constant() for st in stats],
+                   y_stats.constant())
 
 
 def _minibatch_pairs(pairs, select, kinds, opts) -> CKAResult:
+    """Minibatches cut from one seeded shuffle of the samples, ordered by the content of the
+    reference side's rows (Y here, the whole layer in ``subset_cka``, so that
+    ``cross_cka(X, X, subsets=S)`` equals ``subset_cka(X, S)``), the same rows for X and Y."""
+    blocks = list(pairs())
+    width = blocks[0][0].shape[1]
+    rows = np.vstack([np.hstack([a, b]).astype(np.float32) for a, b in blocks])  # X's columns, then Y's
+    del blocks
+    order = _row_order(rows[:, width:], opts.shuffle_seed)
     sums = np.zeros((len(kinds), 3))
-    n_batches, width = 0, []
-
-    def joined():  # X's and Y's columns side by side, so one stream cuts both into minibatches
-        for a, b in pairs():
-            width[:] = [a.shape[1]]
-            yield np.hstack([a, b])
-
-    for batch in _minibatches(joined(), opts.batch_size):
-        a, b = batch[:, :width[0]], batch[:, width[0]:]
+    stats, y_stats = [_ColumnStats() for _ in kinds], _ColumnStats()
+    n_batches = 0
+    for batch in _shuffled_minibatches(rows, order, opts.batch_size):
+        a, b = batch[:, :width], batch[:, width:]
         n_batches += 1
+        y_stats.add(b)
         for j, (kind, k) in enumerate(kinds):
-            sums[j] += _unbiased_pair_terms(select(a, kind, k), b)
+            Z = select(a, kind, k)
+            stats[j].add(Z)
+            sums[j] += _unbiased_pair_terms(Z, b)
     if n_batches == 0:
         raise InvalidFeaturesError(problem=f"fewer rows than batch_size={opts.batch_size}: no complete minibatch")
     sums /= n_batches
-    return _finish(sums[:, 0], sums[:, 1], sums[:, 2], "minibatch", n_batches * opts.batch_size,
-                   opts.on_degenerate, batch_size=opts.batch_size)
+    return _finish(sums[:, 0], sums[:, 2], sums[:, 1], "minibatch", n_batches * opts.batch_size, opts.on_degenerate,
+                   [st.constant() for st in stats], y_stats.constant(), batch_size=opts.batch_size,
+                   shuffle_seed=opts.shuffle_seed)
 
 
 @dataclass(frozen=True)
@@ -528,9 +661,11 @@ class CKAOptions(Parameters):
     """biased (the appendix's definition), unbiased or minibatch."""
     batch_size: Annotated[int, Field(ge=4)] = 256
     """Minibatch size of the minibatch estimator (the unbiased HSIC needs >= 4 rows)."""
+    shuffle_seed: Annotated[int, Field(ge=0)] = 0
+    """Seed of the row shuffle the minibatch estimator cuts its minibatches from."""
 
 
-OnDegenerate = Literal["zero", "raise"]
+OnDegenerate = Literal["nan", "raise"]
 
 
 class _CKACall(CKAOptions):
@@ -538,8 +673,8 @@ class _CKACall(CKAOptions):
 
     block_rows: Annotated[int, Field(ge=1)] | None = None
     """Rows per streamed block (the value does not change the result)."""
-    on_degenerate: OnDegenerate = "zero"
-    """What to do with subsets whose CKA is undefined: report 0.0 (flagged) or raise."""
+    on_degenerate: OnDegenerate = "nan"
+    """What to do with subsets whose CKA is undefined: report NaN (flagged) or raise."""
 
 
 _CKA = defaults(_CKACall)
@@ -624,6 +759,7 @@ def subset_cka(
     estimator: str = _CKA["estimator"],
     *,
     batch_size: int = _CKA["batch_size"],
+    shuffle_seed: int = _CKA["shuffle_seed"],
     block_rows: int | None = _CKA["block_rows"],
     on_degenerate: OnDegenerate = _CKA["on_degenerate"],
     statistics: CKAStatistics | None = None,
@@ -641,10 +777,14 @@ def subset_cka(
         ``biased`` is the appendix's definition (default).
     batch_size : int
         Minibatch size of the ``minibatch`` estimator.
+    shuffle_seed : int
+        Seed of the row shuffle ``minibatch`` cuts its minibatches from (the order depends
+        on the rows' content, not on how they are stored).
     block_rows : int, optional
         Rows per streamed block (the value does not change the result).
-    on_degenerate : {"zero", "raise"}
-        What to do with subsets whose CKA is undefined.
+    on_degenerate : {"nan", "raise"}
+        What to do with subsets whose CKA is undefined (constant features): NaN, flagged in
+        ``.degenerate``, or an error.
     statistics : CKAStatistics, optional
         ``cka_statistics(X, estimator)`` computed earlier on these same features: the
         pass over X is skipped (projections under ``unbiased`` still read X).
@@ -654,7 +794,8 @@ def subset_cka(
     CKAResult
         One value per subset, in order, with the estimator's name.
     """
-    opts = _options(estimator=estimator, batch_size=batch_size, block_rows=block_rows, on_degenerate=on_degenerate)
+    opts = _options(estimator=estimator, batch_size=batch_size, shuffle_seed=shuffle_seed, block_rows=block_rows,
+                    on_degenerate=on_degenerate)
     X = as_features(X)
     M, projections, kinds = _subset_matrix(subsets, X.n_neurons)
     if statistics is not None:
@@ -678,7 +819,8 @@ def _minibatches(blocks: Iterable[np.ndarray], batch_size: int) -> Iterator[np.n
 
 
 def cross_cka(X, Y, estimator: str = _CKA["estimator"], *, subsets: Sequence | None = None,
-              batch_size: int = _CKA["batch_size"], block_rows: int | None = _CKA["block_rows"],
+              batch_size: int = _CKA["batch_size"], shuffle_seed: int = _CKA["shuffle_seed"],
+              block_rows: int | None = _CKA["block_rows"],
               on_degenerate: OnDegenerate = _CKA["on_degenerate"]) -> CKAResult:
     """CKA between two feature sets over the same samples (two layers, or two models).
 
@@ -686,7 +828,8 @@ def cross_cka(X, Y, estimator: str = _CKA["estimator"], *, subsets: Sequence | N
     sample ids must match (checked, not assumed). ``subsets`` (of X's neurons) gives one
     value per subset of X against all of Y; default: X against Y.
     """
-    opts = _options(estimator=estimator, batch_size=batch_size, block_rows=block_rows, on_degenerate=on_degenerate)
+    opts = _options(estimator=estimator, batch_size=batch_size, shuffle_seed=shuffle_seed, block_rows=block_rows,
+                    on_degenerate=on_degenerate)
     _check_same_samples(X, Y)
     fx, fy = as_features(X, where="X"), as_features(Y, where="Y")
     subsets = [np.arange(fx.n_neurons)] if subsets is None else list(subsets)

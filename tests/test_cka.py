@@ -7,6 +7,7 @@ import pytest
 
 import probes
 from featstore import errors
+from probes._cka import _row_order
 
 
 # ------------------------------------------------------------------ slow references, written the obvious way
@@ -43,7 +44,11 @@ def ref_unbiased_cka(Y, Z):
     return ref_unbiased_hsic(K, L) / np.sqrt(ref_unbiased_hsic(K, K) * ref_unbiased_hsic(L, L))
 
 
-def ref_minibatch_cka(Y, Z, batch_size):
+def ref_minibatch_cka(Y, Z, batch_size, order=None):
+    """Nguyen et al.: the unbiased HSIC terms averaged over equal minibatches of the rows in
+    ``order`` (default: as given), then the ratio."""
+    if order is not None:
+        Y, Z = Y[order], Z[order]
     kl = kk = ll = 0.0
     batches = len(Y) // batch_size  # a ragged tail is dropped
     for b in range(batches):
@@ -92,9 +97,10 @@ def test_unbiased_equals_song_estimator(X, subsets):
 
 @pytest.mark.parametrize("batch_size", [32, 64, 100])
 def test_minibatch_equals_nguyen_average(X, subsets, batch_size):
-    got = probes.subset_cka(X, subsets, estimator="minibatch", batch_size=batch_size, block_rows=37)
-    want = np.array([ref_minibatch_cka(X[:, s], X, batch_size) for s in subsets])
-    assert got.estimator == "minibatch" and got.batch_size == batch_size
+    got = probes.subset_cka(X, subsets, estimator="minibatch", batch_size=batch_size, block_rows=37, shuffle_seed=3)
+    order = _row_order(X, 3)  # the shuffle the minibatches are cut from (its own properties: below)
+    want = np.array([ref_minibatch_cka(X[:, s], X, batch_size, order) for s in subsets])
+    assert got.estimator == "minibatch" and got.batch_size == batch_size and got.shuffle_seed == 3
     assert got.n_samples == (300 // batch_size) * batch_size  # ragged tail dropped
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
 
@@ -106,18 +112,23 @@ def test_projections_equal_reference(X, estimator):
     P /= np.linalg.norm(P, axis=0)
     got = probes.subset_cka(X, [P, np.arange(5)], estimator=estimator, batch_size=50)
     ref = {"biased": ref_biased_cka, "unbiased": ref_unbiased_cka,
-           "minibatch": lambda a, b: ref_minibatch_cka(a, b, 50)}[estimator]
+           "minibatch": lambda a, b: ref_minibatch_cka(a, b, 50, _row_order(X, 0))}[estimator]
     np.testing.assert_allclose(got[0], ref(X @ P, X), rtol=1e-6)
     np.testing.assert_allclose(got[1], ref(X[:, :5], X), rtol=1e-6)
 
 
 @pytest.mark.parametrize("estimator", list(probes.CKA_ESTIMATORS))
-def test_identity_orthogonal_and_scaling_invariance(X, subsets, estimator):
+def test_identity_and_full_rank_rotation(X, subsets, estimator):
     full = probes.subset_cka(X, [np.arange(40)], estimator=estimator)
     np.testing.assert_allclose(full[0], 1.0, rtol=1e-9)
     Q, _ = np.linalg.qr(np.random.default_rng(3).normal(size=(40, 40)))
     # a full-rank orthogonal projection of the layer is the layer, up to rotation
     np.testing.assert_allclose(probes.subset_cka(X, [Q], estimator=estimator)[0], 1.0, rtol=1e-9)
+
+
+@pytest.mark.parametrize("estimator", [name for name, _ in WHOLE_SPLIT])  # minibatch: scaled or rotated rows are
+def test_scaling_and_rotation_invariance(X, subsets, estimator):         # other bits, so another shuffle
+    Q, _ = np.linalg.qr(np.random.default_rng(3).normal(size=(40, 40)))
     base = probes.subset_cka(X, subsets, estimator=estimator)
     np.testing.assert_allclose(np.asarray(probes.subset_cka(3.5 * X, subsets, estimator=estimator)),
                                np.asarray(base), rtol=1e-8)
@@ -159,15 +170,59 @@ def test_cross_group_cka_checks_sample_order(tmp_path, tiny):
         probes._cka._check_same_samples(a, Shuffled)
 
 
-def test_degenerate_subsets_are_defined_never_nan(X):
+def test_degenerate_subsets_are_nan_and_flagged(X):
     Xd = X.copy()
     Xd[:, 3] = 7.0  # a dead (constant) neuron
-    for estimator in ("biased", "unbiased", "minibatch"):
+    for estimator in probes.CKA_ESTIMATORS:
         r = probes.subset_cka(Xd, [np.array([3]), np.arange(10)], estimator=estimator)
-        assert np.isfinite(np.asarray(r)).all()
-        assert r[0] == 0.0 and r.degenerate.tolist() == [True, False]
+        assert np.isnan(r[0]) and np.isfinite(r[1]) and r.degenerate.tolist() == [True, False]
         with pytest.raises(errors.InvalidFeaturesError, match="subset 0 has no defined CKA"):
             probes.subset_cka(Xd, [np.array([3])], estimator=estimator, on_degenerate="raise")
+
+
+def test_a_quiet_live_neuron_keeps_its_cka(X):
+    """CKA does not depend on a subset's scale: a neuron scaled by 1e-6 is live, not constant."""
+    Xq = X.copy()
+    Xq[:, 5] *= 1e-6
+    P = np.zeros((40, 1))
+    P[5, 0] = 1.0  # the same neuron, as a projection
+    for estimator, reference in WHOLE_SPLIT:
+        r = probes.subset_cka(Xq, [np.array([5]), P], estimator=estimator)
+        assert not r.degenerate.any()
+        np.testing.assert_allclose(np.asarray(r), reference(Xq[:, [5]], Xq), rtol=1e-6)
+    r = probes.subset_cka(Xq, [np.array([5])], estimator="minibatch", batch_size=50)
+    assert not r.degenerate.any()
+    np.testing.assert_allclose(r[0], ref_minibatch_cka(Xq[:, [5]], Xq, 50, _row_order(Xq, 0)), rtol=1e-6)
+    c = probes.cross_cka(Xq[:, [5]], Xq)
+    assert not c.degenerate.any() and c[0] == pytest.approx(ref_biased_cka(Xq[:, [5]], Xq), rel=1e-6)
+
+
+def test_minibatch_cka_shuffles_rows_by_content():
+    """Class-sorted rows (as an image-folder store holds them): consecutive minibatches are
+    one class each and miss the between-class structure; the seeded shuffle agrees with the
+    order-free unbiased estimator, and any stored order of the same rows gives the same value."""
+    rng = np.random.default_rng(0)
+    n, d, C = 4000, 64, 10
+    y = np.sort(rng.integers(0, C, n))
+    Xs = rng.normal(size=(C, d))[y] + rng.normal(size=(n, d))
+    subs = [rng.permutation(d)[:8] for _ in range(5)]
+    unbiased = np.asarray(probes.subset_cka(Xs, subs, estimator="unbiased"))
+    shuffled = probes.subset_cka(Xs, subs, estimator="minibatch", batch_size=256)
+    consecutive = np.array([ref_minibatch_cka(Xs[:, s], Xs, 256) for s in subs])
+    assert np.abs(np.asarray(shuffled) - unbiased).max() < 0.01
+    assert np.abs(consecutive - unbiased).min() > 0.04  # what the stored order alone would give
+    again = probes.subset_cka(Xs[rng.permutation(n)], subs, estimator="minibatch", batch_size=256)
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(shuffled))
+    other = probes.subset_cka(Xs, subs, estimator="minibatch", batch_size=256, shuffle_seed=1)
+    assert other.shuffle_seed == 1 and not np.array_equal(np.asarray(other), np.asarray(shuffled))
+    order = _row_order(Xs, 0)
+    assert sorted(order.tolist()) == list(range(n))
+    assert np.bincount(y[order[:256]], minlength=C).min() > 0  # every class in the first minibatch
+    # cross_cka cuts X and Y into the same minibatches, shuffled by the reference side's rows
+    A, B = Xs[:, subs[0]], Xs[:, :20]
+    got = probes.cross_cka(A, B, estimator="minibatch", batch_size=256)[0]
+    assert got == pytest.approx(ref_minibatch_cka(A, B, 256, _row_order(B, 0)), rel=1e-9)
+    assert abs(got - probes.cross_cka(A, B, estimator="unbiased")[0]) < 0.01
 
 
 def test_bad_input(X):
@@ -179,7 +234,7 @@ def test_bad_input(X):
         probes.subset_cka(X, [np.array([], dtype=int)])
     with pytest.raises(errors.InvalidParameterError, match=r"batch_size: expected an integer >= 4; got 0"):
         probes.subset_cka(X, [np.arange(3)], estimator="minibatch", batch_size=0)
-    with pytest.raises(errors.InvalidParameterError, match=r"on_degenerate: expected one of 'zero', 'raise'"):
+    with pytest.raises(errors.InvalidParameterError, match=r"on_degenerate: expected one of 'nan', 'raise'"):
         probes.subset_cka(X, [np.arange(3)], on_degenerate="ignore")
     bad = X.copy()
     bad[5, 2] = np.nan

@@ -457,6 +457,14 @@ def test_probe_keys_are_the_estimators_parameters(tmp_path, spec_file, monkeypat
     assert set(df["solver"]) == {"ridge"}
 
 
+def test_minibatch_cka_in_a_sweep_records_its_shuffle(tmp_path, spec_file):
+    spec_file.write_text(spec_file.read_text().replace(
+        'cka_estimator = "biased"', 'cka_estimator = "minibatch"\ncka_batch_size = 8\ncka_shuffle_seed = 4'))
+    df = run_sweep(spec_file, tmp_path / "out", progress=False)
+    assert set(df["cka_estimator"]) == {"minibatch"} and set(df["cka_shuffle_seed"]) == {4}
+    assert df["cka"].notna().all() and not df["cka_degenerate"].any()
+
+
 def test_a_changed_declared_default_changes_the_spec_key(spec_file):
     """The key covers every declared default: a new default in the estimator's (or CKA's, or
     the selection's) declaration gives another key, so a resumed sweep cannot mix protocols."""
