@@ -712,7 +712,7 @@ class SubsetProbes(Estimator):
 
         Columns: draw, mode, fraction, k, seed, test_accuracy, per_class_accuracy (list; NaN for
         a class absent from the split),
-        val_accuracy, best_epoch, train_loss, solver, neurons / projection (the draw's record).
+        val_accuracy, best_epoch, train_loss, solver, neurons / projection / rank (the draw's record).
         """
         import pandas as pd
 
@@ -730,7 +730,7 @@ class SubsetProbes(Estimator):
                          "test_accuracy": float(correct[:, di].mean()), "per_class_accuracy": per_class.tolist(),
                          "val_accuracy": float(self.val_accuracy_[di]), "best_epoch": int(self.best_epoch_[di]),
                          "train_loss": float(self.train_loss_[di]), "solver": self.solver,
-                         "neurons": rec["neurons"], "projection": rec["projection"]})
+                         "neurons": rec["neurons"], "projection": rec["projection"], "rank": rec["rank"]})
         self.results_ = pd.DataFrame(rows)
         return self.results_
 

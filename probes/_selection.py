@@ -11,6 +11,7 @@ that uses the block.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Annotated, Callable, Literal, Sequence
 
@@ -55,6 +56,9 @@ class Draw:
     projection : str or None
         How the projection is regenerated (``pca``: fitted on the train split;
         ``randproj``: distribution and seed), for projection modes.
+    rank : int or None
+        PCA modes: the train split's rank (directions of non-negligible variance); k is
+        at most this (a larger one is clamped, with a warning).
     """
 
     mode: str
@@ -63,10 +67,12 @@ class Draw:
     seed: int | None
     neurons: np.ndarray | None = field(default=None, compare=False, repr=False)
     projection: str | None = None
+    rank: int | None = None
 
     def record(self) -> dict:
         return {"mode": self.mode, "fraction": self.fraction, "k": self.k, "seed": self.seed,
-                "neurons": None if self.neurons is None else self.neurons.tolist(), "projection": self.projection}
+                "neurons": None if self.neurons is None else self.neurons.tolist(), "projection": self.projection,
+                "rank": self.rank}
 
 
 @dataclass
@@ -113,8 +119,15 @@ def _prefix_ordering(X_train, d, seed, options):
     return np.arange(d), None
 
 
+# Directions whose variance is below this share of the largest are null-space noise (a train
+# split with n <= d has rank n - 1 after centring; eigh returns the rest at ~1e-12).
+RANK_RTOL = 1e-9
+
+
 def _pca_basis(X_train, d, least: bool):
-    """Principal directions of the train split (centred), sorted by variance."""
+    """The train split's principal directions (centred) of non-negligible variance, at most
+    n - 1 of them: largest variance first (``pca``) or smallest first (``pca-least``, the
+    smallest of the non-null ones, as the original's ``pca_lowrank(q=min(n, d))`` keeps)."""
     if X_train is None:
         raise InvalidParameterError(key="X_train", value=None,
                                     expected="the train features, to fit principal directions (mode 'pca')")
@@ -122,8 +135,10 @@ def _pca_basis(X_train, d, least: bool):
     Xc = X - X.mean(axis=0)
     cov = Xc.T @ Xc / max(1, len(X) - 1)
     vals, vecs = np.linalg.eigh(cov)  # ascending
-    order = np.argsort(vals)[::-1] if not least else np.argsort(vals)
-    vecs = vecs[:, order]
+    top = np.argsort(vals)[::-1]
+    rank = int(min(len(X) - 1, np.sum(vals > RANK_RTOL * max(vals.max(), 0.0))))
+    kept = top[:rank]
+    vecs = vecs[:, kept[::-1] if least else kept]
     # an eigenvector's sign is arbitrary and differs between LAPACK builds; fix it (largest
     # entry positive, as scikit-learn's svd_flip) so a task gives the same rows on any machine
     signs = np.sign(vecs[np.argmax(np.abs(vecs), axis=0), np.arange(vecs.shape[1])])
@@ -257,15 +272,22 @@ def make_families(
     fams = []
     for seed in (sel.seeds if entry.seeded else (None,)):
         columns, basis = entry.ordering(X_train, d, seed, {"width": ks[-1], "distribution": randproj_distribution})
+        available = len(columns) if columns is not None else basis.shape[1]
+        rank = available if mode.startswith("pca") else None
+        clamped = [f for f in order_f if subset_size(f, d) > available]
+        if clamped:
+            warnings.warn(f"mode {mode!r}: the train split has rank {available} ({len(X_train)} samples, {d} "
+                          f"neurons), so fractions {', '.join(f'{f:g}' for f in clamped)} are clamped to k = "
+                          f"{available} directions (recorded as the draws' k and rank)", stacklevel=3)
         draws = []
         for f in order_f:  # two fractions that floor to one k give two identical draws
-            k = subset_size(f, d)
+            k = min(subset_size(f, d), available)
             if columns is not None:
                 draws.append(Draw(mode, float(f), k, seed, neurons=np.asarray(columns[:k])))
             else:
                 how = (f"train-split principal directions, {'largest' if mode == 'pca' else 'smallest'} variance first"
                        if mode.startswith("pca") else f"{randproj_distribution} random directions, seed {seed}")
-                draws.append(Draw(mode, float(f), k, seed, projection=how))
+                draws.append(Draw(mode, float(f), k, seed, projection=how, rank=rank))
         fams.append(Family(mode, seed, tuple(d_.k for d_ in draws), draws, columns=columns, basis=basis))
     return fams
 

@@ -435,6 +435,25 @@ def test_cuda_paths_equal_cpu(data, monkeypatch, mode, room):
 
 
 @pytest.mark.parametrize("mode", [m for m in probes.SELECTION_MODES if m.startswith("pca")])
+def test_pca_keeps_only_directions_of_the_train_splits_rank(mode):
+    """n <= d (Flowers102: ~920 x 2048): beyond rank n - 1 are null-space directions. Only
+    non-null ones are used, compared with numpy's SVD of the centred split; a k beyond the
+    rank is clamped with a warning and the rank recorded."""
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(30, 48)) @ rng.normal(size=(48, 48))
+    Xc = X - X.mean(0)
+    _, sv, Vt = np.linalg.svd(Xc, full_matrices=False)
+    assert sv[-1] < 1e-9 * sv[0]  # 30 rows, centred: rank 29
+    with pytest.warns(UserWarning, match="rank 29 .* fractions 1 are clamped to k = 29"):
+        (fam,) = make_families(48, mode, (0.25, 0.5, 1.0), (0,), X_train=X.astype(np.float32))
+    assert [dr.k for dr in fam.draws] == [12, 24, 29] and {dr.rank for dr in fam.draws} == {29}
+    assert fam.basis.shape == (48, 29)
+    for k in (12, 29):
+        want = Vt[:k] if mode == "pca" else Vt[29 - k:29]  # the k largest / smallest non-null directions
+        np.testing.assert_allclose(fam.basis[:, :k] @ fam.basis[:, :k].T, want.T @ want, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", [m for m in probes.SELECTION_MODES if m.startswith("pca")])
 def test_pca_directions_do_not_depend_on_the_eigensolvers_signs(data, monkeypatch, mode):
     """LAPACK builds may return any eigenvector with either sign; the basis (and so the
     probes a task trains) must be the same on every machine."""
