@@ -67,8 +67,13 @@ class Task:
         return f"{self.group.label()} {self.mode}" + (f" seed {self.seed}" if self.seed is not None else "")
 
     def estimator(self, n_neurons: int, device: str) -> probes.SubsetProbes:
-        """The task's SubsetProbes (the reference task: the whole layer as one explicit subset)."""
+        """The task's SubsetProbes. A reference task trains the whole layer: under a seed (the
+        seed's minibatch order, as the released code's full-layer run: random neurons at
+        fraction 1), or as one explicit subset."""
         protocol = self.probe.model_dump()
+        if self.mode == FULL_LAYER and self.seed is not None:
+            return probes.SubsetProbes(mode="random", fractions=(1.0,), seeds=(self.seed,), include_full=False,
+                                       device=device, **protocol)
         if self.mode == FULL_LAYER:
             return probes.SubsetProbes(subsets=[np.arange(n_neurons)], include_full=False, device=device, **protocol)
         return probes.SubsetProbes(mode=self.mode, fractions=self.selection.fractions,
@@ -78,12 +83,17 @@ class Task:
 
 
 def expand_tasks(spec: SweepSpec) -> list[Task]:
-    """The spec's tasks: per pairing, one full-layer reference, then each mode x seed."""
+    """The spec's tasks: per pairing, the full-layer reference (per seed), then each mode x seed."""
     common = dict(spec_key=spec.key(), selection=spec.selection, probe=spec.probe, metrics=spec.metrics,
                   cka_options=tuple(spec.cka_options().items()))
+    # the full layer under each seed's minibatch order (DR's bootstrap resamples it with the
+    # curves); one reference when no mode is seeded or every probe shares one order
+    seeded = any(probes.SELECTION_MODES[m].seeded for m in spec.selection.modes)
+    per_seed = spec.probe.minibatch_order == "per-seed"
+    reference_seeds = spec.selection.seeds if seeded and per_seed else (None,)
     tasks = []
     for gi, g in enumerate(spec.groups):
-        tasks.append(Task(group_index=gi, group=g, mode=FULL_LAYER, seed=None, **common))
+        tasks += [Task(group_index=gi, group=g, mode=FULL_LAYER, seed=s, **common) for s in reference_seeds]
         for mode in spec.selection.modes:
             for seed in (spec.selection.seeds if probes.SELECTION_MODES[mode].seeded else (None,)):
                 tasks.append(Task(group_index=gi, group=g, mode=mode, seed=seed, **common))

@@ -46,6 +46,7 @@ __all__ = ["SubsetProbes", "Protocol", "SOLVERS", "load_training_data"]
 Solver = Literal["sgd", "ridge"]
 SOLVERS = typing.get_args(Solver)
 Precision = Literal["fp32", "bf16"]
+MinibatchOrder = Literal["per-seed", "shared"]
 
 
 @dataclass
@@ -126,6 +127,11 @@ class Protocol(Parameters):
     """Regularisation grid of the ridge solver (relative to the mean Gram diagonal)."""
     select_epoch: Literal["best", "last"] = "best"
     """Keep each probe's weights from its best validation epoch (the paper) or the last."""
+    val_every: Annotated[int, Field(ge=1)] = 1
+    """Validate (and so allow a best epoch) every this many epochs, and after the last (the released code: 5)."""
+    minibatch_order: MinibatchOrder = "per-seed"
+    """per-seed: each seed's probes see their own minibatch order, as the released code (one run per seed,
+    everything seeded); shared: every probe one order (fewer minibatch reads; seeds then share that noise)."""
 
 
 class _Runtime(Parameters):
@@ -183,7 +189,8 @@ class _ProbeBatch:
     """
 
     def __init__(self, families: list[Family], lengths: tuple[int, ...], n_classes: int, device, dtype,
-                 min_block: int | None = None, dense: list[np.ndarray] | None = None):
+                 min_block: int | None = None, dense: list[list[np.ndarray]] | None = None,
+                 streams: list[int] | None = None):
         import torch
 
         self.families = families
@@ -195,18 +202,28 @@ class _ProbeBatch:
         self.width = width
         self.device = device
         self.is_index = all(f.columns is not None for f in families)
-        # dense: one pseudo-family whose probe i sees neurons dense[i] of the raw layer
+        # the minibatch stream each family reads (its seed's order); families of one stream are
+        # consecutive, so each stream's inputs fill one contiguous slice of the input buffer
+        streams = [0] * self.F if streams is None else list(streams)
+        if streams != sorted(streams):
+            raise ValueError("internal: families must be sorted by stream")  # pragma: no cover - a bug
+        self.family_stream = torch.as_tensor(streams, device=device)
+        self.stream_slices = [(sigma, streams.index(sigma), len(streams) - streams[::-1].index(sigma))
+                              for sigma in sorted(set(streams))]
+        # dense: pseudo-families whose probe i sees neurons dense[f][i] of the raw layer
         self.dense = dense
         if dense is not None:
             self.is_index = False
             self.blocks = [(0, 0, width)]
-            seen = np.zeros((self.m, width), dtype=bool)
-            for i, idx in enumerate(dense):
-                seen[i, idx] = True
-            masks = [np.repeat(seen, self.C, axis=0)]
+            seen = np.zeros((self.F, self.m, width), dtype=bool)
+            for f, probes_of_f in enumerate(dense):
+                for i, idx in enumerate(probes_of_f):
+                    seen[f, i, idx] = True
+            masks = [np.repeat(seen, self.C, axis=1)]
         else:
             if self.is_index:
                 self.columns = torch.as_tensor(np.concatenate([f.columns[:width] for f in families]), device=device)
+                self.slice_columns = [self.columns[f0 * width:f1 * width] for _, f0, f1 in self.stream_slices]
             else:
                 self.basis_t = torch.as_tensor(np.concatenate([f.basis[:, :width] for f in families], axis=1).T.copy(),
                                                device=device, dtype=torch.float32)
@@ -239,29 +256,42 @@ class _ProbeBatch:
         self.flat = flat
         self.W, self.b = self.views(flat)
 
-    def inputs(self, Xt, out=None, rows=None, pass_index: int = 0):
-        """Zt (F, width, B): every family's inputs for a transposed minibatch Xt (d, B).
+    def inputs(self, Xts, out=None, rows=None, pass_index: int = 0):
+        """Zt (F, width, B): every family's inputs, from the transposed minibatch (d, B) of its
+        stream, ``Xts[stream]`` (one tensor for every stream when all read the same rows).
 
         ``out`` (F * width, B), when given, is reused: a fresh tensor this large per
-        minibatch costs page faults on every step. The dense batch reads Xt as it is. A
-        projection batch with projected passes (``project_passes``) reads the minibatch's
-        ``rows`` of pass ``pass_index`` instead of projecting Xt.
+        minibatch costs page faults on every step. The dense batch reads the minibatches as
+        they are. A projection batch with projected passes (``project_passes``) reads rows
+        ``rows[stream]`` of pass ``pass_index`` instead of projecting the minibatch.
         """
         import torch
 
-        B = Xt.shape[1]
+        B = Xts[0].shape[1]
+        F, w = self.F, self.width
         if self.dense is not None:
-            return Xt.unsqueeze(0)
-        if self.projected is not None and rows is not None:
-            Zb = self.projected[pass_index].index_select(0, rows)  # (B, F * width)
-            Zt = out.copy_(Zb.t()) if out is not None else Zb.t().contiguous()
-            return Zt.view(self.F, self.width, B)
-        if self.is_index:
-            # gather whole rows of Xbᵀ: contiguous runs of B floats, not a strided column gather
-            Zt = torch.index_select(Xt, 0, self.columns, out=out)
-        else:
-            Zt = torch.mm(self.basis_t, Xt, out=out)
-        return Zt.view(self.F, self.width, B)
+            if len(self.stream_slices) == 1:
+                return Xts[self.stream_slices[0][0]].unsqueeze(0).expand(F, -1, -1)
+            return torch.stack([Xts[int(sigma)] for sigma in self.family_stream])
+        if out is None:
+            out = torch.empty((F * w, B), device=Xts[0].device)
+        for j, (sigma, f0, f1) in enumerate(self.stream_slices):
+            seg = out[f0 * w:f1 * w]
+            if self.projected is not None and rows is not None:
+                part = self.projected[pass_index][:, f0 * w:f1 * w]
+                seg.copy_(part.index_select(0, rows[sigma]).t())
+            elif self.is_index:
+                # gather whole rows of Xbᵀ: contiguous runs of B floats, not a strided column gather
+                torch.index_select(Xts[sigma], 0, self.slice_columns[j], out=seg)
+            else:
+                torch.mm(self.basis_t[f0 * w:f1 * w], Xts[sigma], out=seg)
+        return out.view(F, w, B)
+
+    def targets(self, ys):
+        """(F, 1, 1, B) class of each family's minibatch rows, from ``ys`` (streams, B)."""
+        if len(self.stream_slices) == 1:
+            return ys[self.stream_slices[0][0]].view(1, 1, 1, -1).expand(self.F, 1, 1, -1)
+        return ys.index_select(0, self.family_stream).view(self.F, 1, 1, -1)
 
     @property
     def is_projection(self) -> bool:
@@ -357,8 +387,8 @@ class _ProbeBatch:
         w = torch.as_tensor(w, dtype=torch.float32, device=self.flat.device)
         rows = slice(i * self.C, (i + 1) * self.C)
         if self.dense is not None:
-            self.W[0][0, rows, :] = 0.0
-            self.W[0][0, rows, torch.as_tensor(self.dense[i], device=self.flat.device)] = w.T
+            self.W[0][fi, rows, :] = 0.0
+            self.W[0][fi, rows, torch.as_tensor(self.dense[fi][i], device=self.flat.device)] = w.T
         else:
             for k, r, lo, hi in self.probe_slices(i):
                 self.W[k][fi, r, :hi - lo] = w[lo:hi].T
@@ -368,7 +398,7 @@ class _ProbeBatch:
         """Probe i of family fi: (weight (k, C) in its own input order, bias (C,)) as numpy arrays."""
         W, b = self.W, self.b
         if self.dense is not None:
-            w = W[0][0, i * self.C:(i + 1) * self.C, :].T.cpu().numpy()[self.dense[i]]
+            w = W[0][fi, i * self.C:(i + 1) * self.C, :].T.cpu().numpy()[self.dense[fi][i]]
         else:
             w = np.zeros((self.lengths[i], self.C), dtype=np.float32)
             for k, rows, lo, hi in self.probe_slices(i):
@@ -376,8 +406,11 @@ class _ProbeBatch:
         return np.ascontiguousarray(w, dtype=np.float32), b[fi, i * self.C:(i + 1) * self.C].cpu().numpy()
 
     def to(self, device):
+        self.family_stream = self.family_stream.to(device)
         if self.is_index:
             self.columns = self.columns.to(device)
+            w = self.width
+            self.slice_columns = [self.columns[f0 * w:f1 * w] for _, f0, f1 in self.stream_slices]
         elif self.is_projection:
             self.basis_t = self.basis_t.to(device)
         self.masks = [None if m is None else m.to(device) for m in self.masks]
@@ -443,11 +476,14 @@ class SubsetProbes(Estimator):
         val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
         fams = make_families(d, self.mode, self.fractions, self.seeds, X_train=data.X[train_idx],
                              subsets=self.subsets, randproj_distribution=self.randproj_distribution)
-        if self.include_full:
+        per_seed = self.minibatch_order == "per-seed"
+        self.streams_ = sorted({f.seed for f in fams} if per_seed else {None}, key=lambda v: (v is not None, v or 0))
+        if self.include_full:  # the reference, under each stream's order (each seed's run has its own)
             from ._selection import Draw
 
-            full = Draw("full", 1.0, d, None, neurons=np.arange(d))
-            fams.append(Family("full", None, (d,), [full], columns=np.arange(d)))
+            for seed in self.streams_:
+                full = Draw("full", 1.0, d, seed, neurons=np.arange(d))
+                fams.append(Family("full", seed, (d,), [full], columns=np.arange(d)))
         self.n_features_in_ = d
         self.n_classes_ = data.n_classes
         self.families_ = fams
@@ -462,32 +498,48 @@ class SubsetProbes(Estimator):
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """The train rows of ``epoch`` in minibatch order (shared by every probe)."""
-        return np.random.default_rng([self.random_state, 11, epoch]).permutation(self.train_indices_)
+    def epoch_order(self, epoch: int, seed: int | None = None) -> np.ndarray:
+        """The train rows of ``epoch`` in minibatch order for the probes of draw seed ``seed``
+        (with ``minibatch_order="per-seed"``; unseeded draws, and every draw under "shared",
+        use ``seed=None``)."""
+        key = [self.random_state, 11, epoch] if seed is None else [self.random_state, 11, epoch, 1, seed]
+        return np.random.default_rng(key).permutation(self.train_indices_)
+
+    def _stream(self, family: Family) -> int:
+        return self.streams_.index(family.seed if self.minibatch_order == "per-seed" else None)
 
     def _batches(self, device, dtype):
-        """The training batches: index probes with k >= DENSE_FRACTION * d in one dense batch
-        (the raw layer, all families at once); the rest grouped by prefix lengths."""
+        """The training batches: index probes with k >= DENSE_FRACTION * d in dense batches
+        (the raw layer; one pseudo-family per minibatch stream); the rest grouped by prefix
+        lengths. Within a batch, families are sorted by stream."""
         from dataclasses import replace
 
         d = self.n_features_in_
         by_len: dict[tuple, list[Family]] = {}
-        dense: list = []
+        dense: dict[int, list] = {}  # stream -> its dense draws
         for f in self.families_:
             if f.columns is not None:
                 cut = sum(1 for k in f.lengths if k < DENSE_FRACTION * d)
-                dense += f.draws[cut:]
+                dense.setdefault(self._stream(f), []).extend(f.draws[cut:])
                 if cut == 0:
                     continue
                 f = replace(f, lengths=f.lengths[:cut], draws=f.draws[:cut])
             # index families and projection families cannot share one gather
             by_len.setdefault((f.lengths, f.columns is not None), []).append(f)
-        batches = [_ProbeBatch(fs, key[0], self.n_classes_, device, dtype) for key, fs in by_len.items()]
-        if dense:
-            fam = Family("dense", None, (d,) * len(dense), dense)
-            batches.append(_ProbeBatch([fam], fam.lengths, self.n_classes_, device, dtype,
-                                 dense=[np.asarray(dr.neurons) for dr in dense]))
+        batches = []
+        for key, fs in by_len.items():
+            fs = sorted(fs, key=self._stream)
+            batches.append(_ProbeBatch(fs, key[0], self.n_classes_, device, dtype,
+                                       streams=[self._stream(f) for f in fs]))
+        by_count: dict[int, list] = {}  # a batch's pseudo-families need equal probe counts
+        for stream, draws in sorted(dense.items()):
+            if draws:
+                by_count.setdefault(len(draws), []).append((stream, draws))
+        for m, members in by_count.items():
+            fams = [Family("dense", None, (d,) * m, draws) for _, draws in members]
+            batches.append(_ProbeBatch(fams, (d,) * m, self.n_classes_, device, dtype,
+                                       dense=[[np.asarray(dr.neurons) for dr in draws] for _, draws in members],
+                                       streams=[stream for stream, _ in members]))
         return batches
 
     def initial_weights(self, draw: int):
@@ -518,7 +570,8 @@ class SubsetProbes(Estimator):
         passes = [data.X] + data.views
         ctx = {"passes": [_to_device(p, device) for p in passes], "y": torch.as_tensor(data.y, device=device),
                "val": torch.as_tensor(val_idx, device=device), "device": device,
-               "orders": [torch.as_tensor(self.epoch_order(e), device=device) for e in range(self.epochs)]}
+               "orders": [[torch.as_tensor(self.epoch_order(e, seed), device=device) for seed in self.streams_]
+                          for e in range(self.epochs)]}
         from tqdm.auto import tqdm
 
         bar = tqdm(total=self.epochs, desc=f"probes ({len(self.draws_)})", unit="epoch", disable=not self.verbose)
@@ -557,19 +610,22 @@ class SubsetProbes(Estimator):
             lr = self.lr * self.lr_gamma ** (epoch // self.lr_step)
             pass_index = epoch % len(on_device)
             Xp = on_device[pass_index]
-            order = ctx["orders"][epoch]
+            orders = ctx["orders"][epoch]  # one per minibatch stream
+            n_rows = len(orders[0])
             loss_sum = [torch.zeros((g.F, g.m), device=device) for g in batches]
-            for start in range(0, len(order), self.batch_size):
-                rows = order[start:start + self.batch_size]
-                Xt = Xp.index_select(0, rows.to(Xp.device)).to(device, non_blocking=True).t().contiguous()
-                B = len(rows)
+            for start in range(0, n_rows, self.batch_size):
+                rows = [order[start:start + self.batch_size] for order in orders]
+                # each stream's minibatch, read once for every probe of that stream
+                Xts = [Xp.index_select(0, r.to(Xp.device)).to(device, non_blocking=True).t().contiguous()
+                       for r in rows]
+                ys = torch.stack([y_all[r] for r in rows])
+                B = len(rows[0])
                 full = B == self.batch_size
-                y_index = y_all[rows].view(1, 1, 1, B)
                 for bi, g in enumerate(batches):
-                    Zt = g.inputs(Xt, out=input_bufs[bi] if full else None, rows=rows, pass_index=pass_index)
+                    Zt = g.inputs(Xts, out=input_bufs[bi] if full else None, rows=rows, pass_index=pass_index)
                     logits = g.logits(Zt, bufs=logit_bufs[bi] if full else None).view(g.F, g.m, C, B)
                     # softmax cross-entropy over the class axis (not last: samples are)
-                    idx = y_index.expand(g.F, g.m, 1, B)
+                    idx = g.targets(ys).expand(g.F, g.m, 1, B)
                     logp = torch.log_softmax(logits, dim=2)
                     loss_sum[bi] -= logp.gather(2, idx).sum((2, 3))
                     p = logp.exp_()
@@ -577,9 +633,13 @@ class SubsetProbes(Estimator):
                     gW, gb = grad_views[bi]
                     g.grads(Zt, p.view(g.F, g.m * C, B), gW, gb, 1.0 / B)  # of the mean loss
                     _sgd_step(g.flat, grad[bi], buf[bi], lr, self.momentum, self.weight_decay)
+            for bi in range(len(batches)):
+                last_loss[bi] = loss_sum[bi] / n_rows
+            if (epoch + 1) % self.val_every and epoch + 1 < self.epochs:
+                bar.update(1)
+                continue  # no validation this epoch: it cannot be a probe's best
             # validation on the clean pass picks each probe's best epoch
             for bi, g in enumerate(batches):
-                last_loss[bi] = loss_sum[bi] / len(order)
                 acc = self._accuracy(g, on_device[0], y_all, val_t, device, input_bufs[bi], logit_bufs[bi])
                 better = acc > best_acc[bi] if self.select_epoch == "best" else torch.ones_like(acc, dtype=torch.bool)
                 best_acc[bi] = torch.where(better, acc, best_acc[bi])  # with "last": the last epoch's
@@ -606,7 +666,8 @@ class SubsetProbes(Estimator):
             r = rows[start:start + step]
             Xt = X.index_select(0, r.to(X.device)).to(device).t().contiguous()
             full = len(r) == step
-            Zt = g.inputs(Xt, out=input_buf if full else None, rows=r, pass_index=0)
+            shared = [r] * len(self.streams_)  # every stream reads the same validation rows
+            Zt = g.inputs([Xt] * len(self.streams_), out=input_buf if full else None, rows=shared, pass_index=0)
             logits = g.logits(Zt, bufs=logit_bufs if full else None).view(g.F, g.m, g.C, len(r))
             # the true class holds the maximum (argmax over a strided axis is slow on CPU)
             true = logits.gather(2, y_all[r].view(1, 1, 1, -1).expand(g.F, g.m, 1, len(r)))
@@ -685,7 +746,8 @@ class SubsetProbes(Estimator):
                 step = g.chunk_rows()
                 for start in range(0, len(X), step):
                     Xb = Xt[start:start + step]
-                    logits = g.logits(g.inputs(Xb.t().contiguous())).view(g.F, g.m, g.C, len(Xb))
+                    Xbt = Xb.t().contiguous()
+                    logits = g.logits(g.inputs([Xbt] * len(self.streams_))).view(g.F, g.m, g.C, len(Xb))
                     for di, fi, pi in mine:
                         out[start:start + len(Xb), di] = logits[fi, pi].T.numpy()
         return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import subprocess
 import sys
+import typing
 
 import numpy as np
 import pytest
@@ -49,18 +50,32 @@ def train_alone(X, y, neurons, w0, b0, orders, *, lr, momentum, wd, batch_size, 
     return lin
 
 
+def orders_of(est, draw, epochs):
+    """The minibatch order a draw's probe is trained with: its seed's (per-seed), or the one
+    shared order."""
+    seed = draw.seed if est.minibatch_order == "per-seed" else None
+    return [est.epoch_order(e, seed) for e in range(epochs)]
+
+
+ORDERS = list(typing.get_args(probes.Protocol.model_fields["minibatch_order"].annotation))
+
+
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("mode", INDEX_MODES + ["explicit"])
-def test_probe_in_a_batch_equals_probe_trained_alone(data, mode):
+def test_probe_in_a_batch_equals_probe_trained_alone(data, mode, order):
     Xtr, ytr, Xte, yte = data
     kw = dict(epochs=4, lr=0.1, momentum=0.9, weight_decay=1e-4, batch_size=64, lr_step=2, lr_gamma=0.1)
     subsets = [np.array([3, 7, 11]), np.arange(40), np.array([0, 47, 5, 9, 30])] if mode == "explicit" else None
     selection = dict(subsets=subsets) if mode == "explicit" else dict(mode=mode)
     est = SubsetProbes(fractions=(0.05, 0.25, 0.5, 1.0), seeds=(0, 3), select_epoch="last", device="cpu",
-                       **selection, **kw).fit(Xtr, ytr)
+                       minibatch_order=order, **selection, **kw).fit(Xtr, ytr)
     logits = est.decision_function(Xte)
-    orders = [est.epoch_order(e) for e in range(kw["epochs"])]
-    assert len(est.draws_) == (len(subsets) if subsets else (8 if mode == "random" else 4)) + 1
+    seeded = mode == "random" and order == "per-seed"
+    n_full = 2 if seeded else 1  # the full layer under each seed's order
+    assert len(est.draws_) == (len(subsets) if subsets else (8 if mode == "random" else 4)) + n_full
+    assert [dr.seed for dr in est.draws_ if dr.mode == "full"] == ([0, 3] if seeded else [None])
     for di, draw in enumerate(est.draws_):
+        orders = orders_of(est, draw, kw["epochs"])
         w0, b0 = est.initial_weights(di)
         lin = train_alone(Xtr, ytr, draw.neurons, w0, b0, orders, C=4, **{
             "lr": kw["lr"], "momentum": kw["momentum"], "wd": kw["weight_decay"], "batch_size": kw["batch_size"],
@@ -70,9 +85,10 @@ def test_probe_in_a_batch_equals_probe_trained_alone(data, mode):
         assert np.abs(logits[:, di] - ref).max() < 1e-4, (di, draw)
 
 
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("min_block, dense_fraction", [(1, 0.75), (4, 2.0), (64, 0.0), (16, 0.5)],
                          ids=["one-block-per-segment", "merged-blocks-no-dense", "all-dense", "mixed"])
-def test_every_layout_trains_each_probe_as_if_alone(data, monkeypatch, min_block, dense_fraction):
+def test_every_layout_trains_each_probe_as_if_alone(data, monkeypatch, min_block, dense_fraction, order):
     """Column blocks (one per segment, or merged with masked corners) and the dense group
     (the raw layer, zero weights off the subset) all train exactly the lone probe."""
     from probes import _engine
@@ -82,7 +98,7 @@ def test_every_layout_trains_each_probe_as_if_alone(data, monkeypatch, min_block
     Xtr, ytr, Xte, yte = data
     kw = dict(epochs=3, lr=0.1, momentum=0.9, weight_decay=1e-4, batch_size=64, lr_step=2, lr_gamma=0.1)
     est = SubsetProbes(fractions=(0.02, 0.05, 0.1, 0.25, 0.3, 0.5, 0.8, 1.0), seeds=(0, 3, 5), select_epoch="last",
-                       device="cpu", **kw).fit(Xtr, ytr)
+                       device="cpu", minibatch_order=order, **kw).fit(Xtr, ytr)
     kinds = {("dense" if g.dense is not None else f"{len(g.blocks)} blocks") for g in est.batches_}
     if dense_fraction == 0.0:
         assert kinds == {"dense"}
@@ -91,9 +107,9 @@ def test_every_layout_trains_each_probe_as_if_alone(data, monkeypatch, min_block
     else:
         assert "dense" in kinds and len(kinds) > 1
     logits = est.decision_function(Xte)
-    orders = [est.epoch_order(e) for e in range(kw["epochs"])]
     for di in (0, 4, 7, 8, 15, len(est.draws_) - 1):
         draw = est.draws_[di]
+        orders = orders_of(est, draw, kw["epochs"])
         w0, b0 = est.initial_weights(di)
         lin = train_alone(Xtr, ytr, draw.neurons, w0, b0, orders, C=4, lr=kw["lr"], momentum=kw["momentum"],
                           wd=kw["weight_decay"], batch_size=kw["batch_size"], lr_step=kw["lr_step"],
@@ -106,7 +122,7 @@ def test_every_layout_trains_each_probe_as_if_alone(data, monkeypatch, min_block
             ref = lin(torch.from_numpy(Xte[:, draw.neurons])).numpy()
         assert np.abs(logits[:, di] - ref).max() < 1e-4, (di, draw)
         np.testing.assert_allclose(Xte[:, draw.neurons] @ w + b, logits[:, di], atol=1e-4)
-    with pytest.raises(errors.InvalidParameterError, match=r"draw: expected an integer in 0\.\.24"):
+    with pytest.raises(errors.InvalidParameterError, match=rf"draw: expected an integer in 0\.\.{len(est.draws_) - 1}"):
         est.probe_weights(len(est.draws_))
 
 
@@ -134,12 +150,12 @@ def test_projection_probes_equal_a_probe_trained_alone_on_projected_inputs(data,
     kw = dict(epochs=3, lr=0.1, momentum=0.9, weight_decay=1e-4, batch_size=64, lr_step=2, lr_gamma=0.1)
     est = SubsetProbes(mode=mode, fractions=(0.05, 0.25, 1.0), seeds=(0, 2), select_epoch="last", device="cpu",
                        include_full=False, **kw).fit(Xtr, ytr)
-    orders = [est.epoch_order(e) for e in range(kw["epochs"])]
     logits = est.decision_function(Xte)
     checked = 0
     for fam in est.families_:
         for draw in fam.draws:
             di = est.draws_.index(draw)
+            orders = orders_of(est, draw, kw["epochs"])
             P = fam.basis[:, :draw.k]
             w0, b0 = est.initial_weights(di)
             lin = train_alone(Xtr @ P, ytr, np.arange(draw.k), w0, b0, orders, C=4, lr=kw["lr"],
@@ -252,7 +268,7 @@ def test_group_input_reads_views_per_epoch(tmp_path, tiny):
                        **kw).fit(g)
     assert est.n_classes_ == 3 and est.n_features_in_ == g.n_neurons
     draw = est.draws_[0]
-    orders = [est.epoch_order(e) for e in range(kw["epochs"])]
+    orders = orders_of(est, draw, kw["epochs"])
     w0, b0 = est.initial_weights(0)
     y = g.labels
     lin = torch.nn.Linear(draw.k, 3)

@@ -14,6 +14,7 @@ import torch
 
 import featstore
 import pipelines
+import probes
 from featstore import errors
 from pipelines import load_results, load_spec, run_sweep
 
@@ -85,8 +86,12 @@ def _same(a: pd.DataFrame, b: pd.DataFrame):
 
 def test_sweep_rows_and_columns(reference):
     df = reference
-    # per group: full (1 task) + random x 2 seeds + pca (1 task), 3 fractions each
-    assert len(df) == 1 + 2 * 3 + 3
+    # per group: full under each seed's order (2 tasks) + random x 2 seeds + pca (1 task), 3 fractions each
+    assert len(df) == 2 + 2 * 3 + 3
+    full = df[df["mode"] == "full"]
+    assert sorted(full["seed"]) == [0, 1] and (full["k"] == full["n_neurons"]).all()
+    pca = df[df["mode"] == "pca"].sort_values("fraction")
+    assert list(pca["k"]) == [9, 26, 26] and set(pca["rank"]) == {26}  # 27 train rows: rank 26
     assert set(df["mode"]) == {"full", "random", "pca"}
     assert {"model", "layer", "dataset", "mode", "fraction", "k", "seed", "test_accuracy", "per_class_accuracy",
             "val_accuracy", "best_epoch", "cka", "cka_estimator", "neurons", "train_group", "test_group",
@@ -369,7 +374,7 @@ def _set(key, value):
     (lambda s: s + "\n[extra]\nx = 1\n", errors.UnknownKeyError,
      "Unknown key extra (= {'x': 1}); allowed here: groups, metrics, probe, selection, store"),
     (_set("probe.momemtum", "0.5"), errors.UnknownKeyError,
-     "Unknown key probe.momemtum (= 0.5); allowed here: batch_size, epochs, lr, lr_gamma, lr_step, momentum"),
+     "Unknown key probe.momemtum (= 0.5); allowed here: " + ", ".join(sorted(probes.Protocol.model_fields))),
     (_set("probe.randproj_distribution", '"gaussian"'), errors.UnknownKeyError,
      "Unknown key probe.randproj_distribution"),  # a selection key: it lives in [selection]
     (lambda s: s.replace('layer = "pre_logits"', 'layer = "pre_logits"\ntrain = { limt = 7 }'),
