@@ -15,7 +15,7 @@ Notebook use::
 __version__ = "0.1.0"
 
 from . import errors, fileio, params
-from ._build import BuildOptions, build, make_transforms, resolve_transform
+from ._build import PREPROCESSING, BuildOptions, Preprocessing, build, make_transforms, resolve_transform
 from .datasets import DatasetName, DatasetText, dataset_names, dataset_splits, load_split, parse_dataset_name, stratified_subset
 from ._device import DEVICES, Device, resolve_device
 from .models import POOLINGS, WEIGHT_MAPPINGS, WEIGHT_SOURCES, FeatureExtractor, create_backbone, list_layers
@@ -45,6 +45,8 @@ __all__ = [
     "FeatureExtractor",
     "resolve_transform",
     "make_transforms",
+    "PREPROCESSING",
+    "Preprocessing",
     "dataset_names",
     "dataset_splits",
     "load_split",

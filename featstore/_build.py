@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Callable
 
 import numpy as np
 from pydantic import Field
@@ -28,6 +28,7 @@ from ._device import Device, resolve_device
 from .models import MappingName, WeightSourceName
 from ._spec import (
     DTYPES,
+    ORIGINAL_AUGMENTATION,
     PAPER_AUGMENTATION,
     ChunkRows,
     Dtype,
@@ -41,9 +42,10 @@ from ._spec import (
 )
 from ._store import DEFAULT_STORE, META, FeatureStore, Group, _check_writable
 from .errors import InvalidDatasetError, InvalidParameterError, StaleGroupError, UnknownNameError, WriteFailedError
-from .params import CommaList, Parameters, PathText, takes
+from .params import CommaList, OneOf, Parameters, PathText, takes
 
-__all__ = ["build", "BuildOptions", "chunk_rows_for", "resolve_transform", "make_transforms"]
+__all__ = ["build", "BuildOptions", "chunk_rows_for", "resolve_transform", "make_transforms", "PREPROCESSING",
+           "Preprocessing"]
 
 CHUNK_TARGET_BYTES = 8 << 20  # ~8 MB of uncompressed rows per chunk
 
@@ -79,10 +81,71 @@ def resolve_transform(model, image_size: int | None = None) -> TransformSpec:
     )
 
 
-def make_transforms(t: TransformSpec):
-    """(eval transform, augmented transform) as torchvision callables on PIL images."""
+def _released_transform(model, image_size: int | None = None) -> TransformSpec:
+    """The released code's eval preprocessing: Resize(224) + CenterCrop(224) (bilinear), then the
+    ImageNet mean and std (its model wrapper normalises), whatever the model's config says."""
     import timm.data
+
+    size = int(image_size or 224)
+    return TransformSpec(input_size=(3, size, size), interpolation="bilinear", crop_pct=1.0, crop_mode="center",
+                         mean=tuple(float(v) for v in timm.data.IMAGENET_DEFAULT_MEAN),
+                         std=tuple(float(v) for v in timm.data.IMAGENET_DEFAULT_STD))
+
+
+def _paper_views(t: TransformSpec, eval_tf):
     from torchvision import transforms as T
+
+    return T.Compose([T.RandomHorizontalFlip(), T.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.25, hue=0.25),
+                      T.RandomRotation(degrees=2), eval_tf])
+
+
+def _released_views(t: TransformSpec, eval_tf):
+    from torchvision import transforms as T
+
+    return T.Compose([T.RandomResizedCrop(t.input_size[1:]), T.RandomHorizontalFlip(),
+                      T.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.25), T.RandomRotation(degrees=2),
+                      T.ToTensor(), T.Normalize(t.mean, t.std)])
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """One entry of the preprocessing registry (``featstore build --preset``).
+
+    Attributes
+    ----------
+    name : str
+    transform : callable
+        ``transform(model, image_size) -> TransformSpec``: the eval preprocessing.
+    augmentation : str
+        The augmented views' recipe, recorded in each group's spec (its identity).
+    views : callable
+        ``views(transform_spec, eval_tf) -> callable``: the view transform on PIL images.
+    description : str
+    """
+
+    name: str
+    transform: Callable
+    augmentation: str
+    views: Callable
+    description: str
+
+
+PREPROCESSING: dict[str, Preprocessing] = {p.name: p for p in (
+    Preprocessing("paper", resolve_transform, PAPER_AUGMENTATION, _paper_views,
+                  "the model's pretrained eval config (timm); views: the paper's flip, ColorJitter(.25 x 4), "
+                  "rotation 2, then the eval preprocessing"),
+    Preprocessing("original", _released_transform, ORIGINAL_AUGMENTATION, _released_views,
+                  "the released code's: Resize(224) + CenterCrop(224), ImageNet mean/std; views: "
+                  "RandomResizedCrop(224), flip, ColorJitter(.25, .25, .25), rotation 2"),
+)}
+
+
+def make_transforms(t: TransformSpec, augmentation: str = PAPER_AUGMENTATION):
+    """(eval transform, augmented-view transform) as torchvision callables on PIL images.
+
+    ``augmentation`` is a recipe recorded in a group's spec (``ExtractionSpec.augmentation``).
+    """
+    import timm.data
 
     eval_tf = timm.data.create_transform(
         input_size=t.input_size,
@@ -93,16 +156,10 @@ def make_transforms(t: TransformSpec):
         crop_pct=t.crop_pct,
         crop_mode=t.crop_mode,
     )
-    # the paper's train-time augmentation (appendix B), then the eval preprocessing
-    aug_tf = T.Compose(
-        [
-            T.RandomHorizontalFlip(),
-            T.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.25, hue=0.25),
-            T.RandomRotation(degrees=2),
-            eval_tf,
-        ]
-    )
-    return eval_tf, aug_tf
+    recipes = {p.augmentation: p for p in PREPROCESSING.values()}
+    if augmentation not in recipes:
+        raise UnknownNameError("augmentation recipe", augmentation, recipes)
+    return eval_tf, recipes[augmentation].views(t, eval_tf)
 
 
 def _view_seed(seed: int, view: int, index: int) -> int:
@@ -202,6 +259,9 @@ class BuildOptions(Parameters):
     """Seed of --limit and --views."""
     views: Views = 0
     """Extra augmented passes over the train split."""
+    preset: Annotated[str, OneOf(PREPROCESSING, "preprocessing preset")] = "paper"
+    """Eval preprocessing and view augmentation: paper (the model's pretrained config, the paper's augmentation)
+    or original (the released code's Resize + CenterCrop 224 and RandomResizedCrop views)."""
     dtype: Dtype = "float16"
     """Storage dtype."""
     store: PathText = DEFAULT_STORE
@@ -286,7 +346,7 @@ def _plan(o: BuildOptions) -> _Plan:
     FeatureStore.check_foreign(str(o.store))
     backbone, winfo = models.create_backbone(o.model, o.weights, o.checkpoint, o.mapping, seed=o.seed)
     extractor = models.FeatureExtractor(backbone, list(o.layers), o.pooling, o.model)
-    tspec = resolve_transform(backbone, o.image_size)
+    tspec = PREPROCESSING[o.preset].transform(backbone, o.image_size)
     # probe the output widths with one tiny forward pass (cheap, catches bad layers early)
     with torch.no_grad():
         widths = {k: int(v.shape[1]) for k, v in extractor(torch.zeros((1,) + tuple(tspec.input_size))).items()}
@@ -319,7 +379,7 @@ def _specs(plan: _Plan, split: str) -> dict[str, ExtractionSpec]:
         dtype=o.dtype,
         compute=plan.compute,
         transform=plan.transform,
-        augmentation=PAPER_AUGMENTATION if n_views else "",
+        augmentation=PREPROCESSING[o.preset].augmentation if n_views else "",
         chunk_rows=o.chunk_rows or chunk_rows_for(plan.widths[layer], o.dtype),
     ) for layer in o.layers}
 
@@ -346,7 +406,7 @@ def _extract(plan: _Plan, fs: FeatureStore, split: str, specs: dict[str, Extract
             else:
                 targets.append((layer, t))
         if targets:
-            eval_tf, aug_tf = make_transforms(plan.transform)
+            eval_tf, aug_tf = make_transforms(plan.transform, PREPROCESSING[o.preset].augmentation)
             _run_pass(plan.extractor, plan.backbone, targets, src, index, eval_tf, aug_tf, o.seed,
                       specs[o.layers[0]].views, plan.batch_size, plan.workers, plan.device, o.progress,
                       f"{o.model}:{plan.dataset}:{split}")

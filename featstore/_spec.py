@@ -82,6 +82,11 @@ PAPER_AUGMENTATION = (
     "RandomHorizontalFlip(p=0.5); ColorJitter(brightness=0.25, contrast=0.25, "
     "saturation=0.25, hue=0.25); RandomRotation(degrees=2)"
 )
+# The released code's (deep-learning-base's TRAIN_TRANSFORMS_TRANSFER_DEFAULT(224)).
+ORIGINAL_AUGMENTATION = (
+    "RandomResizedCrop(input size); RandomHorizontalFlip(p=0.5); ColorJitter(brightness=0.25, contrast=0.25, "
+    "saturation=0.25); RandomRotation(degrees=2)"
+)
 
 
 class ExtractionSpec(Parameters):

@@ -56,12 +56,14 @@ def parameters_markdown() -> str:
     ]
     for title, model, kw in sections:
         out += [f"## {title}", ""] + _table(model, **kw) + [""]
-    registries = [("Selection modes", probes.SELECTION_MODES), ("CKA estimators", probes.CKA_ESTIMATORS)]
-    from featstore import WEIGHT_MAPPINGS, WEIGHT_SOURCES
+    registries = [("Selection modes", probes.SELECTION_MODES), ("CKA estimators", probes.CKA_ESTIMATORS),
+                  ("Protocol presets (`SubsetProbes.from_preset`, the spec's `preset`)", probes.PRESETS)]
+    from featstore import PREPROCESSING, WEIGHT_MAPPINGS, WEIGHT_SOURCES
 
     from ._launchers import LAUNCHERS
 
-    registries += [("Weight sources", WEIGHT_SOURCES), ("Weight mappings", WEIGHT_MAPPINGS), ("Launchers", LAUNCHERS)]
+    registries += [("Preprocessing presets (`featstore build --preset`)", PREPROCESSING), ("Weight sources", WEIGHT_SOURCES),
+                   ("Weight mappings", WEIGHT_MAPPINGS), ("Launchers", LAUNCHERS)]
     out += ["## Registries", ""]
     for title, registry in registries:
         out += [f"**{title}**", ""] + [f"- `{name}`: {entry.description}" for name, entry in registry.items()] + [""]

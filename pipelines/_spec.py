@@ -31,9 +31,9 @@ from typing import Annotated, Any
 from pydantic import Field, create_model
 
 import probes
-from featstore import DEFAULT_STORE, QUERY_KEYS, BuildOptions, DatasetText, ExtractionSpec
+from featstore import DEFAULT_STORE, QUERY_KEYS, BuildOptions, DatasetText, ExtractionSpec, parse_dataset_name
 from featstore.errors import SpecNotFoundError, SpecSyntaxError
-from featstore.params import Parameters, PathText, Unique, field_type, validate
+from featstore.params import OneOf, Parameters, PathText, Unique, field_type, validate
 
 __all__ = ["SweepSpec", "GroupTable", "load_spec", "SPLIT_KEYS", "GROUP_KEYS", "SPLIT_ONLY_FIELDS", "CKA_PREFIX"]
 
@@ -112,6 +112,9 @@ class SweepSpec(Parameters):
 
     store: PathText = DEFAULT_STORE
     """The feature store (a path or URL); --store overrides it."""
+    preset: Annotated[str, OneOf(probes.PRESETS, "preset")] = "paper"
+    """Named protocol supplying the [selection] and [probe] values the spec does not write (probes.PRESETS):
+    paper (the declared defaults) or original (the released code's, per dataset)."""
     groups: Annotated[tuple[GroupTable, ...], Field(min_length=1, strict=False)]
     """One [[groups]] table per (train, test) pairing of cached groups."""
     selection: SelectionTable = SelectionTable()
@@ -125,8 +128,25 @@ class SweepSpec(Parameters):
         """The [metrics] cka_* keys as probes.CKAOptions keywords."""
         return {k: getattr(self.metrics, CKA_PREFIX + k) for k in probes.CKAOptions.model_fields}
 
+    def selection_for(self) -> "SelectionTable":
+        """[selection] as run: the preset's values under the ones the spec writes."""
+        base = probes.preset(self.preset)
+        written = self.selection.model_dump(include=self.selection.model_fields_set)
+        return SelectionTable(**{**{k: base[k] for k in SelectionTable.model_fields if k in base}, **written})
+
+    def protocol_for(self, group: GroupTable) -> probes.Protocol:
+        """[probe] as run for one pairing: the preset's values for its dataset, under the ones the
+        spec writes."""
+        base = probes.preset(self.preset, parse_dataset_name(group.dataset).label)
+        written = self.probe.model_dump(include=self.probe.model_fields_set)
+        return probes.Protocol(**{**{k: base[k] for k in probes.Protocol.model_fields}, **written})
+
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The spec as written (defaults filled in) and as it runs (the preset resolved per pairing)."""
+        d = self.model_dump(mode="json")
+        d["resolved"] = {"selection": self.selection_for().model_dump(mode="json"),
+                         "probe": [self.protocol_for(g).model_dump(mode="json") for g in self.groups]}
+        return d
 
     def key(self) -> str:
         """sha256 of everything that determines the results, defaults included (not the store path)."""

@@ -84,19 +84,22 @@ class Task:
 
 def expand_tasks(spec: SweepSpec) -> list[Task]:
     """The spec's tasks: per pairing, the full-layer reference (per seed), then each mode x seed."""
-    common = dict(spec_key=spec.key(), selection=spec.selection, probe=spec.probe, metrics=spec.metrics,
+    selection = spec.selection_for()
+    common = dict(spec_key=spec.key(), selection=selection, metrics=spec.metrics,
                   cka_options=tuple(spec.cka_options().items()))
-    # the full layer under each seed's minibatch order (DR's bootstrap resamples it with the
-    # curves); one reference when no mode is seeded or every probe shares one order
-    seeded = any(probes.SELECTION_MODES[m].seeded for m in spec.selection.modes)
-    per_seed = spec.probe.minibatch_order == "per-seed"
-    reference_seeds = spec.selection.seeds if seeded and per_seed else (None,)
+    seeded = any(probes.SELECTION_MODES[m].seeded for m in selection.modes)
     tasks = []
     for gi, g in enumerate(spec.groups):
-        tasks += [Task(group_index=gi, group=g, mode=FULL_LAYER, seed=s, **common) for s in reference_seeds]
-        for mode in spec.selection.modes:
-            for seed in (spec.selection.seeds if probes.SELECTION_MODES[mode].seeded else (None,)):
-                tasks.append(Task(group_index=gi, group=g, mode=mode, seed=seed, **common))
+        protocol = spec.protocol_for(g)
+        # the full layer under each seed's minibatch order (DR's bootstrap resamples it with the
+        # curves); one reference when no mode is seeded or every probe shares one order
+        per_seed = protocol.minibatch_order == "per-seed"
+        reference_seeds = selection.seeds if seeded and per_seed else (None,)
+        tasks += [Task(group_index=gi, group=g, mode=FULL_LAYER, seed=s, probe=protocol, **common)
+                  for s in reference_seeds]
+        for mode in selection.modes:
+            for seed in (selection.seeds if probes.SELECTION_MODES[mode].seeded else (None,)):
+                tasks.append(Task(group_index=gi, group=g, mode=mode, seed=seed, probe=protocol, **common))
     return tasks
 
 

@@ -21,6 +21,7 @@ from ._cka import (
 )
 from ._engine import SOLVERS, Protocol, SubsetProbes, SubsetProbesParameters, cpu_has_bf16, load_training_data
 from ._inputs import Features, as_features
+from ._presets import PRESETS, Preset, preset
 from ._selection import (
     PAPER_FRACTIONS,
     SELECTION_MODES,
@@ -35,6 +36,6 @@ from ._selection import (
 
 __all__ = ["subset_cka", "cka_statistics", "cross_cka", "linear_cka", "iter_row_blocks", "CKAResult", "CKAStatistics",
            "CKAEstimator", "CKAOptions", "CKA_ESTIMATORS", "SubsetProbes", "SubsetProbesParameters", "Protocol",
-           "Selection", "SOLVERS", "load_training_data", "cpu_has_bf16", "Features", "as_features",
+           "Selection", "PRESETS", "Preset", "preset", "SOLVERS", "load_training_data", "cpu_has_bf16", "Features", "as_features",
            "PAPER_FRACTIONS", "SELECTION_MODES", "SelectionMode", "Draw", "make_families", "random_permutation",
            "random_projection", "subset_size"]

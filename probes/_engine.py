@@ -128,7 +128,12 @@ class Protocol(Parameters):
     select_epoch: Literal["best", "last"] = "best"
     """Keep each probe's weights from its best validation epoch (the paper) or the last."""
     val_every: Annotated[int, Field(ge=1)] = 1
-    """Validate (and so allow a best epoch) every this many epochs, and after the last (the released code: 5)."""
+    """Validate (and so allow a best epoch) every this many epochs (the released code: 5, as Lightning's
+    check_val_every_n_epoch); with fewer epochs than that, after the last."""
+    train_passes: Literal["all", "views"] = "all"
+    """Which passes of a group with augmented views the epochs train on: all (epoch e reads pass e mod (1 + K)),
+    or views (the augmented ones only, as the released code augments every epoch; the clean pass then only
+    validates). Without views, the clean pass."""
     minibatch_order: MinibatchOrder = "per-seed"
     """per-seed: each seed's probes see their own minibatch order, as the released code (one run per seed,
     everything seeded); shared: every probe one order (fewer minibatch reads; seeds then share that noise)."""
@@ -457,7 +462,7 @@ class SubsetProbes(Estimator):
         ----------
         X : array of shape (n_samples, n_neurons), torch tensor or featstore.Group
             Train features; a group's augmented views, if any, are read one per epoch
-            (epoch e uses pass e mod (1 + views)).
+            (epoch e uses pass e mod (1 + views); with ``train_passes="views"`` only the views).
         y : array of shape (n_samples,), optional
             Labels (default for a group: its labels).
         n_classes : int, optional
@@ -606,9 +611,11 @@ class SubsetProbes(Estimator):
         for g in batches:  # projection batches: every pass projected once, not every minibatch of every epoch
             g.project_passes(on_device)
         minus_one = torch.tensor(-1.0, device=device)
+        train_passes = list(range(len(on_device))) if self.train_passes == "all" else \
+            (list(range(1, len(on_device))) or [0])
         for epoch in range(self.epochs):
             lr = self.lr * self.lr_gamma ** (epoch // self.lr_step)
-            pass_index = epoch % len(on_device)
+            pass_index = train_passes[epoch % len(train_passes)]
             Xp = on_device[pass_index]
             orders = ctx["orders"][epoch]  # one per minibatch stream
             n_rows = len(orders[0])
@@ -635,7 +642,8 @@ class SubsetProbes(Estimator):
                     _sgd_step(g.flat, grad[bi], buf[bi], lr, self.momentum, self.weight_decay)
             for bi in range(len(batches)):
                 last_loss[bi] = loss_sum[bi] / n_rows
-            if (epoch + 1) % self.val_every and epoch + 1 < self.epochs:
+            # validate every val_every epochs (the last epoch too when no validation came before)
+            if (epoch + 1) % self.val_every and not (epoch + 1 == self.epochs and self.epochs < self.val_every):
                 bar.update(1)
                 continue  # no validation this epoch: it cannot be a probe's best
             # validation on the clean pass picks each probe's best epoch
@@ -795,6 +803,16 @@ class SubsetProbes(Estimator):
                          "neurons": rec["neurons"], "projection": rec["projection"], "rank": rec["rank"]})
         self.results_ = pd.DataFrame(rows)
         return self.results_
+
+    @classmethod
+    def from_preset(cls, name: str, dataset: str | None = None, **params) -> "SubsetProbes":
+        """An estimator with every Selection and Protocol parameter of preset ``name`` (see
+        ``probes.PRESETS``) for ``dataset``; ``params`` set the rest or override it."""
+        from ._presets import preset
+
+        protocol_keys = set(Selection.model_fields) | set(Protocol.model_fields)
+        chosen = preset(name, dataset, **{k: v for k, v in params.items() if k in protocol_keys})
+        return cls(**chosen, **{k: v for k, v in params.items() if k not in protocol_keys})
 
     def _check_fitted(self):
         if not hasattr(self, "batches_"):

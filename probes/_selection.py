@@ -155,26 +155,48 @@ def _pca_least_ordering(X_train, d, seed, options):
     return None, _pca_basis(X_train, d, least=True)
 
 
-Distribution = Literal["uniform", "gaussian"]
+def _uniform_directions(d, k, g):
+    import torch
+
+    P = torch.rand((k, d), generator=g, dtype=torch.float64).T
+    return P / P.norm(dim=0, keepdim=True)
+
+
+def _gaussian_directions(d, k, g):
+    import torch
+
+    P = torch.randn((k, d), generator=g, dtype=torch.float64).T
+    return P / P.norm(dim=0, keepdim=True)
+
+
+def _released_directions(d, k, g):
+    """The released code's matrix: ``F.normalize(torch.rand((d, d), generator), dim=0)[:, :k]``
+    (float32, all d columns drawn, the first k kept)."""
+    import torch
+
+    return torch.nn.functional.normalize(torch.rand((d, d), generator=g), dim=0)[:, :k]
+
+
+# how randproj directions are drawn: name -> directions(d, k, generator) -> (d, k) unit columns
+RANDPROJ_DISTRIBUTIONS = {"uniform": _uniform_directions, "gaussian": _gaussian_directions,
+                          "original": _released_directions}
+Distribution = Literal["uniform", "gaussian", "original"]
 
 
 def random_projection(d: int, k: int, seed: int, distribution: Distribution = "uniform") -> np.ndarray:
     """k seeded random directions (d x k), each column scaled to unit norm.
 
-    ``uniform`` is the original's variant (entries uniform in [0, 1)); ``gaussian`` draws
-    N(0, 1) entries. Columns are generated in order, so the first k columns of a wider
-    draw equal a k-column draw with the same seed.
+    ``uniform``: entries uniform in [0, 1) (the paper's description), drawn column by column
+    in float64; ``gaussian``: N(0, 1) entries; ``original``: exactly the released code's
+    matrix, ``F.normalize(torch.rand((d, d), generator=torch.Generator().manual_seed(seed)),
+    dim=0)[:, :k]``. In every case the first k columns of a wider draw equal a k-column
+    draw with the same seed.
     """
     import torch
 
-    g = torch.Generator().manual_seed(int(seed))
-    if distribution == "uniform":
-        P = torch.rand((k, d), generator=g, dtype=torch.float64).T
-    elif distribution == "gaussian":
-        P = torch.randn((k, d), generator=g, dtype=torch.float64).T
-    else:
+    if distribution not in RANDPROJ_DISTRIBUTIONS:
         raise InvalidParameterError(key="distribution", value=distribution, expected=describe(Distribution))
-    P = P / P.norm(dim=0, keepdim=True)
+    P = RANDPROJ_DISTRIBUTIONS[distribution](d, k, torch.Generator().manual_seed(int(seed)))
     return P.numpy().astype(np.float32)
 
 
@@ -227,7 +249,8 @@ class Selection(Parameters):
                      Unique()] = (0, 1, 2, 3, 4)
     """One draw family per seed (seeded modes: random, randproj)."""
     randproj_distribution: Distribution = "uniform"
-    """Entries of randproj directions: uniform in [0, 1) (the original's) or gaussian."""
+    """randproj directions: uniform [0, 1) entries (the paper's description), gaussian, or original (exactly the
+    released code's matrix for a seed)."""
 
 
 _SELECTION = defaults(Selection)

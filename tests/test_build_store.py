@@ -345,3 +345,34 @@ def test_build_on_cuda_matches_cpu(tmp_path, tiny):
     np.testing.assert_array_equal(cpu.labels, gpu.labels)
     np.testing.assert_allclose(b, a, rtol=0.02, atol=0.02 * np.abs(a).max())
     assert gpu.verify() == []
+
+
+def test_original_preset_preprocesses_as_the_released_code(tmp_path, image_folder):
+    """`--preset original`: eval = Resize(224) + CenterCrop(224) + ImageNet normalisation, views =
+    RandomResizedCrop(224), flip, ColorJitter(.25, .25, .25), rotation 2 (deep-learning-base's
+    TEST_TRANSFORMS_DEFAULT / TRAIN_TRANSFORMS_TRANSFER_DEFAULT), written out here literally."""
+    import torchvision.transforms as T
+    from PIL import Image
+
+    from featstore import PREPROCESSING
+
+    model, _ = create_backbone("test_resnet", "random")
+    t = PREPROCESSING["original"].transform(model, None)
+    eval_tf, view_tf = make_transforms(t, PREPROCESSING["original"].augmentation)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    released_eval = T.Compose([T.Resize(224), T.CenterCrop(224), T.ToTensor(), T.Normalize(mean, std)])
+    released_train = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ColorJitter(.25, .25, .25),
+                                T.RandomRotation(2), T.ToTensor(), T.Normalize(mean, std)])
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 260, 3), dtype=np.uint8))
+    torch.testing.assert_close(eval_tf(img), released_eval(img))
+    torch.manual_seed(4)
+    a = view_tf(img)
+    torch.manual_seed(4)
+    torch.testing.assert_close(a, released_train(img))
+    # a build with the preset records it, so it is another group than the default
+    tiny = dict(model="test_resnet", weights="random", dataset=f"imagefolder:{image_folder}", workers=0,
+                progress=False, splits="train", image_size=32, store=tmp_path / "s.zarr")
+    (g,) = featstore.build(**tiny, preset="original", views=1)
+    (h,) = featstore.build(**tiny, views=1)
+    assert g.name != h.name and g.spec.transform.crop_pct == 1.0 and g.spec.transform.mean == mean
+    assert g.spec.augmentation.startswith("RandomResizedCrop") and h.spec.augmentation.startswith("RandomHorizontalFlip")

@@ -488,3 +488,73 @@ def test_pca_directions_do_not_depend_on_the_eigensolvers_signs(data, monkeypatc
     np.testing.assert_array_equal(fam.basis, again.basis)
     big = np.argmax(np.abs(fam.basis), axis=0)
     assert (fam.basis[big, np.arange(fam.basis.shape[1])] > 0).all()
+
+
+def test_original_preset_equals_a_literal_reimplementation_of_the_released_loop(tmp_path, tiny):
+    """The released per-(fraction, seed) run, written out: torch.manual_seed(seed);
+    randperm(d)[:k]; nn.Linear + SGD(momentum 0.9, the dataset's weight decay) + StepLR; every
+    epoch on an augmented pass, the minibatches in the seed's order; validation every 5 epochs,
+    the best top-1 checkpoint kept (strictly better). Equal to the engine's probe under the
+    `original` preset to 1e-4 in the logits."""
+    import featstore
+
+    (g,) = featstore.build(**tiny, splits="train", views=2, store=tmp_path / "s.zarr", dtype="float32")
+    est = SubsetProbes.from_preset("original", dataset="cifar10", fractions=(0.25, 1.0), epochs=12, batch_size=8,
+                                   lr=0.05, lr_step=4, device="cpu", include_full=False).fit(g)
+    assert (est.weight_decay, est.val_every, est.seeds, est.train_passes) == (5e-4, 5, (1, 2, 3, 4, 5), "views")
+    passes = [g.numpy(v) for v in range(3)]
+    y = torch.from_numpy(g.labels)
+    val = torch.from_numpy(est.val_indices_)
+    logits = est.decision_function(passes[0])
+    for di, draw in enumerate(est.draws_):
+        torch.manual_seed(draw.seed)
+        neurons = torch.randperm(g.n_neurons)[:draw.k].numpy()  # the released code's choice
+        np.testing.assert_array_equal(neurons, draw.neurons)
+        lin = torch.nn.Linear(draw.k, 3)
+        w0, b0 = est.initial_weights(di)
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(w0.T))
+            lin.bias.copy_(torch.from_numpy(b0))
+        opt = torch.optim.SGD(lin.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.1)
+        best, best_state = -1.0, None
+        for epoch in range(12):
+            Xs = torch.from_numpy(passes[1 + epoch % 2][:, neurons])  # augmented every epoch
+            order = est.epoch_order(epoch, draw.seed)  # the seed's shuffle (seed_everything(seed))
+            for s in range(0, len(order), 8):
+                rows = torch.from_numpy(order[s:s + 8])
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(lin(Xs[rows]), y[rows]).backward()
+                opt.step()
+            sched.step()
+            if (epoch + 1) % 5 == 0:  # check_val_every_n_epoch=5; ModelCheckpoint(monitor=val_acc1, mode=max)
+                with torch.no_grad():
+                    acc = (lin(torch.from_numpy(passes[0][:, neurons])[val]).argmax(1) == y[val]).float().mean().item()
+                if acc > best:
+                    best, best_state = acc, {k: v.clone() for k, v in lin.state_dict().items()}
+        lin.load_state_dict(best_state)
+        with torch.no_grad():
+            ref = lin(torch.from_numpy(passes[0][:, neurons])).numpy()
+        assert np.abs(logits[:, di] - ref).max() < 1e-4, (di, draw)
+        assert est.best_epoch_[di] in (5, 10) and est.val_accuracy_[di] == pytest.approx(best)
+
+
+def test_presets_resolve_per_dataset_and_explicit_values_win():
+    assert probes.preset("paper") == {**probes.Selection().model_dump(), **probes.Protocol().model_dump()}
+    assert probes.preset("original", "cifar100")["weight_decay"] == 5e-4
+    assert probes.preset("original", "flowers102")["weight_decay"] == 1e-4
+    assert probes.preset("original", "cifar10", weight_decay=0.0)["weight_decay"] == 0.0
+    with pytest.raises(errors.UnknownNameError, match="Unknown preset 'released'; known: original, paper"):
+        probes.preset("released")
+    with pytest.raises(errors.InvalidParameterError, match="preset.val_every: expected an integer >= 1"):
+        probes.preset("original", val_every=0)
+
+
+def test_randproj_original_is_the_released_matrix():
+    import torch.nn.functional as F
+
+    d, seed = 96, 3
+    want = F.normalize(torch.rand((d, d), generator=torch.Generator().manual_seed(seed)), dim=0)
+    (fam,) = make_families(d, "randproj", (0.1, 0.5), (seed,), randproj_distribution="original")
+    np.testing.assert_array_equal(fam.basis, want[:, :48].numpy())
+    assert [dr.k for dr in fam.draws] == [9, 48]

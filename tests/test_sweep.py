@@ -372,7 +372,7 @@ def _set(key, value):
      errors.InvalidParameterError, "metrics.cka_batch_size: expected an integer >= 4; got 0 (integer)"),
     # unknown keys, anywhere
     (lambda s: s + "\n[extra]\nx = 1\n", errors.UnknownKeyError,
-     "Unknown key extra (= {'x': 1}); allowed here: groups, metrics, probe, selection, store"),
+     "Unknown key extra (= {'x': 1}); allowed here: " + ", ".join(sorted(pipelines.SweepSpec.model_fields))),
     (_set("probe.momemtum", "0.5"), errors.UnknownKeyError,
      "Unknown key probe.momemtum (= 0.5); allowed here: " + ", ".join(sorted(probes.Protocol.model_fields))),
     (_set("probe.randproj_distribution", '"gaussian"'), errors.UnknownKeyError,
@@ -460,6 +460,25 @@ def test_probe_keys_are_the_estimators_parameters(tmp_path, spec_file, monkeypat
     assert protocol["solver"] == "ridge" and protocol["ridge_alphas"] == [0.01, 1.0]
     assert set(protocol) == set(probes.Protocol.model_fields)
     assert set(df["solver"]) == {"ridge"}
+
+
+def test_a_preset_fills_what_the_spec_does_not_write(spec_file):
+    """`preset = "original"`: the released code's values per dataset, under the keys the spec
+    writes; the resolved protocol is part of the key."""
+    text = spec_file.read_text()
+    paper = load_spec(spec_file)
+    spec_file.write_text('preset = "original"\n' + text.replace("seeds = [0, 1]\n", ""))
+    original = load_spec(spec_file)
+    group = original.groups[0]
+    protocol = original.protocol_for(group)
+    assert protocol.val_every == 5 and protocol.train_passes == "views" and protocol.weight_decay == 1e-4
+    assert protocol.epochs == 3 and protocol.batch_size == 8  # written in the spec: they win
+    assert original.selection_for().seeds == (1, 2, 3, 4, 5) and original.selection_for().fractions == (0.1, 0.5, 1.0)
+    assert original.key() != paper.key()
+    tasks = pipelines.expand_tasks(original)
+    assert {t.probe.val_every for t in tasks} == {5} and {t.seed for t in tasks if t.mode == "random"} == {1, 2, 3, 4, 5}
+    cifar = original.model_copy(update={"groups": (group.model_copy(update={"dataset": "cifar10"}),)})
+    assert cifar.protocol_for(cifar.groups[0]).weight_decay == 5e-4
 
 
 def test_minibatch_cka_in_a_sweep_records_its_shuffle(tmp_path, spec_file):
