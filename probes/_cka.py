@@ -649,7 +649,7 @@ ESTIMATORS: dict[str, CKAEstimator] = {e.name: e for e in (
                  _biased_pairs, lambda d: GramAccumulator()),
     CKAEstimator("unbiased", "Song et al.'s unbiased HSIC over the whole split", _unbiased_subsets,
                  _unbiased_pairs, MomentAccumulator),
-    CKAEstimator("minibatch", "Nguyen et al.'s unbiased HSIC averaged over minibatches of consecutive rows",
+    CKAEstimator("minibatch", "Nguyen et al.'s unbiased HSIC averaged over minibatches of a seeded row shuffle",
                  _minibatch_subsets, _minibatch_pairs, None),
 )}
 
