@@ -10,7 +10,7 @@ STAMP := $(VENV)/.featstore-installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO_STORE ?= data/featstore.zarr
 
-.PHONY: setup demo test test-fast bench clean dataset docs
+.PHONY: setup demo test test-fast bench clean dataset docs figures
 
 setup: $(STAMP) dataset
 
@@ -58,6 +58,11 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# The README's demo figures, from the demo's own report (make demo first builds and sweeps)
+figures: demo
+	cp $(DEMO_OUT)/report/accuracy_vs_fraction.png docs/demo_accuracy_vs_fraction.png
+	cp $(DEMO_OUT)/report/dr_vs_delta.png docs/demo_dr_vs_delta.png
 
 # docs/parameters.md: every declared parameter, generated from the declarations (a test
 # fails when the committed file and the code disagree)
