@@ -12,6 +12,7 @@ import numpy as np
 from probes import SELECTION_MODES
 
 from ._analysis import (
+    EDGE,
     accuracy_curve,
     critical_fraction,
     diffused_redundancy,
@@ -73,6 +74,10 @@ def _fig_dr(df, plt):
             ax.plot(g["delta"], g["dr"], color=f"C{j}", ls="-" if source == "accuracy" else ":",
                     label=f"{_label(keys)} ({source})")
             ax.fill_between(g["delta"], g["dr_low"], g["dr_high"], color=f"C{j}", alpha=0.15)
+            edge = g[g["censored"] == EDGE]  # reached at the smallest evaluated fraction: a lower bound
+            if len(edge):
+                ax.plot(edge["delta"], edge["dr"], ls="none", marker="^", ms=4, color=f"C{j}",
+                        label=f"≥: reached at the smallest fraction ({source})")
     ax.set(xlabel="δ (fraction of the full layer's accuracy / CKA to keep)", ylabel="diffused redundancy DR(δ)",
            title="Diffused redundancy vs δ (further out = more redundant)", ylim=(-0.02, 1.02))
     ax.grid(alpha=0.3)
