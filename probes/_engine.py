@@ -133,7 +133,7 @@ class Protocol(Parameters):
     train_passes: Literal["all", "views"] = "all"
     """Which passes of a group with augmented views the epochs train on: all (epoch e reads pass e mod (1 + K)),
     or views (the augmented ones only, as the released code augments every epoch; the clean pass then only
-    validates). Without views, the clean pass."""
+    validates, and PCA directions are fitted on the first view). Without views, the clean pass."""
     minibatch_order: MinibatchOrder = "per-seed"
     """per-seed: each seed's probes see their own minibatch order, as the released code (one run per seed,
     everything seeded); shared: every probe one order (fewer minibatch reads; seeds then share that noise)."""
@@ -479,7 +479,10 @@ class SubsetProbes(Estimator):
             raise InvalidFeaturesError(where=data.source, problem=f"train split has {n} samples: too few for a "
                                                                   f"{self.val_fraction:.0%} validation split")
         val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-        fams = make_families(d, self.mode, self.fractions, self.seeds, X_train=data.X[train_idx],
+        # PCA directions come from what the probes train on: with train_passes="views", the first
+        # augmented view (as the released code fits them on augmented train features)
+        fitted_on = data.views[0] if self.train_passes == "views" and data.views else data.X
+        fams = make_families(d, self.mode, self.fractions, self.seeds, X_train=fitted_on[train_idx],
                              subsets=self.subsets, randproj_distribution=self.randproj_distribution)
         per_seed = self.minibatch_order == "per-seed"
         self.streams_ = sorted({f.seed for f in fams} if per_seed else {None}, key=lambda v: (v is not None, v or 0))

@@ -558,3 +558,14 @@ def test_randproj_original_is_the_released_matrix():
     (fam,) = make_families(d, "randproj", (0.1, 0.5), (seed,), randproj_distribution="original")
     np.testing.assert_array_equal(fam.basis, want[:, :48].numpy())
     assert [dr.k for dr in fam.draws] == [9, 48]
+
+
+def test_pca_is_fitted_on_the_passes_the_probes_train_on(tmp_path, tiny):
+    import featstore
+
+    (g,) = featstore.build(**tiny, splits="train", views=1, store=tmp_path / "s.zarr", dtype="float32")
+    for passes, source in (("all", g.numpy(0)), ("views", g.numpy(1))):
+        est = SubsetProbes(mode="pca", fractions=(0.1,), epochs=1, batch_size=8, device="cpu",
+                           train_passes=passes).fit(g)
+        (want,) = make_families(g.n_neurons, "pca", (0.1,), (0,), X_train=source[est.train_indices_])
+        np.testing.assert_array_equal(est.families_[0].basis, want.basis)
