@@ -27,7 +27,6 @@ from . import datasets, faults, models
 from ._device import Device, resolve_device
 from .models import MappingName, WeightSourceName
 from ._spec import (
-    DTYPES,
     ORIGINAL_AUGMENTATION,
     PAPER_AUGMENTATION,
     ChunkRows,

@@ -176,7 +176,7 @@ class Group:
         if not 1 <= index <= self.n_views:
             raise InvalidParameterError(
                 key="view", value=index,
-                expected=f"0 (clean)" + (f" or 1..{self.n_views} (augmented)" if self.n_views else "")
+                expected="0 (clean)" + (f" or 1..{self.n_views} (augmented)" if self.n_views else "")
                          + f": the passes of group {self.name!r}")
         # a lazy 2-D selection would copy; callers index the 3-D array themselves
         return _ViewArray(self._z["views"], index - 1)
