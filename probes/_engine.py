@@ -213,6 +213,7 @@ class _ProbeBatch:
         if streams != sorted(streams):
             raise ValueError("internal: families must be sorted by stream")  # pragma: no cover - a bug
         self.family_stream = torch.as_tensor(streams, device=device)
+        self.streams_are_all = streams == list(range(len(streams)))  # family f reads stream f
         self.stream_slices = [(sigma, streams.index(sigma), len(streams) - streams[::-1].index(sigma))
                               for sigma in sorted(set(streams))]
         # dense: pseudo-families whose probe i sees neurons dense[f][i] of the raw layer
@@ -261,36 +262,59 @@ class _ProbeBatch:
         self.flat = flat
         self.W, self.b = self.views(flat)
 
-    def inputs(self, Xts, out=None, rows=None, pass_index: int = 0):
-        """Zt (F, width, B): every family's inputs, from the transposed minibatch (d, B) of its
-        stream, ``Xts[stream]`` (one tensor for every stream when all read the same rows).
+    def input_buffer(self, B: int, device):
+        """Work space of ``inputs``: (F * width, B) with one stream, (F, B, width) with several."""
+        import torch
 
-        ``out`` (F * width, B), when given, is reused: a fresh tensor this large per
-        minibatch costs page faults on every step. The dense batch reads the minibatches as
-        they are. A projection batch with projected passes (``project_passes``) reads rows
-        ``rows[stream]`` of pass ``pass_index`` instead of projecting the minibatch.
+        if self.dense is not None:
+            return None
+        shape = (self.F * self.width, B) if len(self.stream_slices) == 1 else (self.F, B, self.width)
+        return torch.empty(shape, device=device)
+
+    def inputs(self, mb: "_Minibatch", out=None, rows=None, pass_index: int = 0):
+        """Zt (F, width, B): every family's inputs from its stream's rows of the minibatch ``mb``.
+
+        ``out`` (``input_buffer``), when given, is reused: a fresh tensor this large per
+        minibatch costs page faults on every step. A projection batch with projected passes
+        (``project_passes``) reads rows ``rows[stream]`` of pass ``pass_index`` instead of
+        projecting the minibatch. With one stream, the inputs are written samples last from
+        the transposed minibatch (an index gather copies contiguous runs of B floats); with
+        several, samples first from each stream's own rows (each gathers only its columns, no
+        transpose of whole minibatches), and returned as a transposed view.
         """
         import torch
 
-        B = Xts[0].shape[1]
-        F, w = self.F, self.width
+        B, F, w = mb.B, self.F, self.width
         if self.dense is not None:
             if len(self.stream_slices) == 1:
-                return Xts[self.stream_slices[0][0]].unsqueeze(0).expand(F, -1, -1)
-            return torch.stack([Xts[int(sigma)] for sigma in self.family_stream])
-        if out is None:
-            out = torch.empty((F * w, B), device=Xts[0].device)
-        for j, (sigma, f0, f1) in enumerate(self.stream_slices):
-            seg = out[f0 * w:f1 * w]
+                return mb.t(self.stream_slices[0][0]).unsqueeze(0).expand(F, -1, -1)
+            return mb.stacked_t() if self.streams_are_all else mb.stacked_t().index_select(0, self.family_stream)
+        if len(self.stream_slices) == 1:
+            sigma = self.stream_slices[0][0]
+            if out is None:
+                out = torch.empty((F * w, B), device=mb.device)
             if self.projected is not None and rows is not None:
-                part = self.projected[pass_index][:, f0 * w:f1 * w]
-                seg.copy_(part.index_select(0, rows[sigma]).t())
+                out.copy_(self.projected[pass_index].index_select(0, rows[sigma]).t())
             elif self.is_index:
-                # gather whole rows of Xbᵀ: contiguous runs of B floats, not a strided column gather
-                torch.index_select(Xts[sigma], 0, self.slice_columns[j], out=seg)
+                torch.index_select(mb.t(sigma), 0, self.columns, out=out)
             else:
-                torch.mm(self.basis_t[f0 * w:f1 * w], Xts[sigma], out=seg)
-        return out.view(F, w, B)
+                torch.mm(self.basis_t, mb.t(sigma), out=out)
+            return out.view(F, w, B)
+        if out is None:
+            out = torch.empty((F, B, w), device=mb.device)
+        for j, (sigma, f0, f1) in enumerate(self.stream_slices):
+            seg = out[f0:f1]  # (F_sigma, B, w)
+            if self.projected is not None and rows is not None:
+                part = self.projected[pass_index][:, f0 * w:f1 * w].index_select(0, rows[sigma])
+            elif self.is_index:
+                if f1 - f0 == 1:
+                    torch.index_select(mb.r(sigma), 1, self.slice_columns[j], out=seg[0])
+                    continue
+                part = torch.index_select(mb.r(sigma), 1, self.slice_columns[j])
+            else:
+                part = torch.mm(mb.r(sigma), self.basis_t[f0 * w:f1 * w].t())
+            seg.copy_(part.view(B, f1 - f0, w).transpose(0, 1))
+        return out.transpose(1, 2)
 
     def targets(self, ys):
         """(F, 1, 1, B) class of each family's minibatch rows, from ``ys`` (streams, B)."""
@@ -609,8 +633,7 @@ class SubsetProbes(Estimator):
         best_epoch = [torch.zeros((g.F, g.m), dtype=torch.long, device=device) for g in batches]
         last_loss = [torch.zeros((g.F, g.m), device=device) for g in batches]
         logit_bufs = [g.logit_buffers(self.batch_size) for g in batches]
-        input_bufs = [None if g.dense is not None else torch.empty((g.F * g.width, self.batch_size), device=device)
-                      for g in batches]
+        input_bufs = [g.input_buffer(self.batch_size, device) for g in batches]
         for g in batches:  # projection batches: every pass projected once, not every minibatch of every epoch
             g.project_passes(on_device)
         minus_one = torch.tensor(-1.0, device=device)
@@ -625,14 +648,11 @@ class SubsetProbes(Estimator):
             loss_sum = [torch.zeros((g.F, g.m), device=device) for g in batches]
             for start in range(0, n_rows, self.batch_size):
                 rows = [order[start:start + self.batch_size] for order in orders]
-                # each stream's minibatch, read once for every probe of that stream
-                Xts = [Xp.index_select(0, r.to(Xp.device)).to(device, non_blocking=True).t().contiguous()
-                       for r in rows]
-                ys = torch.stack([y_all[r] for r in rows])
+                mb, ys = _Minibatch.gather(Xp, y_all, rows, device)
                 B = len(rows[0])
                 full = B == self.batch_size
                 for bi, g in enumerate(batches):
-                    Zt = g.inputs(Xts, out=input_bufs[bi] if full else None, rows=rows, pass_index=pass_index)
+                    Zt = g.inputs(mb, out=input_bufs[bi] if full else None, rows=rows, pass_index=pass_index)
                     logits = g.logits(Zt, bufs=logit_bufs[bi] if full else None).view(g.F, g.m, C, B)
                     # softmax cross-entropy over the class axis (not last: samples are)
                     idx = g.targets(ys).expand(g.F, g.m, 1, B)
@@ -675,10 +695,9 @@ class SubsetProbes(Estimator):
         step = self.batch_size
         for start in range(0, len(rows), step):
             r = rows[start:start + step]
-            Xt = X.index_select(0, r.to(X.device)).to(device).t().contiguous()
             full = len(r) == step
-            shared = [r] * len(self.streams_)  # every stream reads the same validation rows
-            Zt = g.inputs([Xt] * len(self.streams_), out=input_buf if full else None, rows=shared, pass_index=0)
+            mb = _Minibatch(X.index_select(0, r.to(X.device)).to(device), len(self.streams_))  # every stream: r
+            Zt = g.inputs(mb, out=input_buf if full else None, rows=[r] * len(self.streams_), pass_index=0)
             logits = g.logits(Zt, bufs=logit_bufs if full else None).view(g.F, g.m, g.C, len(r))
             # the true class holds the maximum (argmax over a strided axis is slow on CPU)
             true = logits.gather(2, y_all[r].view(1, 1, 1, -1).expand(g.F, g.m, 1, len(r)))
@@ -757,8 +776,7 @@ class SubsetProbes(Estimator):
                 step = g.chunk_rows()
                 for start in range(0, len(X), step):
                     Xb = Xt[start:start + step]
-                    Xbt = Xb.t().contiguous()
-                    logits = g.logits(g.inputs([Xbt] * len(self.streams_))).view(g.F, g.m, g.C, len(Xb))
+                    logits = g.logits(g.inputs(_Minibatch(Xb, len(self.streams_)))).view(g.F, g.m, g.C, len(Xb))
                     for di, fi, pi in mine:
                         out[start:start + len(Xb), di] = logits[fi, pi].T.numpy()
         return out
@@ -823,6 +841,50 @@ class SubsetProbes(Estimator):
 
     def __sklearn_is_fitted__(self) -> bool:
         return hasattr(self, "batches_")
+
+
+class _Minibatch:
+    """One step's rows for every minibatch stream (each seed's order, or one shared).
+
+    ``rows_major`` is (streams, B, d), or (B, d) when every stream reads the same rows
+    (one stream, validation, inference). ``r(stream)`` is a stream's (B, d) rows, ``t(stream)``
+    its contiguous transpose (made once, on first use), ``stacked_t()`` the (streams, d, B)
+    view of all of them.
+    """
+
+    def __init__(self, rows_major, n_streams: int):
+        self._rows = rows_major
+        self.streams = n_streams
+        self.shared = rows_major.dim() == 2
+        self.B = rows_major.shape[-2]
+        self.device = rows_major.device
+        self._transposed: dict = {}
+
+    @classmethod
+    def gather(cls, Xp, y_all, rows, device):
+        """(the minibatch of ``rows[stream]`` of pass Xp, their labels (streams, B)), one gather."""
+        import torch
+
+        if len(rows) == 1:
+            r = rows[0]
+            return cls(Xp.index_select(0, r.to(Xp.device)).to(device, non_blocking=True), 1), y_all[r].view(1, -1)
+        every = torch.cat(rows)
+        X = Xp.index_select(0, every.to(Xp.device)).to(device, non_blocking=True)
+        return cls(X.view(len(rows), len(rows[0]), -1), len(rows)), y_all[every].view(len(rows), -1)
+
+    def r(self, stream: int):
+        return self._rows if self.shared else self._rows[stream]
+
+    def t(self, stream: int):
+        key = 0 if self.shared else stream
+        if key not in self._transposed:
+            self._transposed[key] = self.r(stream).t().contiguous()
+        return self._transposed[key]
+
+    def stacked_t(self):
+        if self.shared:
+            return self._rows.t().unsqueeze(0).expand(self.streams, -1, -1)
+        return self._rows.transpose(1, 2)
 
 
 def _room_for(g: _ProbeBatch, passes, device: str) -> bool:
