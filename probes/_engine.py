@@ -120,6 +120,10 @@ class Protocol(Parameters):
     """Seeded validation share of train used to pick each probe's best epoch (and ridge's alpha)."""
     random_state: Annotated[int, Field(ge=0)] = 0
     """Seeds the validation split, the minibatch order and the initial weights."""
+    val_split: Literal["numpy", "random_split"] = "numpy"
+    """How the validation rows are drawn: numpy (a seeded permutation, round(val_fraction * n) rows) or
+    random_split (exactly torch.utils.data.random_split after seed_everything(random_state), as the released
+    code: train = the first int((1 - val_fraction) * n) of torch.randperm(n))."""
     precision: Precision = "fp32"
     """bf16: bf16 matmuls with fp32 master weights, on CUDA or on CPUs with native bf16 (AVX512-BF16 / AMX)."""
     ridge_alphas: Annotated[tuple[Annotated[float, Field(gt=0)], ...], Field(min_length=1, strict=False)] = (
@@ -496,13 +500,7 @@ class SubsetProbes(Estimator):
         device = self.check_params()
         data = load_training_data(X, y, n_classes)
         n, d = data.X.shape
-        rng = np.random.default_rng(self.random_state)
-        perm = rng.permutation(n)
-        n_val = max(1, int(round(self.val_fraction * n)))
-        if n - n_val < 1:
-            raise InvalidFeaturesError(where=data.source, problem=f"train split has {n} samples: too few for a "
-                                                                  f"{self.val_fraction:.0%} validation split")
-        val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+        val_idx, train_idx = self._validation_split(n, data.source)
         # PCA directions come from what the probes train on: with train_passes="views", the first
         # augmented view (as the released code fits them on augmented train features)
         fitted_on = data.views[0] if self.train_passes == "views" and data.views else data.X
@@ -529,6 +527,24 @@ class SubsetProbes(Estimator):
             self._fit_ridge(data, train_idx, val_idx, device)
         self.fit_seconds_ = time.perf_counter() - t0
         return self
+
+    def _validation_split(self, n: int, source: str) -> tuple[np.ndarray, np.ndarray]:
+        """(validation rows, train rows), sorted, seeded by ``random_state``."""
+        if self.val_split == "random_split":
+            # torch.utils.data.random_split(ds, [int((1 - f) n), rest]) after seed_everything(random_state)
+            import torch
+
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.random_state)).numpy()
+            n_val = n - int((1 - self.val_fraction) * n)
+            val, train = perm[n - n_val:], perm[:n - n_val]
+        else:
+            perm = np.random.default_rng(self.random_state).permutation(n)
+            n_val = max(1, int(round(self.val_fraction * n)))
+            val, train = perm[:n_val], perm[n_val:]
+        if len(train) < 1 or len(val) < 1:
+            raise InvalidFeaturesError(where=source, problem=f"train split has {n} samples: too few for a "
+                                                             f"{self.val_fraction:.0%} validation split")
+        return np.sort(val), np.sort(train)
 
     def epoch_order(self, epoch: int, seed: int | None = None) -> np.ndarray:
         """The train rows of ``epoch`` in minibatch order for the probes of draw seed ``seed``

@@ -8,7 +8,8 @@ declarations, and a value given explicitly wins over the preset's.
     The released code (nvedant07/diffused-redundancy with deep-learning-base), where it
     differs from the text: seeds 1-5, weight decay per dataset (5e-4 CIFAR-10/100, 1e-4
     otherwise), validation every 5 epochs, each seed's own minibatch order, training on
-    augmented passes only, and its random-projection matrix for a seed. Its augmentation
+    augmented passes only, its 90/10 ``random_split`` after ``seed_everything(0)``, and its
+    random-projection matrix for a seed. Its augmentation
     and eval preprocessing are ``featstore build --preset original``.
 """
 
@@ -35,7 +36,8 @@ def _paper(dataset: str | None) -> dict[str, Any]:
 def _original(dataset: str | None) -> dict[str, Any]:
     return dict(seeds=(1, 2, 3, 4, 5), randproj_distribution="original",
                 weight_decay=ORIGINAL_WEIGHT_DECAY.get(dataset or "", 1e-4), val_every=5,
-                minibatch_order="per-seed", train_passes="views", select_epoch="best")
+                minibatch_order="per-seed", train_passes="views", select_epoch="best", val_split="random_split",
+                random_state=0, val_fraction=0.1)
 
 
 @dataclass(frozen=True)

@@ -502,6 +502,11 @@ def test_original_preset_equals_a_literal_reimplementation_of_the_released_loop(
     est = SubsetProbes.from_preset("original", dataset="cifar10", fractions=(0.25, 1.0), epochs=12, batch_size=8,
                                    lr=0.05, lr_step=4, device="cpu", include_full=False).fit(g)
     assert (est.weight_decay, est.val_every, est.seeds, est.train_passes) == (5e-4, 5, (1, 2, 3, 4, 5), "views")
+    # the released datamodule's split: seed_everything(0); random_split(full, [int(0.9 n), rest])
+    torch.manual_seed(0)
+    n_train = int(0.9 * g.n_samples)
+    _, released_val = torch.utils.data.random_split(range(g.n_samples), [n_train, g.n_samples - n_train])
+    np.testing.assert_array_equal(est.val_indices_, np.sort(released_val.indices))
     passes = [g.numpy(v) for v in range(3)]
     y = torch.from_numpy(g.labels)
     val = torch.from_numpy(est.val_indices_)
