@@ -32,13 +32,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.fields import FieldInfo
 
 from .errors import (
+    IncompatibleParametersError,
     InvalidParameterError,
     MissingKeyError,
     UnknownKeyError,
     UnknownNameError,
 )
 
-__all__ = ["Parameters", "OneOf", "Unique", "Check", "CommaList", "PathText", "Estimator", "validate", "describe",
+__all__ = ["Parameters", "OneOf", "Unique", "Check", "Rule", "CommaList", "PathText", "Estimator", "validate", "describe",
            "field_type", "signature", "takes", "add_arguments", "parse_arguments", "defaults", "flags", "cli_key"]
 
 
@@ -134,6 +135,11 @@ class _PathText:
 
 PathText = typing.Annotated[str, _PathText()]
 """A filesystem path or URL, given as a string or a path-like object."""
+
+
+class Rule(ValueError):
+    """A rule between a parameter and the ones declared before it, raised by a validator:
+    reported as an ``IncompatibleParametersError`` naming the parameter, with this text."""
 
 
 @dataclass(frozen=True)
@@ -367,6 +373,9 @@ def _translate(model, err: dict, data, prefix: str, key_format, more: int):
         expected = expected.replace(_OMIT, "")
     if err["type"] == "missing":
         return MissingKeyError(key=key, expected=expected, hint=hint)
+    rule = err.get("ctx", {}).get("error")
+    if isinstance(rule, Rule):
+        return IncompatibleParametersError(key=key, value=value, reason=str(rule), hint=hint)
     if typing.get_origin(_split_annotated(tp)[0]) in (typing.Union, types.UnionType):  # Optional[X]: X's checks
         args = [a for a in typing.get_args(_split_annotated(tp)[0]) if a is not type(None)]
         if len(args) == 1:

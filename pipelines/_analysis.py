@@ -87,17 +87,18 @@ def _dr_from_curve(fractions: np.ndarray, values: np.ndarray, reference: float, 
     (``not reached``)."""
     order = np.argsort(fractions)
     f, v = fractions[order], values[order]
-    dr, censored = [], []
+    reached, censored = [], []
     for d in deltas:
         ok = np.nan_to_num(v, nan=-np.inf) >= d * reference
         if not ok.any():
-            dr.append(np.nan)
+            reached.append(np.nan)
             censored.append(NOT_REACHED)
             continue
         first = int(np.argmax(ok))
-        dr.append(1.0 - f[first])
+        reached.append(f[first])
         censored.append(EDGE if first == 0 else "")
-    return np.array(dr), censored
+    reached = np.array(reached)
+    return 1.0 - reached, censored, reached
 
 
 def _seed_tables(g, full, metric: str):
@@ -162,7 +163,7 @@ def diffused_redundancy(df, mode: str = "random", deltas: Sequence[float] = DELT
             return float(np.mean(refs[pick])) if (refs is not None and source == "accuracy") else fixed
 
         everyone = np.arange(len(values))
-        dr, censored = _dr_from_curve(fractions, np.nanmean(values, axis=0), reference(everyone), deltas)
+        dr, censored, reached = _dr_from_curve(fractions, np.nanmean(values, axis=0), reference(everyone), deltas)
         boots = np.empty((n_boot, len(deltas)))
         for b in range(n_boot):
             pick = rng.integers(0, len(values), len(values))
@@ -170,9 +171,9 @@ def diffused_redundancy(df, mode: str = "random", deltas: Sequence[float] = DELT
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a δ no resample reaches: NaN bounds
             lo, hi = np.nanquantile(boots, [(1 - ci) / 2, 1 - (1 - ci) / 2], axis=0)
-        for d, v, l, h, c in zip(deltas, dr, lo, hi, censored):
+        for d, v, l, h, c, f in zip(deltas, dr, lo, hi, censored, reached):
             rows.append(dict(zip(GROUP_COLS, keys), mode=mode, source=source, delta=float(d), dr=float(v),
-                             dr_low=float(l), dr_high=float(h), censored=c, fraction=1.0 - float(v),
+                             dr_low=float(l), dr_high=float(h), censored=c, fraction=float(f),
                              n_seeds=len(values)))
     return pd.DataFrame(rows)
 

@@ -28,7 +28,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, create_model
+from pydantic import Field, create_model, field_validator
 
 import probes
 from featstore import DEFAULT_STORE, QUERY_KEYS, BuildOptions, DatasetText, ExtractionSpec, parse_dataset_name
@@ -57,6 +57,13 @@ SplitTable = create_model("SplitTable", __base__=Parameters, __doc__="Keys of on
                           **_query_fields(SPLIT_KEYS))
 
 
+ProbeOverrides = create_model(
+    "ProbeOverrides", __base__=Parameters,
+    __doc__="A [[groups]] table's own [probe] keys: probes.Protocol's, each optional; they win over [probe].",
+    **{k: (field_type(probes.Protocol, k) | None, Field(default=None, description=f.description))
+       for k, f in probes.Protocol.model_fields.items()})
+
+
 class GroupTable(create_model("_GroupQuery", __base__=Parameters, **_query_fields(GROUP_KEYS))):
     """One ``[[groups]]`` table: a (train, test) pairing of cached feature groups."""
 
@@ -70,6 +77,8 @@ class GroupTable(create_model("_GroupQuery", __base__=Parameters, **_query_field
     """Keys of the train group only (split, limit, views)."""
     test: SplitTable = SplitTable()
     """Keys of the test group only."""
+    probe: ProbeOverrides = ProbeOverrides()
+    """This pairing's own protocol keys ([groups.probe] or probe = {...}), over [probe] and the preset."""
 
     def query(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in GROUP_KEYS if getattr(self, k) is not None}
@@ -97,6 +106,7 @@ def _selection_fields() -> dict[str, Any]:
 
 SelectionTable = create_model("SelectionTable", __base__=Parameters,
                               __doc__="The [selection] table: probes.Selection with a list of modes.",
+                              __validators__={"fractions_or_sizes": field_validator("sizes")(probes.fractions_or_sizes)},
                               **_selection_fields())
 
 MetricsTable = create_model(
@@ -135,11 +145,12 @@ class SweepSpec(Parameters):
         return SelectionTable(**{**{k: base[k] for k in SelectionTable.model_fields if k in base}, **written})
 
     def protocol_for(self, group: GroupTable) -> probes.Protocol:
-        """[probe] as run for one pairing: the preset's values for its dataset, under the ones the
-        spec writes."""
+        """[probe] as run for one pairing: the preset's values for its dataset, under the ones
+        [probe] writes, under the pairing's own [groups.probe]."""
         base = probes.preset(self.preset, parse_dataset_name(group.dataset).label)
         written = self.probe.model_dump(include=self.probe.model_fields_set)
-        return probes.Protocol(**{**{k: base[k] for k in probes.Protocol.model_fields}, **written})
+        own = group.probe.model_dump(exclude_none=True)  # the pairing's [groups.probe]
+        return probes.Protocol(**{**{k: base[k] for k in probes.Protocol.model_fields}, **written, **own})
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as written (defaults filled in) and as it runs (the preset resolved per pairing)."""

@@ -36,7 +36,7 @@ class Task:
     Attributes
     ----------
     spec_key : str
-        The sweep spec's content hash (part of the task id).
+        The sweep spec's content hash.
     group_index : int
         Which ``[[groups]]`` table.
     group : GroupTable
@@ -60,7 +60,11 @@ class Task:
 
     @property
     def id(self) -> str:
-        blob = json.dumps([self.spec_key, self.group_index, self.mode, self.seed], sort_keys=True)
+        """A hash of everything this task's rows depend on (its pairing, its resolved protocol and
+        selection, the metrics, mode and seed): a change to one pairing changes only its tasks."""
+        blob = json.dumps([self.group_index, self.group.model_dump(mode="json"), self.probe.model_dump(mode="json"),
+                           self.selection.model_dump(mode="json"), self.metrics.model_dump(mode="json"),
+                           self.mode, self.seed], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
     def label(self) -> str:
@@ -76,10 +80,9 @@ class Task:
                                        device=device, **protocol)
         if self.mode == FULL_LAYER:
             return probes.SubsetProbes(subsets=[np.arange(n_neurons)], include_full=False, device=device, **protocol)
-        return probes.SubsetProbes(mode=self.mode, fractions=self.selection.fractions,
-                                   seeds=(self.seed,) if self.seed is not None else (0,),
-                                   randproj_distribution=self.selection.randproj_distribution,
-                                   include_full=False, device=device, **protocol)
+        selection = self.selection.model_dump(exclude={"modes", "seeds"})
+        return probes.SubsetProbes(mode=self.mode, seeds=(self.seed,) if self.seed is not None else (0,),
+                                   include_full=False, device=device, **selection, **protocol)
 
 
 def expand_tasks(spec: SweepSpec) -> list[Task]:

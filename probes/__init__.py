@@ -28,6 +28,7 @@ from ._selection import (
     Draw,
     Selection,
     SelectionMode,
+    fractions_or_sizes,
     make_families,
     random_permutation,
     random_projection,
@@ -37,5 +38,5 @@ from ._selection import (
 __all__ = ["subset_cka", "cka_statistics", "cross_cka", "linear_cka", "iter_row_blocks", "CKAResult", "CKAStatistics",
            "CKAEstimator", "CKAOptions", "CKA_ESTIMATORS", "SubsetProbes", "SubsetProbesParameters", "Protocol",
            "Selection", "PRESETS", "Preset", "preset", "SOLVERS", "load_training_data", "cpu_has_bf16", "Features", "as_features",
-           "PAPER_FRACTIONS", "SELECTION_MODES", "SelectionMode", "Draw", "make_families", "random_permutation",
+           "PAPER_FRACTIONS", "SELECTION_MODES", "SelectionMode", "fractions_or_sizes", "Draw", "make_families", "random_permutation",
            "random_projection", "subset_size"]

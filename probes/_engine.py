@@ -505,7 +505,8 @@ class SubsetProbes(Estimator):
         # augmented view (as the released code fits them on augmented train features)
         fitted_on = data.views[0] if self.train_passes == "views" and data.views else data.X
         fams = make_families(d, self.mode, self.fractions, self.seeds, X_train=fitted_on[train_idx],
-                             subsets=self.subsets, randproj_distribution=self.randproj_distribution)
+                             subsets=self.subsets, randproj_distribution=self.randproj_distribution,
+                             sizes=self.sizes)
         per_seed = self.minibatch_order == "per-seed"
         self.streams_ = sorted({f.seed for f in fams} if per_seed else {None}, key=lambda v: (v is not None, v or 0))
         if self.include_full:  # the reference, under each stream's order (each seed's run has its own)

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from typing import Annotated, Callable, Literal, Sequence
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from featstore.errors import InvalidParameterError
-from featstore.params import OneOf, Parameters, Unique, defaults, describe, validate
+from featstore.params import OneOf, Parameters, Rule, Unique, defaults, describe, validate
 
-__all__ = ["Draw", "Family", "SelectionMode", "SELECTION_MODES", "Selection", "PAPER_FRACTIONS", "make_families",
+__all__ = ["Draw", "Family", "SelectionMode", "SELECTION_MODES", "Selection", "fractions_or_sizes", "PAPER_FRACTIONS", "make_families",
            "subset_size"]
 
 # The paper's 22 fractions.
@@ -237,17 +237,30 @@ SELECTION_MODES: dict[str, SelectionMode] = {m.name: m for m in (
 )}
 
 
+def fractions_or_sizes(sizes, info):
+    """The rule between fractions and sizes (a validator of ``sizes``, declared fields
+    before it): at least one of them draws something."""
+    if not sizes and not info.data.get("fractions", (1.0,)):
+        raise Rule("fractions is empty and so is sizes: give at least one fraction or size")
+    return sizes
+
+
 class Selection(Parameters):
     """Which neurons (or directions) the probes see: the selection half of ``SubsetProbes``
     and of a sweep's ``[selection]`` table."""
 
     mode: Annotated[str, OneOf(SELECTION_MODES, "selection mode")] = "random"
     """Selection mode: random, prefix, pca, pca-least or randproj (ignored when subsets is given)."""
-    fractions: Annotated[tuple[Fraction, ...], Field(min_length=1, strict=False), Unique()] = PAPER_FRACTIONS
+    fractions: Annotated[tuple[Fraction, ...], Field(strict=False), Unique()] = PAPER_FRACTIONS
     """Fractions of the layer, each in (0, 1]; k = max(1, int(f * d)). Default: the paper's 22."""
+    sizes: Annotated[tuple[Annotated[int, Field(ge=1)], ...], Field(strict=False), Unique()] = ()
+    """Absolute numbers of neurons k (the Matryoshka comparisons' 8 ... 1024), beside or instead of fractions
+    (fractions = [] for sizes only); nested per seed like fractions, each at most the layer's width."""
     seeds: Annotated[tuple[Annotated[int, Field(ge=0)], ...], Field(min_length=1, strict=False),
                      Unique()] = (0, 1, 2, 3, 4)
     """One draw family per seed (seeded modes: random, randproj)."""
+    _fractions_or_sizes = field_validator("sizes")(fractions_or_sizes)
+
     randproj_distribution: Distribution = "uniform"
     """randproj directions: uniform [0, 1) entries (the paper's description), gaussian, or original (exactly the
     released code's matrix for a seed)."""
@@ -264,8 +277,9 @@ def make_families(
     X_train=None,
     subsets: Sequence[Sequence[int]] | None = None,
     randproj_distribution: str = _SELECTION["randproj_distribution"],
+    sizes: Sequence[int] = _SELECTION["sizes"],
 ) -> list[Family]:
-    """Expand (mode, fractions, seeds) or explicit index lists into families of draws.
+    """Expand (mode, fractions and/or sizes, seeds) or explicit index lists into families of draws.
 
     Parameters
     ----------
@@ -274,6 +288,8 @@ def make_families(
     mode : str
         One of ``SELECTION_MODES`` (ignored when ``subsets`` is given).
     fractions : sequence of float in (0, 1]
+    sizes : sequence of int in 1..d
+        Absolute k; a size's draw records the fraction k/d.
     seeds : sequence of non-negative int
     X_train : array, optional
         Train features, needed by ``pca`` / ``pca-least``.
@@ -287,24 +303,29 @@ def make_families(
             draw = Draw("explicit", None, len(idx), None, neurons=idx.copy())
             fams.append(Family("explicit", None, (len(idx),), [draw], columns=idx.copy()))
         return fams
-    sel = validate(Selection, dict(mode=mode, fractions=fractions, seeds=seeds,
+    sel = validate(Selection, dict(mode=mode, fractions=fractions, seeds=seeds, sizes=sizes,
                                    randproj_distribution=randproj_distribution))
-    ks = sorted({subset_size(f, d) for f in sel.fractions})
-    order_f = sorted(sel.fractions)
+    for i, k in enumerate(sel.sizes):
+        if k > d:
+            raise InvalidParameterError(key=f"sizes[{i}]", value=k, expected=f"an integer in 1..{d} (the layer's neurons)")
+    # (fraction recorded, k) of every draw, by k: a size records its effective fraction k/d
+    wanted = sorted([(float(f), subset_size(f, d)) for f in sel.fractions] + [(k / d, k) for k in sel.sizes],
+                    key=lambda fk: (fk[1], fk[0]))
+    ks = [k for _, k in wanted]
     entry = SELECTION_MODES[mode]
     fams = []
     for seed in (sel.seeds if entry.seeded else (None,)):
-        columns, basis = entry.ordering(X_train, d, seed, {"width": ks[-1], "distribution": randproj_distribution})
+        columns, basis = entry.ordering(X_train, d, seed, {"width": max(ks), "distribution": randproj_distribution})
         available = len(columns) if columns is not None else basis.shape[1]
         rank = available if mode.startswith("pca") else None
-        clamped = [f for f in order_f if subset_size(f, d) > available]
+        clamped = [f for f, k in wanted if k > available]
         if clamped:
             warnings.warn(f"mode {mode!r}: the train split has rank {available} ({len(X_train)} samples, {d} "
                           f"neurons), so fractions {', '.join(f'{f:g}' for f in clamped)} are clamped to k = "
                           f"{available} directions (recorded as the draws' k and rank)", stacklevel=3)
         draws = []
-        for f in order_f:  # two fractions that floor to one k give two identical draws
-            k = min(subset_size(f, d), available)
+        for f, k in wanted:  # two fractions that floor to one k give two identical draws
+            k = min(k, available)
             if columns is not None:
                 draws.append(Draw(mode, float(f), k, seed, neurons=np.asarray(columns[:k])))
             else:

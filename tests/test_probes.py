@@ -574,3 +574,21 @@ def test_pca_is_fitted_on_the_passes_the_probes_train_on(tmp_path, tiny):
                            train_passes=passes).fit(g)
         (want,) = make_families(g.n_neurons, "pca", (0.1,), (0,), X_train=source[est.train_indices_])
         np.testing.assert_array_equal(est.families_[0].basis, want.basis)
+
+
+def test_sizes_give_exactly_those_k_nested_per_seed(data):
+    Xtr, ytr, Xte, yte = data
+    est = SubsetProbes(fractions=(), sizes=(3, 7, 40), seeds=(0, 4), epochs=1, batch_size=64, device="cpu",
+                       include_full=False).fit(Xtr, ytr)
+    for seed in (0, 4):
+        draws = [dr for dr in est.draws_ if dr.seed == seed]
+        assert [dr.k for dr in draws] == [3, 7, 40] and [dr.fraction for dr in draws] == [3 / 48, 7 / 48, 40 / 48]
+        assert set(draws[0].neurons) <= set(draws[1].neurons) <= set(draws[2].neurons)
+        torch.manual_seed(seed)
+        np.testing.assert_array_equal(draws[2].neurons, torch.randperm(48)[:40].numpy())
+    mixed = SubsetProbes(fractions=(0.5,), sizes=(8,), seeds=(0,), epochs=1, device="cpu", include_full=False)
+    assert [dr.k for dr in mixed.fit(Xtr, ytr).draws_] == [8, 24]
+    with pytest.raises(errors.InvalidParameterError, match=r"sizes\[0\]: expected an integer in 1\.\.48"):
+        SubsetProbes(sizes=(49,), epochs=1, device="cpu").fit(Xtr, ytr)
+    with pytest.raises(errors.IncompatibleParametersError, match="give at least one fraction or size"):
+        SubsetProbes(fractions=(), epochs=1, device="cpu").fit(Xtr, ytr)

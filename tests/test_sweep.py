@@ -481,6 +481,33 @@ def test_a_preset_fills_what_the_spec_does_not_write(spec_file):
     assert cifar.protocol_for(cifar.groups[0]).weight_decay == 5e-4
 
 
+def test_a_pairings_own_probe_keys_change_only_its_tasks(spec_file):
+    """[groups.probe] over [probe]: that pairing's protocol and task ids change, the others' do not."""
+    text = spec_file.read_text()
+    second = text[text.index("[[groups]]"):text.index("[selection]")]
+    one = load_spec(spec_file)
+    spec_file.write_text(text.replace("[selection]", second + "[groups.probe]\nweight_decay = 5e-4\n\n[selection]"))
+    two = load_spec(spec_file)
+    assert [two.protocol_for(g).weight_decay for g in two.groups] == [1e-4, 5e-4]
+    assert two.protocol_for(two.groups[1]).epochs == 3  # [probe] still applies under the override
+    ids_one = {(t.group_index, t.mode, t.seed): t.id for t in pipelines.expand_tasks(one)}
+    ids_two = {(t.group_index, t.mode, t.seed): t.id for t in pipelines.expand_tasks(two)}
+    assert all(ids_two[k] == v for k, v in ids_one.items())  # group 0's tasks: the same ids
+    group1 = [t for k, t in ids_two.items() if k[0] == 1]
+    assert group1 and not set(group1) & set(ids_one.values())
+    assert {t.probe.weight_decay for t in pipelines.expand_tasks(two) if t.group_index == 1} == {5e-4}
+    assert one.key() != two.key()
+
+
+def test_a_sweep_over_absolute_sizes(tmp_path, spec_file):
+    spec_file.write_text(spec_file.read_text().replace("fractions = [0.1, 0.5, 1.0]", "fractions = []\nsizes = [5, 20]"))
+    df = run_sweep(spec_file, tmp_path / "out", progress=False)
+    rnd = df[df["mode"] == "random"]
+    assert sorted(set(rnd["k"])) == [5, 20] and np.allclose(rnd["fraction"], rnd["k"] / rnd["n_neurons"])
+    dr = pipelines.diffused_redundancy(df, deltas=(0.5,), n_boot=5)
+    assert dr["fraction"].iloc[0] in {5 / 96, 20 / 96} or np.isnan(dr["dr"].iloc[0])
+
+
 def test_minibatch_cka_in_a_sweep_records_its_shuffle(tmp_path, spec_file):
     spec_file.write_text(spec_file.read_text().replace(
         'cka_estimator = "biased"', 'cka_estimator = "minibatch"\ncka_batch_size = 8\ncka_shuffle_seed = 4'))
