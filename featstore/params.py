@@ -286,12 +286,15 @@ def _annotation_at(model: type[BaseModel], loc: Sequence) -> tuple[Any, list]:
     return tp, meta
 
 
+_ABSENT = object()
+
+
 def _value_at(data: Any, loc: Sequence) -> Any:
     for part in loc:
         try:
             data = data[part]
         except (KeyError, IndexError, TypeError):
-            return None
+            return _ABSENT
     return data
 
 
@@ -363,6 +366,10 @@ def _translate(model, err: dict, data, prefix: str, key_format, more: int):
         key = _key_text(loc, prefix)
     hint = f"{more} more problem{'s' if more > 1 else ''} after this one" if more else None
     value = _value_at(data, loc)
+    if value is _ABSENT:  # not given: the (default) value pydantic checked, if any
+        value = err.get("input") if err["type"] not in ("missing", "extra_forbidden") else None
+    if isinstance(value, tuple):
+        value = list(value)  # shown as people write it (a list)
     if err["type"] == "extra_forbidden":
         parent, _ = _annotation_at(model, loc[:-1])
         allowed = list(parent.model_fields) if isinstance(parent, type) and issubclass(parent, BaseModel) else []

@@ -99,7 +99,8 @@ def _selection_fields() -> dict[str, Any]:
     fields = {"modes": (Annotated[tuple[mode, ...], Field(min_length=1, strict=False), Unique()],
                         Field(default=(declared["mode"].default,),
                               description="Selection modes, each trained and scored with every seed it takes."))}
-    fields.update({k: (field_type(probes.Selection, k), Field(default=f.default, description=f.description))
+    fields.update({k: (field_type(probes.Selection, k), Field(default=f.default, description=f.description,
+                                                              validate_default=f.validate_default))
                    for k, f in declared.items() if k != "mode"})
     return fields
 

@@ -253,7 +253,7 @@ class Selection(Parameters):
     """Selection mode: random, prefix, pca, pca-least or randproj (ignored when subsets is given)."""
     fractions: Annotated[tuple[Fraction, ...], Field(strict=False), Unique()] = PAPER_FRACTIONS
     """Fractions of the layer, each in (0, 1]; k = max(1, int(f * d)). Default: the paper's 22."""
-    sizes: Annotated[tuple[Annotated[int, Field(ge=1)], ...], Field(strict=False), Unique()] = ()
+    sizes: Annotated[tuple[Annotated[int, Field(ge=1)], ...], Field(strict=False, validate_default=True), Unique()] = ()
     """Absolute numbers of neurons k (the Matryoshka comparisons' 8 ... 1024), beside or instead of fractions
     (fractions = [] for sizes only); nested per seed like fractions, each at most the layer's width."""
     seeds: Annotated[tuple[Annotated[int, Field(ge=0)], ...], Field(min_length=1, strict=False),
