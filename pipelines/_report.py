@@ -24,8 +24,6 @@ from ._analysis import (
 
 __all__ = ["write_report", "FIGURES"]
 
-FIGURES = ("accuracy_vs_fraction", "dr_vs_delta", "cka_vs_fraction", "inequality_vs_fraction",
-           "classwise_accuracy", "modes_compared")
 # one colour per selection mode (the registry's order), and for explicit index lists
 MODE_COLORS = {mode: f"C{i}" for i, mode in enumerate([*SELECTION_MODES, "explicit"])}
 
@@ -162,6 +160,61 @@ def _fig_modes(df, plt):
     return fig
 
 
+def _dr_at(df, delta: float = 0.9):
+    """DR(delta) of random neurons per pairing, in the sweep's order (None without random rows)."""
+    if "random" not in set(df["mode"]):
+        return None
+    return diffused_redundancy(df, deltas=(delta,), n_boot=200).sort_values("group").reset_index(drop=True)
+
+
+def _error_bars(g):
+    return [np.nan_to_num(g["dr"] - g["dr_low"]), np.nan_to_num(g["dr_high"] - g["dr"])]
+
+
+def _fig_depth(df, plt):
+    """DR(0.9) across the layers of one model (a ``layers = [...]`` group), in the spec's order."""
+    dr = _dr_at(df)
+    if dr is None:
+        return None
+    series = [(keys, g) for keys, g in dr.groupby(["model", "dataset"], sort=False) if g["layer"].nunique() > 1]
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for j, ((model, dataset), g) in enumerate(series):
+        x = np.arange(len(g))
+        ax.errorbar(x, g["dr"], yerr=_error_bars(g), marker="o", capsize=3, color=f"C{j}",
+                    label=f"{model} / {dataset}")
+        ax.set_xticks(x, g["layer"], rotation=30, ha="right")
+    ax.set(xlabel="layer (shallow to deep, as the spec lists them)", ylabel="DR(0.9), random neurons",
+           title="Diffused redundancy across depth", ylim=(-0.02, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _fig_pairings(df, plt):
+    """DR(0.9) of every pairing side by side (models, layers, datasets compared), with intervals."""
+    dr = _dr_at(df)
+    if dr is None or len(dr) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.9 * len(dr) + 2), 4.5))
+    x = np.arange(len(dr))
+    models = list(dict.fromkeys(dr["model"]))
+    ax.bar(x, dr["dr"].fillna(0), yerr=_error_bars(dr), capsize=3,
+           color=[f"C{models.index(m)}" for m in dr["model"]])
+    ax.set_xticks(x, [f"{m}\n{l}\n{d}" for m, l, d in zip(dr["model"], dr["layer"], dr["dataset"])], fontsize=7)
+    ax.set(ylabel="DR(0.9), random neurons", title="Diffused redundancy compared (one bar per pairing)",
+           ylim=(0, 1.02))
+    ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
+# name -> figure maker (df, pyplot) -> Figure, or None when the results hold nothing for it
+FIGURES = {"accuracy_vs_fraction": _fig_accuracy, "dr_vs_delta": _fig_dr, "cka_vs_fraction": _fig_cka,
+           "inequality_vs_fraction": _fig_inequality, "classwise_accuracy": _fig_classwise,
+           "modes_compared": _fig_modes, "dr_across_depth": _fig_depth, "dr_compared": _fig_pairings}
+
+
 def write_report(results_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     """Render every figure (PNG) and ``report.html`` (figures embedded) for a sweep.
 
@@ -181,11 +234,8 @@ def write_report(results_dir: str | os.PathLike, out: str | os.PathLike | None =
         raise ResultsNotFoundError(path=str(results_dir), hint="no task has completed yet")
     out = Path(out) if out else Path(results_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
-    makers = {"accuracy_vs_fraction": _fig_accuracy, "dr_vs_delta": _fig_dr, "cka_vs_fraction": _fig_cka,
-              "inequality_vs_fraction": _fig_inequality, "classwise_accuracy": _fig_classwise,
-              "modes_compared": _fig_modes}
     written = {}
-    for name, make in makers.items():
+    for name, make in FIGURES.items():
         fig = make(df, plt)
         if fig is None:
             continue

@@ -28,12 +28,12 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, create_model, field_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
 import probes
 from featstore import DEFAULT_STORE, QUERY_KEYS, BuildOptions, DatasetText, ExtractionSpec, parse_dataset_name
 from featstore.errors import SpecNotFoundError, SpecSyntaxError
-from featstore.params import OneOf, Parameters, PathText, Unique, field_type, validate
+from featstore.params import OneOf, Parameters, PathText, Rule, Unique, field_type, validate
 
 __all__ = ["SweepSpec", "GroupTable", "load_spec", "SPLIT_KEYS", "GROUP_KEYS", "SPLIT_ONLY_FIELDS", "CKA_PREFIX"]
 
@@ -73,12 +73,27 @@ class GroupTable(create_model("_GroupQuery", __base__=Parameters, **_query_field
     """Dataset of both groups."""
     layer: field_type(ExtractionSpec, "layer") = BuildOptions.model_fields["layers"].default[0]
     """Layer of both groups (the build's default layer when omitted)."""
+    layers: Annotated[tuple[field_type(ExtractionSpec, "layer"), ...], Field(strict=False), Unique()] = ()
+    """Several layers of the model instead of one: one pairing per layer, in this order (a depth trend; build
+    them in one pass with --layers)."""
     train: SplitTable = SplitTable()
     """Keys of the train group only (split, limit, views)."""
     test: SplitTable = SplitTable()
     """Keys of the test group only."""
     probe: ProbeOverrides = ProbeOverrides()
     """This pairing's own protocol keys ([groups.probe] or probe = {...}), over [probe] and the preset."""
+
+    @model_validator(mode="after")
+    def _layer_or_layers(self):
+        if self.layers and "layer" in self.model_fields_set:
+            raise Rule(f"it names layer = {self.layer!r} and layers = {list(self.layers)}: give one of them")
+        return self
+
+    def pairings(self) -> list["GroupTable"]:
+        """The table itself, or one copy per layer of ``layers``."""
+        if not self.layers:
+            return [self]
+        return [self.model_copy(update={"layer": layer, "layers": ()}) for layer in self.layers]
 
     def query(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in GROUP_KEYS if getattr(self, k) is not None}
@@ -135,6 +150,11 @@ class SweepSpec(Parameters):
     metrics: MetricsTable = MetricsTable()
     """What is measured."""
 
+    def pairings(self) -> list[GroupTable]:
+        """The (train, test) pairings the sweep runs: each [[groups]] table, a ``layers`` table
+        expanded to one per layer. Results' ``group`` column indexes this list."""
+        return [p for g in self.groups for p in g.pairings()]
+
     def cka_options(self) -> dict[str, Any]:
         """The [metrics] cka_* keys as probes.CKAOptions keywords."""
         return {k: getattr(self.metrics, CKA_PREFIX + k) for k in probes.CKAOptions.model_fields}
@@ -157,7 +177,7 @@ class SweepSpec(Parameters):
         """The spec as written (defaults filled in) and as it runs (the preset resolved per pairing)."""
         d = self.model_dump(mode="json")
         d["resolved"] = {"selection": self.selection_for().model_dump(mode="json"),
-                         "probe": [self.protocol_for(g).model_dump(mode="json") for g in self.groups]}
+                         "probe": [self.protocol_for(g).model_dump(mode="json") for g in self.pairings()]}
         return d
 
     def key(self) -> str:

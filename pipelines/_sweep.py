@@ -93,7 +93,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike | dict, out: str | os.PathLike
     if not isinstance(spec, SweepSpec):
         spec = load_spec(spec)
     # the estimator's own runtime checks (bf16 on this device), before any task starts
-    for group in spec.groups:
+    for group in spec.pairings():
         probes.SubsetProbes(**spec.protocol_for(group).model_dump(), device=opts.device).check_params()
     check_groups(spec)
     out = Path(out)

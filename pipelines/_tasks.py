@@ -92,7 +92,7 @@ def expand_tasks(spec: SweepSpec) -> list[Task]:
                   cka_options=tuple(spec.cka_options().items()))
     seeded = any(probes.SELECTION_MODES[m].seeded for m in selection.modes)
     tasks = []
-    for gi, g in enumerate(spec.groups):
+    for gi, g in enumerate(spec.pairings()):
         protocol = spec.protocol_for(g)
         # the full layer under each seed's minibatch order (DR's bootstrap resamples it with the
         # curves); one reference when no mode is seeded or every probe shares one order
@@ -124,7 +124,7 @@ def open_pair(store, g: GroupTable):
 def check_groups(spec: SweepSpec) -> None:
     """Every pairing's groups exist and are complete, and its train and test groups match."""
     fs = featstore.open(spec.store)
-    for g in spec.groups:
+    for g in spec.pairings():
         train, test = open_pair(fs, g)
         a, b = train.spec.to_dict(), test.spec.to_dict()
         diff = {k: (a[k], b[k]) for k in a if k not in SPLIT_ONLY_FIELDS and a[k] != b[k]}

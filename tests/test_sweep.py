@@ -252,14 +252,39 @@ def test_killed_dask_worker_loses_no_task(tmp_path, spec_file, reference, monkey
     _same(df, reference)
 
 
+SEVERAL_PAIRINGS = {"dr_across_depth", "dr_compared"}  # figures that compare pairings
+
+
 def test_report_renders_every_figure(tmp_path, reference):
     page = pipelines.write_report(reference.attrs["out"], tmp_path / "report")
-    for name in pipelines._report.FIGURES:
+    single = [name for name in pipelines._report.FIGURES if name not in SEVERAL_PAIRINGS]
+    for name in single:
         png = tmp_path / "report" / f"{name}.png"
         assert png.exists() and png.stat().st_size > 10_000, name
+    assert not any((tmp_path / "report" / f"{name}.png").exists() for name in SEVERAL_PAIRINGS)  # one pairing
     text = page.read_text()
-    assert text.count("data:image/png;base64,") == len(pipelines._report.FIGURES)
+    assert text.count("data:image/png;base64,") == len(single)
     assert "Diffused redundancy DR" in text and "Critical fraction" in text
+
+
+def test_a_layers_group_sweeps_depth_and_the_report_shows_it(tmp_path, image_folder):
+    """`layers = [...]` in one [[groups]] table: one pairing per layer (all from one build pass),
+    in the listed order; the report adds the depth and comparison figures."""
+    store = tmp_path / "s.zarr"
+    featstore.build("test_resnet", weights="random", dataset=f"imagefolder:{image_folder}", image_size=32,
+                    batch_size=8, workers=0, progress=False, splits="train,test", store=store, dtype="float32",
+                    layers="layer2,pre_logits")
+    spec = load_spec({"groups": [{"model": "test_resnet", "dataset": f"imagefolder:{image_folder}",
+                                  "layers": ["layer2", "pre_logits"]}],
+                      "selection": {"modes": ["random"], "fractions": [0.25, 1.0], "seeds": [0, 1]},
+                      "probe": {"epochs": 2, "batch_size": 8}, "metrics": {"cka": False}}, store=str(store))
+    assert [g.layer for g in spec.pairings()] == ["layer2", "pre_logits"]
+    df = run_sweep(spec, tmp_path / "out", progress=False)
+    assert df.groupby("group")["layer"].first().tolist() == ["layer2", "pre_logits"]
+    assert df.groupby("group")["n_neurons"].first().tolist() == [48, 96]  # test_resnet: layer2 48 wide
+    pipelines.write_report(tmp_path / "out", tmp_path / "report")
+    for name in SEVERAL_PAIRINGS:
+        assert (tmp_path / "report" / f"{name}.png").stat().st_size > 10_000
 
 
 # ------------------------------------------------------------------ analysis by hand
