@@ -32,6 +32,7 @@ from pydantic import Field, create_model, field_validator, model_validator
 
 import probes
 from featstore import DEFAULT_STORE, QUERY_KEYS, BuildOptions, DatasetText, ExtractionSpec, parse_dataset_name
+from featstore.datasets import DATASETS
 from featstore.errors import SpecNotFoundError, SpecSyntaxError
 from featstore.params import OneOf, Parameters, PathText, Rule, Unique, field_type, validate
 
@@ -80,6 +81,10 @@ class GroupTable(create_model("_GroupQuery", __base__=Parameters, **_query_field
     """Keys of the train group only (split, limit, views)."""
     test: SplitTable = SplitTable()
     """Keys of the test group only."""
+    val: SplitTable | None = None
+    """The validation group's keys (val = { split = "val" }): it picks each probe's best epoch, and all of train
+    trains. Default: the dataset's official val split when the registry has one (flowers102), else a seeded
+    share of train."""
     probe: ProbeOverrides = ProbeOverrides()
     """This pairing's own protocol keys ([groups.probe] or probe = {...}), over [probe] and the preset."""
 
@@ -103,6 +108,15 @@ class GroupTable(create_model("_GroupQuery", __base__=Parameters, **_query_field
 
     def test_query(self) -> dict[str, Any]:
         return {**self.query(), "split": "test", **self.test.model_dump(exclude_none=True)}
+
+    def val_query(self) -> dict[str, Any] | None:
+        """The validation group's query, or None (a seeded share of train validates)."""
+        if self.val is not None:
+            return {**self.query(), "split": "val", **self.val.model_dump(exclude_none=True)}
+        parsed = parse_dataset_name(self.dataset)
+        if not parsed.source and parsed.name in DATASETS and "val" in DATASETS[parsed.name].splits:
+            return {**self.query(), "split": "val"}  # the registry's official validation split
+        return None
 
     def label(self) -> str:
         return f"{self.model}/{self.layer}/{self.dataset}"

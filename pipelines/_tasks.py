@@ -110,10 +110,14 @@ def expand_tasks(spec: SweepSpec) -> list[Task]:
 
 
 def open_pair(store, g: GroupTable):
-    """The pairing's complete (train, test) groups; an error names the pairing and split."""
+    """The pairing's complete (train, test, validation or None) groups; an error names the
+    pairing and split."""
     fs = store if isinstance(store, featstore.FeatureStore) else featstore.open(store)
     groups = []
-    for split, query in (("train", g.train_query()), ("test", g.test_query())):
+    for split, query in (("train", g.train_query()), ("test", g.test_query()), ("validation", g.val_query())):
+        if query is None:
+            groups.append(None)
+            continue
         try:
             groups.append(fs.group(**query))
         except FeatstoreError as e:
@@ -122,17 +126,19 @@ def open_pair(store, g: GroupTable):
 
 
 def check_groups(spec: SweepSpec) -> None:
-    """Every pairing's groups exist and are complete, and its train and test groups match."""
+    """Every pairing's groups exist and are complete, and its test (and validation) groups
+    match its train group."""
     fs = featstore.open(spec.store)
     for g in spec.pairings():
-        train, test = open_pair(fs, g)
-        a, b = train.spec.to_dict(), test.spec.to_dict()
-        diff = {k: (a[k], b[k]) for k in a if k not in SPLIT_ONLY_FIELDS and a[k] != b[k]}
-        if train.classes != test.classes:
-            diff["classes"] = ("train's class list", "test's class list")
-        if diff:
-            raise MismatchedGroupsError(first=train.name, second=test.name, differences=diff,
-                                        where=f"sweep group {g.label()}")
+        train, *others = open_pair(fs, g)
+        for other in (o for o in others if o is not None):
+            a, b = train.spec.to_dict(), other.spec.to_dict()
+            diff = {k: (a[k], b[k]) for k in a if k not in SPLIT_ONLY_FIELDS and a[k] != b[k]}
+            if train.classes != other.classes:
+                diff["classes"] = ("train's class list", f"{other.spec.split}'s class list")
+            if diff:
+                raise MismatchedGroupsError(first=train.name, second=other.name, differences=diff,
+                                            where=f"sweep group {g.label()}")
 
 
 # ----------------------------------------------------------------------------- the worker's cache
@@ -141,8 +147,8 @@ def check_groups(spec: SweepSpec) -> None:
 class _CachedPair:
     """One pairing's train / test features and the CKA passes taken over them."""
 
-    def __init__(self, key, train, test):
-        self.key, self.train, self.test = key, train, test
+    def __init__(self, key, train, test, val=None):
+        self.key, self.train, self.test, self.val = key, train, test, val
         self._statistics: dict = {}
         self._lock = threading.Lock()
 
@@ -170,14 +176,17 @@ class FeatureCache:
     _lock = threading.Lock()
 
     @classmethod
-    def get(cls, train, test) -> _CachedPair:
-        key = tuple((g.path, g.provenance.get("created"), g.timings.get("completed")) for g in (train, test))
+    def get(cls, train, test, val=None) -> _CachedPair:
+        key = tuple((g.path, g.provenance.get("created"), g.timings.get("completed")) if g is not None else None
+                    for g in (train, test, val))
         with cls._lock:
             if cls._entry is None or cls._entry.key != key:
                 cls._entry = None  # drop the old layer before reading the new one
                 data = probes.load_training_data(train)
-                cls._entry = _CachedPair(key, data, probes.load_training_data(test, n_classes=data.n_classes,
-                                                                               where="test"))
+                test_data = probes.load_training_data(test, n_classes=data.n_classes, where="test")
+                val_data = None if val is None else probes.load_training_data(val, n_classes=data.n_classes,
+                                                                              where="validation")
+                cls._entry = _CachedPair(key, data, test_data, val_data)
             return cls._entry
 
     @classmethod
@@ -206,11 +215,11 @@ def run_task(task: Task, store: str, out: str, device: str = "auto", threads: in
         torch.set_num_threads(threads)
     device = _worker_device(device)
     t0 = time.perf_counter()
-    train, test = open_pair(store, task.group)
+    train, test, val = open_pair(store, task.group)
     est = task.estimator(train.n_neurons, device)
-    cached = FeatureCache.get(train, test)  # read once per pairing by each worker
+    cached = FeatureCache.get(train, test, val)  # read once per pairing by each worker
     data, test_data = cached.train, cached.test
-    est.fit(data)
+    est.fit(data, validation=cached.val)
     t_fit = time.perf_counter() - t0
     res = est.evaluate(test_data)
     if task.mode == FULL_LAYER:
@@ -241,6 +250,7 @@ def run_task(task: Task, store: str, out: str, device: str = "auto", threads: in
     res["weights"] = train.spec.weights
     res["train_group"] = train.name
     res["test_group"] = test.name
+    res["val_group"] = val.name if val is not None else None  # None: a seeded share of train validated
     res["n_neurons"] = train.n_neurons
     res["n_classes"] = len(train.classes)
     res["seed"] = task.seed

@@ -94,6 +94,20 @@ def load_training_data(X, y=None, n_classes: int | None = None, where: str = "tr
     return TrainingData(X, y.astype(np.int64), views, int(n_classes), group.path if group is not None else "array")
 
 
+def _with_validation(data: TrainingData, validation) -> tuple[TrainingData, np.ndarray, np.ndarray]:
+    """(train rows followed by the validation rows, train indices, validation indices). The
+    augmented passes get the validation rows' clean features (validation reads the clean pass)."""
+    X_val, y_val = validation if isinstance(validation, tuple) else (validation, None)
+    val = load_training_data(X_val, y_val, data.n_classes, where="validation")
+    if val.X.shape[1] != data.X.shape[1]:
+        raise InvalidFeaturesError(where=f"validation ({val.source})",
+                                   problem=f"{val.X.shape[1]} neurons, but the train features have {data.X.shape[1]}")
+    n, n_val = len(data.X), len(val.X)
+    joined = TrainingData(np.vstack([data.X, val.X]), np.concatenate([data.y, val.y]),
+                          [np.vstack([v, val.X]) for v in data.views], data.n_classes, data.source)
+    return joined, np.arange(n), np.arange(n, n + n_val)
+
+
 class Protocol(Parameters):
     """How each probe is trained: the paper's protocol by default (appendix B). A sweep's
     ``[probe]`` table takes exactly these keys."""
@@ -483,7 +497,7 @@ class SubsetProbes(Estimator):
         return device
 
     # ------------------------------------------------------------------ fit
-    def fit(self, X, y=None, n_classes: int | None = None) -> "SubsetProbes":
+    def fit(self, X, y=None, n_classes: int | None = None, validation=None) -> "SubsetProbes":
         """Train every probe.
 
         Parameters
@@ -495,12 +509,18 @@ class SubsetProbes(Estimator):
             Labels (default for a group: its labels).
         n_classes : int, optional
             Default: the group's classes, or max(y) + 1.
+        validation : featstore.Group, TrainingData or (X_val, y_val), optional
+            The rows that pick each probe's best epoch (an official validation split, say
+            Flowers102's); then every row of X trains. Default: a seeded ``val_fraction`` of X.
         """
 
         device = self.check_params()
         data = load_training_data(X, y, n_classes)
+        if validation is not None:
+            data, train_idx, val_idx = _with_validation(data, validation)
+        else:
+            val_idx, train_idx = self._validation_split(len(data.X), data.source)
         n, d = data.X.shape
-        val_idx, train_idx = self._validation_split(n, data.source)
         # PCA directions come from what the probes train on: with train_passes="views", the first
         # augmented view (as the released code fits them on augmented train features)
         fitted_on = data.views[0] if self.train_passes == "views" and data.views else data.X

@@ -593,3 +593,43 @@ def test_sizes_give_exactly_those_k_nested_per_seed(data):
         SubsetProbes(sizes=(49,), epochs=1, device="cpu").fit(Xtr, ytr)
     with pytest.raises(errors.IncompatibleParametersError, match="give at least one fraction or size"):
         SubsetProbes(fractions=(), epochs=1, device="cpu").fit(Xtr, ytr)
+
+
+def test_an_explicit_validation_split_picks_the_best_epoch(data):
+    """fit(train, validation=(X_val, y_val)): every train row trains, the given rows validate;
+    equal to the lone probe whose best epoch is chosen on those rows."""
+    Xtr, ytr, Xte, yte = data
+    Xv, yv = Xte[:150], yte[:150]
+    kw = dict(epochs=4, lr=0.1, momentum=0.9, weight_decay=1e-4, batch_size=64, lr_step=2, lr_gamma=0.1)
+    est = SubsetProbes(fractions=(0.25,), seeds=(0,), include_full=False, device="cpu", **kw).fit(
+        Xtr, ytr, validation=(Xv, yv))
+    np.testing.assert_array_equal(est.train_indices_, np.arange(len(Xtr)))
+    assert len(est.val_indices_) == 150
+    draw = est.draws_[0]
+    w0, b0 = est.initial_weights(0)
+    lin = torch.nn.Linear(draw.k, 4)
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(w0.T))
+        lin.bias.copy_(torch.from_numpy(b0))
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.1)
+    Xs, yt = torch.from_numpy(Xtr[:, draw.neurons]), torch.from_numpy(ytr)
+    best, state = -1.0, None
+    for epoch, order in enumerate(orders_of(est, draw, 4)):
+        for s in range(0, len(order), 64):
+            rows = torch.from_numpy(order[s:s + 64])
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(lin(Xs[rows]), yt[rows]).backward()
+            opt.step()
+        sched.step()
+        with torch.no_grad():
+            acc = (lin(torch.from_numpy(Xv[:, draw.neurons])).argmax(1).numpy() == yv).mean()
+        if acc > best:
+            best, state = acc, {k: v.clone() for k, v in lin.state_dict().items()}
+    lin.load_state_dict(state)
+    with torch.no_grad():
+        ref = lin(torch.from_numpy(Xte[:, draw.neurons])).numpy()
+    assert np.abs(est.decision_function(Xte)[:, 0] - ref).max() < 1e-4
+    assert est.val_accuracy_[0] == pytest.approx(best)
+    with pytest.raises(errors.InvalidFeaturesError, match="validation .*: 5 neurons, but the train features have 48"):
+        SubsetProbes(epochs=1, device="cpu").fit(Xtr, ytr, validation=(Xv[:, :5], yv))

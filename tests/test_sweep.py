@@ -533,6 +533,31 @@ def test_a_sweep_over_absolute_sizes(tmp_path, spec_file):
     assert dr["fraction"].iloc[0] in {5 / 96, 20 / 96} or np.isnan(dr["dr"].iloc[0])
 
 
+def test_a_validation_split_picks_the_best_epochs(tmp_path):
+    """val = { split = "val" }: the val group validates, all of train trains; Flowers102 takes
+    its official val split by default."""
+    import shutil
+
+    from .conftest import make_image_folder
+
+    tree = make_image_folder(tmp_path / "tree", split_dirs=True)
+    shutil.copytree(tree / "test", tree / "val")
+    store = tmp_path / "s.zarr"
+    dataset = f"imagefolder:{tree}"
+    featstore.build("test_resnet", weights="random", dataset=dataset, image_size=32, batch_size=8, workers=0,
+                    progress=False, splits="train,val,test", store=store, dtype="float32")
+    spec = {"groups": [{"model": "test_resnet", "dataset": dataset, "val": {"split": "val"}}],
+            "selection": {"modes": ["prefix"], "fractions": [0.5]}, "probe": {"epochs": 2, "batch_size": 8},
+            "metrics": {"cka": False}}
+    df = run_sweep(load_spec(spec, store=str(store)), tmp_path / "out", progress=False)
+    val_name = featstore.open(store).group(split="val").name
+    assert set(df["val_group"]) == {val_name}
+    no_val = {**spec, "groups": [{"model": "test_resnet", "dataset": dataset}]}
+    assert set(run_sweep(load_spec(no_val, store=str(store)), tmp_path / "o2", progress=False)["val_group"]) == {None}
+    flowers = pipelines.GroupTable(model="m", dataset="flowers102")
+    assert flowers.val_query()["split"] == "val" and pipelines.GroupTable(model="m", dataset="cifar10").val_query() is None
+
+
 def test_minibatch_cka_in_a_sweep_records_its_shuffle(tmp_path, spec_file):
     spec_file.write_text(spec_file.read_text().replace(
         'cka_estimator = "biased"', 'cka_estimator = "minibatch"\ncka_batch_size = 8\ncka_shuffle_seed = 4'))
