@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 from . import errors, fileio, params
 from ._build import PREPROCESSING, BuildOptions, Preprocessing, build, make_transforms, resolve_transform
-from .datasets import DatasetName, DatasetText, dataset_names, dataset_splits, load_split, parse_dataset_name, stratified_subset
+from .datasets import DatasetName, DatasetText, class_mapping, dataset_names, dataset_splits, load_split, parse_dataset_name, stratified_subset
 from ._device import DEVICES, Device, resolve_device
 from .models import POOLINGS, WEIGHT_MAPPINGS, WEIGHT_SOURCES, FeatureExtractor, create_backbone, list_layers
 from ._spec import DTYPES, ExtractionSpec, TransformSpec
@@ -54,6 +54,7 @@ __all__ = [
     "parse_dataset_name",
     "DatasetName",
     "DatasetText",
+    "class_mapping",
     "errors",
     "params",
     "fileio",

@@ -15,7 +15,7 @@ from typing import Annotated, Callable, Sequence
 
 import numpy as np
 
-from .errors import DatasetNotFoundError, InvalidDatasetError, InvalidParameterError, UnknownNameError
+from .errors import ClassMapError, DatasetNotFoundError, InvalidDatasetError, InvalidParameterError, UnknownNameError
 from .params import Check
 
 __all__ = [
@@ -31,6 +31,8 @@ __all__ = [
     "DEBIAN_FASHION_MNIST",
     "DatasetText",
     "IMAGEFOLDER",
+    "CLASS_MAPS",
+    "class_mapping",
 ]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -472,11 +474,17 @@ register_dataset(
 # ----------------------------------------------------------------------------- imagefolder
 
 
+IMAGEFOLDER_SPLITS = ("train", "val", "test")
+
+
+def _split_folders(path: Path) -> list[str]:
+    return [s for s in IMAGEFOLDER_SPLITS if (path / s).is_dir()]
+
+
 def _imagefolder_splits(path: Path) -> tuple[str, ...]:
-    subs = [s for s in ("train", "val", "test") if (path / s).is_dir()]
-    if "train" in subs:
-        return tuple(subs)
-    return ("train", "test")
+    """The split subfolders present (an evaluation-only tree may hold just test/), else a
+    seeded 80/20 train/test split of the class folders."""
+    return tuple(_split_folders(path)) or ("train", "test")
 
 
 def _imagefolder(path: Path, split: str) -> ImageSource:
@@ -488,13 +496,15 @@ def _imagefolder(path: Path, split: str) -> ImageSource:
         except FileNotFoundError as e:  # no class folder, or a class folder without images
             raise InvalidDatasetError(dataset=f"{IMAGEFOLDER}:{path}", problem=str(e)) from None
 
-    if (path / "train").is_dir():
+    folders = _split_folders(path)
+    if folders:
         ds = ImageFolder(str(path / split))
-        ref = ImageFolder(str(path / "train")).classes
+        first = folders[0]
+        ref = ImageFolder(str(path / first)).classes
         if ds.classes != ref:
             raise InvalidDatasetError(
                 dataset=f"{IMAGEFOLDER}:{path}",
-                problem=f"split {split!r} has classes {ds.classes[:5]}... but train has {ref[:5]}...; every split "
+                problem=f"split {split!r} has classes {ds.classes[:5]}... but {first} has {ref[:5]}...; every split "
                         f"needs the same class folders")
         idx = np.arange(len(ds.samples))
         desc = f"ImageFolder({path / split})"
@@ -502,7 +512,7 @@ def _imagefolder(path: Path, split: str) -> ImageSource:
         ds = ImageFolder(str(path))
         idx = _seeded_split(np.asarray(ds.targets), split)
         desc = f"ImageFolder({path}), seeded {1 - SPLIT_TEST_FRACTION:.0%}/{SPLIT_TEST_FRACTION:.0%} split"
-    base = path / split if (path / "train").is_dir() else path
+    base = path / split if folders else path
     return ImageSource(
         lambda i: ds.loader(ds.samples[idx[i]][0]),
         np.asarray(ds.targets)[idx],
@@ -510,3 +520,60 @@ def _imagefolder(path: Path, split: str) -> ImageSource:
         [os.path.relpath(ds.samples[j][0], base) for j in idx],
         description=desc,
     )
+
+
+# ----------------------------------------------------------------------------- class maps
+
+CLASS_MAPS = ("by-name", "by-index")  # or the path of a JSON file {evaluation class: training class}
+
+
+def class_mapping(train_classes, test_classes, how: str = "by-name", *, train: str = "train",
+                  test: str = "test") -> np.ndarray:
+    """For each class of an evaluation set, the index of the training class it is.
+
+    Parameters
+    ----------
+    train_classes, test_classes : sequence of str
+    how : str
+        ``by-name`` (the same class names, in any order), ``by-index`` (class i is class i,
+        whatever the names: ImageNetV2's folders 0..999 against ImageNet's WordNet ids, both
+        sorted), or a JSON file mapping evaluation class names to training class names.
+    train, test : str
+        What the class lists belong to, for messages.
+
+    Raises
+    ------
+    ClassMapError
+        Naming every evaluation class that maps to no training class.
+    """
+    import json
+
+    train_classes, test_classes = [str(c) for c in train_classes], [str(c) for c in test_classes]
+    if how == "by-index":
+        if len(test_classes) > len(train_classes):
+            raise ClassMapError(test=test, train=train, problem=f"{len(test_classes)} classes against "
+                                                               f"{len(train_classes)}: by-index needs at most as many")
+        return np.arange(len(test_classes))
+    names = test_classes
+    if how != "by-name":
+        path = Path(how).expanduser()
+        if not path.is_file():
+            raise InvalidParameterError(key="class_map", value=how,
+                                        expected=f"one of {', '.join(CLASS_MAPS)} or the path of a JSON file "
+                                                 f"{{evaluation class: training class}}")
+        try:
+            table = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise InvalidParameterError(key="class_map", value=how, expected=f"a JSON object ({e})") from None
+        unmapped = [c for c in test_classes if c not in table]
+        if unmapped:
+            raise ClassMapError(test=test, train=train,
+                                problem=f"{len(unmapped)} classes missing from {how}: {', '.join(unmapped[:10])}")
+        names = [str(table[c]) for c in test_classes]
+    index = {c: i for i, c in enumerate(train_classes)}
+    missing = [c for c in names if c not in index]
+    if missing:
+        raise ClassMapError(test=test, train=train, problem=f"{len(missing)} classes the probes were not trained on: "
+                                                           f"{', '.join(missing[:10])}"
+                                                           + (" ..." if len(missing) > 10 else ""))
+    return np.array([index[c] for c in names])

@@ -49,6 +49,7 @@ __all__ = [
     "CorruptGroupError",
     "GroupLockedError",
     "MismatchedGroupsError",
+    "ClassMapError",
     "InvalidFeaturesError",
     "ResultsNotFoundError",
     "OutputConflictError",
@@ -335,6 +336,15 @@ class MismatchedGroupsError(FeatstoreError, ValueError):
 
     _msg = ("groups {first} and {second} were built differently ({differences}); build both with the same "
             "model, weights and preprocessing")
+
+
+class ClassMapError(FeatstoreError, ValueError):
+    """An evaluation set's classes do not map onto the classes a probe was trained on.
+
+    Fields: ``test`` (the evaluation set), ``train`` (the training set), ``problem``.
+    """
+
+    _msg = "the classes of {test} do not map onto those of {train}: {problem}"
 
 
 class InvalidFeaturesError(FeatstoreError, ValueError):

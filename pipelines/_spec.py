@@ -65,6 +65,14 @@ ProbeOverrides = create_model(
        for k, f in probes.Protocol.model_fields.items()})
 
 
+TestTable = create_model(
+    "TestTable", __base__=SplitTable, __doc__="Keys of the test group, which may come from another dataset.",
+    dataset=(DatasetText | None, Field(default=None, description="Evaluate on another dataset with the same "
+                                                                 "classes (ImageNetV2 for an ImageNet probe).")),
+    class_map=(str | None, Field(default=None, description="How its classes map onto train's: by-name (default), "
+                                                           "by-index, or a JSON file {its class: train's class}.")))
+
+
 class GroupTable(create_model("_GroupQuery", __base__=Parameters, **_query_fields(GROUP_KEYS))):
     """One ``[[groups]]`` table: a (train, test) pairing of cached feature groups."""
 
@@ -79,8 +87,8 @@ class GroupTable(create_model("_GroupQuery", __base__=Parameters, **_query_field
     them in one pass with --layers)."""
     train: SplitTable = SplitTable()
     """Keys of the train group only (split, limit, views)."""
-    test: SplitTable = SplitTable()
-    """Keys of the test group only."""
+    test: TestTable = TestTable()
+    """Keys of the test group only (split, limit, views), and dataset / class_map to evaluate on another dataset."""
     val: SplitTable | None = None
     """The validation group's keys (val = { split = "val" }): it picks each probe's best epoch, and all of train
     trains. Default: the dataset's official val split when the registry has one (flowers102), else a seeded
@@ -107,7 +115,13 @@ class GroupTable(create_model("_GroupQuery", __base__=Parameters, **_query_field
         return {**self.query(), "split": "train", **self.train.model_dump(exclude_none=True)}
 
     def test_query(self) -> dict[str, Any]:
-        return {**self.query(), "split": "test", **self.test.model_dump(exclude_none=True)}
+        return {**self.query(), "split": "test", **self.test.model_dump(exclude_none=True, exclude={"class_map"})}
+
+    def class_map(self) -> str | None:
+        """How the test classes map onto train's: None when both come from one dataset."""
+        if self.test.dataset is None or self.test.dataset == self.dataset:
+            return None
+        return self.test.class_map or "by-name"
 
     def val_query(self) -> dict[str, Any] | None:
         """The validation group's query, or None (a seeded share of train validates)."""

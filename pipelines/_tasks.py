@@ -130,15 +130,26 @@ def check_groups(spec: SweepSpec) -> None:
     match its train group."""
     fs = featstore.open(spec.store)
     for g in spec.pairings():
-        train, *others = open_pair(fs, g)
-        for other in (o for o in others if o is not None):
+        train, test, val = open_pair(fs, g)
+        test_mapping(g, train, test)  # another dataset's classes: they must map onto train's
+        for other in (o for o in (test, val) if o is not None):
             a, b = train.spec.to_dict(), other.spec.to_dict()
-            diff = {k: (a[k], b[k]) for k in a if k not in SPLIT_ONLY_FIELDS and a[k] != b[k]}
-            if train.classes != other.classes:
+            may_differ = SPLIT_ONLY_FIELDS | ({"dataset"} if other is test and g.class_map() else set())
+            diff = {k: (a[k], b[k]) for k in a if k not in may_differ and a[k] != b[k]}
+            if train.classes != other.classes and not (other is test and g.class_map()):
                 diff["classes"] = ("train's class list", f"{other.spec.split}'s class list")
             if diff:
                 raise MismatchedGroupsError(first=train.name, second=other.name, differences=diff,
                                             where=f"sweep group {g.label()}")
+
+
+def test_mapping(g: GroupTable, train, test) -> tuple[int, ...] | None:
+    """Train's class index of each test class when the test group is another dataset's."""
+    how = g.class_map()
+    if how is None:
+        return None
+    return tuple(int(i) for i in featstore.class_mapping(train.classes, test.classes, how,
+                                                                  train=train.name, test=test.name))
 
 
 # ----------------------------------------------------------------------------- the worker's cache
@@ -176,14 +187,19 @@ class FeatureCache:
     _lock = threading.Lock()
 
     @classmethod
-    def get(cls, train, test, val=None) -> _CachedPair:
+    def get(cls, train, test, val=None, test_map: tuple[int, ...] | None = None) -> _CachedPair:
         key = tuple((g.path, g.provenance.get("created"), g.timings.get("completed")) if g is not None else None
-                    for g in (train, test, val))
+                    for g in (train, test, val)) + (test_map,)
         with cls._lock:
             if cls._entry is None or cls._entry.key != key:
                 cls._entry = None  # drop the old layer before reading the new one
                 data = probes.load_training_data(train)
-                test_data = probes.load_training_data(test, n_classes=data.n_classes, where="test")
+                if test_map is None:
+                    test_data = probes.load_training_data(test, n_classes=data.n_classes, where="test")
+                else:  # another dataset: its labels in train's class indices
+                    own = probes.load_training_data(test, where="test")
+                    test_data = probes.load_training_data(own.X, np.asarray(test_map)[own.y], data.n_classes,
+                                                          where="test")
                 val_data = None if val is None else probes.load_training_data(val, n_classes=data.n_classes,
                                                                               where="validation")
                 cls._entry = _CachedPair(key, data, test_data, val_data)
@@ -217,7 +233,7 @@ def run_task(task: Task, store: str, out: str, device: str = "auto", threads: in
     t0 = time.perf_counter()
     train, test, val = open_pair(store, task.group)
     est = task.estimator(train.n_neurons, device)
-    cached = FeatureCache.get(train, test, val)  # read once per pairing by each worker
+    cached = FeatureCache.get(train, test, val, test_mapping(task.group, train, test))  # read once per worker
     data, test_data = cached.train, cached.test
     est.fit(data, validation=cached.val)
     t_fit = time.perf_counter() - t0
@@ -250,6 +266,7 @@ def run_task(task: Task, store: str, out: str, device: str = "auto", threads: in
     res["weights"] = train.spec.weights
     res["train_group"] = train.name
     res["test_group"] = test.name
+    res["test_dataset"] = test.spec.dataset
     res["val_group"] = val.name if val is not None else None  # None: a seeded share of train validated
     res["n_neurons"] = train.n_neurons
     res["n_classes"] = len(train.classes)

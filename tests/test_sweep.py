@@ -558,6 +558,40 @@ def test_a_validation_split_picks_the_best_epochs(tmp_path):
     assert flowers.val_query()["split"] == "val" and pipelines.GroupTable(model="m", dataset="cifar10").val_query() is None
 
 
+def test_evaluating_on_another_dataset_with_renamed_classes(tmp_path, image_folder_splits):
+    """test = { dataset = ..., class_map = ... }: the same images under other, shuffled class
+    names (as ImageNetV2's 0..999 folders) give the same-dataset test's accuracy; a class the
+    probes never saw is one clear error naming it."""
+    import json
+    import shutil
+
+    other = tmp_path / "renamed"
+    renames = {"class_0": "z_two", "class_1": "a_zero", "class_2": "m_one"}  # another name order
+    for old, new in renames.items():
+        shutil.copytree(image_folder_splits / "test" / old, other / "test" / new)
+    (tmp_path / "map.json").write_text(json.dumps({new: old for old, new in renames.items()}))
+    store = tmp_path / "s.zarr"
+    kw = dict(model="test_resnet", weights="random", image_size=32, batch_size=8, workers=0, progress=False,
+              store=store, dtype="float32")
+    featstore.build(**kw, dataset=f"imagefolder:{image_folder_splits}", splits="train,test")
+    featstore.build(**kw, dataset=f"imagefolder:{other}", splits="test")
+    base = {"selection": {"modes": ["prefix"], "fractions": [0.5, 1.0]}, "probe": {"epochs": 3, "batch_size": 8},
+            "metrics": {"cka": False}}
+    group = {"model": "test_resnet", "dataset": f"imagefolder:{image_folder_splits}"}
+    same = run_sweep(load_spec({**base, "groups": [group]}, store=str(store)), tmp_path / "o1", progress=False)
+    cross = run_sweep(load_spec({**base, "groups": [{**group, "test": {
+        "dataset": f"imagefolder:{other}", "class_map": str(tmp_path / "map.json")}}]}, store=str(store)),
+        tmp_path / "o2", progress=False)
+    assert set(cross["test_dataset"]) == {f"imagefolder:{other.resolve()}"}
+    keys = ["mode", "fraction", "seed"]
+    a, b = same.sort_values(keys).reset_index(drop=True), cross.sort_values(keys).reset_index(drop=True)
+    np.testing.assert_array_equal(a["test_accuracy"], b["test_accuracy"])
+    by_name = {**group, "test": {"dataset": f"imagefolder:{other}"}}  # the renamed classes are not train's
+    with pytest.raises(errors.ClassMapError, match="3 classes the probes were not trained on: a_zero, m_one, z_two"):
+        run_sweep(load_spec({**base, "groups": [by_name]}, store=str(store)), tmp_path / "o3", progress=False)
+    assert not (tmp_path / "o3").exists()
+
+
 def test_minibatch_cka_in_a_sweep_records_its_shuffle(tmp_path, spec_file):
     spec_file.write_text(spec_file.read_text().replace(
         'cka_estimator = "biased"', 'cka_estimator = "minibatch"\ncka_batch_size = 8\ncka_shuffle_seed = 4'))
