@@ -346,6 +346,10 @@ def _plan(o: BuildOptions) -> _Plan:
     backbone, winfo = models.create_backbone(o.model, o.weights, o.checkpoint, o.mapping, seed=o.seed)
     extractor = models.FeatureExtractor(backbone, list(o.layers), o.pooling, o.model)
     tspec = PREPROCESSING[o.preset].transform(backbone, o.image_size)
+    if winfo.normalization is not None and (tspec.mean, tspec.std) != winfo.normalization:
+        # the checkpoint was trained behind its own normaliser: preprocess as it expects (recorded
+        # in the group's spec, so these features are never mistaken for the default's)
+        tspec = tspec.model_copy(update={"mean": winfo.normalization[0], "std": winfo.normalization[1]})
     # probe the output widths with one tiny forward pass (cheap, catches bad layers early)
     with torch.no_grad():
         widths = {k: int(v.shape[1]) for k, v in extractor(torch.zeros((1,) + tuple(tspec.input_size))).items()}

@@ -47,6 +47,9 @@ __all__ = [
     "embedded_weights_path",
     "EMBEDDED_MODEL",
     "PRE_LOGITS",
+    "CHECKPOINT_ADAPTERS",
+    "CheckpointAdapter",
+    "adapt_checkpoint",
 ]
 
 # Prefixes that training wrappers (DDP, Lightning, EMA helpers) put before every key.
@@ -72,6 +75,9 @@ class WeightsInfo:
     source: str
     sha256: str
     description: str
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    """(mean, std) the checkpoint normalises inputs with inside the model (the robustness
+    library's normalizer), when it carries one."""
 
 
 def file_sha256(path: str | Path) -> str:
@@ -250,6 +256,84 @@ def map_state_dict(state: dict, target: dict, mapping: str, origin: str = "check
     return WEIGHT_MAPPINGS[mapping].apply(state, target, origin)
 
 
+# ----------------------------------------------------------------------------- checkpoint adapters
+
+ROBUSTNESS_MODEL, ROBUSTNESS_ATTACKER, ROBUSTNESS_NORMALIZER = "module.model.", "module.attacker.", "module.normalizer."
+
+
+def _is_robustness(state: dict, target: dict) -> bool:
+    return any(k.startswith(ROBUSTNESS_MODEL) for k in state) and \
+        any(k.startswith((ROBUSTNESS_ATTACKER, ROBUSTNESS_NORMALIZER)) for k in state)
+
+
+def _from_robustness(state: dict, target: dict) -> tuple[dict, dict]:
+    """The robustness library's layout (Salman et al.'s robust ImageNet models): the model
+    under ``module.model.``, a copy under ``module.attacker.model.`` (dropped), and a
+    ``module.normalizer`` whose mean and std the model was trained behind (kept as notes)."""
+    model = {k[len(ROBUSTNESS_MODEL):]: v for k, v in state.items() if k.startswith(ROBUSTNESS_MODEL)}
+    notes = {}
+    mean, std = state.get(ROBUSTNESS_NORMALIZER + "new_mean"), state.get(ROBUSTNESS_NORMALIZER + "new_std")
+    if mean is not None and std is not None:
+        notes["normalization"] = (tuple(float(v) for v in mean.flatten()), tuple(float(v) for v in std.flatten()))
+    return model, notes
+
+
+_TORCHVISION_VGG = {"classifier.0": "pre_logits.fc1", "classifier.3": "pre_logits.fc2", "classifier.6": "head.fc"}
+
+
+def _is_torchvision_vgg(state: dict, target: dict) -> bool:
+    return "classifier.0.weight" in state and "pre_logits.fc1.weight" in target
+
+
+def _from_torchvision_vgg(state: dict, target: dict) -> tuple[dict, dict]:
+    """torchvision's VGG classifier (Linear layers on the flattened 7 x 7 map) as timm's
+    ``pre_logits`` ConvMlp (a 7 x 7 conv, then 1 x 1) and ``head.fc``: the same weights,
+    reshaped to the model's shapes."""
+    out = {}
+    for k, v in state.items():
+        prefix, _, rest = k.rpartition(".")
+        name = f"{_TORCHVISION_VGG.get(prefix, prefix)}.{rest}" if prefix else k
+        if name in target and v.dim() == 2 and target[name].dim() == 4:
+            v = v.reshape(target[name].shape)
+        out[name] = v
+    return out, {}
+
+
+@dataclass(frozen=True)
+class CheckpointAdapter:
+    """One checkpoint layout that is turned into the model's own before the tensors are mapped.
+
+    ``detect(state, target) -> bool`` recognises the layout; ``adapt(state, target) -> (state,
+    notes)`` rewrites it (notes: facts the build records, such as a normalisation).
+    """
+
+    name: str
+    detect: Callable[[dict, dict], bool]
+    adapt: Callable[[dict, dict], tuple[dict, dict]]
+    description: str
+
+
+CHECKPOINT_ADAPTERS: dict[str, CheckpointAdapter] = {a.name: a for a in (
+    CheckpointAdapter("robustness", _is_robustness, _from_robustness,
+                      "the robustness library's {'model': {module.model.*, module.attacker.model.*, "
+                      "module.normalizer.*}}: the model branch, its normaliser's mean and std"),
+    CheckpointAdapter("torchvision-vgg", _is_torchvision_vgg, _from_torchvision_vgg,
+                      "torchvision VGG's classifier.0/3/6 as timm's pre_logits.fc1/fc2 and head.fc"),
+)}
+
+
+def adapt_checkpoint(state: dict, target: dict) -> tuple[dict, list[str], dict]:
+    """Apply every adapter whose layout the checkpoint has, in registry order (a robust VGG
+    is both): (state, the adapters applied, their notes)."""
+    applied, notes = [], {}
+    for adapter in CHECKPOINT_ADAPTERS.values():
+        if adapter.detect(state, target):
+            state, more = adapter.adapt(state, target)
+            applied.append(adapter.name)
+            notes.update(more)
+    return state, applied, notes
+
+
 # ----------------------------------------------------------------------------- weight sources
 
 
@@ -279,8 +363,12 @@ def _load_checkpoint(model, model_name, checkpoint, mapping: str, seed: int) -> 
         raise IncompatibleParametersError(key="weights", value="checkpoint",
                                           reason="it needs --checkpoint FILE (.safetensors or .pth)")
     state = load_checkpoint_state(checkpoint)
-    model.load_state_dict(map_state_dict(state, model.state_dict(), mapping, repr(str(checkpoint))))
-    return WeightsInfo("checkpoint", file_sha256(checkpoint), f"{Path(checkpoint).resolve()} (mapping={mapping})")
+    target = model.state_dict()
+    state, adapters, notes = adapt_checkpoint(state, target)
+    model.load_state_dict(map_state_dict(state, target, mapping, repr(str(checkpoint))))
+    layout = f", adapters={'+'.join(adapters)}" if adapters else ""
+    return WeightsInfo("checkpoint", file_sha256(checkpoint), f"{Path(checkpoint).resolve()} (mapping={mapping}{layout})",
+                       normalization=notes.get("normalization"))
 
 
 def _load_random(model, model_name, checkpoint, mapping, seed: int) -> WeightsInfo:

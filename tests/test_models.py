@@ -211,3 +211,68 @@ def test_vit_class_token_and_token_mean():
         mean = FeatureExtractor(model, [f"blocks.{len(model.blocks) - 1}"], "avg")(x)
     np.testing.assert_allclose(list(cls.values())[0], tokens[:, 0], atol=1e-5)
     np.testing.assert_allclose(list(mean.values())[0], tokens.mean(dim=1), atol=1e-5)
+
+
+def test_robustness_library_checkpoint_builds_the_models_own_features(tmp_path, image_folder):
+    """Salman et al.'s robust models as the robustness library saves them: {'model': {module.model.*,
+    module.attacker.model.*, module.normalizer.*}, 'epoch': ...}. The stored features equal the
+    model's own forward on the same weights, behind the checkpoint's own normaliser."""
+    import featstore
+    from featstore import load_split
+
+    torch.manual_seed(3)
+    model = timm.create_model("test_resnet")
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    inner = {**{f"module.model.{k}": v for k, v in model.state_dict().items()},
+             **{f"module.attacker.model.{k}": v.clone() for k, v in model.state_dict().items()},
+             "module.normalizer.new_mean": torch.tensor(mean).view(3, 1, 1),
+             "module.normalizer.new_std": torch.tensor(std).view(3, 1, 1),
+             "module.attacker.normalize.new_mean": torch.tensor(mean).view(3, 1, 1)}
+    path = tmp_path / "robust.pt"
+    torch.save({"model": inner, "epoch": torch.tensor(90)}, path)
+    (g,) = featstore.build("test_resnet", weights="checkpoint", checkpoint=path, dataset=f"imagefolder:{image_folder}",
+                           splits="test", image_size=32, workers=0, progress=False, dtype="float32",
+                           store=tmp_path / "s.zarr")
+    assert g.spec.transform.mean == pytest.approx(mean) and g.spec.transform.std == pytest.approx(std)
+    assert "adapters=robustness" in g.provenance["weights"]["description"]
+    model.reset_classifier(0)
+    model.eval()
+    eval_tf, _ = make_transforms(g.spec.transform)
+    src = load_split(f"imagefolder:{image_folder}", "test")
+    with torch.no_grad():
+        want = np.stack([model.forward_head(model.forward_features(eval_tf(src.image(i))[None]), pre_logits=True)[0]
+                         .numpy() for i in g.sample_index])
+    np.testing.assert_allclose(g.numpy(), want, rtol=1e-4, atol=1e-4)
+    # a layout no adapter knows still lists every missing and unexpected key
+    torch.save({"model": {f"module.net.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "odd.pt")
+    with pytest.raises(errors.CheckpointError, match=r"does not fit the model: \d+ missing: .* \| \d+ unexpected: net\.conv1"):
+        create_backbone("test_resnet", "checkpoint", tmp_path / "odd.pt")
+
+
+def test_torchvision_vgg_classifier_becomes_timms_conv_mlp():
+    """torchvision's Linear layers on the flattened 7 x 7 map and the adapter's 7 x 7 / 1 x 1
+    convolutions compute the same function (checked on small shapes)."""
+    from featstore.models import CHECKPOINT_ADAPTERS
+
+    rng = torch.Generator().manual_seed(0)
+    C, H, hidden, classes = 8, 7, 16, 5
+    tv = {"features.0.weight": torch.randn(C, 3, 3, 3, generator=rng), "features.0.bias": torch.randn(C, generator=rng),
+          "classifier.0.weight": torch.randn(hidden, C * H * H, generator=rng), "classifier.0.bias": torch.randn(hidden),
+          "classifier.3.weight": torch.randn(hidden, hidden, generator=rng), "classifier.3.bias": torch.randn(hidden),
+          "classifier.6.weight": torch.randn(classes, hidden, generator=rng), "classifier.6.bias": torch.randn(classes)}
+    target = {"features.0.weight": tv["features.0.weight"], "features.0.bias": tv["features.0.bias"],
+              "pre_logits.fc1.weight": torch.empty(hidden, C, H, H), "pre_logits.fc1.bias": torch.empty(hidden),
+              "pre_logits.fc2.weight": torch.empty(hidden, hidden, 1, 1), "pre_logits.fc2.bias": torch.empty(hidden),
+              "head.fc.weight": torch.empty(classes, hidden), "head.fc.bias": torch.empty(classes)}
+    adapter = CHECKPOINT_ADAPTERS["torchvision-vgg"]
+    assert adapter.detect(tv, target)
+    out, _ = adapter.adapt(tv, target)
+    assert set(out) == set(target) and all(out[k].shape == target[k].shape for k in target)
+    x = torch.randn(2, C, H, H, generator=rng)
+    F = torch.nn.functional
+    linear = F.linear(F.relu(F.linear(x.flatten(1), tv["classifier.0.weight"], tv["classifier.0.bias"])),
+                      tv["classifier.3.weight"], tv["classifier.3.bias"])
+    conv = F.conv2d(F.relu(F.conv2d(x, out["pre_logits.fc1.weight"], out["pre_logits.fc1.bias"])),
+                    out["pre_logits.fc2.weight"], out["pre_logits.fc2.bias"]).flatten(1)
+    torch.testing.assert_close(conv, linear, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out["head.fc.weight"], tv["classifier.6.weight"])
