@@ -60,7 +60,8 @@ DEFAULT_STORE = "data/featstore.zarr"
 ROOT_MARK = "featstore"
 META = "featstore"  # attribute key of a group's metadata
 INTERNAL = ".featstore"
-QUERY_KEYS = ("model", "layer", "dataset", "split", "weights", "pooling", "limit", "seed", "views", "dtype")
+QUERY_KEYS = ("model", "layer", "dataset", "split", "weights", "weights_sha256", "pooling", "limit", "seed", "views",
+              "dtype")
 
 
 def _is_url(path: str) -> bool:
@@ -332,6 +333,7 @@ class Group:
             "name": self.name,
             "model": s.model,
             "weights": s.weights,
+            "weights_sha256": s.weights_sha256,
             "layer": s.layer,
             "dataset": s.dataset,
             "split": s.split,
@@ -352,6 +354,10 @@ class Group:
             have = getattr(s, k)
             if k == "dataset":
                 if not parse_dataset_name(v).matches(have):
+                    return False
+                continue
+            if k == "weights_sha256":  # a prefix, as git takes one (two checkpoints of one model differ here)
+                if not (isinstance(v, str) and len(v) >= 8 and have.startswith(v)):
                     return False
                 continue
             if have != v:

@@ -284,7 +284,8 @@ class GroupNotFoundError(StoreError, FileNotFoundError):
 class AmbiguousGroupError(FeatstoreError, LookupError):
     """Several groups match a keyword query. Fields: ``query``, ``matches`` (descriptions)."""
 
-    _msg = "{n} groups match {query}: {listed}. Add keywords (weights=, limit=, views=, dtype=) or pass the name."
+    _msg = ("{n} groups match {query}: {listed}. Add keywords (weights=, weights_sha256= a prefix, limit=, views=, "
+            "dtype=) or pass the name.")
 
     def _prepare(self, fields):
         return {**fields, "n": len(fields["matches"]), "listed": "; ".join(fields["matches"])}

@@ -59,11 +59,13 @@ def parameters_markdown() -> str:
     registries = [("Selection modes", probes.SELECTION_MODES), ("CKA estimators", probes.CKA_ESTIMATORS),
                   ("Protocol presets (`SubsetProbes.from_preset`, the spec's `preset`)", probes.PRESETS)]
     from featstore import PREPROCESSING, WEIGHT_MAPPINGS, WEIGHT_SOURCES
+    from featstore.models import CHECKPOINT_ADAPTERS
 
     from ._launchers import LAUNCHERS
 
     registries += [("Preprocessing presets (`featstore build --preset`)", PREPROCESSING), ("Weight sources", WEIGHT_SOURCES),
-                   ("Weight mappings", WEIGHT_MAPPINGS), ("Launchers", LAUNCHERS)]
+                   ("Weight mappings", WEIGHT_MAPPINGS), ("Checkpoint adapters (applied when a checkpoint has their layout)",
+                                                          CHECKPOINT_ADAPTERS), ("Launchers", LAUNCHERS)]
     out += ["## Registries", ""]
     for title, registry in registries:
         out += [f"**{title}**", ""] + [f"- `{name}`: {entry.description}" for name, entry in registry.items()] + [""]

@@ -243,6 +243,18 @@ def test_robustness_library_checkpoint_builds_the_models_own_features(tmp_path, 
         want = np.stack([model.forward_head(model.forward_features(eval_tf(src.image(i))[None]), pre_logits=True)[0]
                          .numpy() for i in g.sample_index])
     np.testing.assert_allclose(g.numpy(), want, rtol=1e-4, atol=1e-4)
+    # two checkpoints of one model in one store: a prefix of the weights' sha256 picks one
+    torch.manual_seed(4)
+    other = timm.create_model("test_resnet")
+    torch.save({"model": {**{f"module.model.{k}": v for k, v in other.state_dict().items()},
+                          "module.attacker.x": torch.zeros(1)}}, tmp_path / "robust2.pt")
+    (h,) = featstore.build("test_resnet", weights="checkpoint", checkpoint=tmp_path / "robust2.pt",
+                           dataset=f"imagefolder:{image_folder}", splits="test", image_size=32, workers=0,
+                           progress=False, dtype="float32", store=tmp_path / "s.zarr")
+    s = featstore.open(tmp_path / "s.zarr")
+    with pytest.raises(errors.AmbiguousGroupError, match="weights_sha256="):
+        s.group(model="test_resnet", split="test")
+    assert s.group(model="test_resnet", split="test", weights_sha256=h.spec.weights_sha256[:10]).name == h.name
     # a layout no adapter knows still lists every missing and unexpected key
     torch.save({"model": {f"module.net.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "odd.pt")
     with pytest.raises(errors.CheckpointError, match=r"does not fit the model: \d+ missing: .* \| \d+ unexpected: net\.conv1"):
