@@ -288,3 +288,36 @@ def test_torchvision_vgg_classifier_becomes_timms_conv_mlp():
                     out["pre_logits.fc2.weight"], out["pre_logits.fc2.bias"]).flatten(1)
     torch.testing.assert_close(conv, linear, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(out["head.fc.weight"], tv["classifier.6.weight"])
+
+
+@pytest.mark.slow
+def test_torchvision_vgg_checkpoint_builds_the_models_own_features(tmp_path, image_folder):
+    """A VGG11 saved with torchvision's key layout (classifier.0/3/6 as Linear layers) loads
+    through the adapter; the stored features equal timm's own forward on the same weights."""
+    import featstore
+    from featstore import load_split
+
+    torch.manual_seed(5)
+    model = timm.create_model("vgg11")
+    tv = {}
+    for k, v in model.state_dict().items():  # timm's names and shapes back to torchvision's
+        for timm_name, tv_name in (("pre_logits.fc1", "classifier.0"), ("pre_logits.fc2", "classifier.3"),
+                                   ("head.fc", "classifier.6")):
+            if k.startswith(timm_name + "."):
+                k, v = tv_name + k[len(timm_name):], (v.flatten(1) if v.dim() == 4 else v)
+        tv[k] = v
+    assert tv["classifier.0.weight"].shape == (4096, 25088)
+    torch.save(tv, tmp_path / "vgg11_torchvision.pth")
+    del tv
+    (g,) = featstore.build("vgg11", weights="checkpoint", checkpoint=tmp_path / "vgg11_torchvision.pth",
+                           dataset=f"imagefolder:{image_folder}", splits="test", image_size=64, workers=0,
+                           progress=False, dtype="float32", store=tmp_path / "s.zarr")
+    assert "adapters=torchvision-vgg" in g.provenance["weights"]["description"]
+    model.reset_classifier(0)
+    model.eval()
+    eval_tf, _ = make_transforms(g.spec.transform)
+    src = load_split(f"imagefolder:{image_folder}", "test")
+    with torch.no_grad():
+        want = np.stack([model.forward_head(model.forward_features(eval_tf(src.image(i))[None]), pre_logits=True)[0]
+                         .numpy() for i in g.sample_index])
+    np.testing.assert_allclose(g.numpy(), want, rtol=1e-4, atol=1e-4)
