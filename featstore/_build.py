@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Callable
+from typing import Annotated, Callable, Literal
 
 import numpy as np
 from pydantic import Field
@@ -40,7 +40,14 @@ from ._spec import (
     Views,
 )
 from ._store import DEFAULT_STORE, META, FeatureStore, Group, _check_writable
-from .errors import InvalidDatasetError, InvalidParameterError, StaleGroupError, UnknownNameError, WriteFailedError
+from .errors import (
+    BadImagesError,
+    InvalidDatasetError,
+    InvalidParameterError,
+    StaleGroupError,
+    UnknownNameError,
+    WriteFailedError,
+)
 from .params import CommaList, OneOf, Parameters, PathText, takes
 
 __all__ = ["build", "BuildOptions", "chunk_rows_for", "resolve_transform", "make_transforms", "PREPROCESSING",
@@ -170,26 +177,35 @@ def _view_seed(seed: int, view: int, index: int) -> int:
 class _Items:
     """Map-style dataset of (view, row) items -> preprocessed image tensors."""
 
-    def __init__(self, source, index: np.ndarray, eval_tf, aug_tf, seed: int):
+    def __init__(self, source, index: np.ndarray, eval_tf, aug_tf, seed: int, shape: tuple[int, ...]):
         self.source = source
         self.index = index
         self.eval_tf = eval_tf
         self.aug_tf = aug_tf
         self.seed = seed
+        self.shape = shape
 
     def __len__(self):
         return len(self.index)
 
     def __getitem__(self, item):
+        """(the preprocessed image, "") or, when the file cannot be decoded, (zeros, "path: reason"):
+        the pass stops at the batch holding it and names it (a DataLoader worker's exception
+        would lose which file it was)."""
         import torch
 
         view, row = item
-        img = self.source.image(self.index[row])
+        try:
+            img = self.source.image(self.index[row])
+        except Exception as e:  # decoding is the file's problem, never the pass's
+            files = self.source.files
+            where = files[int(self.index[row])] if files else self.source.sample_ids[int(self.index[row])]
+            return torch.zeros(self.shape), f"{where}: {type(e).__name__}: {e}"
         if view == 0:
-            return self.eval_tf(img)
+            return self.eval_tf(img), ""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_view_seed(self.seed, view, int(self.index[row])))
-            return self.aug_tf(img)
+            return self.aug_tf(img), ""
 
 
 @dataclass
@@ -263,6 +279,13 @@ class BuildOptions(Parameters):
     or original (the released code's Resize + CenterCrop 224 and RandomResizedCrop views)."""
     dtype: Dtype = "float16"
     """Storage dtype."""
+    bad_images: Literal["fail", "skip"] = "fail"
+    """Image files that cannot be decoded (empty, truncated, not an image, too large): fail (one error naming
+    each, before any group is created) or skip (left out; the group records them, and the policy and the
+    skipped set are part of its key)."""
+    check: bool = True
+    """Check every image file before the pass (a fast parallel header and reduced-size decode); turn off for
+    trusted data (a bad file then stops the pass where it is, resumable)."""
     store: PathText = DEFAULT_STORE
     """Store path or URL."""
     batch_size: Annotated[int, Field(ge=1)] | None = None
@@ -296,6 +319,7 @@ class _Plan:
     transform: TransformSpec
     widths: dict[str, int]  # neurons per layer
     sources: dict[str, datasets.ImageSource]  # per split
+    skipped: dict[str, list[tuple[str, str]]]  # per split: (sample id, reason) of the files left out
 
     @property
     def compute(self) -> str:
@@ -353,7 +377,19 @@ def _plan(o: BuildOptions) -> _Plan:
     # probe the output widths with one tiny forward pass (cheap, catches bad layers early)
     with torch.no_grad():
         widths = {k: int(v.shape[1]) for k, v in extractor(torch.zeros((1,) + tuple(tspec.input_size))).items()}
-    sources = {split: datasets.load_split(dataset, split, o.root, o.download) for split in o.splits}
+    sources = {split: datasets.load_split(dataset, split, o.root, o.download, o.bad_images) for split in o.splits}
+    bad = {split: datasets.check_images(src.files, progress=o.progress, label=f"checking {split} images")
+           for split, src in sources.items() if o.check and src.files}
+    if o.bad_images == "fail" and any(bad.values()):  # every bad file of every split, in one error
+        raise BadImagesError(
+            dataset=dataset, files=[f"{sources[split].files[i]}: {why}" for split, found in bad.items() for i, why in found],
+            fix="Nothing was built. Remove or replace them, or build with --bad-images skip to leave them out "
+                "(recorded with the group)")
+    skipped: dict[str, list[tuple[str, str]]] = {}
+    for split, found in bad.items():
+        if found:
+            skipped[split] = [(sources[split].sample_ids[i], why) for i, why in found]
+            sources[split] = sources[split].without([i for i, _ in found])
     for split, src in sources.items():
         if len(src) == 0:
             raise InvalidDatasetError(dataset=dataset, problem=f"split {split!r} is empty")
@@ -361,7 +397,7 @@ def _plan(o: BuildOptions) -> _Plan:
     backbone.to(device=device, memory_format=torch.channels_last)
     return _Plan(o, dataset, device, o.batch_size or (256 if device.startswith("cuda") else 16),
                  o.workers if o.workers is not None else max(0, min(4, (os.cpu_count() or 1) - 1)),
-                 backbone, winfo, extractor, tspec, widths, sources)
+                 backbone, winfo, extractor, tspec, widths, sources, skipped)
 
 
 def _specs(plan: _Plan, split: str) -> dict[str, ExtractionSpec]:
@@ -384,7 +420,20 @@ def _specs(plan: _Plan, split: str) -> dict[str, ExtractionSpec]:
         transform=plan.transform,
         augmentation=PREPROCESSING[o.preset].augmentation if n_views else "",
         chunk_rows=o.chunk_rows or chunk_rows_for(plan.widths[layer], o.dtype),
+        extra=_skip_record(o.bad_images, plan.skipped.get(split, [])),
     ) for layer in o.layers}
+
+
+def _skip_record(policy: str, skipped: list[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """What the skip policy adds to a group's key: the policy and a digest of the skipped set
+    (so a rebuild under the other policy, or with other files bad, is another group). The
+    default policy adds nothing, so default builds keep their keys."""
+    import hashlib
+
+    if policy == "fail":
+        return ()
+    digest = hashlib.sha256("\n".join(sorted(sid for sid, _ in skipped)).encode()).hexdigest()[:16]
+    return (("bad_images", policy), ("skipped", f"{len(skipped)} files, sha256 {digest}"))
 
 
 def _extract(plan: _Plan, fs: FeatureStore, split: str, specs: dict[str, ExtractionSpec], say) -> list[Group]:
@@ -403,7 +452,8 @@ def _extract(plan: _Plan, fs: FeatureStore, split: str, specs: dict[str, Extract
         targets = []
         versions = _versions()
         for layer, spec in specs.items():
-            t = _open_target(fs, spec, src, index, plan.widths[layer], versions, plan.weights, plan.device)
+            t = _open_target(fs, spec, src, index, plan.widths[layer], versions, plan.weights, plan.device,
+                             plan.skipped.get(split, []))
             if t is None:
                 say(f"featstore: {spec.group_name()} is already complete")
             else:
@@ -417,7 +467,7 @@ def _extract(plan: _Plan, fs: FeatureStore, split: str, specs: dict[str, Extract
         return [fs.group(name) for name in names]
 
 
-def _open_target(fs: FeatureStore, spec: ExtractionSpec, src, index, d: int, versions, winfo, device):
+def _open_target(fs: FeatureStore, spec: ExtractionSpec, src, index, d: int, versions, winfo, device, skipped):
     """Create the group (atomically, via a rename) or reopen a partial one to resume."""
 
     name = spec.group_name()
@@ -441,7 +491,7 @@ def _open_target(fs: FeatureStore, spec: ExtractionSpec, src, index, d: int, ver
                        f"and build again")
     else:
         tmp = fs.new_group_dir(name)
-        _create_group(tmp, spec, src, index, d, versions, winfo, device)
+        _create_group(tmp, spec, src, index, d, versions, winfo, device, skipped)
         faults.point("group-created")
         os.replace(tmp, Path(fs.path) / name)  # atomic: the group appears whole or not at all
         fs.reopen()
@@ -456,7 +506,7 @@ def _open_target(fs: FeatureStore, spec: ExtractionSpec, src, index, d: int, ver
     return _Target(spec, z, n, done, z["features"], views_arr, progress)
 
 
-def _create_group(path: Path, spec: ExtractionSpec, src, index, d: int, versions, winfo, device) -> None:
+def _create_group(path: Path, spec: ExtractionSpec, src, index, d: int, versions, winfo, device, skipped) -> None:
     import zarr
     import zarr.storage
 
@@ -478,6 +528,8 @@ def _create_group(path: Path, spec: ExtractionSpec, src, index, d: int, versions
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     }
+    if dict(spec.extra).get("bad_images") == "skip":  # the files left out, with why (featstore info, Group.skipped)
+        meta["skipped"] = [{"sample": sid, "reason": why} for sid, why in skipped]
     g = zarr.open_group(zarr.storage.LocalStore(str(path)), mode="w", attributes={META: meta})
     kw = dict(config={"write_empty_chunks": True})
     g.create_array("features", shape=(n, d), chunks=(rows, d), dtype=spec.dtype, fill_value=0, **kw)
@@ -513,7 +565,7 @@ def _run_pass(extractor, backbone, targets, src, index, eval_tf, aug_tf, seed, n
     for view, start, stop in work:
         for b in range(start, stop, batch_size):
             batches.append([(view, r) for r in range(b, min(b + batch_size, stop))])
-    items = _Items(src, index, eval_tf, aug_tf, seed)
+    items = _Items(src, index, eval_tf, aug_tf, seed, shape=tuple(targets[0][1].spec.transform.input_size))
     loader = DataLoader(
         items,
         batch_sampler=batches,
@@ -532,7 +584,14 @@ def _run_pass(extractor, backbone, targets, src, index, eval_tf, aug_tf, seed, n
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.startswith("cuda") else _nullcontext()
     try:
         with torch.inference_mode():
-            for batch, x in zip(batches, loader):
+            for batch, (x, failures) in zip(batches, loader):
+                failed = [f for f in failures if f]
+                if failed:  # a file the check did not catch (or no check): stop here, resumable
+                    raise BadImagesError(
+                        dataset=label, files=failed,
+                        fix="The groups stay 'building' with every chunk written so far: replace or remove the "
+                            "file(s) and re-run the same command to resume, or build with --bad-images skip (and "
+                            "the check on) to leave such files out")
                 x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 with autocast:
                     out = extractor(x)

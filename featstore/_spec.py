@@ -135,6 +135,8 @@ class ExtractionSpec(Parameters):
     def from_dict(cls, d: dict[str, Any]) -> "ExtractionSpec":
         d = dict(d)
         d["transform"] = TransformSpec.from_dict(d["transform"])
+        if "extra" in d:  # JSON stores the (key, value) pairs as lists
+            d["extra"] = tuple(tuple(pair) for pair in d["extra"])
         return cls(**d)
 
     def key(self) -> str:

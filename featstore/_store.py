@@ -147,6 +147,11 @@ class Group:
         return int(self.spec.views)
 
     @property
+    def skipped(self) -> list[dict[str, str]]:
+        """The files a ``--bad-images skip`` build left out: [{"sample": id, "reason": ...}]."""
+        return list(self.meta.get("skipped", []))
+
+    @property
     def provenance(self) -> dict[str, Any]:
         return dict(self.meta.get("provenance", {}))
 

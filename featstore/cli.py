@@ -82,7 +82,8 @@ def _cmd_info(a) -> int:
     g = [x for x in fs.groups(include_incomplete=True) if x.name == a.group][0]
     info = {"name": g.name, "state": g.state, "n_samples": g.n_samples, "n_neurons": g.n_neurons,
             "classes": g.classes, "spec": g.spec.to_dict(), "key": g.spec.key(),
-            "provenance": g.provenance, "timings": g.timings, "bytes_on_disk": g.nbytes_on_disk()}
+            "provenance": g.provenance, "timings": g.timings, "bytes_on_disk": g.nbytes_on_disk(),
+            "skipped": g.skipped}
     print(json.dumps(info, indent=2))
     return 0
 

@@ -37,6 +37,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "DatasetNotFoundError",
     "InvalidDatasetError",
+    "BadImagesError",
     "StoreError",
     "StoreNotFoundError",
     "NotAFeatureStoreError",
@@ -233,6 +234,18 @@ class InvalidDatasetError(FeatstoreError, ValueError):
     differing between splits, ...). Fields: ``dataset``, ``problem``."""
 
     _msg = "dataset {dataset!r}: {problem}"
+
+
+class BadImagesError(InvalidDatasetError):
+    """Image files that cannot be decoded. Fields: ``dataset``, ``files`` (["path: reason", ...]),
+    ``fix`` (what to do)."""
+
+    _msg = "dataset {dataset!r}: {n} bad image file{s}: {listed}. {fix}"
+
+    def _prepare(self, fields):
+        files = list(fields["files"])
+        listed = "; ".join(files[:50]) + (f"; ... (+{len(files) - 50} more)" if len(files) > 50 else "")
+        return {**fields, "n": len(files), "s": "" if len(files) == 1 else "s", "listed": listed}
 
 
 # ----------------------------------------------------------------------------- the store

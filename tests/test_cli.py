@@ -227,7 +227,7 @@ def test_messages_name_only_flags_that_exist():
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(limit="5"), errors.InvalidParameterError, "build.limit: expected an integer >= 1 (or left out); got '5' (string)"),
     (dict(progress="false"), errors.InvalidParameterError, "build.progress: expected true or false; got 'false' (string)"),
-    (dict(limt=5), errors.UnknownKeyError, "Unknown key build.limt (= 5); allowed here: batch_size, checkpoint"),
+    (dict(limt=5), errors.UnknownKeyError, "Unknown key build.limt (= 5); allowed here: bad_images, batch_size, check, checkpoint"),
     (dict(layers=["pre_logits", "../x"]), errors.InvalidParameterError, "build.layers[1]: expected a name without"),
 ])
 def test_build_keywords_are_checked_like_the_options(tmp_path, tiny, kwargs, error, message):
