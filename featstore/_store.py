@@ -68,12 +68,13 @@ def _is_url(path: str) -> bool:
     return "://" in str(path)
 
 
-def _zarr_store(path: str | os.PathLike, read_only: bool):
+def _zarr_store(path: str | os.PathLike, read_only: bool, storage_options: dict | None = None):
     """A zarr store for a local path (atomic writes) or any fsspec URL."""
     import zarr.storage
 
     if _is_url(str(path)):
-        return zarr.storage.FsspecStore.from_url(str(path), read_only=read_only)
+        return zarr.storage.FsspecStore.from_url(str(path), read_only=read_only,
+                                                 storage_options=storage_options or None)
     return zarr.storage.LocalStore(str(path), read_only=read_only)
 
 
@@ -407,20 +408,27 @@ class FeatureStore:
         ``r`` opens an existing store read-only; ``a`` creates it if needed.
     """
 
-    def __init__(self, path: str | os.PathLike = DEFAULT_STORE, mode: str = "r"):
+    def __init__(self, path: str | os.PathLike = DEFAULT_STORE, mode: str = "r", storage_options: dict | None = None):
         import zarr
 
         if mode not in ("r", "a"):
             raise InvalidParameterError(key="mode", value=mode, expected="'r' (read) or 'a' (create/append)")
         self.path = str(path) if _is_url(str(path)) else str(Path(path).expanduser())
         self.mode = mode
+        self.storage_options = dict(storage_options or {})
         if mode == "a":
             _check_writable(self.path)
         else:
-            if not _is_url(self.path) and not Path(self.path).exists():
+            if _is_url(self.path):
+                from .remote import remote_fs
+
+                fs, root = remote_fs(self.path, self.storage_options)  # bucket and credentials, one clear error
+                if not fs.exists(f"{root}/zarr.json"):
+                    raise StoreNotFoundError(path=self.path)
+            elif not Path(self.path).exists():
                 raise StoreNotFoundError(path=self.path)
         self._check_foreign()
-        store = _zarr_store(self.path, read_only=(mode == "r"))
+        store = _zarr_store(self.path, read_only=(mode == "r"), storage_options=self.storage_options)
         if mode == "a" and not self._has_root():
             if _is_url(self.path):
                 root = zarr.open_group(store, mode="a")
@@ -620,7 +628,8 @@ class FeatureStore:
     def reopen(self) -> None:
         import zarr
 
-        self._root = zarr.open_group(_zarr_store(self.path, read_only=self.mode == "r"), mode="r" if self.mode == "r" else "a")
+        self._root = zarr.open_group(_zarr_store(self.path, read_only=self.mode == "r",
+                                                 storage_options=self.storage_options), mode="r" if self.mode == "r" else "a")
 
 
 def _create_local_root(path: str) -> None:
@@ -657,11 +666,12 @@ def _check_writable(path: str) -> None:
         raise StoreNotWritableError(path=path, reason=f"{str(probe)!r} denies write access")
 
 
-def open(path: str | os.PathLike = DEFAULT_STORE) -> FeatureStore:  # noqa: A001 - public API name
-    """Open a feature store read-only (the notebook entry point).
+def open(path: str | os.PathLike = DEFAULT_STORE, storage_options: dict | None = None) -> FeatureStore:  # noqa: A001
+    """Open a feature store read-only (the notebook entry point): a local path or an fsspec
+    URL (``s3://bucket/featstore.zarr``; ``storage_options`` go to fsspec).
 
     >>> import featstore
     >>> s = featstore.open("data/featstore.zarr")
     >>> s.groups()
     """
-    return FeatureStore(path, mode="r")
+    return FeatureStore(path, mode="r", storage_options=storage_options)

@@ -18,6 +18,7 @@ import sys
 from . import _build, datasets, models, params
 from ._store import DEFAULT_STORE, FeatureStore
 from .errors import FeatstoreError, GroupNotFoundError
+from .remote import parse_storage_options, push
 
 __all__ = ["main"]
 
@@ -55,7 +56,7 @@ def _cmd_build(a) -> int:
 
 
 def _cmd_ls(a) -> int:
-    fs = FeatureStore(a.store, mode="r")
+    fs = FeatureStore(a.store, mode="r", storage_options=parse_storage_options(a.storage_option))
     rows = [g.summary() for g in fs.groups(include_incomplete=a.all)]
     if a.json:
         print(json.dumps(rows, indent=2))
@@ -75,7 +76,7 @@ def _cmd_ls(a) -> int:
 
 
 def _cmd_info(a) -> int:
-    fs = FeatureStore(a.store, mode="r")
+    fs = FeatureStore(a.store, mode="r", storage_options=parse_storage_options(a.storage_option))
     names = fs.group_names()
     if a.group not in names:
         raise GroupNotFoundError(name=a.group, store=a.store, known=names)
@@ -89,7 +90,7 @@ def _cmd_info(a) -> int:
 
 
 def _cmd_verify(a) -> int:
-    fs = FeatureStore(a.store, mode="r")
+    fs = FeatureStore(a.store, mode="r", storage_options=parse_storage_options(a.storage_option))
     groups = fs.groups(include_incomplete=True)
     if a.groups:
         unknown = set(a.groups) - {g.name for g in groups}
@@ -126,6 +127,15 @@ def _cmd_rm(a) -> int:
     return 0
 
 
+def _cmd_push(a) -> int:
+    done = push(a.store, a.url, a.groups, storage_options=parse_storage_options(a.storage_option),
+                progress=not a.no_progress)
+    for name, what in done:
+        print(f"{what:13s} {name}")
+    print(f"{sum(w == 'pushed' for _, w in done)} group(s) pushed to {a.url}")
+    return 0
+
+
 def _cmd_layers(a) -> int:
     import contextlib
     import io
@@ -155,14 +165,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_build(sub)
     p = sub.add_parser("ls", help="list the groups of a store")
     p.add_argument("--store", default=DEFAULT_STORE)
+    _add_storage_option(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--all", action="store_true", help="include incomplete (building) groups")
     p = sub.add_parser("info", help="show a group's full extraction spec and provenance")
     p.add_argument("group")
     p.add_argument("--store", default=DEFAULT_STORE)
+    _add_storage_option(p)
     p = sub.add_parser("verify", help="check every chunk is present and readable, no NaN/Inf, labels in range")
     p.add_argument("groups", nargs="*", help="groups to check (default: all)")
     p.add_argument("--store", default=DEFAULT_STORE)
+    _add_storage_option(p)
+    p = sub.add_parser("push", help="copy complete groups to object storage (s3://...); resumable",
+                       description="Copy complete groups of a local store to an fsspec URL. A group becomes "
+                       "visible there only when it is whole (its metadata is uploaded last); re-run an "
+                       "interrupted push to resume it. Credentials come from the usual environment "
+                       "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL) or --storage-option.")
+    p.add_argument("store", help="the local store")
+    p.add_argument("url", help="where to copy it, e.g. s3://bucket/featstore.zarr (the bucket must exist)")
+    p.add_argument("groups", nargs="*", help="group names (default: every complete group)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_storage_option(p)
     p = sub.add_parser("rm", help="delete groups (named, or every incomplete one); never one being built",
                        description="Delete feature groups. Every name is checked and every group's build lock "
                        "taken before anything is deleted, so an unknown name or a group being built changes nothing.")
@@ -181,7 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_storage_option(p) -> None:
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an fsspec option for a URL store, e.g. endpoint_url=http://127.0.0.1:9000 (repeatable; "
+                        "values stay text)")
+
+
 COMMANDS = {"build": _cmd_build, "ls": _cmd_ls, "info": _cmd_info, "verify": _cmd_verify, "rm": _cmd_rm,
+            "push": _cmd_push,
             "layers": _cmd_layers, "datasets": _cmd_datasets}
 ENTRY_POINT_GROUP = "featstore.commands"
 

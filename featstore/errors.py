@@ -390,3 +390,10 @@ class CorruptResultsError(StoreError):
 
     _msg = ("results of task {task} in {path}: {problem}; remove results/{task}.parquet and done/{task}.json "
             "and re-run the sweep to redo that task")
+
+
+class RemoteStoreError(StoreError):
+    """An object-storage URL that cannot be reached as asked (missing bucket, refused
+    credentials, no endpoint). Fields: ``url``, ``reason``, ``fix``."""
+
+    _msg = "store {url!r}: {reason}. {fix}"

@@ -11,6 +11,7 @@ a power cut or the OOM killer) the N-th time it reaches ``POINT``. Points:
 ``task-rows``      a sweep task's rows are committed, its done record is not yet written
 ``task-done``      a sweep task's done record is written
 ``remove-renamed`` ``featstore rm`` moved a group into the trash, not yet deleted
+``push-file``      ``featstore push`` uploaded one more file of a group, not yet its metadata
 
 With ``FEATSTORE_FAULT_ONCE=PATH`` the fault fires only while PATH does not exist (it
 is created just before the kill), so a restarted worker process does not die again.

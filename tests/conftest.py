@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -92,3 +93,63 @@ def demo_store(tmp_path_factory):
 
 
 from .test_sweep import reference, spec_file, sweep_store  # noqa: E402,F401 - shared sweep fixtures
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API on loopback: moto's server (as s3fs's own tests use), in its own
+    process, with authentication on. Its first three requests (unauthenticated, as moto
+    allows with INITIAL_NO_AUTH_ACTION_COUNT) create an IAM user with S3 rights and its
+    access key; every request after that must be signed with that key.
+    Yields ``{"endpoint": URL, "key": ..., "secret": ...}``."""
+    import socket
+    import time
+    import urllib.request
+
+    pytest.importorskip("moto.server", reason="moto[server] is in the test extra: pip install -e '.[test]'")
+    boto3 = pytest.importorskip("boto3")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3", "MOTO_ALLOW_NONEXISTENT_REGION": "True"}
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2)  # moto's own dashboard: no auth counted
+            break
+        except Exception:  # noqa: BLE001 - not up yet
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"moto server did not start on {endpoint}") from None
+            time.sleep(0.2)
+    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="boot",
+                       aws_secret_access_key="boot")
+    iam.create_user(UserName="featstore")
+    iam.put_user_policy(UserName="featstore", PolicyName="s3", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+    key = iam.create_access_key(UserName="featstore")["AccessKey"]
+    yield {"endpoint": endpoint, "key": key["AccessKeyId"], "secret": key["SecretAccessKey"]}
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The loopback S3 endpoint with valid credentials in the environment (for this process
+    and every process it starts) and a fresh, empty bucket. Yields ``(bucket url, server)``."""
+    import uuid
+
+    import fsspec
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server["key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server["secret"])
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server["endpoint"])
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    fsspec.filesystem("s3").clear_instance_cache()
+    bucket = f"b-{uuid.uuid4().hex[:12]}"
+    fsspec.filesystem("s3", skip_instance_cache=True).mkdir(bucket)
+    yield f"s3://{bucket}", s3_server
+    fsspec.filesystem("s3").clear_instance_cache()
