@@ -11,7 +11,7 @@ import timm
 import torch
 
 from featstore import errors
-from featstore import make_transforms, resolve_transform
+from featstore import load_split, make_transforms, resolve_transform
 from featstore.models import (
     FeatureExtractor,
     create_backbone,
@@ -218,7 +218,6 @@ def test_robustness_library_checkpoint_builds_the_models_own_features(tmp_path, 
     module.attacker.model.*, module.normalizer.*}, 'epoch': ...}. The stored features equal the
     model's own forward on the same weights, behind the checkpoint's own normaliser."""
     import featstore
-    from featstore import load_split
 
     torch.manual_seed(3)
     model = timm.create_model("test_resnet")
@@ -235,14 +234,7 @@ def test_robustness_library_checkpoint_builds_the_models_own_features(tmp_path, 
                            store=tmp_path / "s.zarr")
     assert g.spec.transform.mean == pytest.approx(mean) and g.spec.transform.std == pytest.approx(std)
     assert "adapters=robustness" in g.provenance["weights"]["description"]
-    model.reset_classifier(0)
-    model.eval()
-    eval_tf, _ = make_transforms(g.spec.transform)
-    src = load_split(f"imagefolder:{image_folder}", "test")
-    with torch.no_grad():
-        want = np.stack([model.forward_head(model.forward_features(eval_tf(src.image(i))[None]), pre_logits=True)[0]
-                         .numpy() for i in g.sample_index])
-    np.testing.assert_allclose(g.numpy(), want, rtol=1e-4, atol=1e-4)
+    _assert_timm_features(g, model, image_folder)
     # two checkpoints of one model in one store: a prefix of the weights' sha256 picks one
     torch.manual_seed(4)
     other = timm.create_model("test_resnet")
@@ -295,7 +287,6 @@ def test_torchvision_vgg_checkpoint_builds_the_models_own_features(tmp_path, ima
     """A VGG11 saved with torchvision's key layout (classifier.0/3/6 as Linear layers) loads
     through the adapter; the stored features equal timm's own forward on the same weights."""
     import featstore
-    from featstore import load_split
 
     torch.manual_seed(5)
     model = timm.create_model("vgg11")
@@ -313,6 +304,11 @@ def test_torchvision_vgg_checkpoint_builds_the_models_own_features(tmp_path, ima
                            dataset=f"imagefolder:{image_folder}", splits="test", image_size=64, workers=0,
                            progress=False, dtype="float32", store=tmp_path / "s.zarr")
     assert "adapters=torchvision-vgg" in g.provenance["weights"]["description"]
+    _assert_timm_features(g, model, image_folder)
+
+
+def _assert_timm_features(g, model, image_folder) -> None:
+    """The group's features equal timm's own pre-logits forward of ``model`` on its images."""
     model.reset_classifier(0)
     model.eval()
     eval_tf, _ = make_transforms(g.spec.transform)
