@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one run, for a short lease on a GPU machine:
 # the CUDA tests (probe engine on the GPU and streamed from pinned host memory, bf16,
-# projection modes, the autocast build, a sweep) and the probe benchmarks (K = 507 with
-# baselines, bf16, and the paper-scale run whose goal is under a minute on one H100).
+# every selection mode, the autocast build, a sweep), the paper-scale probe benchmark in
+# fp32 / TF32 / bf16 (goal: <= 2 s on one H100) with a profile of where the time goes, the
+# build benchmark on a JPEG folder (goal: build >= 0.9 x the backbone's synthetic-tensor
+# rate, resnet50 at 224 px) and the CKA benchmark.
 #
 # Here (with PyPI):            bash benchmarks/gpu_wheels.sh     # wheels the GPU image lacks -> .whl/
-# On the GPU machine:          bash benchmarks/gpu_check.sh      # carry .whl; logs go to $OUT (or /tmp)
+# On the GPU machine:          bash benchmarks/gpu_check.sh [STEP ...]   # carry .whl; logs go to $OUT (or /tmp)
 #
 # Each step is limited (STEP_TIMEOUT, default 240 s) and a failing step does not stop the
-# next; the exit code is the number of failed steps.
+# next; the exit code is the number of failed steps. Naming steps runs only those.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR=${OUT:-/tmp/featstore-gpu-check}
@@ -21,9 +23,14 @@ if [ -d .whl ]; then
 else
   export PYTHONPATH=$PWD
 fi
+# featstore's own metadata (the `featstore.commands` entry points); the code itself is the working tree's
+$PY -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/site . >/dev/null 2>&1 \
+  && export PYTHONPATH=$PWD:/tmp/site || echo "gpu_check: featstore's metadata not installed (CLI sub-commands missing)"
 failed=0
+only=" $* "
 step() {
   local name=$1; shift
+  if [ "$only" != "  " ] && [[ "$only" != *" $name "* ]]; then return; fi
   echo "== $name: $*" | tee -a "$LOG_DIR/gpu_check.log"
   local t0=$SECONDS
   timeout "${STEP_TIMEOUT:-240}" "$@" 2>&1 | tee -a "$LOG_DIR/gpu_check.log"
@@ -31,11 +38,14 @@ step() {
   echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$LOG_DIR/gpu_check.log"
   [ "$rc" = 0 ] || failed=$((failed + 1))
 }
-step device nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-step torch $PY -c "import torch, featstore, probes, pipelines; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
+step device nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+step torch $PY -c "import os, torch, featstore, probes, pipelines; print('torch', torch.__version__, torch.cuda.get_device_name(0), os.cpu_count(), 'cores')"
 step tests $PY -m pytest -q -p no:cacheprovider -m gpu -rA tests/test_probes.py tests/test_build_store.py tests/test_sweep.py
-step bench-k507 $PY benchmarks/bench_probes.py --repeats 2
-step bench-bf16 $PY benchmarks/bench_probes.py --precision bf16 --no-baselines --repeats 2
-step bench-paper-scale $PY benchmarks/bench_probes.py --paper-scale --no-baselines --repeats 1
+for prec in fp32 tf32 bf16; do
+  extra=""; [ "$prec" = fp32 ] && extra="--profile"
+  step "paper-$prec" $PY benchmarks/bench_probes.py --paper-scale --precision $prec --orders per-seed --no-baselines --repeats 2 $extra
+done
+step build $PY benchmarks/bench_build.py --device cuda --dataset jpeg --images 4000 --models resnet50,tf_efficientnet_lite0 --repeats 1
+step cka $PY benchmarks/bench_cka.py --baseline-subsets 2
 echo "gpu_check: $failed step(s) failed; log in $LOG_DIR/gpu_check.log"
 exit $failed

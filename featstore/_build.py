@@ -291,7 +291,8 @@ class BuildOptions(Parameters):
     batch_size: Annotated[int, Field(ge=1)] | None = None
     """Forward batch size (default: 16 on CPU, 256 on CUDA)."""
     workers: Annotated[int, Field(ge=0)] | None = None
-    """DataLoader worker processes (default: min(4, cores - 1))."""
+    """DataLoader worker processes (default: on CPU min(4, cores - 1), the forward needs the rest; on CUDA
+    cores - 1, decoding is what feeds the GPU)."""
     device: Device = "auto"
     """auto (cuda when present), cpu, cuda or cuda:N."""
     image_size: Annotated[int, Field(ge=8)] | None = None
@@ -302,6 +303,13 @@ class BuildOptions(Parameters):
     """Show a progress bar with images/s."""
     wait: bool = True
     """When another build holds a group, wait for it (else exit with an error)."""
+
+
+def default_workers(device: str) -> int:
+    """DataLoader workers when --workers is not given: on CPU the forward pass needs the cores,
+    so at most 4 decode; on a GPU decoding is the bottleneck, so every core but the main one."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, cores - 1) if device.startswith("cuda") else max(0, min(4, cores - 1))
 
 
 @dataclass
@@ -396,7 +404,7 @@ def _plan(o: BuildOptions) -> _Plan:
     # channels_last is ~2x faster for these convnets on CPU and the norm on GPU
     backbone.to(device=device, memory_format=torch.channels_last)
     return _Plan(o, dataset, device, o.batch_size or (256 if device.startswith("cuda") else 16),
-                 o.workers if o.workers is not None else max(0, min(4, (os.cpu_count() or 1) - 1)),
+                 o.workers if o.workers is not None else default_workers(device),
                  backbone, winfo, extractor, tspec, widths, sources, skipped)
 
 
