@@ -128,13 +128,13 @@ def bare_forward(model_name, dataset, split, images, batch_size, workers, device
     return len(index) / (time.perf_counter() - t0)
 
 
-def featstore_build(model_name, dataset, split, images, batch_size, workers, device):
+def featstore_build(model_name, dataset, split, images, batch_size, workers, device, decode="pil"):
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         # small chunks so that several compressed writes happen during the pass
         (g,) = featstore.build(model=model_name, weights=_weights(model_name), dataset=dataset, splits=split,
                                limit=images, store=os.path.join(tmp, "s.zarr"), batch_size=batch_size,
-                               workers=workers, device=device, progress=False, chunk_rows=128)
+                               workers=workers, device=device, progress=False, chunk_rows=128, decode=decode)
         wall = time.perf_counter() - t0
         return g.timings["images_per_second"], images / wall
 
@@ -148,6 +148,8 @@ def main():
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--dataset", choices=("fashion-mnist", "jpeg"), default="fashion-mnist")
     p.add_argument("--models", default=featstore.models.EMBEDDED_MODEL, help="comma-separated timm names")
+    p.add_argument("--decodes", default="pil", help="build with each of these --decode choices (comma-separated: "
+                                                      "pil, device)")
     a = p.parse_args()
     device = resolve_device(a.device)
     bs = a.batch_size or (256 if device == "cuda" else 16)
@@ -164,25 +166,32 @@ def main():
     where = torch.cuda.get_device_name() if device == "cuda" else f"{os.cpu_count()} CPU cores"
     print(f"device={device} ({where}) cores={os.cpu_count()} batch_size={bs} workers={a.workers} "
           f"images={a.images} dataset={a.dataset}")
+    decodes = a.decodes.split(",")
     for model_name in a.models.split(","):
-        synth, bare, build_pass, build_wall = [], [], [], []
+        synth, bare = [], []
+        build_pass: dict = {d: [] for d in decodes}
+        build_wall: dict = {d: [] for d in decodes}
         print(f"model={model_name} ({'embedded weights' if _weights(model_name) is None else 'random weights'})")
         for r in range(a.repeats):  # interleaved, so drift in machine load hits all alike
             synth.append(synthetic_forward(model_name, a.images, bs, device))
             bare.append(bare_forward(model_name, dataset, split, a.images, bs, a.workers, device))
-            pass_rate, wall_rate = featstore_build(model_name, dataset, split, a.images, bs, a.workers, device)
-            build_pass.append(pass_rate)
-            build_wall.append(wall_rate)
-            print(f"  run {r + 1}: synthetic forward {synth[-1]:.1f} img/s | bare loop {bare[-1]:.1f} img/s | "
-                  f"featstore build pass {pass_rate:.1f} img/s (end to end incl. model load and store setup "
-                  f"{wall_rate:.1f} img/s)")
-        s, b, f, w = np.median(synth), np.median(bare), np.median(build_pass), np.median(build_wall)
+            line = f"  run {r + 1}: synthetic forward {synth[-1]:.1f} img/s | bare loop {bare[-1]:.1f} img/s"
+            for d in decodes:
+                pass_rate, wall_rate = featstore_build(model_name, dataset, split, a.images, bs, a.workers, device, d)
+                build_pass[d].append(pass_rate)
+                build_wall[d].append(wall_rate)
+                line += f" | build --decode {d} {pass_rate:.1f} img/s (end to end {wall_rate:.1f})"
+            print(line)
+        s, b = np.median(synth), np.median(bare)
         print(f"  medians over {a.repeats} interleaved runs ({model_name}):")
         print(f"  synthetic forward : {s:8.1f} images/s  (the backbone alone: the ceiling)")
-        print(f"  bare loop         : {b:8.1f} images/s")
-        print(f"  featstore build   : {f:8.1f} images/s  (end to end: {w:.1f})")
-        print(f"  ratio build/bare  : {f / b:8.3f}   (goal >= 0.9)")
-        print(f"  ratio build/synthetic forward: {f / s:8.3f}   (GPU goal >= 0.9)")
+        print(f"  bare loop         : {b:8.1f} images/s  (PIL in {a.workers} DataLoader workers + forward)")
+        for d in decodes:
+            f, w = np.median(build_pass[d]), np.median(build_wall[d])
+            print(f"  featstore build --decode {d}: {f:8.1f} images/s  (end to end incl. model load, file check and "
+                  f"store setup: {w:.1f})")
+            print(f"    ratio build/bare loop : {f / b:8.3f}   (CPU goal >= 0.9)")
+            print(f"    ratio build/synthetic : {f / s:8.3f}   (GPU goal >= 0.9)")
     if tmp is not None:
         tmp.cleanup()
 

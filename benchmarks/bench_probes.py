@@ -121,6 +121,7 @@ def main():
                         "matmul rate is measured in the same precision")
     p.add_argument("--orders", default="per-seed,shared",
                    help="minibatch orders to time (comma-separated; the first listed is reported)")
+    p.add_argument("--eager", action="store_true", help="CUDA: every kernel launched from Python (cuda_graphs=False)")
     p.add_argument("--profile", action="store_true",
                    help="also profile a 2-epoch fit: kernel time vs wall time, and the costliest operators")
     p.add_argument("--no-baselines", action="store_true", help="time the engine and the matmul rate only")
@@ -140,11 +141,11 @@ def main():
     Xtr, ytr, Xte, yte = X[:a.n], y[:a.n], X[a.n:], y[a.n:]
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
     print(f"device={device} ({name}) n={a.n} d={a.d} C={a.classes} fractions=22 seeds={a.seeds} epochs={a.epochs} "
-          f"precision={a.precision}")
+          f"precision={a.precision}{' eager' if a.eager else ''}")
 
     def fit_time(order):
         est = SubsetProbes(fractions=PAPER_FRACTIONS, seeds=tuple(range(a.seeds)), epochs=a.epochs, device=device,
-                           precision=engine_precision, minibatch_order=order)
+                           precision=engine_precision, minibatch_order=order, cuda_graphs=not a.eager)
         times = []
         for _ in range(a.repeats):  # best of: the same fair treatment as the matmul rate
             t0 = time.perf_counter()

@@ -40,12 +40,13 @@ step() {
 }
 step device nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 step torch $PY -c "import os, torch, featstore, probes, pipelines; print('torch', torch.__version__, torch.cuda.get_device_name(0), os.cpu_count(), 'cores')"
-step tests $PY -m pytest -q -p no:cacheprovider -m gpu -rA tests/test_probes.py tests/test_build_store.py tests/test_sweep.py
+step tests $PY -m pytest -q -p no:cacheprovider -m gpu -rA tests/test_probes.py tests/test_build_store.py tests/test_sweep.py tests/test_decode.py
 for prec in fp32 tf32 bf16; do
   extra=""; [ "$prec" = fp32 ] && extra="--profile"
   step "paper-$prec" $PY benchmarks/bench_probes.py --paper-scale --precision $prec --orders per-seed --no-baselines --repeats 2 $extra
 done
-step build $PY benchmarks/bench_build.py --device cuda --dataset jpeg --images 4000 --models resnet50,tf_efficientnet_lite0 --repeats 1
+step paper-fp32-eager $PY benchmarks/bench_probes.py --paper-scale --precision fp32 --orders per-seed --no-baselines --repeats 2 --eager
+step build $PY benchmarks/bench_build.py --device cuda --dataset jpeg --images 4000 --models resnet50,tf_efficientnet_lite0 --decodes pil,device --repeats 1
 step cka $PY benchmarks/bench_cka.py --baseline-subsets 2
 echo "gpu_check: $failed step(s) failed; log in $LOG_DIR/gpu_check.log"
 exit $failed

@@ -24,6 +24,7 @@ import numpy as np
 from pydantic import Field
 
 from . import datasets, faults, models
+from ._decode import Decode, DevicePreprocess
 from ._device import Device, resolve_device
 from .models import MappingName, WeightSourceName
 from ._spec import (
@@ -42,6 +43,7 @@ from ._spec import (
 from ._store import DEFAULT_STORE, META, FeatureStore, Group, _check_writable
 from .errors import (
     BadImagesError,
+    IncompatibleParametersError,
     InvalidDatasetError,
     InvalidParameterError,
     StaleGroupError,
@@ -175,26 +177,49 @@ def _view_seed(seed: int, view: int, index: int) -> int:
 
 
 class _Items:
-    """Map-style dataset of (view, row) items -> preprocessed image tensors."""
+    """Map-style dataset of (view, row) items -> preprocessed image tensors.
 
-    def __init__(self, source, index: np.ndarray, eval_tf, aug_tf, seed: int, shape: tuple[int, ...]):
+    With ``raw_jpeg`` (``decode="device"``), a clean-pass item whose file is a JPEG the device
+    path takes is its file's bytes instead, decoded and preprocessed in the main process on
+    the device (``_decode.DevicePreprocess``); items are then (tensor, failure, is_raw).
+    """
+
+    def __init__(self, source, index: np.ndarray, eval_tf, aug_tf, seed: int, shape: tuple[int, ...],
+                 raw_jpeg: bool = False):
         self.source = source
         self.index = index
         self.eval_tf = eval_tf
         self.aug_tf = aug_tf
         self.seed = seed
         self.shape = shape
+        self.raw_jpeg = raw_jpeg and source.files is not None
 
     def __len__(self):
         return len(self.index)
 
     def __getitem__(self, item):
+        if not self.raw_jpeg:
+            return self.pil_item(*item)
+        import torch
+
+        from ._decode import raw_jpeg
+
+        view, row = item
+        if view == 0:
+            try:
+                data = raw_jpeg(self.source.files[int(self.index[row])])
+            except OSError:
+                data = None  # unreadable: the PIL path names the file and why
+            if data is not None:
+                return torch.frombuffer(bytearray(data), dtype=torch.uint8), "", True
+        return (*self.pil_item(view, row), False)
+
+    def pil_item(self, view, row):
         """(the preprocessed image, "") or, when the file cannot be decoded, (zeros, "path: reason"):
         the pass stops at the batch holding it and names it (a DataLoader worker's exception
         would lose which file it was)."""
         import torch
 
-        view, row = item
         try:
             img = self.source.image(self.index[row])
         except Exception as e:  # decoding is the file's problem, never the pass's
@@ -206,6 +231,32 @@ class _Items:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_view_seed(self.seed, view, int(self.index[row])))
             return self.aug_tf(img), ""
+
+
+def _collate_items(items):
+    return items  # device decoding: raw JPEG bytes of varying length, assembled by _device_batch
+
+
+def _device_batch(got, batch, items: _Items, decoder, device):
+    """(the batch (B, 3, H, W) on the device, failures) from items of the device-decode path:
+    raw JPEGs decoded and preprocessed together there, the rest (PIL-preprocessed) copied in."""
+    import torch
+
+    parts: list = [None] * len(got)
+    failures = [f for _, f, _ in got]
+    raw = [i for i, (_, _, is_raw) in enumerate(got) if is_raw]
+    if raw:
+        for i, t in zip(raw, decoder([got[i][0] for i in raw])):
+            if t is None:  # the device decoder refused the file: PIL takes it, here
+                t, failures[i] = items.pil_item(*batch[i])
+                t = t.to(device)
+            parts[i] = t
+    rest = [i for i, (_, _, is_raw) in enumerate(got) if not is_raw]
+    if rest:
+        moved = torch.stack([got[i][0] for i in rest]).to(device, non_blocking=True)
+        for j, i in enumerate(rest):
+            parts[i] = moved[j]
+    return torch.stack(parts), failures
 
 
 @dataclass
@@ -283,6 +334,11 @@ class BuildOptions(Parameters):
     """Image files that cannot be decoded (empty, truncated, not an image, too large): fail (one error naming
     each, before any group is created) or skip (left out; the group records them, and the policy and the
     skipped set are part of its key)."""
+    decode: Decode = "pil"
+    """Where the clean pass's JPEG files are decoded and preprocessed: pil (PIL in the DataLoader workers) or
+    device (the workers only read the bytes; torchvision decodes batches on the build's device, nvJPEG on CUDA,
+    and the model's resize, crop and normalisation run there; what it cannot take, the augmented views and
+    non-JPEG files, goes through PIL). Part of the group's key: the pixels differ by rounding."""
     check: bool = True
     """Check every image file before the pass (a fast parallel header and reduced-size decode); turn off for
     trusted data (a bad file then stops the pass where it is, resumable)."""
@@ -328,6 +384,7 @@ class _Plan:
     widths: dict[str, int]  # neurons per layer
     sources: dict[str, datasets.ImageSource]  # per split
     skipped: dict[str, list[tuple[str, str]]]  # per split: (sample id, reason) of the files left out
+    decoder: object = None  # _decode.DevicePreprocess with decode="device"
 
     @property
     def compute(self) -> str:
@@ -401,11 +458,19 @@ def _plan(o: BuildOptions) -> _Plan:
     for split, src in sources.items():
         if len(src) == 0:
             raise InvalidDatasetError(dataset=dataset, problem=f"split {split!r} is empty")
+    decoder = None
+    if o.decode == "device":
+        no_files = [split for split, src in sources.items() if src.files is None]
+        if no_files:
+            raise IncompatibleParametersError(
+                key="decode", value="device",
+                reason=f"{dataset} ({', '.join(no_files)}) is not read from image files; build it with --decode pil")
+        decoder = DevicePreprocess(make_transforms(tspec, PREPROCESSING[o.preset].augmentation)[0], device)
     # channels_last is ~2x faster for these convnets on CPU and the norm on GPU
     backbone.to(device=device, memory_format=torch.channels_last)
     return _Plan(o, dataset, device, o.batch_size or (256 if device.startswith("cuda") else 16),
                  o.workers if o.workers is not None else default_workers(device),
-                 backbone, winfo, extractor, tspec, widths, sources, skipped)
+                 backbone, winfo, extractor, tspec, widths, sources, skipped, decoder)
 
 
 def _specs(plan: _Plan, split: str) -> dict[str, ExtractionSpec]:
@@ -428,7 +493,7 @@ def _specs(plan: _Plan, split: str) -> dict[str, ExtractionSpec]:
         transform=plan.transform,
         augmentation=PREPROCESSING[o.preset].augmentation if n_views else "",
         chunk_rows=o.chunk_rows or chunk_rows_for(plan.widths[layer], o.dtype),
-        extra=_skip_record(o.bad_images, plan.skipped.get(split, [])),
+        extra=_skip_record(o.bad_images, plan.skipped.get(split, [])) + ((("decode", o.decode),) if o.decode != "pil" else ()),
     ) for layer in o.layers}
 
 
@@ -470,7 +535,7 @@ def _extract(plan: _Plan, fs: FeatureStore, split: str, specs: dict[str, Extract
             eval_tf, aug_tf = make_transforms(plan.transform, PREPROCESSING[o.preset].augmentation)
             _run_pass(plan.extractor, plan.backbone, targets, src, index, eval_tf, aug_tf, o.seed,
                       specs[o.layers[0]].views, plan.batch_size, plan.workers, plan.device, o.progress,
-                      f"{o.model}:{plan.dataset}:{split}")
+                      f"{o.model}:{plan.dataset}:{split}", plan.decoder)
         fs.reopen()
         return [fs.group(name) for name in names]
 
@@ -551,7 +616,7 @@ def _create_group(path: Path, spec: ExtractionSpec, src, index, d: int, versions
 
 
 def _run_pass(extractor, backbone, targets, src, index, eval_tf, aug_tf, seed, n_views, batch_size,
-              workers, device, show_progress, label):
+              workers, device, show_progress, label, decoder=None):
     """One backbone pass over the rows and views still missing in any target group."""
     import torch
     from torch.utils.data import DataLoader
@@ -573,10 +638,12 @@ def _run_pass(extractor, backbone, targets, src, index, eval_tf, aug_tf, seed, n
     for view, start, stop in work:
         for b in range(start, stop, batch_size):
             batches.append([(view, r) for r in range(b, min(b + batch_size, stop))])
-    items = _Items(src, index, eval_tf, aug_tf, seed, shape=tuple(targets[0][1].spec.transform.input_size))
+    items = _Items(src, index, eval_tf, aug_tf, seed, shape=tuple(targets[0][1].spec.transform.input_size),
+                   raw_jpeg=decoder is not None)
     loader = DataLoader(
         items,
         batch_sampler=batches,
+        collate_fn=_collate_items if items.raw_jpeg else None,
         num_workers=workers,
         pin_memory=device.startswith("cuda"),
         persistent_workers=False,
@@ -592,7 +659,8 @@ def _run_pass(extractor, backbone, targets, src, index, eval_tf, aug_tf, seed, n
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.startswith("cuda") else _nullcontext()
     try:
         with torch.inference_mode():
-            for batch, (x, failures) in zip(batches, loader):
+            for batch, got in zip(batches, loader):
+                x, failures = _device_batch(got, batch, items, decoder, device) if items.raw_jpeg else got
                 failed = [f for f in failures if f]
                 if failed:  # a file the check did not catch (or no check): stop here, resumable
                     raise BadImagesError(

@@ -166,6 +166,10 @@ class _Runtime(Parameters):
     """Train the full layer (f = 1) alongside as the reference."""
     verbose: bool = False
     """Progress bar over epochs."""
+    cuda_graphs: bool = True
+    """On CUDA, with the features on the GPU: capture each full training step once as a CUDA graph and replay
+    it (one launch per step instead of ~75 kernel launches from Python). The same kernels and arithmetic as
+    the eager path (False), which the last partial minibatch and the CPU always use."""
 
 
 class SubsetProbesParameters(_Runtime, Protocol, Selection):
@@ -676,30 +680,68 @@ class SubsetProbes(Estimator):
         minus_one = torch.tensor(-1.0, device=device)
         train_passes = list(range(len(on_device))) if self.train_passes == "all" else \
             (list(range(1, len(on_device))) or [0])
+        loss_sum = [torch.zeros((g.F, g.m), device=device) for g in batches]  # in place: graphs write them
+
+        def step(Xp, rows, lr):
+            """One SGD step of every batch on the minibatch ``rows[stream]`` of pass Xp."""
+            mb, ys = _Minibatch.gather(Xp, y_all, rows, device)
+            B = rows[0].shape[0]
+            full = B == self.batch_size
+            for bi, g in enumerate(batches):
+                Zt = g.inputs(mb, out=input_bufs[bi] if full else None, rows=rows, pass_index=pass_index)
+                if g.compute_dtype is not None:  # bf16: the inputs converted once, not once per block and product
+                    Zt = Zt.to(g.compute_dtype)
+                logits = g.logits(Zt, bufs=logit_bufs[bi] if full else None).view(g.F, g.m, C, B)
+                # softmax cross-entropy over the class axis (not last: samples are)
+                idx = g.targets(ys).expand(g.F, g.m, 1, B)
+                logp = torch.log_softmax(logits, dim=2)
+                loss_sum[bi].sub_(logp.gather(2, idx).sum((2, 3)))
+                p = logp.exp_()
+                p.scatter_add_(2, idx, minus_one.expand(g.F, g.m, 1, B))  # softmax - onehot
+                gW, gb = grad_views[bi]
+                g.grads(Zt, p.view(g.F, g.m * C, B), gW, gb, 1.0 / B)  # of the mean loss
+                _sgd_step(g.flat, grad[bi], buf[bi], lr, self.momentum, self.weight_decay)
+
+        # CUDA graphs: a full step reads its rows from one static buffer; one graph per (lr, pass)
+        use_graphs = self.cuda_graphs and str(device).startswith("cuda") and all(p.is_cuda for p in on_device)
+        graphs: dict = {}
+        pool = None
+        eager_full_steps = 0  # warm-up before the first capture (cuBLAS handles, workspaces, allocator)
+        rows_buf = torch.empty((len(self.streams_), self.batch_size), dtype=torch.long, device=device) \
+            if use_graphs else None
         for epoch in range(self.epochs):
             lr = self.lr * self.lr_gamma ** (epoch // self.lr_step)
             pass_index = train_passes[epoch % len(train_passes)]
             Xp = on_device[pass_index]
             orders = ctx["orders"][epoch]  # one per minibatch stream
             n_rows = len(orders[0])
-            loss_sum = [torch.zeros((g.F, g.m), device=device) for g in batches]
+            for ls in loss_sum:
+                ls.zero_()
+            orders_t = torch.stack(orders) if use_graphs else None  # (streams, n_rows)
             for start in range(0, n_rows, self.batch_size):
-                rows = [order[start:start + self.batch_size] for order in orders]
-                mb, ys = _Minibatch.gather(Xp, y_all, rows, device)
-                B = len(rows[0])
-                full = B == self.batch_size
-                for bi, g in enumerate(batches):
-                    Zt = g.inputs(mb, out=input_bufs[bi] if full else None, rows=rows, pass_index=pass_index)
-                    logits = g.logits(Zt, bufs=logit_bufs[bi] if full else None).view(g.F, g.m, C, B)
-                    # softmax cross-entropy over the class axis (not last: samples are)
-                    idx = g.targets(ys).expand(g.F, g.m, 1, B)
-                    logp = torch.log_softmax(logits, dim=2)
-                    loss_sum[bi] -= logp.gather(2, idx).sum((2, 3))
-                    p = logp.exp_()
-                    p.scatter_add_(2, idx, minus_one.expand(g.F, g.m, 1, B))  # softmax - onehot
-                    gW, gb = grad_views[bi]
-                    g.grads(Zt, p.view(g.F, g.m * C, B), gW, gb, 1.0 / B)  # of the mean loss
-                    _sgd_step(g.flat, grad[bi], buf[bi], lr, self.momentum, self.weight_decay)
+                B = min(self.batch_size, n_rows - start)
+                if not use_graphs or B < self.batch_size:
+                    step(Xp, [order[start:start + B] for order in orders], lr)
+                    continue
+                rows_buf.copy_(orders_t[:, start:start + B])
+                key = (lr, pass_index)
+                if key in graphs:
+                    graphs[key].replay()
+                elif eager_full_steps < 2:  # real steps, on a side stream as torch's graph docs ask of warm-ups
+                    side = torch.cuda.Stream(device=device)
+                    side.wait_stream(torch.cuda.current_stream(device))
+                    with torch.cuda.stream(side):
+                        step(Xp, list(rows_buf), lr)
+                    torch.cuda.current_stream(device).wait_stream(side)
+                    eager_full_steps += 1
+                else:  # capture records without running: replay to take this step
+                    graph = torch.cuda.CUDAGraph()
+                    # thread_local: a sweep's other tasks may use the GPU from other threads meanwhile
+                    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                        step(Xp, list(rows_buf), lr)
+                    pool = graph.pool()
+                    graphs[key] = graph
+                    graph.replay()
             for bi in range(len(batches)):
                 last_loss[bi] = loss_sum[bi] / n_rows
             # validate every val_every epochs (the last epoch too when no validation came before)
@@ -718,6 +760,7 @@ class SubsetProbes(Estimator):
                     keep.copy_(torch.where(mask, w, keep))
                 bb.copy_(torch.where(better.repeat_interleave(C, dim=1), g.b, bb))
             bar.update(1)
+        self.cuda_graphs_ = len(graphs)  # graphs captured (0: every step ran eagerly)
         for bi, g in enumerate(batches):
             g.set_flat(best[bi])
             g.project_passes([])  # not kept with the fitted estimator
@@ -729,10 +772,11 @@ class SubsetProbes(Estimator):
         import torch
 
         correct = torch.zeros((g.F, g.m), device=device)
-        step = self.batch_size
+        # on a GPU, few large chunks (launches cost more than the arithmetic); on the CPU, the training buffers
+        step = max(self.batch_size, g.chunk_rows()) if str(device).startswith("cuda") else self.batch_size
         for start in range(0, len(rows), step):
             r = rows[start:start + step]
-            full = len(r) == step
+            full = len(r) == self.batch_size
             mb = _Minibatch(X.index_select(0, r.to(X.device)).to(device), len(self.streams_))  # every stream: r
             Zt = g.inputs(mb, out=input_buf if full else None, rows=[r] * len(self.streams_), pass_index=0)
             logits = g.logits(Zt, bufs=logit_bufs if full else None).view(g.F, g.m, g.C, len(r))

@@ -445,10 +445,30 @@ def test_cuda_paths_equal_cpu(data, monkeypatch, mode, room):
 
     monkeypatch.setattr(engine, "_to_device", spy)
     if room != "on the GPU":
-        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (1 << 20, 1 << 36))  # 1 MiB free
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (0, 1 << 36))  # no room at all
     gpu = SubsetProbes(device="cuda", **kw).fit(Xtr, ytr).decision_function(Xte)
     assert placed == ([("cuda", False)] if room == "on the GPU" else [("cpu", True)])
     assert np.abs(cpu - gpu).max() < 1e-3 * max(1.0, np.abs(cpu).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", list(probes.SELECTION_MODES))
+def test_cuda_graph_steps_equal_eager_steps(data, mode):
+    """Training steps replayed from CUDA graphs (one per learning rate and pass) give the eager
+    path's probes: same weights, same best epochs, same losses. Several learning rates (lr_step
+    1), per-seed streams, a partial last minibatch (eager) and validation every epoch."""
+    Xtr, ytr, Xte, yte = data
+    kw = dict(mode=mode, fractions=(0.1, 0.5, 0.8, 1.0), seeds=(0, 1), epochs=4, batch_size=64, lr_step=1,
+              lr_gamma=0.5, device="cuda")
+    eager = SubsetProbes(cuda_graphs=False, **kw).fit(Xtr, ytr)
+    n_train = len(eager.train_indices_)
+    assert n_train % 64 and n_train > 3 * 64  # full steps (graphs) and a partial one (eager)
+    graphs = SubsetProbes(cuda_graphs=True, **kw).fit(Xtr, ytr)
+    assert (eager.cuda_graphs_, graphs.cuda_graphs_) == (0, 4)  # one per learning rate: the graphs did run
+    np.testing.assert_array_equal(graphs.best_epoch_, eager.best_epoch_)
+    np.testing.assert_allclose(graphs.train_loss_, eager.train_loss_, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(graphs.decision_function(Xte), eager.decision_function(Xte), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", [m for m in probes.SELECTION_MODES if m.startswith("pca")])
