@@ -121,6 +121,9 @@ def main():
                         "matmul rate is measured in the same precision")
     p.add_argument("--orders", default="per-seed,shared",
                    help="minibatch orders to time (comma-separated; the first listed is reported)")
+    p.add_argument("--min-blocks", default=None,
+                   help="comma-separated narrowest column blocks to compare (the engine's MIN_BLOCK_WIDTH[_CUDA]); "
+                        "each is fitted and timed, the first is reported")
     p.add_argument("--eager", action="store_true", help="CUDA: every kernel launched from Python (cuda_graphs=False)")
     p.add_argument("--profile", action="store_true",
                    help="also profile a 2-epoch fit: kernel time vs wall time, and the costliest operators")
@@ -160,6 +163,16 @@ def main():
     orders = [o for o in a.orders.split(",") if o]
     if not orders or any(o not in known for o in orders):
         p.error(f"--orders: expected a comma-separated list of {', '.join(known)}; got {a.orders!r}")
+    if a.min_blocks:
+        import probes._engine as engine
+
+        attr = "MIN_BLOCK_WIDTH_CUDA" if device.startswith("cuda") else "MIN_BLOCK_WIDTH"
+        for width in [int(v) for v in a.min_blocks.split(",")][::-1]:  # the first listed is fitted last, and kept
+            setattr(engine, attr, width)
+            est_w, times_w = fit_time(orders[0])
+            n_blocks = sum(len(g.blocks) for g in est_w.batches_)
+            print(f"{attr}={width}: {min(times_w):.2f} s ({n_blocks} column blocks; fits: "
+                  f"{', '.join(f'{t:.2f}' for t in times_w)})")
     fits = {order: fit_time(order) for order in orders}
     for order, (_, times) in fits.items():
         print(f"minibatch_order={order!r}: {min(times):.2f} s (fits: {', '.join(f'{t:.2f}' for t in times)})")

@@ -46,6 +46,10 @@ for prec in fp32 tf32 bf16; do
   step "paper-$prec" $PY benchmarks/bench_probes.py --paper-scale --precision $prec --orders per-seed --no-baselines --repeats 2 $extra
 done
 step paper-fp32-eager $PY benchmarks/bench_probes.py --paper-scale --precision fp32 --orders per-seed --no-baselines --repeats 2 --eager
+for prec in fp32 tf32; do
+  step "blocks-$prec" $PY benchmarks/bench_probes.py --paper-scale --precision $prec --orders per-seed --no-baselines --repeats 2 --min-blocks 64,256,1024,4096
+done
+step decode $PY benchmarks/bench_decode.py --device cuda
 step build $PY benchmarks/bench_build.py --device cuda --dataset jpeg --images 4000 --models resnet50,tf_efficientnet_lite0 --decodes pil,device --repeats 1
 step cka $PY benchmarks/bench_cka.py --baseline-subsets 2
 echo "gpu_check: $failed step(s) failed; log in $LOG_DIR/gpu_check.log"

@@ -179,6 +179,8 @@ class SubsetProbesParameters(_Runtime, Protocol, Selection):
 # Narrowest column block on the CPU and CUDA: consecutive segments are merged until a
 # block is at least this wide (tiny segments make GEMMs that are all overhead).
 MIN_BLOCK_WIDTH = 64
+# On CUDA a GEMM costs its launch and latency more than its arithmetic: wider blocks, fewer products.
+MIN_BLOCK_WIDTH_CUDA = 64
 # Index probes with k >= DENSE_FRACTION * d are trained in the layer's own neuron order,
 # all families together, as one GEMM on the untouched minibatch (zero weights on the
 # neurons a probe does not see): no gather, and a wide product instead of many thin ones.
@@ -255,7 +257,9 @@ class _ProbeBatch:
             else:
                 self.basis_t = torch.as_tensor(np.concatenate([f.basis[:, :width] for f in families], axis=1).T.copy(),
                                                device=device, dtype=torch.float32)
-            self.blocks = _blocks(lengths, MIN_BLOCK_WIDTH if min_block is None else min_block)
+            if min_block is None:
+                min_block = MIN_BLOCK_WIDTH_CUDA if str(device).startswith("cuda") else MIN_BLOCK_WIDTH
+            self.blocks = _blocks(lengths, min_block)
             # a merged block's columns beyond a probe's prefix are not the probe's
             masks = [np.repeat(np.stack([np.arange(lo, hi) < lengths[i] for i in range(a, self.m)]), self.C, axis=0)
                      for a, lo, hi in self.blocks]
