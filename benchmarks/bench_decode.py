@@ -8,7 +8,8 @@ side by side on ImageNet-like JPEGs (500x375, quality 90) for resnet50's eval tr
 * the device: decode_jpeg on batches of 256 (nvJPEG on CUDA), alone and with the resize, crop
   and normalisation of --decode device;
 * transport: a DataLoader whose workers return ready tensors (no decoding): float32 at 224 px
-  (what --decode pil ships) and the uint8 bytes of the files (what --decode device ships).
+  (what --decode pil ships) and the files' bytes one tensor per file; and a thread pool in the
+  main process reading the files' bytes (what --decode device does).
 """
 
 from __future__ import annotations
@@ -87,6 +88,17 @@ def main():
                 if isinstance(x, torch.Tensor):
                     x.to(device, non_blocking=True)
             print(f"DataLoader transport only, {name:18s}: {n / (time.perf_counter() - t0):8.1f} images/s")
+        from concurrent.futures import ThreadPoolExecutor
+
+        def read(i):
+            with open(files[i % len(files)], "rb") as f:
+                return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+
+        n = 4096
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max(2, workers)) as pool:
+            list(pool.map(read, range(n), chunksize=64))
+        print(f"threads reading file bytes (--decode device): {n / (time.perf_counter() - t0):8.1f} images/s")
 
 
 if __name__ == "__main__":

@@ -179,8 +179,10 @@ class SubsetProbesParameters(_Runtime, Protocol, Selection):
 # Narrowest column block on the CPU and CUDA: consecutive segments are merged until a
 # block is at least this wide (tiny segments make GEMMs that are all overhead).
 MIN_BLOCK_WIDTH = 64
-# On CUDA a GEMM costs its launch and latency more than its arithmetic: wider blocks, fewer products.
-MIN_BLOCK_WIDTH_CUDA = 64
+# On CUDA a GEMM costs its latency more than its arithmetic: wider blocks, fewer products. Measured on
+# an H200, paper grid with CUDA graphs (bench_probes.py --paper-scale --min-blocks 64,256,1024,4096):
+# fp32 3.69 / 3.20 / 2.97 / 2.97 s, TF32 3.02 / 2.47 / 2.16 / 2.19 s.
+MIN_BLOCK_WIDTH_CUDA = 1024
 # Index probes with k >= DENSE_FRACTION * d are trained in the layer's own neuron order,
 # all families together, as one GEMM on the untouched minibatch (zero weights on the
 # neurons a probe does not see): no gather, and a wide product instead of many thin ones.

@@ -86,8 +86,9 @@ def test_probe_in_a_batch_equals_probe_trained_alone(data, mode, order):
 
 
 @pytest.mark.parametrize("order", ORDERS)
-@pytest.mark.parametrize("min_block, dense_fraction", [(1, 0.75), (4, 2.0), (64, 0.0), (16, 0.5)],
-                         ids=["one-block-per-segment", "merged-blocks-no-dense", "all-dense", "mixed"])
+@pytest.mark.parametrize("min_block, dense_fraction", [(1, 0.75), (4, 2.0), (64, 0.0), (16, 0.5), (1024, 0.75)],
+                         ids=["one-block-per-segment", "merged-blocks-no-dense", "all-dense", "mixed",
+                              "one-wide-block"])  # one-wide-block: CUDA's layout (MIN_BLOCK_WIDTH_CUDA)
 def test_every_layout_trains_each_probe_as_if_alone(data, monkeypatch, min_block, dense_fraction, order):
     """Column blocks (one per segment, or merged with masked corners) and the dense group
     (the raw layer, zero weights off the subset) all train exactly the lone probe."""
