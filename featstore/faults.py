@@ -12,9 +12,13 @@ a power cut or the OOM killer) the N-th time it reaches ``POINT``. Points:
 ``task-done``      a sweep task's done record is written
 ``remove-renamed`` ``featstore rm`` moved a group into the trash, not yet deleted
 ``push-file``      ``featstore push`` uploaded one more file of a group, not yet its metadata
+``task-started``   a sweep task (not done before) starts its work on a worker
 
 With ``FEATSTORE_FAULT_ONCE=PATH`` the fault fires only while PATH does not exist (it
 is created just before the kill), so a restarted worker process does not die again.
+With ``FEATSTORE_FAULT_MODE=hang`` the process does not kill itself: it stops there (sleeps
+until something else kills it: ``scancel``, a lost node) after creating ``FEATSTORE_FAULT_ONCE``'s
+PATH, which tells the test that it is there.
 """
 
 from __future__ import annotations
@@ -41,4 +45,9 @@ def point(name: str) -> None:
             except FileExistsError:
                 return
             os.close(fd)
+        if os.environ.get("FEATSTORE_FAULT_MODE") == "hang":
+            import time
+
+            while True:
+                time.sleep(3600)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -1,4 +1,4 @@
-"""pipelines: sweeps, launchers (local, joblib, dask), analysis and reports.
+"""pipelines: sweeps, launchers (local, joblib, dask, slurm), analysis and reports.
 
 >>> import pipelines
 >>> df = pipelines.run_sweep("sweeps/demo.toml", "results/demo", launcher="joblib")
@@ -19,11 +19,12 @@ from ._analysis import (
 from ._launchers import LAUNCHERS, Launcher
 from ._report import write_report
 from ._results import load_results
+from ._slurm import SlurmOptions
 from ._spec import GroupTable, SweepSpec, load_spec
 from ._sweep import SweepRun, run_sweep
 from ._tasks import FeatureCache, Task, expand_tasks, run_task
 
 __all__ = ["load_spec", "SweepSpec", "GroupTable", "SweepRun", "Task", "expand_tasks", "run_sweep", "run_task",
-           "load_results", "LAUNCHERS", "Launcher", "FeatureCache", "accuracy_curve", "diffused_redundancy",
+           "load_results", "LAUNCHERS", "Launcher", "SlurmOptions", "FeatureCache", "accuracy_curve", "diffused_redundancy",
            "dr_table", "critical_fraction", "gini", "coefficient_of_variation", "inequality_curve",
            "modes_at_equal_k", "write_report"]

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
+from ._slurm import SlurmOptions, slurm_cluster
 from ._tasks import run_task
 
 __all__ = ["Launcher", "LAUNCHERS", "Run"]
@@ -25,6 +26,7 @@ class Run:
     device: str
     workers: int
     scheduler: str | None
+    slurm: "SlurmOptions | None" = None
 
 
 def _local(todo, run: Run, tick) -> None:
@@ -42,7 +44,7 @@ def _joblib(todo, run: Run, tick) -> None:
 
 
 def _dask(todo, run: Run, tick) -> None:
-    from distributed import Client, LocalCluster, as_completed
+    from distributed import Client, LocalCluster
 
     cluster = None
     n_workers = run.workers
@@ -59,17 +61,51 @@ def _dask(todo, run: Run, tick) -> None:
                                dashboard_address=None, host="127.0.0.1")
         client = Client(cluster)
     try:
-        threads = 1 if not run.scheduler else None
-        # workers read the features from the store path themselves; only the small task
-        # description travels through the scheduler. retries covers a task whose worker died.
-        futures = [client.submit(run_task, t, run.store, run.out, run.device, threads, key=f"task-{t.id}",
-                                 pure=False, retries=3) for t in todo]
-        for fut in as_completed(futures):
-            tick(fut.result())
+        _run_on(client, todo, run, tick, threads=1 if not run.scheduler else None)
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _run_on(client, todo, run: Run, tick, threads: int | None) -> None:
+    """Submit every task to a dask client; tick as each finishes. Workers read the features
+    from the store themselves; only the small task description travels through the
+    scheduler. retries covers a task whose worker died (a killed process, a cancelled job)."""
+    from distributed import as_completed
+
+    futures = [client.submit(run_task, t, run.store, run.out, run.device, threads, key=f"task-{t.id}",
+                             pure=False, retries=3) for t in todo]
+    for fut in as_completed(futures):
+        tick(fut.result())
+
+
+def _slurm_check() -> None:
+    import shutil
+
+    from featstore.errors import IncompatibleParametersError
+
+    try:
+        import dask_jobqueue  # noqa: F401
+    except ImportError:
+        raise IncompatibleParametersError(key="launcher", value="slurm",
+                                          reason="dask-jobqueue is not installed: pip install dask-jobqueue") from None
+    if shutil.which("sbatch") is None:
+        raise IncompatibleParametersError(key="launcher", value="slurm",
+                                          reason="sbatch is not on the PATH: run the sweep on a SLURM login node "
+                                                 "(or a machine that can submit jobs)")
+
+
+def _slurm(todo, run: Run, tick) -> None:
+    from distributed import Client
+
+    o = run.slurm or SlurmOptions()
+    cluster = slurm_cluster(o, os.path.join(run.out, "slurm-logs"))
+    try:
+        with Client(cluster) as client:
+            _run_on(client, todo, run, tick, threads=max(1, o.cores // max(1, o.gpus)))
+    finally:
+        cluster.close()
 
 
 @dataclass(frozen=True)
@@ -84,12 +120,15 @@ class Launcher:
     scheduler : bool
         Whether it can use an existing scheduler's address (``--scheduler``).
     description : str
+    check : callable, optional
+        ``check()`` raises, before any work, when this machine cannot run it.
     """
 
     name: str
     run: Callable
     scheduler: bool
     description: str
+    check: Callable | None = None
 
 
 LAUNCHERS: dict[str, Launcher] = {entry.name: entry for entry in (
@@ -97,4 +136,7 @@ LAUNCHERS: dict[str, Launcher] = {entry.name: entry for entry in (
     Launcher("joblib", _joblib, False, "tasks in --workers loky processes on this machine"),
     Launcher("dask", _dask, True, "tasks on a dask.distributed cluster: a local one with --workers processes, "
                                   "or an existing scheduler (--scheduler tcp://host:8786)"),
+    Launcher("slurm", _slurm, False, "tasks on dask workers in SLURM jobs (dask-jobqueue): --slurm-jobs jobs, "
+                                     "one worker per GPU; the --slurm-* options or the spec's [slurm] table",
+             _slurm_check),
 )}

@@ -14,6 +14,8 @@ one type, one range and one default wherever it appears:
     Exactly :class:`probes.Protocol`, the estimator's training parameters.
 ``[metrics]``
     ``accuracy``, ``cka``, and ``cka_`` + each field of :class:`probes.CKAOptions`.
+``[slurm]``
+    Exactly :class:`SlurmOptions`: where ``--launcher slurm`` runs (not part of the key).
 
 The content hash (:meth:`SweepSpec.key`) covers every value with the defaults filled in,
 so a changed default gives another key and a resumed sweep never mixes two protocols.
@@ -35,6 +37,8 @@ from featstore import DEFAULT_STORE, QUERY_KEYS, BuildOptions, DatasetText, Extr
 from featstore.datasets import DATASETS
 from featstore.errors import SpecNotFoundError, SpecSyntaxError
 from featstore.params import OneOf, Parameters, PathText, Rule, Unique, field_type, validate
+
+from ._slurm import SlurmOptions
 
 __all__ = ["SweepSpec", "GroupTable", "load_spec", "SPLIT_KEYS", "GROUP_KEYS", "SPLIT_ONLY_FIELDS", "CKA_PREFIX"]
 
@@ -177,6 +181,9 @@ class SweepSpec(Parameters):
     """How each probe is trained (probes.Protocol)."""
     metrics: MetricsTable = MetricsTable()
     """What is measured."""
+    slurm: SlurmOptions = SlurmOptions()
+    """Where --launcher slurm runs the tasks (pipelines.SlurmOptions; the --slurm-* options override it). Not
+    part of the spec's key: it changes where rows are computed, not what they are."""
 
     def pairings(self) -> list[GroupTable]:
         """The (train, test) pairings the sweep runs: each [[groups]] table, a ``layers`` table
@@ -209,9 +216,11 @@ class SweepSpec(Parameters):
         return d
 
     def key(self) -> str:
-        """sha256 of everything that determines the results, defaults included (not the store path)."""
+        """sha256 of everything that determines the results, defaults included (not the store path nor
+        the [slurm] table)."""
         d = self.to_dict()
         d.pop("store")
+        d.pop("slurm")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 

@@ -14,15 +14,16 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
-from pydantic import Field
+from pydantic import Field, create_model
 
 import probes
 from featstore import Device
 from featstore.errors import IncompatibleParametersError
 from featstore.fileio import locked
-from featstore.params import OneOf, Parameters, defaults, validate
+from featstore.params import OneOf, Parameters, defaults, field_type, validate
 
 from ._launchers import LAUNCHERS, Run
+from ._slurm import SlurmOptions
 from ._results import LOCK_NAME, check_out, load_results, pending_tasks, prepare_out
 from ._spec import SweepSpec, load_spec
 from ._tasks import FeatureCache, check_groups, expand_tasks
@@ -33,9 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["run_sweep", "SweepRun"]
 
 
-class SweepRun(Parameters):
-    """How a sweep runs (not what it computes: that is the spec): ``run_sweep``'s keywords and
-    ``featstore sweep``'s options."""
+class _SweepRunBase(Parameters):
 
     launcher: Annotated[str, OneOf(LAUNCHERS, "launcher")] = "local"
     """Where tasks run: local, joblib or dask."""
@@ -49,24 +48,55 @@ class SweepRun(Parameters):
     """Show a progress bar over tasks."""
 
 
+SLURM_PREFIX = "slurm_"
+SweepRun = create_model(
+    "SweepRun", __base__=_SweepRunBase,
+    __doc__="How a sweep runs (not what it computes: that is the spec): ``run_sweep``'s keywords and "
+            "``featstore sweep``'s options. ``slurm_*`` are :class:`SlurmOptions` (default: the spec's "
+            "[slurm] table, else SlurmOptions' own).",
+    **{SLURM_PREFIX + k: (field_type(SlurmOptions, k) | None,
+                          Field(default=None, description=f"--launcher slurm: {f.description} (default: the spec's "
+                                                          f"[slurm] {k}, else {f.default!r})"))
+       for k, f in SlurmOptions.model_fields.items()})
+SweepRun.__module__ = __name__
 _RUN = defaults(SweepRun)
 
 
 def check_run(options: dict, key_format=None) -> SweepRun:
     """The run options, validated (``key_format`` names them as command-line flags)."""
     opts = validate(SweepRun, options, key_format=key_format)
+    name = key_format or (lambda k: k)
     if opts.scheduler and not LAUNCHERS[opts.launcher].scheduler:
         raise IncompatibleParametersError(
-            key="scheduler", value=opts.scheduler,
+            key=name("scheduler"), value=opts.scheduler,
             reason=f"--launcher {opts.launcher} runs no scheduler; use one of "
                    + ", ".join(n for n, e in LAUNCHERS.items() if e.scheduler))
+    if opts.launcher != "slurm":
+        for k in SlurmOptions.model_fields:
+            if getattr(opts, SLURM_PREFIX + k) is not None:
+                raise IncompatibleParametersError(
+                    key=name(SLURM_PREFIX + k), value=getattr(opts, SLURM_PREFIX + k),
+                    reason=f"it is an option of --launcher slurm, not of --launcher {opts.launcher}")
+    elif opts.workers is not None:
+        raise IncompatibleParametersError(
+            key=name("workers"), value=opts.workers,
+            reason="--launcher slurm starts one worker per GPU in each of --slurm-jobs jobs; set those instead")
     return opts
+
+
+def slurm_options(spec: SweepSpec, opts) -> SlurmOptions:
+    """The [slurm] table as written, under the --slurm-* options given."""
+    written = spec.slurm.model_dump(include=spec.slurm.model_fields_set)
+    given = {k: getattr(opts, SLURM_PREFIX + k) for k in SlurmOptions.model_fields
+             if getattr(opts, SLURM_PREFIX + k) is not None}
+    return SlurmOptions(**{**written, **given})
 
 
 def run_sweep(spec: SweepSpec | str | os.PathLike | dict, out: str | os.PathLike, *,
               launcher: str = _RUN["launcher"], workers: int | None = _RUN["workers"],
               scheduler: str | None = _RUN["scheduler"], device: str = _RUN["device"],
-              progress: bool = _RUN["progress"], log=None, return_results: bool = True) -> "pd.DataFrame | None":
+              progress: bool = _RUN["progress"], log=None, return_results: bool = True,
+              **slurm) -> "pd.DataFrame | None":
     """Run (or resume) a sweep and return its results table.
 
     Every argument and the whole spec are checked, and every group opened, before anything
@@ -77,8 +107,9 @@ def run_sweep(spec: SweepSpec | str | os.PathLike | dict, out: str | os.PathLike
     spec : SweepSpec, path to a TOML spec, or an equivalent dict
     out : path
         Output directory (results/, done/, sweep.json).
-    launcher, workers, scheduler, device, progress
-        Declared in :class:`SweepRun`.
+    launcher, workers, scheduler, device, progress, slurm_partition, slurm_account, slurm_time, slurm_memory, \
+slurm_cores, slurm_gpus, slurm_jobs, slurm_host
+        Declared in :class:`SweepRun` (the slurm_* ones in :class:`SlurmOptions`).
     log : callable, optional
         Receives status lines (default: printed to stderr).
     return_results : bool
@@ -88,8 +119,11 @@ def run_sweep(spec: SweepSpec | str | os.PathLike | dict, out: str | os.PathLike
     from tqdm.auto import tqdm
 
     say = log or (lambda m: print(m, file=sys.stderr))
-    opts = check_run(dict(launcher=launcher, workers=workers, scheduler=scheduler, device=device, progress=progress))
+    opts = check_run(dict(launcher=launcher, workers=workers, scheduler=scheduler, device=device, progress=progress,
+                          **slurm))
     entry = LAUNCHERS[opts.launcher]
+    if entry.check is not None:
+        entry.check()
     if not isinstance(spec, SweepSpec):
         spec = load_spec(spec)
     # the estimator's own runtime checks (bf16 on this device), before any task starts
@@ -121,7 +155,8 @@ def run_sweep(spec: SweepSpec | str | os.PathLike | dict, out: str | os.PathLike
                 bar.update(1)
                 bar.set_postfix(draws=rows)
 
-            run = Run(str(spec.store), str(out), opts.device, opts.workers or os.cpu_count() or 1, opts.scheduler)
+            run = Run(str(spec.store), str(out), opts.device, opts.workers or os.cpu_count() or 1, opts.scheduler,
+                      slurm_options(spec, opts) if opts.launcher == "slurm" else None)
             entry.run(todo, run, tick)
             bar.close()
         finally:

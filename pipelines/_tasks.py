@@ -19,6 +19,7 @@ import numpy as np
 
 import featstore
 import probes
+from featstore import faults
 from featstore.errors import FeatstoreError, MismatchedGroupsError
 
 from ._results import commit_rows, done_count
@@ -227,6 +228,7 @@ def run_task(task: Task, store: str, out: str, device: str = "auto", threads: in
     done = done_count(out, task)
     if done is not None:
         return done
+    faults.point("task-started")
     if threads:
         torch.set_num_threads(threads)
     device = _worker_device(device)

@@ -180,7 +180,8 @@ class SubsetProbesParameters(_Runtime, Protocol, Selection):
 # block is at least this wide (tiny segments make GEMMs that are all overhead).
 MIN_BLOCK_WIDTH = 64
 # On CUDA a GEMM costs its latency more than its arithmetic: wider blocks, fewer products. Measured on
-# an H200, paper grid with CUDA graphs (bench_probes.py --paper-scale --min-blocks 64,256,1024,4096):
+# an H200, paper grid with CUDA graphs (benchmarks/bench_probes.py at paper scale, block widths 64 / 256 /
+# 1024 / 4096):
 # fp32 3.69 / 3.20 / 2.97 / 2.97 s, TF32 3.02 / 2.47 / 2.16 / 2.19 s.
 MIN_BLOCK_WIDTH_CUDA = 1024
 # Index probes with k >= DENSE_FRACTION * d are trained in the layer's own neuron order,

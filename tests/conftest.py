@@ -153,3 +153,48 @@ def s3(s3_server, monkeypatch):
     fsspec.filesystem("s3", skip_instance_cache=True).mkdir(bucket)
     yield f"s3://{bucket}", s3_server
     fsspec.filesystem("s3").clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A real single-node SLURM (Debian's slurm-wlm + munge) started by ``ci/slurm-local.sh``:
+    localhost slurm.conf, proctrack/linuxproc, no cgroups, free ports. SLURM_CONF is set in
+    this process's environment (and so every job's) for the session. Skips, with the reason,
+    where SLURM cannot be started (not root, not installed); a start that fails as root fails."""
+    import shutil
+    import socket
+
+    if os.geteuid() != 0:
+        pytest.skip("SLURM tests start munged, slurmctld and slurmd, which needs root (CI runs them as root)")
+    if not all(shutil.which(p) for p in ("slurmctld", "slurmd", "munged", "sbatch")):
+        pytest.skip("slurm-wlm and munge are not installed: run `ci/slurm-local.sh install` as root (make test does)")
+    for _ in range(20):  # two consecutive free ports: slurmctld's and slurmd's
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < 65000:
+            with socket.socket() as s2:
+                try:
+                    s2.bind(("127.0.0.1", port + 1))
+                    break
+                except OSError:
+                    continue
+    d = tmp_path_factory.mktemp("slurm")
+    script = str(REPO / "ci" / "slurm-local.sh")
+    r = subprocess.run(["bash", script, "start", str(d)], capture_output=True, text=True, timeout=180,
+                       env={**os.environ, "SLURM_LOCAL_PORT": str(port)})
+    if r.returncode != 0:
+        logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted((d / "log").glob("*.log")))
+        subprocess.run(["bash", script, "stop", str(d)], capture_output=True, timeout=60)
+        pytest.fail(f"SLURM did not start:\n{r.stdout}\n{r.stderr}\n{logs}")
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(d / "slurm.conf")
+    try:
+        yield str(d / "slurm.conf")
+    finally:
+        subprocess.run(["scancel", "--user", "root"], capture_output=True, timeout=60)
+        subprocess.run(["bash", script, "stop", str(d)], capture_output=True, timeout=60)
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old

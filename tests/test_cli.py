@@ -214,7 +214,8 @@ def test_messages_name_only_flags_that_exist():
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
                 known |= {o for a in sub._actions for o in a.option_strings}
-    outside = {"--nthreads", "--name"}  # dask's own worker flags, quoted in comments and docs
+    outside = {"--nthreads", "--name",  # dask's own worker flags, quoted in comments and docs
+               "--time", "--gres"}  # SLURM's sbatch flags
     mentioned = {}
     for path in [*REPO.glob("featstore/*.py"), *REPO.glob("probes/*.py"), *REPO.glob("pipelines/*.py")]:
         for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9](?![\w-])", path.read_text()):

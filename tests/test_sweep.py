@@ -105,7 +105,7 @@ def test_sweep_rows_and_columns(reference):
     assert json.loads(df["protocol"].iloc[0])["epochs"] == 3
 
 
-@pytest.mark.parametrize("launcher", [name for name in pipelines.LAUNCHERS if name != "local"])
+@pytest.mark.parametrize("launcher", [name for name in pipelines.LAUNCHERS if name not in ("local", "slurm")])  # slurm: test_slurm.py
 def test_launchers_agree_with_local(tmp_path, spec_file, reference, launcher):
     df = run_sweep(spec_file, tmp_path / "out", launcher=launcher, workers=2, progress=False)
     _same(df, reference)
@@ -460,7 +460,7 @@ def test_spec_errors_on_the_command_line_are_one_line_and_exit_2(tmp_path, spec_
     assert not out.exists()
     for args, text in ((["--workers", "0"], "--workers: expected an integer >= 1; got 0 (integer)"),
                        (["--workers", "two"], "--workers: expected an integer >= 1; got 'two' (string)"),
-                       (["--launcher", "slurm"], "--launcher: Unknown launcher 'slurm'; known: dask, joblib, local"),
+                       (["--launcher", "pbs"], "--launcher: Unknown launcher 'pbs'; known: dask, joblib, local, slurm"),
                        (["--scheduler", "tcp://x:1"], "scheduler='tcp://x:1' cannot be used here: --launcher local")):
         proc = subprocess.run([sys.executable, "-m", "featstore.cli", "sweep", str(spec_file), "--out", str(out),
                                *args], capture_output=True, text=True, cwd=REPO, timeout=600)
@@ -629,8 +629,8 @@ print(spec.key(), dict(spec.probe)["lr"], spec.metrics.cka_batch_size)
 
 
 def test_bad_launcher_and_other_spec_in_out(tmp_path, spec_file, reference):
-    with pytest.raises(errors.UnknownNameError, match="launcher: Unknown launcher 'slurm'; known: dask, joblib, local"):
-        run_sweep(spec_file, tmp_path / "o", launcher="slurm")
+    with pytest.raises(errors.UnknownNameError, match="launcher: Unknown launcher 'pbs'; known: dask, joblib, local, slurm"):
+        run_sweep(spec_file, tmp_path / "o", launcher="pbs")
     out = tmp_path / "out"
     run_sweep(spec_file, out, progress=False)
     before = tree_listing(out)

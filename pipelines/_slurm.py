@@ -1,0 +1,72 @@
+"""``--launcher slurm``: a sweep's tasks on dask workers that SLURM starts (dask-jobqueue).
+
+The sweep process runs the dask scheduler; ``jobs`` SLURM jobs each start one dask worker
+per GPU (``gpus`` > 0, each worker on its own device) or one worker using the job's
+``cores``. Workers read the features from the store themselves (a shared filesystem or an
+object-store URL), so only task descriptions and row counts travel. A job that dies or is
+cancelled (``scancel``, a time limit) loses no row: its task is resubmitted to another
+worker, and the done record is written only after a task's rows are.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field
+
+from featstore.params import Check, Parameters
+
+__all__ = ["SlurmOptions", "slurm_cluster"]
+
+# SLURM's --time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
+_TIME = re.compile(r"^(\d+|\d+:\d{2}|\d+:\d{2}:\d{2}|\d+-\d+|\d+-\d+:\d{2}|\d+-\d+:\d{2}:\d{2})$")
+_MEMORY = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B)$", re.IGNORECASE)
+
+SlurmTime = Annotated[str, Check(lambda v: bool(_TIME.match(v)),
+                                 "a SLURM time limit: MINUTES, HH:MM:SS or D-HH:MM:SS (e.g. 02:00:00)")]
+Memory = Annotated[str, Check(lambda v: bool(_MEMORY.match(v)), "a size with its unit, e.g. 16GB or 4000MB")]
+
+
+class SlurmOptions(Parameters):
+    """What ``--launcher slurm`` asks SLURM for: the spec's ``[slurm]`` table, and the
+    ``--slurm-*`` options of ``featstore sweep`` (which override it)."""
+
+    partition: str | None = None
+    """SLURM partition (queue) of the worker jobs (default: the cluster's default partition)."""
+    account: str | None = None
+    """SLURM account to charge (default: the user's default account)."""
+    time: SlurmTime = "01:00:00"
+    """Time limit of each worker job; a job that reaches it loses no row (its task runs again elsewhere)."""
+    memory: Memory = "16GB"
+    """Memory of each worker job."""
+    cores: Annotated[int, Field(ge=1)] = 4
+    """CPU cores of each worker job."""
+    gpus: Annotated[int, Field(ge=0)] = 0
+    """GPUs of each worker job (--gres=gpu:N); one dask worker per GPU, each on its own device."""
+    jobs: Annotated[int, Field(ge=1)] = 1
+    """Worker jobs to start."""
+    host: str | None = None
+    """Address the sweep's scheduler listens on, reachable from the compute nodes (default: this machine's
+    address as dask picks it; 127.0.0.1 for a single-node cluster)."""
+
+
+def slurm_cluster(o: SlurmOptions, log_dir: str | Path):
+    """A dask-jobqueue SLURMCluster for these options, its jobs submitted (``scale``)."""
+    from dask_jobqueue import SLURMCluster
+
+    processes = max(1, o.gpus)  # one worker per GPU; else one worker with every core
+    extra = [f"--gres=gpu:{o.gpus}"] if o.gpus else []
+    Path(log_dir).mkdir(parents=True, exist_ok=True)
+    cluster = SLURMCluster(
+        cores=o.cores, processes=processes, memory=o.memory, walltime=o.time, queue=o.partition,
+        account=o.account, job_extra_directives=extra, python=sys.executable, log_directory=str(log_dir),
+        scheduler_options={"host": o.host} if o.host else {}, name="featstore",
+        # one task at a time per worker; the task gives torch the worker's share of the cores
+        worker_extra_args=["--nthreads", "1"],
+    )
+    # adapt, not scale: a job that ends (scancel, its time limit, a lost node) is replaced
+    cluster.adapt(minimum_jobs=o.jobs, maximum_jobs=o.jobs)
+    return cluster
