@@ -59,6 +59,17 @@ __all__ = ["build", "BuildOptions", "chunk_rows_for", "resolve_transform", "make
 CHUNK_TARGET_BYTES = 8 << 20  # ~8 MB of uncompressed rows per chunk
 
 
+# Layers wider than this (flattened feature maps) get chunks that also split their columns,
+# WIDE_CHUNK_COLUMNS each, so a block of columns is read without the rest of each row.
+WIDE_COLUMNS = 16384
+WIDE_CHUNK_COLUMNS = 8192
+
+
+def chunk_columns_for(n_neurons: int) -> int:
+    """Columns per chunk: the whole row, or WIDE_CHUNK_COLUMNS for layers wider than WIDE_COLUMNS."""
+    return n_neurons if n_neurons <= WIDE_COLUMNS else min(n_neurons, WIDE_CHUNK_COLUMNS)
+
+
 def chunk_rows_for(n_neurons: int, dtype: str, target_bytes: int = CHUNK_TARGET_BYTES) -> int:
     """Rows per chunk: a power of two near ``target_bytes`` of whole rows (64..65536).
 
@@ -625,9 +636,11 @@ def _create_group(path: Path, spec: ExtractionSpec, src, index, d: int, versions
         meta["skipped"] = [{"sample": sid, "reason": why} for sid, why in skipped]
     g = zarr.open_group(zarr.storage.LocalStore(str(path)), mode="w", attributes={META: meta})
     kw = dict(config={"write_empty_chunks": True})
-    g.create_array("features", shape=(n, d), chunks=(rows, d), dtype=spec.dtype, fill_value=0, **kw)
+    cols = chunk_columns_for(d)  # a wide layer's chunks split its columns too (a group's layout, not its key)
+    g.create_array("features", shape=(n, d), chunks=(rows, cols), dtype=spec.dtype, fill_value=0, **kw)
     if spec.views:
-        g.create_array("views", shape=(spec.views, n, d), chunks=(1, rows, d), dtype=spec.dtype, fill_value=0, **kw)
+        g.create_array("views", shape=(spec.views, n, d), chunks=(1, rows, cols), dtype=spec.dtype, fill_value=0,
+                       **kw)
     g.create_array("labels", data=src.targets[index].astype(np.int64))
     g.create_array("sample_index", data=index.astype(np.int64))
     ids = g.create_array("sample_ids", shape=(n,), dtype=str)

@@ -247,10 +247,11 @@ class Group:
         as its fill value)."""
         rows = arr.chunks[-2]
         start = c * rows
+        problem = self._missing_chunk(label, arr, v, c, range(-(-arr.shape[-1] // arr.chunks[-1])))
+        if problem:
+            return None, problem
         store_path = Path(self.store.path) / self.name / label.split("[")[0]
         key = f"c/{v}/{c}/0" if v is not None else f"c/{c}/0"
-        if not _is_url(self.store.path) and not (store_path / key).exists():
-            return None, f"{label}: chunk {c} (rows {start}..{start + rows}) is missing: {store_path / key}"
         try:
             block = arr[v, start : start + rows] if v is not None else arr[start : start + rows]
         except Exception as e:  # decompression or decode failure
@@ -261,6 +262,54 @@ class Group:
             col = int(np.argwhere(bad)[0][1])
             return None, f"{label}: chunk {c} holds {int(bad.sum())} NaN/Inf values (first at row {r}, neuron {col})"
         return block, None
+
+    def _missing_chunk(self, label: str, arr, v: int | None, c: int, column_chunks) -> str | None:
+        """The first of row chunk c's column chunks ``column_chunks`` whose file is missing (a
+        wide layer's chunks also split its columns), or None."""
+        if _is_url(self.store.path):
+            return None
+        rows = arr.chunks[-2]
+        store_path = Path(self.store.path) / self.name / label.split("[")[0]
+        for j in column_chunks:
+            key = f"c/{v}/{c}/{j}" if v is not None else f"c/{c}/{j}"
+            if not (store_path / key).exists():
+                cols = "" if arr.chunks[-1] >= arr.shape[-1] else \
+                    f", columns {j * arr.chunks[-1]}..{min((j + 1) * arr.chunks[-1], arr.shape[-1])}"
+                return f"{label}: chunk {c} (rows {c * rows}..{c * rows + rows}{cols}) is missing: {store_path / key}"
+        return None
+
+    def read_columns(self, columns, view: int = 0, dtype=None) -> np.ndarray:
+        """Every row of the given columns (an index array, in its order), reading only the
+        chunks that hold them, each once: a wide layer's chunks split its columns. Each chunk is
+        checked as it is used (present, decodable, finite); raises :class:`CorruptGroupError`.
+        """
+        self._require_complete()
+        if not 0 <= view <= self.n_views:
+            self.view(view)  # the range error
+        label, arr, v = self._passes()[view]
+        cols = np.asarray(columns, dtype=np.int64)
+        order = np.argsort(cols, kind="stable")
+        wanted = cols[order]
+        touched = np.unique(wanted // arr.chunks[-1])
+        problems = [p for c in range(-(-self.n_samples // arr.chunks[-2]))
+                    if (p := self._missing_chunk(label, arr, v, c, touched))]
+        if problems:
+            raise CorruptGroupError(path=self.path, name=self.name, problems=problems[:1])
+        try:
+            block = arr.oindex[v, :, wanted] if v is not None else arr.oindex[:, wanted]
+        except Exception as e:  # decompression or decode failure
+            raise CorruptGroupError(path=self.path, name=self.name,
+                                    problems=[f"{label}: a chunk of columns {wanted[0]}..{wanted[-1]} is unreadable "
+                                              f"({type(e).__name__}: {e})"]) from None
+        bad = ~np.isfinite(block)
+        if bad.any():
+            r, j = (int(x) for x in np.argwhere(bad)[0])
+            raise CorruptGroupError(path=self.path, name=self.name,
+                                    problems=[f"{label}: chunk {r // arr.chunks[-2]} holds NaN/Inf (first at row {r}, "
+                                              f"neuron {int(wanted[j])})"])
+        out = np.empty((block.shape[0], len(cols)), dtype=dtype or block.dtype)
+        out[:, order] = block
+        return out
 
     def _label_problems(self) -> list[str]:
         try:

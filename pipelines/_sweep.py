@@ -37,7 +37,7 @@ __all__ = ["run_sweep", "SweepRun"]
 class _SweepRunBase(Parameters):
 
     launcher: Annotated[str, OneOf(LAUNCHERS, "launcher")] = "local"
-    """Where tasks run: local, joblib or dask."""
+    """Where tasks run: local, joblib, dask or slurm (see pipelines.LAUNCHERS)."""
     workers: Annotated[int, Field(ge=1)] | None = None
     """Processes for joblib or a local dask cluster (default: the number of cores)."""
     scheduler: str | None = None
@@ -55,8 +55,9 @@ SweepRun = create_model(
             "``featstore sweep``'s options. ``slurm_*`` are :class:`SlurmOptions` (default: the spec's "
             "[slurm] table, else SlurmOptions' own).",
     **{SLURM_PREFIX + k: (field_type(SlurmOptions, k) | None,
-                          Field(default=None, description=f"--launcher slurm: {f.description} (default: the spec's "
-                                                          f"[slurm] {k}, else {f.default!r})"))
+                          Field(default=None, description=f"--launcher slurm: {f.description} Default: the spec's "
+                                                          f"[slurm] {k}" + ("." if f.default is None else
+                                                                            f", else {f.default!r}.")))
        for k, f in SlurmOptions.model_fields.items()})
 SweepRun.__module__ = __name__
 _RUN = defaults(SweepRun)

@@ -255,11 +255,13 @@ def run_task(task: Task, store: str, out: str, device: str = "auto", threads: in
         res["cka_degenerate"] = cka.degenerate  # cka is NaN there
         res["cka_estimator"] = cka.estimator
         res["cka_shuffle_seed"] = cka.shuffle_seed  # the minibatch estimator's row shuffle, else None
+        res["cka_space"] = cka.space  # feature (d x d Gram) or sample (n x n kernels, layers wider than n)
     else:
         res["cka"] = np.nan
         res["cka_degenerate"] = False
         res["cka_estimator"] = None
         res["cka_shuffle_seed"] = None
+        res["cka_space"] = None
     t_cka = time.perf_counter() - t1
     res.insert(0, "task", task.id)
     res.insert(1, "group", task.group_index)
@@ -286,14 +288,16 @@ def run_task(task: Task, store: str, out: str, device: str = "auto", threads: in
 
 
 def _worker_device(device: str) -> str:
-    """On a multi-GPU machine, dask worker i of a LocalCluster uses cuda:(i mod n_gpus):
-    one process per GPU. Workers are spawned processes, so no CUDA state was forked."""
+    """On a multi-GPU machine, dask worker i uses cuda:(i mod n_gpus): one process per GPU.
+    A LocalCluster names its workers 0, 1, ...; dask-jobqueue names the workers of one job
+    JOB-0, JOB-1, ... (the job sees only its own GPUs). Workers are spawned processes, so no
+    CUDA state was forked."""
     if device not in ("auto", "cuda"):
         return device
     try:
         from distributed import get_worker
 
-        index = int(get_worker().name)
+        index = int(str(get_worker().name).rsplit("-", 1)[-1])
     except (ImportError, ValueError, TypeError):
         return device
     import torch

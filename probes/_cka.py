@@ -42,6 +42,7 @@ from featstore.errors import IncompatibleParametersError, InvalidFeaturesError, 
 from featstore.params import OneOf, Parameters, defaults, validate
 
 from ._inputs import Features, as_features
+from ._sample_cka import KernelStatistics, kernel_statistics, prefer_sample_space, sample_space_terms
 from ._selection import check_indices
 
 __all__ = ["CKAResult", "CKAStatistics", "CKAEstimator", "ESTIMATORS", "CKAOptions", "cka_statistics", "subset_cka",
@@ -69,6 +70,9 @@ class CKAResult:
         Minibatch size for ``minibatch``.
     shuffle_seed : int or None
         Seed of the row order the minibatches were cut from (``minibatch``).
+    space : {"feature", "sample"}
+        Where the estimate was computed: the d x d Gram (feature space) or n x n kernels
+        (sample space, for layers wider than their samples). Both give the same value.
     """
 
     values: np.ndarray
@@ -77,6 +81,7 @@ class CKAResult:
     degenerate: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     batch_size: int | None = None
     shuffle_seed: int | None = None
+    space: str = "feature"
 
     def __array__(self, dtype=None, copy=None):
         return self.values.astype(dtype) if dtype is not None else self.values
@@ -89,7 +94,7 @@ class CKAResult:
 
     def __repr__(self) -> str:
         bs = f", batch_size={self.batch_size}, shuffle_seed={self.shuffle_seed}" if self.batch_size else ""
-        return (f"CKAResult(estimator={self.estimator!r}{bs}, n_samples={self.n_samples}, "
+        return (f"CKAResult(estimator={self.estimator!r}{bs}, space={self.space!r}, n_samples={self.n_samples}, "
                 f"values={np.array2string(self.values, precision=4, threshold=8)}, "
                 f"degenerate={int(self.degenerate.sum())})")
 
@@ -132,8 +137,8 @@ def _projection_families(kinds, projections) -> list[tuple[np.ndarray, list[tupl
 _SUBSETS = "a non-empty list of index arrays (1-D) or projections (n_neurons x k)"
 
 
-def _subset_matrix(subsets: Sequence, d: int) -> tuple[np.ndarray | None, list[np.ndarray]]:
-    """Split subsets into a 0/1 indicator matrix (d x n_index) and a list of projections."""
+def _split_subsets(subsets: Sequence, d: int) -> tuple[list[np.ndarray], list[np.ndarray], list[tuple[str, int]]]:
+    """(index arrays, projections, kinds): each subset checked; kinds[j] = ("index" | "proj", i)."""
     if isinstance(subsets, np.ndarray) and subsets.ndim == 1:
         subsets = [subsets]
     subsets = list(subsets)
@@ -160,6 +165,12 @@ def _subset_matrix(subsets: Sequence, d: int) -> tuple[np.ndarray | None, list[n
             widest[key] = a
     as_f64 = {key: a.astype(np.float64) for key, a in widest.items()}
     projections = [as_f64[_memory_key(a)][:, : a.shape[1]] for a in projections]
+    return index_cols, projections, kinds
+
+
+def _subset_matrix(subsets: Sequence, d: int) -> tuple[np.ndarray | None, list[np.ndarray], list]:
+    """Split subsets into a 0/1 indicator matrix (d x n_index) and a list of projections."""
+    index_cols, projections, kinds = _split_subsets(subsets, d)
     M = None
     if index_cols:
         M = np.zeros((d, len(index_cols)))
@@ -666,6 +677,7 @@ class CKAOptions(Parameters):
 
 
 OnDegenerate = Literal["nan", "raise"]
+Space = Literal["auto", "feature", "sample"]
 
 
 class _CKACall(CKAOptions):
@@ -675,6 +687,11 @@ class _CKACall(CKAOptions):
     """Rows per streamed block (the value does not change the result)."""
     on_degenerate: OnDegenerate = "nan"
     """What to do with subsets whose CKA is undefined: report NaN (flagged) or raise."""
+    space: Space = "auto"
+    """feature (the d x d Gram), sample (n x n kernels streamed over column blocks) or auto: sample when the
+    layer is wider than its samples (d > n). The value does not depend on it (biased and unbiased)."""
+    memory_mb: Annotated[int, Field(ge=16)] = 1024
+    """Sample space: MB of feature columns held at once (the kernels add 2-3 x n² float64 on top)."""
 
 
 _CKA = defaults(_CKACall)
@@ -707,16 +724,20 @@ class CKAStatistics:
     estimator : {"biased", "unbiased"}
     n_samples, n_neurons : int
         The shape of the features the sums were taken over.
-    sums : GramAccumulator or MomentAccumulator
+    sums : GramAccumulator, MomentAccumulator or KernelStatistics
+    space : {"feature", "sample"}
+        The d x d sums, or the n x n kernel of a layer wider than its samples.
     """
 
     estimator: str
     n_samples: int
     n_neurons: int
     sums: object = field(repr=False)
+    space: str = "feature"
 
 
-def cka_statistics(X, estimator: str = _CKA["estimator"], *, block_rows: int | None = None) -> CKAStatistics:
+def cka_statistics(X, estimator: str = _CKA["estimator"], *, block_rows: int | None = None,
+                   space: Space = _CKA["space"], memory_mb: int = _CKA["memory_mb"]) -> CKAStatistics:
     """One streamed pass over X, for any number of later ``subset_cka(X, ..., statistics=...)`` calls.
 
     Parameters
@@ -724,8 +745,10 @@ def cka_statistics(X, estimator: str = _CKA["estimator"], *, block_rows: int | N
     X : array of shape (n_samples, n_neurons), torch tensor, zarr array or featstore.Group
     estimator : {"biased", "unbiased"}
         ``minibatch`` has no whole-split sums (each minibatch is its own estimate).
+    space, memory_mb
+        As in :func:`subset_cka`: a layer wider than its samples gets its n x n kernel.
     """
-    opts = _options(estimator=estimator, block_rows=block_rows)
+    opts = _options(estimator=estimator, block_rows=block_rows, space=space, memory_mb=memory_mb)
     if ESTIMATORS[opts.estimator].sums is None:
         raise IncompatibleParametersError(
             key="estimator", value=estimator,
@@ -733,11 +756,41 @@ def cka_statistics(X, estimator: str = _CKA["estimator"], *, block_rows: int | N
                    "one of " + ", ".join(repr(e.name) for e in ESTIMATORS.values() if e.sums is not None)
                    + ", or call subset_cka without statistics")
     X = as_features(X)
+    if _space(opts, X) == "sample":
+        return CKAStatistics(opts.estimator, X.n_samples, X.n_neurons, kernel_statistics(X, opts.memory_mb), "sample")
     sums = _accumulate(X, opts.estimator, opts.block_rows)
     return CKAStatistics(opts.estimator, sums.n, X.n_neurons, sums)
 
 
-def _check_statistics(statistics: CKAStatistics, estimator: str, n: int, d: int) -> None:
+def _space(opts, X: Features) -> str:
+    """The space a call computes in (``space="auto"``: sample when d > n; minibatch: feature)."""
+    if opts.space == "sample" and opts.estimator == "minibatch":
+        raise IncompatibleParametersError(
+            key="space", value="sample",
+            reason="the minibatch estimator works on minibatches of rows in feature space; sample space serves the "
+                   "biased and unbiased estimators")
+    if opts.space != "auto":
+        return opts.space
+    return "sample" if opts.estimator != "minibatch" and prefer_sample_space(*X.shape) else "feature"
+
+
+def _sample_subsets(X: Features, subsets, opts, stats: KernelStatistics | None) -> CKAResult:
+    index_cols, projections, kinds = _split_subsets(subsets, X.n_neurons)
+    if opts.estimator == "unbiased" and X.n_samples < 4:
+        raise InvalidFeaturesError(where=X.where, problem=f"the unbiased HSIC needs at least 4 samples; got "
+                                                          f"{X.n_samples}")
+    stats = stats if stats is not None else kernel_statistics(X, opts.memory_mb)
+    index = [(j, index_cols[i]) for j, (kind, i) in enumerate(kinds) if kind == "index"]
+    terms = sample_space_terms(X, stats, index, _projection_families(kinds, projections), opts.estimator,
+                               opts.memory_mb)
+    kl, kk, ll, spread, size = (np.array(v, dtype=float) for v in zip(*(terms[j] for j in range(len(kinds)))))
+    layer_constant = bool(_constant(stats.spread.sum(), stats.size.sum()))
+    result = _finish(kl, kk, ll, opts.estimator, stats.n, opts.on_degenerate, _constant(spread, size), layer_constant)
+    result.space = "sample"
+    return result
+
+
+def _check_statistics(statistics: CKAStatistics, estimator: str, n: int, d: int, space: str) -> None:
     if not isinstance(statistics, CKAStatistics):
         raise InvalidParameterError(key="statistics", value=statistics,
                                     expected="the CKAStatistics returned by cka_statistics(X)")
@@ -751,6 +804,11 @@ def _check_statistics(statistics: CKAStatistics, estimator: str, n: int, d: int)
             key="statistics", value=statistics,
             reason=f"they were taken over features of shape ({statistics.n_samples}, {statistics.n_neurons}), "
                    f"but X has shape ({n}, {d}); they belong to other features")
+    if statistics.space != space:
+        raise IncompatibleParametersError(
+            key="statistics", value=statistics,
+            reason=f"they were taken in {statistics.space} space, and this call computes in {space} space; call "
+                   f"cka_statistics(X, space={space!r})")
 
 
 def subset_cka(
@@ -763,6 +821,8 @@ def subset_cka(
     block_rows: int | None = _CKA["block_rows"],
     on_degenerate: OnDegenerate = _CKA["on_degenerate"],
     statistics: CKAStatistics | None = None,
+    space: Space = _CKA["space"],
+    memory_mb: int = _CKA["memory_mb"],
 ) -> CKAResult:
     """Linear CKA between X[:, S] (or X @ P) and X, for many subsets, from one pass over X.
 
@@ -788,6 +848,12 @@ def subset_cka(
     statistics : CKAStatistics, optional
         ``cka_statistics(X, estimator)`` computed earlier on these same features: the
         pass over X is skipped (projections under ``unbiased`` still read X).
+    space : {"auto", "feature", "sample"}
+        feature: the d x d Gram; sample: the n x n kernels, streamed over column blocks (nested
+        prefixes of one order cost one pass over the columns); auto: sample when d > n (not
+        for ``minibatch``). Recorded in the result; the value does not depend on it.
+    memory_mb : int
+        Sample space: MB of feature columns held at once (the n x n kernels come on top).
 
     Returns
     -------
@@ -795,11 +861,14 @@ def subset_cka(
         One value per subset, in order, with the estimator's name.
     """
     opts = _options(estimator=estimator, batch_size=batch_size, shuffle_seed=shuffle_seed, block_rows=block_rows,
-                    on_degenerate=on_degenerate)
+                    on_degenerate=on_degenerate, space=space, memory_mb=memory_mb)
     X = as_features(X)
-    M, projections, kinds = _subset_matrix(subsets, X.n_neurons)
+    where = _space(opts, X)
     if statistics is not None:
-        _check_statistics(statistics, opts.estimator, X.n_samples, X.n_neurons)
+        _check_statistics(statistics, opts.estimator, X.n_samples, X.n_neurons, where)
+    if where == "sample":
+        return _sample_subsets(X, subsets, opts, statistics.sums if statistics is not None else None)
+    M, projections, kinds = _subset_matrix(subsets, X.n_neurons)
     return ESTIMATORS[opts.estimator].subsets(X, M, projections, kinds, opts,
                                               statistics.sums if statistics is not None else None)
 

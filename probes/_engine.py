@@ -38,8 +38,10 @@ from featstore import Device, resolve_device
 from featstore.errors import IncompatibleParametersError, InvalidFeaturesError, InvalidParameterError, NotFittedError
 from featstore.params import Estimator, Parameters
 
-from ._inputs import as_features
-from ._selection import Family, Selection, make_families
+from ._inputs import RowFile, as_features
+from ._selection import SELECTION_MODES, Family, Selection, make_families
+
+INDEX_MODES = tuple(name for name, m in SELECTION_MODES.items() if not m.projection)
 
 __all__ = ["SubsetProbes", "Protocol", "SOLVERS", "load_training_data"]
 
@@ -49,33 +51,46 @@ Precision = Literal["fp32", "bf16"]
 MinibatchOrder = Literal["per-seed", "shared"]
 
 
+# Features larger than this (every pass, as float32) stay on disk by default (RowFile)
+DEFAULT_MAX_MEMORY_MB = 4096
+
+
 @dataclass
 class TrainingData:
-    X: np.ndarray  # (n, d) float32, clean pass
+    X: "np.ndarray | RowFile"  # (n, d) float32, clean pass (a RowFile when it is kept on disk)
     y: np.ndarray  # (n,) int64
     views: list[np.ndarray]  # augmented passes, each (n, d)
     n_classes: int
     source: str
 
 
-def load_training_data(X, y=None, n_classes: int | None = None, where: str = "train") -> TrainingData:
+def load_training_data(X, y=None, n_classes: int | None = None, where: str = "train",
+                       max_memory_mb: int = DEFAULT_MAX_MEMORY_MB) -> TrainingData:
     """Features and labels from an array, a torch tensor or a featstore group.
 
     A group is verified by the read that loads it (each chunk and the labels checked as
-    they stream), so it is read once; its augmented views are loaded too.
+    they stream), so it is read once; its augmented views are loaded too. A group (or zarr
+    array) whose passes, as float32, exceed ``max_memory_mb`` stays on disk: each pass is
+    written once to a scratch file in its stored dtype (:class:`RowFile`) and read by rows.
     """
     if isinstance(X, TrainingData):
         return X
     features = as_features(X, where=where)
     group = features.group
-    views: list[np.ndarray] = []
+    passes = [features] + ([as_features(group, v, where) for v in range(1, group.n_views + 1)] if group else [])
+    on_disk = (group is not None or hasattr(X, "oindex")) and \
+        len(passes) * features.n_samples * features.n_neurons * 4 > (max_memory_mb << 20)
+    stored = np.dtype(group.spec.dtype) if group is not None else np.dtype(getattr(X, "dtype", np.float32))
     if group is not None:
         if y is None:
             y = group.labels
         if n_classes is None:
             n_classes = len(group.classes)
-        views = [as_features(group, v, where).numpy() for v in range(1, group.n_views + 1)]
-    X = features.numpy()
+    if on_disk:
+        X, views = RowFile([features], stored), [RowFile([p], stored) for p in passes[1:]]
+    else:
+        views = [p.numpy() for p in passes[1:]]
+        X = features.numpy()
     if y is None:
         raise InvalidParameterError(key=f"{where} labels y", value=None,
                                     expected="an integer array of shape (n_samples,) for array features")
@@ -103,8 +118,14 @@ def _with_validation(data: TrainingData, validation) -> tuple[TrainingData, np.n
         raise InvalidFeaturesError(where=f"validation ({val.source})",
                                    problem=f"{val.X.shape[1]} neurons, but the train features have {data.X.shape[1]}")
     n, n_val = len(data.X), len(val.X)
-    joined = TrainingData(np.vstack([data.X, val.X]), np.concatenate([data.y, val.y]),
-                          [np.vstack([v, val.X]) for v in data.views], data.n_classes, data.source)
+
+    def stack(a, b):
+        if isinstance(a, RowFile) or isinstance(b, RowFile):
+            return RowFile([a, b], a.dtype if isinstance(a, RowFile) else b.dtype)
+        return np.vstack([a, b])
+
+    joined = TrainingData(stack(data.X, val.X), np.concatenate([data.y, val.y]),
+                          [stack(v, val.X) for v in data.views], data.n_classes, data.source)
     return joined, np.arange(n), np.arange(n, n + n_val)
 
 
@@ -166,6 +187,10 @@ class _Runtime(Parameters):
     """Train the full layer (f = 1) alongside as the reference."""
     verbose: bool = False
     """Progress bar over epochs."""
+    max_memory_mb: Annotated[int, Field(ge=16)] = DEFAULT_MAX_MEMORY_MB
+    """Train features (a featstore group or zarr array) larger than this, as float32 over every pass, stay on
+    disk: written once to a scratch file in their stored dtype, each minibatch reads its rows (index modes
+    and SGD only). The result does not depend on it."""
     cuda_graphs: bool = True
     """On CUDA, with the features on the GPU: capture each full training step once as a CUDA graph and replay
     it (one launch per step instead of ~75 kernel launches from Python). The same kernels and arithmetic as
@@ -526,7 +551,14 @@ class SubsetProbes(Estimator):
         """
 
         device = self.check_params()
-        data = load_training_data(X, y, n_classes)
+        data = load_training_data(X, y, n_classes, max_memory_mb=self.max_memory_mb)
+        if isinstance(data.X, RowFile) and (self.solver != "sgd" or (self.subsets is None and self.mode not in INDEX_MODES)):
+            raise IncompatibleParametersError(
+                key="mode" if self.solver == "sgd" else "solver", value=self.mode if self.solver == "sgd" else self.solver,
+                reason=f"the train features ({data.X.shape[0]} x {data.X.shape[1]}) exceed max_memory_mb="
+                       f"{self.max_memory_mb} and are read from disk by minibatch, which serves SGD on neuron subsets "
+                       f"({', '.join(INDEX_MODES)}); projections and ridge need d x d work. Raise max_memory_mb or "
+                       f"use an index mode")
         if validation is not None:
             data, train_idx, val_idx = _with_validation(data, validation)
         else:
@@ -535,7 +567,8 @@ class SubsetProbes(Estimator):
         # PCA directions come from what the probes train on: with train_passes="views", the first
         # augmented view (as the released code fits them on augmented train features)
         fitted_on = data.views[0] if self.train_passes == "views" and data.views else data.X
-        fams = make_families(d, self.mode, self.fractions, self.seeds, X_train=fitted_on[train_idx],
+        fams = make_families(d, self.mode, self.fractions, self.seeds,
+                             X_train=None if isinstance(fitted_on, RowFile) else fitted_on[train_idx],
                              subsets=self.subsets, randproj_distribution=self.randproj_distribution,
                              sizes=self.sizes)
         per_seed = self.minibatch_order == "per-seed"
@@ -851,19 +884,22 @@ class SubsetProbes(Estimator):
         import torch
 
         self._check_fitted()
-        features = as_features(X)
+        features = X if isinstance(X, RowFile) else as_features(X)
         if features.n_neurons != self.n_features_in_:
             raise InvalidFeaturesError(where=features.where, problem=f"{features.n_neurons} neurons; the probes were "
                                                                      f"fitted on {self.n_features_in_}")
-        X = features.numpy()
-        out = np.empty((len(X), len(self.draws_), self.n_classes_), dtype=np.float32)
-        Xt = torch.from_numpy(X)
+        if isinstance(features, RowFile):  # on disk: read in row chunks
+            n, rows = features.n_samples, lambda a, b: torch.from_numpy(features.rows(a, b))
+        else:
+            Xt = torch.from_numpy(features.numpy())
+            n, rows = len(Xt), lambda a, b: Xt[a:b]
+        out = np.empty((n, len(self.draws_), self.n_classes_), dtype=np.float32)
         with torch.no_grad():
             for bi, g in enumerate(self.batches_):
                 mine = [(di, fi, pi) for di, (bj, fi, pi) in enumerate(self.positions_) if bj == bi]
                 step = g.chunk_rows()
-                for start in range(0, len(X), step):
-                    Xb = Xt[start:start + step]
+                for start in range(0, n, step):
+                    Xb = rows(start, start + step)
                     logits = g.logits(g.inputs(_Minibatch(Xb, len(self.streams_)))).view(g.F, g.m, g.C, len(Xb))
                     for di, fi, pi in mine:
                         out[start:start + len(Xb), di] = logits[fi, pi].T.numpy()
@@ -895,7 +931,7 @@ class SubsetProbes(Estimator):
         """
         import pandas as pd
 
-        data = load_training_data(X, y, self.n_classes_, where="test")
+        data = load_training_data(X, y, self.n_classes_, where="test", max_memory_mb=self.max_memory_mb)
         pred = self.predict(data.X)
         correct = pred == data.y[:, None]
         counts = np.bincount(data.y, minlength=self.n_classes_)
@@ -1026,6 +1062,8 @@ def _to_device(X: np.ndarray, device: str):
     from which each minibatch is copied (features larger than device memory)."""
     import torch
 
+    if isinstance(X, RowFile):  # on disk: each minibatch reads its rows and is copied over
+        return X
     t = torch.from_numpy(X)
     if device == "cpu":
         return t

@@ -376,3 +376,38 @@ def test_original_preset_preprocesses_as_the_released_code(tmp_path, image_folde
     (h,) = featstore.build(**tiny, views=1)
     assert g.name != h.name and g.spec.transform.crop_pct == 1.0 and g.spec.transform.mean == mean
     assert g.spec.augmentation.startswith("RandomResizedCrop") and h.spec.augmentation.startswith("RandomHorizontalFlip")
+
+
+def test_a_wide_flattened_layer_splits_its_chunks_by_column_and_reads_back_equal(tmp_path, tiny, monkeypatch):
+    """A flattened feature map wider than WIDE_COLUMNS (lowered here to 64) is stored in chunks
+    of WIDE_CHUNK_COLUMNS columns; it reads back equal to the module's own flattened output; a
+    column subset reads only the chunks holding it (a missing chunk of other columns does not
+    matter, one of its own is named); verify names a missing column chunk."""
+    import featstore._build as build_mod
+    from featstore.models import FeatureExtractor
+
+    monkeypatch.setattr(build_mod, "WIDE_COLUMNS", 64)
+    monkeypatch.setattr(build_mod, "WIDE_CHUNK_COLUMNS", 48)
+    kw = dict(tiny, dtype="float32", splits="test", layers="layer1", pooling="flatten")
+    (g,) = featstore.build(**kw, store=tmp_path / "s.zarr")
+    arr = zarr.open_group(str(tmp_path / "s.zarr" / g.name), mode="r")["features"]
+    d = g.n_neurons
+    assert d > 64 and arr.chunks == (g.spec.chunk_rows, 48)
+    model, _ = create_backbone(tiny["model"], tiny["weights"])
+    model.eval()
+    eval_tf, _ = make_transforms(g.spec.transform)
+    src = load_split(tiny["dataset"], "test")
+    with torch.no_grad():
+        out = FeatureExtractor(model, ["layer1"], pooling="flatten")(
+            torch.stack([eval_tf(src.image(i)) for i in g.sample_index]))
+    want = out["layer1"].numpy()
+    np.testing.assert_allclose(g.numpy(), want, rtol=1e-5, atol=1e-5)
+    cols = np.random.default_rng(0).permutation(d)[:30]
+    np.testing.assert_array_equal(g.read_columns(cols), g.numpy()[:, cols])
+    assert g.verify() == []
+    victim = tmp_path / "s.zarr" / g.name / "features" / "c" / "0" / "1"  # row chunk 0, columns 48..95
+    victim.unlink()
+    np.testing.assert_array_equal(g.read_columns(np.arange(0, 48)), want[:, :48])  # never needed that chunk
+    with pytest.raises(errors.CorruptGroupError, match=r"chunk 0 \(rows 0\.\.\d+, columns 48\.\.96\) is missing"):
+        g.read_columns(np.array([3, 50]))
+    assert any("columns 48..96) is missing" in p for p in g.verify())

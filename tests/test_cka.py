@@ -316,3 +316,85 @@ def test_prefixes_of_one_basis_equal_separate_projections(X, estimator, referenc
         for v, value in zip(views, np.asarray(got)):
             a, b, c = _pair_moments_terms([(X, X @ v.astype(np.float64))])
             assert value == pytest.approx(a / np.sqrt(b * c), rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- wide layers (d > n)
+
+
+def _nn_cka(X, S, estimator):
+    """The n x n formulas, literally: K = Y Yᵀ, L = Z Zᵀ (Z = Y[:, S] or Y @ P), centred with H."""
+    from probes._cka import _hsic1_dense
+
+    n = len(X)
+    Y = np.asarray(X, dtype=np.float64)
+    Z = Y[:, S] if np.ndim(S) == 1 else Y @ S
+    K, L = Y @ Y.T, Z @ Z.T
+    if estimator == "unbiased":
+        return _hsic1_dense(K, L, n) / np.sqrt(_hsic1_dense(K, K, n) * _hsic1_dense(L, L, n))
+    H = np.eye(n) - 1.0 / n
+    Kc, Lc = H @ K @ H, H @ L @ H
+    return (Kc * Lc).sum() / np.sqrt((Kc * Kc).sum() * (Lc * Lc).sum())
+
+
+@pytest.mark.parametrize("estimator", ["biased", "unbiased"])
+def test_sample_space_cka_equals_the_nxn_formula_on_a_wide_layer(estimator):
+    """d >> n: every subset kind (nested prefixes of two seeds' orders crossing the middle, a
+    lone random subset, the whole layer, prefixes of one projection basis) against the n x n
+    formulas; space="auto" picks sample space and says so; the feature-space path agrees."""
+    rng = np.random.default_rng(3)
+    n, d = 40, 900
+    X = (rng.normal(size=(n, 6)) @ rng.normal(size=(6, d)) + 0.3 * rng.normal(size=(n, d))).astype(np.float32)
+    X[:, 7] = 2.5  # a constant neuron
+    orders = [rng.permutation(d) for _ in range(2)]
+    subsets = [o[:k] for o in orders for k in (1, 9, 90, 450, 451, 810, d)] + [rng.permutation(d)[:33], np.array([7])]
+    basis = rng.normal(size=(d, 12))
+    subsets += [basis[:, :k] for k in (1, 5, 12)]
+    got = probes.subset_cka(X, subsets, estimator, memory_mb=16)
+    assert got.space == "sample"
+    want = np.array([_nn_cka(X, S, estimator) for S in subsets[:-4]] + [np.nan]
+                    + [_nn_cka(X, S, estimator) for S in subsets[-3:]])
+    np.testing.assert_allclose(got.values, want, rtol=1e-6, atol=1e-7)
+    assert list(np.flatnonzero(got.degenerate)) == [len(subsets) - 4]  # the constant neuron
+    feature = probes.subset_cka(X, subsets, estimator, space="feature")
+    assert feature.space == "feature"
+    np.testing.assert_allclose(got.values, feature.values, rtol=1e-6, atol=1e-7)
+    stats = probes.cka_statistics(X, estimator)  # reusable: the n x n kernel
+    assert stats.space == "sample"
+    np.testing.assert_allclose(probes.subset_cka(X, subsets, estimator, statistics=stats).values, got.values, rtol=1e-12)
+    with pytest.raises(errors.IncompatibleParametersError, match="taken in sample space"):
+        probes.subset_cka(X, subsets, estimator, statistics=stats, space="feature")
+    with pytest.raises(errors.IncompatibleParametersError, match="space='sample'"):
+        probes.subset_cka(X, subsets, "minibatch", space="sample")
+
+
+def test_sample_space_cka_of_a_600_x_40000_layer_within_bounded_memory(tmp_path):
+    """The issue's case: 600 x 40,000 float32 (the d x d Gram alone would be 12.8 GB), 22
+    fractions x 2 seeds: equal to the n x n formula, peak memory (the process's, incl. imports)
+    under 1.5 GB."""
+    script = tmp_path / "wide.py"
+    script.write_text(
+        "import numpy as np, resource, probes\n"
+        "rng = np.random.default_rng(0)\n"
+        "n, d = 600, 40_000\n"
+        "X = rng.normal(size=(n, 16)).astype(np.float32) @ rng.normal(size=(16, d)).astype(np.float32)\n"
+        "X += rng.normal(size=(n, d)).astype(np.float32)\n"
+        "subs = [p[:max(1, int(f * d))] for p in (rng.permutation(d) for _ in range(2)) for f in probes.PAPER_FRACTIONS]\n"
+        "r = probes.subset_cka(X, subs)\n"
+        "print(r.space, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+        "H = np.eye(n) - 1 / n\n"
+        "Y = X.astype(np.float64)\n"
+        "K = H @ (Y @ Y.T) @ H\n"
+        "for j in (0, 6, 12, 19, 21, 30, 43):\n"
+        "    Z = Y[:, subs[j]]\n"
+        "    L = H @ (Z @ Z.T) @ H\n"
+        "    print(r.values[j], (K * L).sum() / np.sqrt((K * K).sum() * (L * L).sum()))\n")
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split("\n")
+    space, peak_mb = lines[0].split()
+    assert space == "sample" and int(peak_mb) < 1536, lines[0]
+    pairs = np.array([[float(v) for v in line.split()] for line in lines[1:] if line])
+    np.testing.assert_allclose(pairs[:, 0], pairs[:, 1], rtol=1e-6)

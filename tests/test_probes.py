@@ -654,3 +654,41 @@ def test_an_explicit_validation_split_picks_the_best_epoch(data):
     assert est.val_accuracy_[0] == pytest.approx(best)
     with pytest.raises(errors.InvalidFeaturesError, match="validation .*: 5 neurons, but the train features have 48"):
         SubsetProbes(epochs=1, device="cpu").fit(Xtr, ytr, validation=(Xv[:, :5], yv))
+
+
+def test_features_larger_than_max_memory_train_from_disk_exactly_as_in_memory(tmp_path):
+    """A wide layer (stored float16, 700 x 8,000 = 22 MB as float32) over max_memory_mb=16 is
+    written once to a scratch file and read by minibatch: the probes, their best epochs and
+    their test logits equal the in-memory engine's bit for bit; a test split over the budget
+    is read in row chunks too. Projection modes and ridge are one clear error."""
+    import zarr
+
+    from probes import RowFile, load_training_data
+
+    rng = np.random.default_rng(1)
+    n, d, C = 900, 8000, 4
+    y = rng.integers(0, C, n)
+    X = (rng.normal(size=(C, d))[y] * 0.15 + rng.normal(size=(n, d))).astype(np.float16)
+    z_train = zarr.create_array(str(tmp_path / "train.zarr"), shape=(700, d), chunks=(64, 1024), dtype="float16")
+    z_train[:] = X[:700]
+    z_test = zarr.create_array(str(tmp_path / "test.zarr"), shape=(200, d), chunks=(64, 1024), dtype="float16")
+    z_test[:] = X[700:]
+    assert isinstance(load_training_data(z_train, y[:700], max_memory_mb=16).X, RowFile)
+    assert isinstance(load_training_data(z_train, y[:700]).X, np.ndarray)  # the default budget holds it
+    kw = dict(fractions=(0.01, 0.1, 0.5, 0.8, 1.0), seeds=(0, 1), epochs=3, batch_size=64, val_every=1)
+    mem = SubsetProbes(**kw).fit(X[:700].astype(np.float32), y[:700])
+    disk = SubsetProbes(max_memory_mb=16, **kw).fit(z_train, y[:700])
+    np.testing.assert_array_equal(disk.best_epoch_, mem.best_epoch_)
+    np.testing.assert_array_equal(disk.val_accuracy_, mem.val_accuracy_)
+    np.testing.assert_array_equal(disk.decision_function(X[700:].astype(np.float32)),
+                                  mem.decision_function(X[700:].astype(np.float32)))
+    a, b = disk.evaluate(z_test, y[700:]), mem.evaluate(X[700:].astype(np.float32), y[700:])
+    np.testing.assert_array_equal(a["test_accuracy"], b["test_accuracy"])
+    # validation rows from a split of their own, joined on disk
+    v_disk = SubsetProbes(max_memory_mb=16, **kw).fit(z_train, y[:700], validation=(z_test, y[700:]))
+    v_mem = SubsetProbes(**kw).fit(X[:700].astype(np.float32), y[:700], validation=(X[700:].astype(np.float32),
+                                                                                        y[700:]))
+    np.testing.assert_array_equal(v_disk.val_accuracy_, v_mem.val_accuracy_)
+    for bad in (dict(mode="pca"), dict(mode="randproj"), dict(solver="ridge")):
+        with pytest.raises(errors.IncompatibleParametersError, match="exceed max_memory_mb=16"):
+            SubsetProbes(max_memory_mb=16, **{**kw, **bad}).fit(z_train, y[:700])
