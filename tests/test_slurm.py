@@ -30,7 +30,7 @@ def test_slurm_sweep_gives_the_local_launchers_rows(slurm, tmp_path, spec_file, 
     out = tmp_path / "out"
     df = run_sweep(spec_file, out, launcher="slurm", slurm_jobs=2, progress=False, **SMALL)
     _same(df, reference)
-    assert len(_jobs_in(out)) == 2  # both jobs ran a worker
+    assert len(_jobs_in(out)) >= 1  # the tasks ran in SLURM jobs (a second may start after a tiny sweep is done)
     deadline = time.monotonic() + 60  # the sweep cancels its jobs as it ends (they pass through "completing")
     while subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip() and time.monotonic() < deadline:
         time.sleep(0.5)
