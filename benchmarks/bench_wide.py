@@ -1,7 +1,7 @@
 """Layers wider than the sample count: CKA of the paper's grid on a flattened-map-sized layer,
 in bounded memory.
 
-    python benchmarks/bench_wide.py [--n 5000] [--d 100000] [--seeds 2] [--memory-mb 512] [--epochs 5]
+    python benchmarks/bench_wide.py [--n 5000] [--d 100000] [--seeds 2] [--memory-mb 256] [--epochs 5]
 
 Writes a synthetic n x d float16 layer (10 classes; class structure in a low-rank part plus
 noise; the size of an early flattened block) to a Zarr array on disk in chunks that split
@@ -33,7 +33,7 @@ def main():
     p.add_argument("--n", type=int, default=5000)
     p.add_argument("--d", type=int, default=100_000)
     p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--memory-mb", type=int, default=512)
+    p.add_argument("--memory-mb", type=int, default=256)
     p.add_argument("--epochs", type=int, default=5)
     a = p.parse_args()
     import zarr
