@@ -10,7 +10,7 @@ STAMP := $(VENV)/.featstore-installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO_STORE ?= data/featstore.zarr
 
-.PHONY: setup demo test test-fast bench clean dataset docs figures slurm
+.PHONY: setup demo test test-fast bench clean dataset docs figures slurm browser
 
 setup: $(STAMP) dataset
 
@@ -58,10 +58,23 @@ demo: setup
 slurm:
 	@bash ci/slurm-local.sh install
 
-test: setup slurm
+# The report's browser test renders the page in headless Chromium (Debian's chromium),
+# installed here when root; elsewhere that test skips, saying why.
+browser:
+	@if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "Installing Debian's chromium (the report's browser test) ..."; \
+	    (DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null)); \
+	  else \
+	    echo "chromium not found and not root: the report's browser test will be skipped"; \
+	  fi; \
+	fi
+
+test: setup slurm browser
 	$(PY) -m pytest -q
 
-test-fast: setup slurm
+test-fast: setup slurm browser
 	$(PY) -m pytest -q -m "not slow"
 
 # The README's demo figures, from the demo's own report (make demo first builds and sweeps)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from featstore import params
 
+from ._report import ReportOptions
 from ._sweep import SweepRun
 
 __all__ = ["register"]
@@ -27,10 +28,12 @@ def _cmd_sweep(a) -> int:
 
 
 def _cmd_report(a) -> int:
-    from ._report import write_report
+    from ._report import ReportOptions, write_report
 
-    page = write_report(a.results, a.out)
-    print(f"Report: {page}")
+    options = params.parse_arguments(ReportOptions, a)
+    params.validate(ReportOptions, options, key_format=params.cli_key(params.flags(ReportOptions)))
+    path = write_report(a.results, a.out, **options)
+    print(f"{'Figure' if options.get('figure') else 'Report'}: {path}")
     return 0
 
 
@@ -44,5 +47,6 @@ def register(sub, commands) -> None:
     p = sub.add_parser("report", help="figures and an HTML page from a sweep's results")
     p.add_argument("results", help="sweep output directory")
     p.add_argument("--out", default=None, help="report directory (default: RESULTS/report)")
+    params.add_arguments(p, ReportOptions)
     commands["sweep"] = _cmd_sweep
     commands["report"] = _cmd_report

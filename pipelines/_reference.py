@@ -37,6 +37,7 @@ def parameters_markdown() -> str:
     from featstore.params import flags
 
     from ._spec import GroupTable, MetricsTable, SelectionTable, SplitTable, SweepSpec
+    from ._report import ReportOptions
     from ._sweep import SweepRun
 
     out = ["# Parameters", "",
@@ -45,6 +46,7 @@ def parameters_markdown() -> str:
     sections = [
         ("`featstore build` / `featstore.build()`", BuildOptions, dict(flag=flags(BuildOptions).get)),
         ("`featstore sweep` / `pipelines.run_sweep()`", SweepRun, dict(flag=flags(SweepRun).get)),
+        ("`featstore report` / `pipelines.write_report()`", ReportOptions, dict(flag=flags(ReportOptions).get)),
         ("Sweep spec: top level", SweepSpec, {}),
         ("Sweep spec: `[[groups]]`", GroupTable, dict(key_prefix="groups[i].")),
         ("Sweep spec: `[[groups]]` `train = {...}` / `test = {...}`", SplitTable, dict(key_prefix="train.")),

@@ -1,4 +1,6 @@
-"""`featstore report`: PNG figures and one self-contained HTML page from a sweep."""
+"""`featstore report`: figures (PNG, SVG, PDF, sized for a paper) and one self-contained HTML page
+from a sweep: the answer first (one sentence per pairing, the DR table), then the figures with
+captions, then the detailed tables folded."""
 
 from __future__ import annotations
 
@@ -6,37 +8,46 @@ import base64
 import html
 import os
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
+from pydantic import Field
 
+from featstore.params import CommaList, OneOf, Parameters, Unique, defaults, validate
 from probes import SELECTION_MODES
 
 from ._analysis import (
     EDGE,
+    NOT_REACHED,
     accuracy_curve,
     critical_fraction,
     diffused_redundancy,
     dr_table,
+    dr_text,
     effective_fraction,
     inequality_curve,
     modes_at_equal_k,
 )
 
-__all__ = ["write_report", "FIGURES"]
+__all__ = ["write_report", "FIGURES", "ReportOptions"]
 
 # one colour per selection mode (the registry's order), and for explicit index lists
 MODE_COLORS = {mode: f"C{i}" for i, mode in enumerate([*SELECTION_MODES, "explicit"])}
 
 
 def _label(keys) -> str:
-    return f"{keys[1]} / {keys[2]} / {keys[3]}"
+    """model / layer / dataset, an image folder by its own name (not its whole path)."""
+    dataset = str(keys[3])
+    if dataset.startswith("imagefolder:"):
+        dataset = "imagefolder:" + Path(dataset.split(":", 1)[1]).name
+    return f"{keys[1]} / {keys[2]} / {dataset}"
 
 
 def _groups(df):
     return list(df.groupby(["group", "model", "layer", "dataset"]).groups)
 
 
-def _subplots(n, plt, width=6.0, height=4.2):
+def _subplots(n, plt, width=3.4, height=2.7):
     fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
     return fig, axes[0]
 
@@ -57,12 +68,12 @@ def _fig_accuracy(df, plt):
         ax.set(xscale="log", xlabel="effective fraction k/d (log scale)", ylabel="test accuracy",
                title=f"Accuracy vs fraction\n{_label(keys)}")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        ax.legend()
     return fig
 
 
 def _fig_dr(df, plt):
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(3.4, 2.7))
     for i, source in enumerate(("accuracy", "cka")):
         if source == "cka" and df["cka"].isna().all():
             continue
@@ -79,7 +90,7 @@ def _fig_dr(df, plt):
     ax.set(xlabel="δ (fraction of the full layer's accuracy / CKA to keep)", ylabel="diffused redundancy DR(δ)",
            title="Diffused redundancy vs δ (further out = more redundant)", ylim=(-0.02, 1.02))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend()
     return fig
 
 
@@ -99,24 +110,26 @@ def _fig_cka(df, plt):
         ax.set(xscale="log", xlabel="effective fraction k/d (log scale)", ylabel=f"linear CKA with the full layer ({est})",
                title=f"CKA(subset, layer) vs fraction\n{_label(keys)}", ylim=(0, 1.02))
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        ax.legend()
     return fig
 
 
 def _fig_inequality(df, plt):
     ineq = inequality_curve(df[df["mode"] != "full"])
-    fig, axes = _subplots(2, plt)
+    fig, axes = _subplots(2, plt, width=3.0)
+    several = ineq["group"].nunique() > 1
     for keys, g in ineq.groupby(["group", "model", "layer", "dataset"]):
         for mode, m in g.groupby("mode"):
             m = m.sort_values("fraction")
             for ax, col in zip(axes, ("gini", "cov")):
                 ax.errorbar(m["fraction"], m[(col, "mean")], yerr=m[(col, "std")].fillna(0), marker="o", ms=3,
-                            capsize=2, label=f"{_label(keys)} {mode}", color=MODE_COLORS.get(mode))
+                            capsize=2, label=f"{_label(keys)}: {mode}" if several else mode,
+                            color=MODE_COLORS.get(mode))
     for ax, name in zip(axes, ("Gini coefficient", "coefficient of variation")):
-        ax.set(xscale="log", xlabel="effective fraction k/d (log scale)", ylabel=f"{name} of per-class accuracy",
-               title=f"Inequality across classes: {name}")
+        ax.set(xscale="log", xlabel="effective fraction k/d (log scale)", ylabel=f"{name}",
+               title=f"Per-class accuracy: {name}")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+        ax.legend()
     return fig
 
 
@@ -127,7 +140,7 @@ def _fig_classwise(df, plt):
     wanted = [0.005, 0.02, 0.1, 0.5, 1.0]
     picks = sorted({float(fractions[np.argmin(np.abs(np.log(fractions) - np.log(w)))]) for w in wanted})
     groups = _groups(df)
-    fig, axes = _subplots(len(groups), plt, width=7.0)
+    fig, axes = _subplots(len(groups), plt, width=3.6)
     for ax, keys in zip(axes, groups):
         g = sub[sub["group"] == keys[0]]
         data, labels = [], []
@@ -156,7 +169,7 @@ def _fig_modes(df, plt):
         ax.set(xscale="log", xlabel="number of neurons / directions k (log scale)", ylabel="mean test accuracy",
                title=f"Selection modes at equal k\n{_label(keys)}")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        ax.legend()
     return fig
 
 
@@ -179,7 +192,7 @@ def _fig_depth(df, plt):
     series = [(keys, g) for keys, g in dr.groupby(["model", "dataset"], sort=False) if g["layer"].nunique() > 1]
     if not series:
         return None
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(3.4, 2.7))
     for j, ((model, dataset), g) in enumerate(series):
         x = np.arange(len(g))
         ax.errorbar(x, g["dr"], yerr=_error_bars(g), marker="o", capsize=3, color=f"C{j}",
@@ -188,7 +201,7 @@ def _fig_depth(df, plt):
     ax.set(xlabel="layer (shallow to deep, as the spec lists them)", ylabel="DR(0.9), random neurons",
            title="Diffused redundancy across depth", ylim=(-0.02, 1.02))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend()
     return fig
 
 
@@ -197,33 +210,193 @@ def _fig_pairings(df, plt):
     dr = _dr_at(df)
     if dr is None or len(dr) < 2:
         return None
-    fig, ax = plt.subplots(figsize=(max(6.5, 0.9 * len(dr) + 2), 4.5))
+    fig, ax = plt.subplots(figsize=(max(3.4, 0.55 * len(dr) + 1.2), 2.9))
     x = np.arange(len(dr))
     models = list(dict.fromkeys(dr["model"]))
     ax.bar(x, dr["dr"].fillna(0), yerr=_error_bars(dr), capsize=3,
            color=[f"C{models.index(m)}" for m in dr["model"]])
-    ax.set_xticks(x, [f"{m}\n{l}\n{d}" for m, l, d in zip(dr["model"], dr["layer"], dr["dataset"])], fontsize=7)
+    ax.set_xticks(x, [f"{m}\n{l}\n{d}" for m, l, d in zip(dr["model"], dr["layer"], dr["dataset"])], fontsize=5.5)
     ax.set(ylabel="DR(0.9), random neurons", title="Diffused redundancy compared (one bar per pairing)",
            ylim=(0, 1.02))
     ax.grid(alpha=0.3, axis="y")
     return fig
 
 
+def _fig_overlaid(df, plt):
+    """Every pairing's random-neuron accuracy relative to its own full layer, on one axis."""
+    if "random" not in set(df["mode"]) or df["group"].nunique() < 2:
+        return None
+    curve = accuracy_curve(df)
+    curve = curve[curve["mode"] == "random"]
+    fig, ax = plt.subplots(figsize=(3.4, 2.7))
+    for j, (keys, c) in enumerate(curve.groupby(["group", "model", "layer", "dataset"])):
+        c = c.sort_values("fraction")
+        ax.plot(c["fraction"], c["relative"], marker="o", ms=2.5, color=f"C{j}", label=_label(keys))
+    ax.axhline(0.9, color="k", ls=":", lw=0.8, label="90% of the full layer")
+    ax.set(xscale="log", xlabel="effective fraction k/d (log scale)", ylabel="accuracy / full layer's",
+           title="Random neurons, every pairing")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    return fig
+
+
 # name -> figure maker (df, pyplot) -> Figure, or None when the results hold nothing for it
 FIGURES = {"accuracy_vs_fraction": _fig_accuracy, "dr_vs_delta": _fig_dr, "cka_vs_fraction": _fig_cka,
            "inequality_vs_fraction": _fig_inequality, "classwise_accuracy": _fig_classwise,
-           "modes_compared": _fig_modes, "dr_across_depth": _fig_depth, "dr_compared": _fig_pairings}
+           "modes_compared": _fig_modes, "accuracy_overlaid": _fig_overlaid, "dr_across_depth": _fig_depth,
+           "dr_compared": _fig_pairings}
+
+# what to look for in each figure: its caption on the page
+CAPTIONS = {
+    "accuracy_vs_fraction": "Probe accuracy on k of d neurons against k/d (mean over seeds, their range shaded); the "
+                            "dashed line is the whole layer. Diffused redundancy: random neurons reach it at a small "
+                            "fraction.",
+    "dr_vs_delta": "DR(δ): the share of neurons that can go while keeping δ of the whole layer's accuracy (solid) or "
+                   "CKA (dotted), with 95% seed-bootstrap bands; triangles are lower bounds (reached at the smallest "
+                   "fraction evaluated).",
+    "cka_vs_fraction": "Linear CKA between each subset and the whole layer: how much of the layer's representation a "
+                       "subset already carries.",
+    "inequality_vs_fraction": "Gini and coefficient of variation of the per-class accuracies: small subsets that keep "
+                              "the mean can still hurt some classes.",
+    "classwise_accuracy": "Per-class accuracy at a few fractions (all seeds): which classes pay for a smaller subset.",
+    "modes_compared": "Selection modes at equal k: random neurons against principal directions, least-variance "
+                      "directions, random projections and the first k neurons.",
+    "accuracy_overlaid": "Every pairing's random-neuron curve relative to its own whole layer, on one axis.",
+    "dr_across_depth": "DR(0.9) layer by layer, shallow to deep, with 95% seed-bootstrap intervals.",
+    "dr_compared": "DR(0.9) of every model / layer / dataset pairing side by side.",
+}
+# figures that compare pairings: their own section when the sweep has several
+COMPARISONS = ("accuracy_overlaid", "dr_across_depth", "dr_compared")
+
+FigureFormat = Literal["png", "svg", "pdf"]
+FigureName = Annotated[str, OneOf(FIGURES, "report figure")]
 
 
-def write_report(results_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
-    """Render every figure (PNG) and ``report.html`` (figures embedded) for a sweep.
+class ReportOptions(Parameters):
+    """What ``featstore report`` writes: ``write_report``'s keywords and its command line's options."""
 
-    Returns the HTML file's path.
-    """
+    formats: Annotated[tuple[FigureFormat, ...], Field(min_length=1, strict=False), CommaList(), Unique()] = ("png",)
+    """Files written for each figure (comma-separated: png, svg, pdf); the page embeds PNG whatever they are."""
+    figure: FigureName | None = None
+    """Write this one figure alone (in each of --formats), not the page."""
+
+
+# sized for one column of a two-column paper (3.4 in wide), text at 8 pt, fonts kept as text
+PAPER_STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 6,
+               "xtick.labelsize": 7, "ytick.labelsize": 7, "lines.linewidth": 1.1, "axes.linewidth": 0.6,
+               "grid.linewidth": 0.4, "legend.frameon": False, "pdf.fonttype": 42, "ps.fonttype": 42,
+               "svg.fonttype": "none", "savefig.bbox": "tight", "savefig.pad_inches": 0.02}
+PNG_DPI = 200
+
+
+def _render(df, names, out: Path, formats) -> dict[str, bytes]:
+    """Draw each figure (paper style), write it in every format, return its PNG bytes."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    pngs = {}
+    with matplotlib.rc_context(PAPER_STYLE):
+        for name in names:
+            fig = FIGURES[name](df, plt)
+            if fig is None:
+                continue
+            fig.tight_layout()
+            for fmt in formats:
+                fig.savefig(out / f"{name}.{fmt}", dpi=PNG_DPI, metadata={"Creator": "featstore report"}
+                            if fmt in ("pdf", "svg") else None)
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=PNG_DPI)
+            pngs[name] = buf.getvalue()
+            plt.close(fig)
+    return pngs
+
+
+def _answers(df) -> list[str]:
+    """One sentence per pairing: the share of random neurons that keeps 90% of the whole layer's
+    accuracy, DR(0.9) with its interval (or why there is none)."""
+    if "random" not in set(df["mode"]):
+        return []
+    dr = _dr_at(df)
+    full = df[df["mode"] == "full"].groupby("group")["test_accuracy"].mean()
+    width = df.groupby("group")["n_neurons"].first()
+    out = []
+    for r in dr.itertuples():
+        where = f"<b>{html.escape(_label((r.group, r.model, r.layer, r.dataset)))}</b>: "
+        d, acc = int(width[r.group]), full.get(r.group, np.nan)
+        if r.censored == NOT_REACHED:
+            out.append(where + f"no random subset smaller than the {d} neurons keeps 90% of the full layer's accuracy "
+                               f"({acc:.3f}) on this grid: DR(0.9) not reached.")
+            continue
+        share, k = f"{100 * r.fraction:.3g}%", max(1, int(round(r.fraction * d)))
+        bound = " (the smallest fraction evaluated, so DR is a lower bound)" if r.censored == EDGE else ""
+        out.append(where + f"a random {share} of the {d} neurons ({k}) keeps 90% of the full layer's accuracy "
+                           f"({acc:.3f}){bound}: <b>DR(0.9) = {dr_text(r.dr, r.dr_low, r.dr_high, r.censored)}</b>.")
+    return out
+
+
+def _dr_html(df, source: str = "accuracy") -> str:
+    """DR(δ) per pairing: model / layer / dataset, then one column per δ; censored values marked."""
+    t = dr_table(df, source=source).reset_index()
+    deltas = [c for c in t.columns if c not in ("group", "model", "layer", "dataset")]
+    head = "".join(f"<th>{h}</th>" for h in ["model", "layer", "dataset", *(f"δ = {d:g}" for d in deltas)])
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(r[c]))}</td>" for c in ["model", "layer", "dataset", *deltas])
+                   + "</tr>" for _, r in t.iterrows())
+    return f"<table class='dr'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def _curve_html(df) -> str:
+    """The per-fraction accuracy table pivoted: fractions as rows, modes as columns, mean ± sd."""
+    curve = accuracy_curve(df)
+    parts = []
+    for keys, c in curve.groupby(["group", "model", "layer", "dataset"]):
+        c = c.assign(value=[f"{m:.3f} ± {s:.3f}" for m, s in zip(c["mean"], c["std"])])
+        t = c.pivot_table(index="fraction", columns="mode", values="value", aggfunc="first").sort_index()
+        head = "<th>k/d</th>" + "".join(f"<th>{html.escape(m)}</th>" for m in t.columns)
+        rows = "".join(f"<tr><td>{f:.4g}</td>" + "".join(f"<td>{'' if v != v else v}</td>" for v in r) + "</tr>"
+                       for f, r in zip(t.index, t.to_numpy()))
+        full = c["full"].iloc[0]
+        parts.append(f"<p>{html.escape(_label(keys))}: full layer {full:.3f}</p><table><thead><tr>{head}</tr></thead>"
+                     f"<tbody>{rows}</tbody></table>")
+    return "".join(parts)
+
+
+def _figure_html(name: str, png: bytes) -> str:
+    data = base64.b64encode(png).decode()
+    return (f"<figure id='fig-{name}'><img alt='{name.replace('_', ' ')}' src='data:image/png;base64,{data}'>"
+            f"<figcaption><b>{html.escape(name.replace('_', ' '))}.</b> {html.escape(CAPTIONS[name])}</figcaption>"
+            f"</figure>")
+
+
+STYLE = ("body{font-family:system-ui,sans-serif;max-width:1240px;margin:1em auto;padding:0 1em;color:#222}"
+         "h1{font-size:1.45em;margin:.2em 0}h2{font-size:1.15em;margin:1.2em 0 .4em}"
+         ".src{color:#666;font-size:12px;margin:.2em 0 .8em}"
+         ".top{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1.05fr);gap:1.2em;align-items:start}"
+         ".answer{font-size:15px;line-height:1.4;margin:.3em 0 .7em}"
+         ".figs{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:1.2em}"
+         "figure{margin:0}figure img{width:100%;height:auto;border:1px solid #eee}"
+         "figcaption{font-size:12.5px;color:#444;margin-top:.3em}"
+         "table{border-collapse:collapse;font-size:12px;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px}"
+         "th{background:#f4f4f4}details{margin:.6em 0}summary{cursor:pointer;font-weight:600}")
+
+
+_REPORT = defaults(ReportOptions)
+
+
+def write_report(results_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
+                 formats=_REPORT["formats"], figure: str | None = _REPORT["figure"]) -> Path:
+    """Write a sweep's figures (``formats``: png, svg, pdf) and ``report.html``: one self-contained
+    page (images inline), the answer first, then the figures, then the detailed tables (folded).
+
+    ``formats`` and ``figure`` are declared in :class:`ReportOptions`. With ``figure``: only that
+    figure's files. Returns the page's path (or, with ``figure``, its first file).
+    """
+    import json
+
+    o = validate(ReportOptions, dict(formats=formats, figure=figure), prefix="write_report.")
 
     from ._sweep import load_results
 
@@ -234,43 +407,55 @@ def write_report(results_dir: str | os.PathLike, out: str | os.PathLike | None =
         raise ResultsNotFoundError(path=str(results_dir), hint="no task has completed yet")
     out = Path(out) if out else Path(results_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
-    written = {}
-    for name, make in FIGURES.items():
-        fig = make(df, plt)
-        if fig is None:
-            continue
-        fig.tight_layout()
-        path = out / f"{name}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written[name] = path
-    has_random = "random" in set(df["mode"])
-    tables = []
-    if has_random:
-        tables.append(("Diffused redundancy DR(δ) from accuracy, random neurons (mean over seeds, "
-                       "95% seed-bootstrap interval)", dr_table(df).to_html()))
+    if o.figure is not None:
+        if not _render(df, [o.figure], out, o.formats):
+            from featstore.errors import IncompatibleParametersError
+
+            raise IncompatibleParametersError(key="figure", value=o.figure,
+                                              reason="these results hold nothing for it (see the page for the "
+                                                     "figures they have)")
+        return out / f"{o.figure}.{o.formats[0]}"
+    pngs = _render(df, list(FIGURES), out, o.formats)
+    meta_path = Path(results_dir) / "sweep.json"
+    spec = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    store = spec.get("spec", {}).get("store", "?")
+    n_groups = df["group"].nunique()
+    parts = ["<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+             "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+             f"<title>featstore report: {html.escape(str(results_dir))}</title><style>{STYLE}</style></head><body>",
+             "<h1>Diffused redundancy" + (f" across {n_groups} pairings" if n_groups > 1 else "") + "</h1>",
+             f"<p class='src'>{len(df)} probes from {df['task'].nunique()} tasks; modes "
+             f"{html.escape(', '.join(sorted(set(df['mode']) - {'full'})))}. Results <code>{html.escape(str(results_dir))}"
+             f"</code> (spec key {html.escape(str(spec.get('key', '?'))[:12])}), features from <code>"
+             f"{html.escape(str(store))}</code>.</p>"]
+    answers = _answers(df)
+    left = "".join(f"<p class='answer'>{a}</p>" for a in answers) or \
+        "<p class='answer'>No random-neuron probes in these results: the DR table needs mode 'random'.</p>"
+    if answers:
+        left += ("<h2>DR(δ) from accuracy, random neurons</h2><p class='src'>mean over seeds [95% seed-bootstrap "
+                 "interval]; ≥: reached at the smallest fraction evaluated</p>" + _dr_html(df))
+    first = "accuracy_vs_fraction"
+    parts.append(f"<section class='top'><div id='answer'>{left}</div>"
+                 + (_figure_html(first, pngs[first]) if first in pngs else "") + "</section>")
+    rest = [n for n in pngs if n != first and not (n in COMPARISONS and n_groups > 1)]
+    parts.append("<h2>Figures</h2><div class='figs'>" + "".join(_figure_html(n, pngs[n]) for n in rest) + "</div>")
+    compared = [n for n in COMPARISONS if n in pngs and n_groups > 1]
+    if compared:
+        parts.append("<h2>Comparisons across pairings</h2><div class='figs'>"
+                     + "".join(_figure_html(n, pngs[n]) for n in compared) + "</div>")
+    parts.append("<h2>Details</h2>")
+    if answers:
         if not df["cka"].isna().all():
             est = df["cka_estimator"].dropna().iloc[0]
-            tables.append((f"DR(δ) from CKA ({est} estimator)", dr_table(df, source="cka").to_html()))
-        tables.append(("Critical fraction: smallest evaluated fraction within 5% of the full layer",
-                       critical_fraction(df).to_html(index=False)))
-    curve = accuracy_curve(df)
-    tables.append(("Accuracy vs fraction (over seeds)",
-                   curve.round(4).to_html(index=False, max_rows=400)))
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>featstore report</title>",
-             "<style>body{font-family:sans-serif;max-width:1300px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;font-size:12px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px}"
-             "img{max-width:100%;border:1px solid #eee;margin:0.5em 0}</style></head><body>",
-             "<h1>Diffused redundancy report</h1>",
-             f"<p>{len(df)} probes from {df['task'].nunique()} tasks; groups: "
-             + ", ".join(html.escape(f"{m}/{l}/{d}") for m, l, d in df[["model", "layer", "dataset"]].drop_duplicates().itertuples(index=False))
-             + f"; modes: {', '.join(sorted(df['mode'].unique()))}. Results: <code>{html.escape(str(results_dir))}</code></p>"]
-    for title, table in tables:
-        parts += [f"<h2>{html.escape(title)}</h2>", table]
-    for name, path in written.items():
-        data = base64.b64encode(path.read_bytes()).decode()
-        parts += [f"<h2>{html.escape(name.replace('_', ' '))}</h2>", f"<img alt='{name}' src='data:image/png;base64,{data}'>"]
-    parts.append("</body></html>")
+            parts.append(f"<details><summary>DR(δ) from CKA ({html.escape(str(est))} estimator)</summary>"
+                         + _dr_html(df, source="cka") + "</details>")
+        parts.append("<details><summary>Critical fraction: the smallest evaluated fraction within 5% of the full "
+                     "layer</summary>" + critical_fraction(df).to_html(index=False, float_format="{:.4g}".format)
+                     + "</details>")
+    parts.append("<details><summary>Accuracy at every fraction (mean ± sd over seeds)</summary>" + _curve_html(df)
+                 + "</details>")
+    files = ", ".join(f"<code>{n}.{{{','.join(o.formats)}}}</code>" for n in pngs)
+    parts.append(f"<p class='src'>Figure files beside this page: {files}.</p></body></html>")
     page = out / "report.html"
     page.write_text("\n".join(parts))
     return page

@@ -252,7 +252,7 @@ def test_killed_dask_worker_loses_no_task(tmp_path, spec_file, reference, monkey
     _same(df, reference)
 
 
-SEVERAL_PAIRINGS = {"dr_across_depth", "dr_compared"}  # figures that compare pairings
+SEVERAL_PAIRINGS = set(pipelines._report.COMPARISONS)  # figures that compare pairings
 
 
 def test_report_renders_every_figure(tmp_path, reference):
@@ -264,7 +264,7 @@ def test_report_renders_every_figure(tmp_path, reference):
     assert not any((tmp_path / "report" / f"{name}.png").exists() for name in SEVERAL_PAIRINGS)  # one pairing
     text = page.read_text()
     assert text.count("data:image/png;base64,") == len(single)
-    assert "Diffused redundancy DR" in text and "Critical fraction" in text
+    assert "DR(δ) from accuracy, random neurons" in text and "Critical fraction" in text
 
 
 def test_a_layers_group_sweeps_depth_and_the_report_shows_it(tmp_path, image_folder):
@@ -282,9 +282,13 @@ def test_a_layers_group_sweeps_depth_and_the_report_shows_it(tmp_path, image_fol
     df = run_sweep(spec, tmp_path / "out", progress=False)
     assert df.groupby("group")["layer"].first().tolist() == ["layer2", "pre_logits"]
     assert df.groupby("group")["n_neurons"].first().tolist() == [48, 96]  # test_resnet: layer2 48 wide
-    pipelines.write_report(tmp_path / "out", tmp_path / "report")
+    page = pipelines.write_report(tmp_path / "out", tmp_path / "report").read_text()
     for name in SEVERAL_PAIRINGS:
         assert (tmp_path / "report" / f"{name}.png").stat().st_size > 10_000
+    # one answer per pairing first; the comparisons in their own section, overlaid where axes are shared
+    assert page.count("<p class='answer'>") == 2 and "test_resnet / layer2 /" in page
+    section = page[page.index("Comparisons across pairings"):page.index("<h2>Details</h2>")]
+    assert all(f"fig-{name}" in section for name in SEVERAL_PAIRINGS)
 
 
 # ------------------------------------------------------------------ analysis by hand

@@ -1,0 +1,123 @@
+"""`featstore report`: the answer first, figures in PNG/SVG/PDF, one figure alone, and the page in
+a real browser (headless Chromium): every image decodes, the answer and the accuracy figure are
+on the first screen of a 1300 x 900 window."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+
+import pytest
+
+import pipelines
+from featstore import errors
+from pipelines._report import CAPTIONS, FIGURES
+
+from .conftest import run_cli
+from .test_sweep import SPEC, reference, spec_file, sweep_store  # noqa: F401 (fixtures)
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, reference):
+    out = tmp_path_factory.mktemp("report")
+    page = pipelines.write_report(reference.attrs["out"], out, formats=("png", "svg", "pdf"))
+    return page
+
+
+def test_the_page_opens_with_the_answer_then_figures_then_folded_tables(report):
+    text = report.read_text()
+    answer = re.search(r"<p class='answer'>(.*?)</p>", text).group(1)
+    assert re.search(r"a random [\d.]+% of the 96 neurons \(\d+\) keeps 90% of the full layer's accuracy "
+                     r"\(0\.\d{3}\).*DR\(0\.9\) = (≥ )?0\.\d{3} \[0\.\d{3}, 0\.\d{3}\]", answer), answer
+    first_table, first_figure = text.index("<table"), text.index("<figure")
+    assert text.index("class='answer'") < first_table < text.index("<h2>Figures</h2>") < text.index("<details>")
+    dr_head = re.search(r"<table class='dr'><thead><tr>(.*?)</tr>", text).group(1)
+    assert re.findall(r"<th>(.*?)</th>", dr_head) == ["model", "layer", "dataset", "δ = 0.8", "δ = 0.9", "δ = 0.95",
+                                                      "δ = 0.99"]  # no index noise
+    assert first_figure < text.index("<h2>Figures</h2>")  # the accuracy figure beside the answer
+    details = text[text.index("<h2>Details</h2>"):]
+    assert " ± " in details and "<th>k/d</th><th>pca</th><th>random</th>" in details  # pivoted: modes as columns
+    for name in re.findall(r"<figure id='fig-(\w+)'>", text):
+        assert CAPTIONS[name] in html.unescape(text)
+    assert "src='http" not in text and "href='http" not in text  # self-contained
+
+
+def test_every_figure_is_written_as_png_svg_and_pdf(report):
+    out = report.parent
+    written = sorted(p.stem for p in out.glob("*.png"))
+    assert written and set(written) <= set(FIGURES)
+    for name in written:
+        ET.parse(out / f"{name}.svg")  # well-formed SVG
+        svg = (out / f"{name}.svg").read_text()
+        assert "<text" in svg  # fonts kept as text (svg.fonttype none), editable in a paper
+        assert (out / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
+        from PIL import Image
+
+        with Image.open(out / f"{name}.png") as im:
+            assert im.width <= 1500  # one paper column at 200 dpi, a few panels at most
+
+
+def test_one_figure_alone_and_bad_options(tmp_path, reference):
+    path = pipelines.write_report(reference.attrs["out"], tmp_path / "one", figure="dr_vs_delta", formats=("svg",))
+    assert path == tmp_path / "one" / "dr_vs_delta.svg" and sorted(p.name for p in (tmp_path / "one").iterdir()) == \
+        ["dr_vs_delta.svg"]
+    r = run_cli("report", reference.attrs["out"], "--out", str(tmp_path / "cli"), "--figure", "cka_vs_fraction",
+                "--formats", "pdf,png")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["cka_vs_fraction.pdf", "cka_vs_fraction.png"]
+    for args, expected in ((["--formats", "png,eps"], "--formats"), (["--figure", "nope"], "--figure"),
+                           (["--formats", "png,png"], "--formats")):
+        r = run_cli("report", reference.attrs["out"], "--out", str(tmp_path / "bad"), *args)
+        assert r.returncode == 2 and expected in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(errors.IncompatibleParametersError, match="hold nothing for it"):
+        pipelines.write_report(reference.attrs["out"], tmp_path / "none", figure="dr_across_depth")
+
+
+def _chromium(*args, timeout=180):
+    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           "--window-size=1300,900", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_report_in_headless_chromium(report, tmp_path):
+    """In a 1300 x 900 window: every image decodes (naturalWidth > 0), the answer sentence and
+    the whole accuracy figure lie on the first screen; a screenshot of that screen is taken."""
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed: `apt-get install chromium` as root (make test does)")
+    check = """<script>addEventListener('load', () => {
+      const imgs = [...document.images];
+      const box = s => document.querySelector(s).getBoundingClientRect();
+      const r = {images: imgs.length, decoded: imgs.filter(i => i.complete && i.naturalWidth > 0).length,
+                 answer_top: box('.answer').top, answer_bottom: box('.answer').bottom,
+                 figure_top: box('#fig-accuracy_vs_fraction img').top,
+                 figure_bottom: box('#fig-accuracy_vs_fraction img').bottom, height: innerHeight, width: innerWidth};
+      const pre = document.createElement('pre'); pre.id = 'featstore-check'; pre.textContent = JSON.stringify(r);
+      document.body.appendChild(pre);
+    });</script>"""
+    probe = report.parent / "probe.html"  # beside the page: the same (inline) resources
+    probe.write_text(report.read_text().replace("</body>", check + "</body>"))
+    dom = _chromium("--virtual-time-budget=10000", "--dump-dom", probe.as_uri())
+    found = re.search(r'<pre id="featstore-check">(.*?)</pre>', dom.stdout)
+    assert found, dom.stderr[-2000:]
+    r = json.loads(html.unescape(found.group(1)))
+    n_figures = report.read_text().count("<figure ")
+    assert r["images"] == n_figures > 0 and r["decoded"] == r["images"], r
+    print(r)
+    # a 1300 x 900 window: its viewport (the first screen) is 1300 wide and a little under 900 high
+    assert r["width"] == 1300 and 780 <= r["height"] <= 900, r
+    assert 0 <= r["answer_top"] < r["answer_bottom"] <= r["height"], r
+    assert 0 <= r["figure_top"] < r["figure_bottom"] <= r["height"], r
+    shot = tmp_path / "first_screen.png"
+    s = _chromium(f"--screenshot={shot}", report.as_uri())
+    assert shot.exists(), s.stderr[-2000:]
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        assert im.size == (1300, 900)
+        assert len(set(im.convert("L").resize((65, 45)).getdata())) > 20  # not a blank page
