@@ -102,9 +102,8 @@ def _prefix_chains(index_subsets: list[tuple[int, np.ndarray]]):
     """Index subsets grouped into chains of nested prefixes of one array (a family's draws are
     views ``columns[:k]``): [(order, [(subset j, k), ...])], sorted by k; others alone."""
     by_memory: dict = {}
-    for j, a in index_subsets:
-        key = (a.__array_interface__["data"][0], a.strides, a.dtype.str) if a.base is not None or a.flags.owndata else id(a)
-        by_memory.setdefault(key, []).append((j, a))
+    for j, a in index_subsets:  # prefixes of one array start at its address, with its strides
+        by_memory.setdefault((a.__array_interface__["data"][0], a.strides, a.dtype.str), []).append((j, a))
     chains = []
     for members in by_memory.values():
         widest = max((a for _, a in members), key=len)
@@ -123,7 +122,8 @@ def sample_space_terms(X: Features, stats: KernelStatistics, index_subsets, proj
     step = _column_groups(n, memory_mb)
     for order, members in _prefix_chains(index_subsets):
         cuts = sorted({k for _, k in members})
-        # prefixes up to half the chain come from the front; longer ones are K minus the tail
+        # prefixes up to half the chain come from the front; when the chain orders the whole layer
+        # (distinct indices, checked), longer ones are K minus the tail
         front = [k for k in cuts if k <= len(order) - k or len(order) < d]
         back = [k for k in cuts if k not in front]
         values: dict[int, tuple] = {}
