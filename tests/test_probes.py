@@ -308,7 +308,7 @@ def test_a_group_is_read_once_and_verified_by_that_read(tmp_path, tiny, monkeypa
     assert sorted(reads) == sorted([("features", c) for c in range(n_chunks)] + [("views[0]", c) for c in range(n_chunks)])
     np.testing.assert_array_equal(data.X, g.numpy(0))
     reads.clear()
-    probes.subset_cka(g, [np.arange(3)])
+    probes.subset_cka(g, [np.arange(3)], space="feature")  # feature space: one row-block pass (sample space: read_columns)
     assert sorted(reads) == [("features", c) for c in range(n_chunks)]
 
 
