@@ -53,20 +53,35 @@ class SlurmOptions(Parameters):
     address as dask picks it; 127.0.0.1 for a single-node cluster)."""
 
 
-def slurm_cluster(o: SlurmOptions, log_dir: str | Path):
-    """A dask-jobqueue SLURMCluster for these options, its jobs submitted (``scale``)."""
-    from dask_jobqueue import SLURMCluster
+# A task's memory is torch, its features and the CKA pass: none of it is dask's to spill, and a
+# worker that pauses at 80% of its limit (dask's default) never finishes the task it holds (seen:
+# torch's import alone is ~0.8 GB of a 1 GB job). Workers neither spill nor pause; the nanny still
+# restarts one past 95% (its task then runs again), and SLURM enforces the job's memory.
+WORKER_MEMORY_POLICY = ["export DASK_DISTRIBUTED__WORKER__MEMORY__TARGET=False",
+                        "export DASK_DISTRIBUTED__WORKER__MEMORY__SPILL=False",
+                        "export DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE=False"]
 
+
+def cluster_options(o: SlurmOptions, log_dir: str | Path) -> dict:
+    """dask-jobqueue's SLURMCluster keywords for these options."""
     processes = max(1, o.gpus)  # one worker per GPU; else one worker with every core
-    extra = [f"--gres=gpu:{o.gpus}"] if o.gpus else []
-    Path(log_dir).mkdir(parents=True, exist_ok=True)
-    cluster = SLURMCluster(
+    return dict(
         cores=o.cores, processes=processes, memory=o.memory, walltime=o.time, queue=o.partition,
-        account=o.account, job_extra_directives=extra, python=sys.executable, log_directory=str(log_dir),
+        account=o.account, job_extra_directives=[f"--gres=gpu:{o.gpus}"] if o.gpus else [],
+        python=sys.executable, log_directory=str(log_dir),
         scheduler_options={"host": o.host} if o.host else {}, name="featstore",
         # one task at a time per worker; the task gives torch the worker's share of the cores
         worker_extra_args=["--nthreads", "1"],
+        job_script_prologue=WORKER_MEMORY_POLICY,
     )
+
+
+def slurm_cluster(o: SlurmOptions, log_dir: str | Path):
+    """A dask-jobqueue SLURMCluster for these options, its jobs submitted and kept."""
+    from dask_jobqueue import SLURMCluster
+
+    Path(log_dir).mkdir(parents=True, exist_ok=True)
+    cluster = SLURMCluster(**cluster_options(o, log_dir))
     # adapt, not scale: a job that ends (scancel, its time limit, a lost node) is replaced
     cluster.adapt(minimum_jobs=o.jobs, maximum_jobs=o.jobs)
     return cluster

@@ -3,6 +3,7 @@ single-node SLURM started by the ``slurm`` fixture; and the options' vocabulary 
 
 from __future__ import annotations
 
+import re
 import subprocess
 import threading
 import time
@@ -16,8 +17,8 @@ from pipelines import SlurmOptions, load_results, load_spec, run_sweep
 from .conftest import run_cli
 from .test_sweep import SPEC, _same, reference, spec_file, sweep_store  # noqa: F401 (fixtures)
 
-# small jobs: the test node has 2 cores
-SMALL = dict(slurm_cores=1, slurm_memory="1GB", slurm_time="00:15:00", slurm_host="127.0.0.1")
+# small jobs: the test node has 2 cores (a worker that imports torch needs more than 1 GB)
+SMALL = dict(slurm_cores=1, slurm_memory="3GB", slurm_time="00:15:00", slurm_host="127.0.0.1")
 
 
 def _jobs_in(out):
@@ -26,11 +27,14 @@ def _jobs_in(out):
 
 
 @pytest.mark.slurm
+@pytest.mark.timeout(600)  # a sweep whose workers never come must fail, not hang the suite
 def test_slurm_sweep_gives_the_local_launchers_rows(slurm, tmp_path, spec_file, reference):
     out = tmp_path / "out"
     df = run_sweep(spec_file, out, launcher="slurm", slurm_jobs=2, progress=False, **SMALL)
     _same(df, reference)
     assert len(_jobs_in(out)) >= 1  # the tasks ran in SLURM jobs (a second may start after a tiny sweep is done)
+    script = next((out / "slurm-logs").glob("*.err")).read_text()
+    assert "Pausing worker" not in script  # the memory policy: workers do not pause (they would hang)
     deadline = time.monotonic() + 60  # the sweep cancels its jobs as it ends (they pass through "completing")
     while subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip() and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -38,6 +42,7 @@ def test_slurm_sweep_gives_the_local_launchers_rows(slurm, tmp_path, spec_file, 
 
 
 @pytest.mark.slurm
+@pytest.mark.timeout(600)
 def test_a_job_cancelled_mid_task_loses_no_row(slurm, tmp_path, spec_file, reference, monkeypatch):
     """The worker's first task stops mid-way (FEATSTORE_FAULT_MODE=hang at task-started) and its
     job is scancelled there; the cluster submits a replacement job, the task runs again, and
@@ -100,6 +105,24 @@ def test_slurm_options_are_declared_once_spec_table_and_flags(tmp_path, spec_fil
         check_run(dict(launcher="local", slurm_jobs=2))
     with pytest.raises(errors.IncompatibleParametersError, match="workers.*--slurm-jobs"):
         check_run(dict(launcher="slurm", workers=2))
+
+
+def test_slurm_job_script_carries_every_option(tmp_path):
+    """The sbatch script dask-jobqueue writes from SlurmOptions: partition, account, time, memory,
+    cores, one worker per GPU with --gres, the worker memory policy (no spill, no pause)."""
+    from dask_jobqueue import SLURMCluster
+
+    from pipelines._slurm import cluster_options
+
+    o = SlurmOptions(partition="gpu", account="lab", time="1-02:00:00", memory="64GB", cores=16, gpus=4,
+                     host="127.0.0.1")
+    with SLURMCluster(**cluster_options(o, tmp_path)) as cluster:
+        script = cluster.job_script()
+    for line in ("#SBATCH -p gpu", "#SBATCH -A lab", "#SBATCH -t 1-02:00:00", "#SBATCH --gres=gpu:4",
+                 "#SBATCH --cpus-per-task=16", "--nworkers 4", "--nthreads 1",
+                 "export DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE=False"):
+        assert line in script, (line, script)
+    assert re.search(r"#SBATCH --mem=6\d+G", script), script  # 64GB, as dask-jobqueue rounds it
 
 
 def test_slurm_flags_on_the_command_line(tmp_path, spec_file):
