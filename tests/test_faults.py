@@ -126,14 +126,38 @@ def test_a_busy_lock_names_its_holder_and_keeps_its_record(tmp_path):
 
 
 def test_two_sweeps_into_one_output_do_not_corrupt_it(tmp_path, spec_file, reference):
+    """A second sweep into an output another sweep is writing waits for it (and says so); when the
+    first dies mid-sweep, the second takes over: the rows are exactly one run's. Deterministic:
+    the first stops inside its second task (FEATSTORE_FAULT_MODE=hang) until the second is seen
+    waiting, then is SIGKILLed."""
+    import time
+
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "featstore.cli", "sweep", str(spec_file), "--out", str(out), "--no-progress"]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-             for _ in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    errs = "".join(e for _, e in outs)
-    assert "another sweep (pid " in errs and "is writing to" in errs and "already done" in errs
+    marker = tmp_path / "first-is-inside-its-second-task"
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                             env={**os.environ, "FEATSTORE_FAULT": "task-started:2", "FEATSTORE_FAULT_MODE": "hang",
+                                  "FEATSTORE_FAULT_ONCE": str(marker)})
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert marker.exists(), first.communicate(timeout=10)[1]
+        err_path = tmp_path / "second.err"
+        with open(err_path, "w") as err:
+            second = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, cwd=REPO)
+            while "is writing to" not in err_path.read_text() and second.poll() is None \
+                    and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert "another sweep (pid " in err_path.read_text(), err_path.read_text()  # it waits
+            assert second.poll() is None
+            first.kill()  # the first dies holding the output's lock, one task done
+            first.wait(timeout=60)
+            assert second.wait(timeout=600) == 0, err_path.read_text()
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert "1 of " in err_path.read_text() and "already done" in err_path.read_text()
     _same(pipelines.load_results(out), reference)
 
 
