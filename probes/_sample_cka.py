@@ -77,6 +77,16 @@ def kernel_statistics(X: Features, memory_mb: int) -> KernelStatistics:
     return st
 
 
+def _add_kernel(L: np.ndarray, X: Features, cols: np.ndarray, mean: np.ndarray) -> None:
+    """L += Yc Ycᵀ over the columns ``cols`` (one read of them, centred by the layer's means),
+    in float32 products of GEMM_COLUMNS columns added into float64."""
+    Y = X.columns(cols, np.float32)
+    Y -= mean[cols].astype(np.float32)
+    for a in range(0, len(cols), GEMM_COLUMNS):
+        B = Y[:, a:a + GEMM_COLUMNS]
+        L += B @ B.T
+
+
 def _terms(K: np.ndarray, L: np.ndarray, estimator: str, kk: float | None):
     """(HSIC(K, L), HSIC(K, K), HSIC(L, L)) up to a common factor (biased: Frobenius products)."""
     if estimator == "biased":
@@ -131,12 +141,7 @@ def sample_space_terms(X: Features, stats: KernelStatistics, index_subsets, proj
         done = 0
         for k in front:
             for lo in range(done, k, step):
-                cols = order[lo:min(lo + step, k)]
-                Y = X.columns(cols, np.float32)
-                Y -= stats.mean[cols].astype(np.float32)
-                for a in range(0, len(cols), GEMM_COLUMNS):
-                    B = Y[:, a:a + GEMM_COLUMNS]
-                    L += B @ B.T
+                _add_kernel(L, X, order[lo:min(lo + step, k)], stats.mean)
             done = k
             values[k] = _terms(K, L, estimator, kk)
         if back:
@@ -144,12 +149,7 @@ def sample_space_terms(X: Features, stats: KernelStatistics, index_subsets, proj
             done = len(order)  # = d: the chain covers the layer
             for k in sorted(back, reverse=True):
                 for hi in range(done, k, -step):
-                    cols = order[max(hi - step, k):hi]
-                    Y = X.columns(cols, np.float32)
-                    Y -= stats.mean[cols].astype(np.float32)
-                    for a in range(0, len(cols), GEMM_COLUMNS):
-                        B = Y[:, a:a + GEMM_COLUMNS]
-                        L += B @ B.T
+                    _add_kernel(L, X, order[max(hi - step, k):hi], stats.mean)
                 done = k
                 np.subtract(K, L, out=L)  # the prefix's kernel, in place ...
                 values[k] = _terms(K, L, estimator, kk)
