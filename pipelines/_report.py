@@ -174,10 +174,11 @@ def _fig_modes(df, plt):
 
 
 def _dr_at(df, delta: float = 0.9):
-    """DR(delta) of random neurons per pairing, in the sweep's order (None without random rows)."""
+    """DR(delta) of random neurons per pairing, in the sweep's order (None without random rows); the
+    bootstrap is ``dr_table``'s (same resamples), so the page's sentence, figures and table agree."""
     if "random" not in set(df["mode"]):
         return None
-    return diffused_redundancy(df, deltas=(delta,), n_boot=200).sort_values("group").reset_index(drop=True)
+    return diffused_redundancy(df, deltas=(delta,)).sort_values("group").reset_index(drop=True)
 
 
 def _error_bars(g):

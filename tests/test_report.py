@@ -35,6 +35,8 @@ def test_the_page_opens_with_the_answer_then_figures_then_folded_tables(report):
     answer = re.search(r"<p class='answer'>(.*?)</p>", text).group(1)
     assert re.search(r"a random [\d.]+% of the 96 neurons \(\d+\) keeps 90% of the full layer's accuracy "
                      r"\(0\.\d{3}\).*DR\(0\.9\) = (≥ )?0\.\d{3} \[0\.\d{3}, 0\.\d{3}\]", answer), answer
+    cell = re.findall(r"<td>(.*?)</td>", text[text.index("<table class='dr'>"):])[4]  # δ = 0.9 of the DR table
+    assert f"DR(0.9) = {cell}" in answer  # the sentence and the table: one estimate, one interval
     first_table, first_figure = text.index("<table"), text.index("<figure")
     assert text.index("class='answer'") < first_table < text.index("<h2>Figures</h2>") < text.index("<details>")
     dr_head = re.search(r"<table class='dr'><thead><tr>(.*?)</tr>", text).group(1)
