@@ -54,8 +54,12 @@ class DevicePreprocess:
     """
 
     def __init__(self, eval_tf, device: str):
+        import warnings
+
         import torchvision.transforms as T
 
+        warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                                category=DeprecationWarning)  # torchvision >= 0.29 points to TorchCodec
         self.device = device
         self.geometry, self.normalize = [], None
         stage = "geometry"
@@ -76,13 +80,9 @@ class DevicePreprocess:
     def __call__(self, blobs: list) -> list:
         """Preprocessed (3, H, W) float tensors on the device, one per JPEG in ``blobs`` (uint8
         tensors of file bytes); None where the decoder refused a file (the PIL path takes it)."""
-        import warnings
-
         import torch
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                                category=DeprecationWarning)  # torchvision >= 0.29 points to TorchCodec
         try:
             images = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError:  # one file the decoder refuses fails the batch: decode one by one
