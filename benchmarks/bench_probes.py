@@ -149,7 +149,7 @@ def main():
     p.add_argument("--orders", default="per-seed,shared",
                    help="minibatch orders to time (comma-separated; the first listed is reported)")
     p.add_argument("--min-blocks", default=None,
-                   help="comma-separated narrowest column blocks to compare (the engine's MIN_BLOCK_WIDTH[_CUDA]); "
+                   help="comma-separated narrowest column blocks to compare (the engine's MIN_BLOCK_WIDTH[_CUDA|_BF16]); "
                         "each is fitted and timed, the first is reported")
     p.add_argument("--eager", action="store_true", help="CUDA: every kernel launched from Python (cuda_graphs=False)")
     p.add_argument("--profile", action="store_true",
@@ -194,7 +194,8 @@ def main():
     if a.min_blocks:
         import probes._engine as engine
 
-        attr = "MIN_BLOCK_WIDTH_CUDA" if device.startswith("cuda") else "MIN_BLOCK_WIDTH"
+        attr = "MIN_BLOCK_WIDTH_CUDA" if device.startswith("cuda") else \
+            "MIN_BLOCK_WIDTH_BF16" if engine_precision == "bf16" else "MIN_BLOCK_WIDTH"
         for width in [int(v) for v in a.min_blocks.split(",")][::-1]:  # the first listed is fitted last, and kept
             setattr(engine, attr, width)
             est_w, times_w = fit_time(orders[0])
@@ -216,6 +217,8 @@ def main():
     print(f"engine: {K} probes in {t_engine:.2f} s = {K / t_engine:.1f} probes/s; full-layer test acc "
           f"{res['test_accuracy'].iloc[-1]:.3f}, 10% fraction mean {res[res.fraction == 0.1].test_accuracy.mean():.3f} "
           f"(fits: {', '.join(f'{t:.2f}' for t in times)} s)")
+    print(f"inputs laid out by column block: {est.laid_out_ / 2**20:.0f} MiB "
+          f"({'none: each minibatch gathers its columns' if not est.laid_out_ else 'each minibatch gathers rows'})")
     if a.paper_scale:
         goal = "<= 2 s on one H100" if device.startswith("cuda") else "<= 10 s on 2 CPU cores"
         print(f"paper scale: {t_engine:.2f} s (goal {goal})")

@@ -209,6 +209,9 @@ MIN_BLOCK_WIDTH = 64
 # 1024 / 4096):
 # fp32 3.69 / 3.20 / 2.97 / 2.97 s, TF32 3.02 / 2.47 / 2.16 / 2.19 s.
 MIN_BLOCK_WIDTH_CUDA = 1024
+# bf16 operands on the CPU (oneDNN / AMX): wider blocks pay. Measured on 2 Xeon cores with AMX, paper grid,
+# seconds per epoch: 64: 0.95-1.01, 128: 0.83-0.90, 256: 0.86.
+MIN_BLOCK_WIDTH_BF16 = 128
 # Index probes with k >= DENSE_FRACTION * d are trained in the layer's own neuron order,
 # all families together, as one GEMM on the untouched minibatch (zero weights on the
 # neurons a probe does not see): no gather, and a wide product instead of many thin ones.
@@ -265,6 +268,7 @@ class _ProbeBatch:
         if streams != sorted(streams):
             raise ValueError("internal: families must be sorted by stream")  # pragma: no cover - a bug
         self.family_stream = torch.as_tensor(streams, device=device)
+        self.family_offsets = torch.arange(self.F, device=device)
         self.streams_are_all = streams == list(range(len(streams)))  # family f reads stream f
         self.stream_slices = [(sigma, streams.index(sigma), len(streams) - streams[::-1].index(sigma))
                               for sigma in sorted(set(streams))]
@@ -286,18 +290,22 @@ class _ProbeBatch:
                 self.basis_t = torch.as_tensor(np.concatenate([f.basis[:, :width] for f in families], axis=1).T.copy(),
                                                device=device, dtype=torch.float32)
             if min_block is None:
-                min_block = MIN_BLOCK_WIDTH_CUDA if str(device).startswith("cuda") else MIN_BLOCK_WIDTH
+                min_block = MIN_BLOCK_WIDTH_CUDA if str(device).startswith("cuda") else \
+                    MIN_BLOCK_WIDTH_BF16 if dtype is not None else MIN_BLOCK_WIDTH
             self.blocks = _blocks(lengths, min_block)
             # a merged block's columns beyond a probe's prefix are not the probe's
             masks = [np.repeat(np.stack([np.arange(lo, hi) < lengths[i] for i in range(a, self.m)]), self.C, axis=0)
                      for a, lo, hi in self.blocks]
         # gradient masks: True where a weight is the probe's, False where it is held at zero
-        self.masks = [None if mk.all() else torch.as_tensor(mk, device=device) for mk in masks]
+        # as float 0 / 1, not bool: multiplying by a bool tensor converts it on every step
+        self.masks = [None if mk.all() else torch.as_tensor(mk, device=device, dtype=torch.float32) for mk in masks]
         self.shapes = [(self.F, (self.m - a) * self.C, hi - lo) for a, lo, hi in self.blocks] + [(self.F, self.m * self.C)]
         self.flat = torch.zeros(self.n_params, device=device)
         self.W, self.b = self.views(self.flat)
         self.compute_dtype = dtype
-        self.projected = None  # projected passes while training (project_passes)
+        # the dtype inputs are held in for the products: bf16 resident with precision="bf16"
+        self.operand_dtype = dtype if dtype is not None else torch.float32
+        self.laid = None  # each pass laid out by column block while training (lay_out)
 
     @property
     def n_params(self) -> int:
@@ -317,58 +325,62 @@ class _ProbeBatch:
         self.W, self.b = self.views(flat)
 
     def input_buffer(self, B: int, device):
-        """Work space of ``inputs``: (F * width, B) with one stream, (F, B, width) with several."""
+        """Work space of ``inputs``: one contiguous (F, B, hi - lo) tensor per column block, in
+        the operand dtype (None for a dense batch, which reads the minibatch itself)."""
         import torch
 
         if self.dense is not None:
             return None
-        shape = (self.F * self.width, B) if len(self.stream_slices) == 1 else (self.F, B, self.width)
-        return torch.empty(shape, device=device)
+        return [torch.empty((self.F, B, hi - lo), device=device, dtype=self.operand_dtype)
+                for _, lo, hi in self.blocks]
 
-    def inputs(self, mb: "_Minibatch", out=None, rows=None, pass_index: int = 0):
-        """Zt (F, width, B): every family's inputs from its stream's rows of the minibatch ``mb``.
+    def inputs(self, mb: "_Minibatch | None", out=None, rows=None, pass_index: int = 0):
+        """Every family's inputs for the minibatch: one (F, B, hi - lo) tensor per column block,
+        samples first, in the operand dtype.
 
-        ``out`` (``input_buffer``), when given, is reused: a fresh tensor this large per
-        minibatch costs page faults on every step. A projection batch with projected passes
-        (``project_passes``) reads rows ``rows[stream]`` of pass ``pass_index`` instead of
-        projecting the minibatch. With one stream, the inputs are written samples last from
-        the transposed minibatch (an index gather copies contiguous runs of B floats); with
-        several, samples first from each stream's own rows (each gathers only its columns, no
-        transpose of whole minibatches), and returned as a transposed view.
+        A dense batch gives the minibatch rows themselves (one block, the raw layer). Otherwise
+        each block's tensor is contiguous, so a block's products are plain batched GEMMs (no
+        strided batch, no copy inside BLAS/oneDNN). With the passes laid out (``lay_out``), a
+        block's inputs are one row gather ``rows[stream]`` from the laid-out pass ``pass_index``
+        (``mb`` is not needed); otherwise they come from the minibatch ``mb``: its columns (index
+        modes) or its projection. Both fill the same tensors with the same values, so the
+        products and the probes are the same either way. ``out`` (``input_buffer``), when given,
+        is reused: fresh tensors this large per minibatch cost page faults on every step.
         """
         import torch
 
-        B, F, w = mb.B, self.F, self.width
+        F = self.F
         if self.dense is not None:
             if len(self.stream_slices) == 1:
-                return mb.t(self.stream_slices[0][0]).unsqueeze(0).expand(F, -1, -1)
-            return mb.stacked_t() if self.streams_are_all else mb.stacked_t().index_select(0, self.family_stream)
-        if len(self.stream_slices) == 1:
-            sigma = self.stream_slices[0][0]
-            if out is None:
-                out = torch.empty((F * w, B), device=mb.device)
-            if self.projected is not None and rows is not None:
-                out.copy_(self.projected[pass_index].index_select(0, rows[sigma]).t())
-            elif self.is_index:
-                torch.index_select(mb.t(sigma), 0, self.columns, out=out)
+                Z = mb.r(self.stream_slices[0][0]).unsqueeze(0).expand(F, -1, -1)
             else:
-                torch.mm(self.basis_t, mb.t(sigma), out=out)
-            return out.view(F, w, B)
-        if out is None:
-            out = torch.empty((F, B, w), device=mb.device)
+                Z = mb.stacked() if self.streams_are_all else mb.stacked().index_select(0, self.family_stream)
+            return [Z if self.compute_dtype is None else Z.to(self.compute_dtype)]
+        if self.laid is not None and rows is not None:
+            B = rows[0].shape[0]
+            out = out if out is not None else self.input_buffer(B, rows[0].device)
+            n = self.laid[pass_index][0].shape[1]
+            # row f * n + r of a block's (F * n, width) matrix is family f's row r
+            if len(self.stream_slices) == 1:
+                idx = (self.family_offsets.view(F, 1) * n + rows[self.stream_slices[0][0]].view(1, B)).view(-1)
+            else:
+                every = torch.stack(rows) if len(rows) > 1 else rows[0].view(1, B)
+                idx = (self.family_offsets.view(F, 1) * n + every.index_select(0, self.family_stream)).view(-1)
+            for Lk, Zk in zip(self.laid[pass_index], out):
+                torch.index_select(Lk.view(F * n, -1), 0, idx, out=Zk.view(F * B, -1))
+            return out
+        B, w = mb.B, self.width
+        out = out if out is not None else self.input_buffer(B, mb.device)
         for j, (sigma, f0, f1) in enumerate(self.stream_slices):
-            seg = out[f0:f1]  # (F_sigma, B, w)
-            if self.projected is not None and rows is not None:
-                part = self.projected[pass_index][:, f0 * w:f1 * w].index_select(0, rows[sigma])
-            elif self.is_index:
-                if f1 - f0 == 1:
-                    torch.index_select(mb.r(sigma), 1, self.slice_columns[j], out=seg[0])
-                    continue
-                part = torch.index_select(mb.r(sigma), 1, self.slice_columns[j])
+            X = mb.r(sigma)
+            if self.is_index:  # (B, F_sigma * width): each family's columns, in its order
+                part = torch.index_select(X, 1, self.slice_columns[j])
             else:
-                part = torch.mm(mb.r(sigma), self.basis_t[f0 * w:f1 * w].t())
-            seg.copy_(part.view(B, f1 - f0, w).transpose(0, 1))
-        return out.transpose(1, 2)
+                part = torch.mm(X, self.basis_t[f0 * w:f1 * w].t())
+            part = part.view(B, f1 - f0, w).transpose(0, 1)
+            for (_, lo, hi), Zk in zip(self.blocks, out):
+                Zk[f0:f1].copy_(part[:, :, lo:hi])
+        return out
 
     def targets(self, ys):
         """(F, 1, 1, B) class of each family's minibatch rows, from ``ys`` (streams, B)."""
@@ -380,21 +392,51 @@ class _ProbeBatch:
     def is_projection(self) -> bool:
         return self.dense is None and not self.is_index
 
-    def project_passes(self, passes, rows_per_chunk: int = 8192) -> None:
-        """Project every pass (n, d) once, when they fit (``_room_for``): (n, F * width) each,
-        on the batch's device. ``inputs`` then reads rows instead of projecting each
-        minibatch of every epoch. ``project_passes([])`` drops them."""
+    def laid_out_bytes(self, passes) -> int:
+        """Memory ``lay_out`` takes for ``passes``: every pass, n x F x width operands."""
         import torch
 
-        self.projected = None
-        if not passes or not self.is_projection or not _room_for(self, passes, str(self.basis_t.device)):
+        if self.dense is not None:
+            return 0
+        size = torch.empty((), dtype=self.operand_dtype).element_size()
+        return sum(p.shape[0] for p in passes) * self.F * self.width * size
+
+    def lay_out(self, passes, rows_per_chunk: int = 8192) -> None:
+        """Lay every pass (n, d) out once, by column block, on the batch's device: per block a
+        contiguous (F, n, hi - lo) tensor whose row r is family f's inputs of sample r (its
+        columns in its own order, or its projection), in the operand dtype. ``inputs`` then
+        gathers rows instead of gathering (or projecting) the columns of every minibatch of every
+        epoch. The caller checks the room (``laid_out_bytes``). ``lay_out([])`` drops them."""
+        import torch
+
+        self.laid = None
+        if not passes or self.dense is not None:
             return
-        self.projected = []
+        device = self.columns.device if self.is_index else self.basis_t.device
+        w = self.width
+        laid = []
         for X in passes:
-            out = torch.empty((X.shape[0], self.F * self.width), device=self.basis_t.device)
-            for s in range(0, X.shape[0], rows_per_chunk):
-                torch.mm(X[s:s + rows_per_chunk].to(out.device), self.basis_t.t(), out=out[s:s + rows_per_chunk])
-            self.projected.append(out)
+            n = X.shape[0]
+            blocks = [torch.empty((self.F, n, hi - lo), device=device, dtype=self.operand_dtype)
+                      for _, lo, hi in self.blocks]
+            # float32 work space, reused (a fresh tensor per chunk costs its page faults every time)
+            tmp = torch.empty((min(n, rows_per_chunk), w), device=device)
+            for s in range(0, n, rows_per_chunk):
+                Xs = X[s:s + rows_per_chunk].to(device)
+                e = s + len(Xs)
+                for f in range(self.F):
+                    if self.is_index and self.operand_dtype == torch.float32:  # straight into place
+                        for (_, lo, hi), Lk in zip(self.blocks, blocks):
+                            torch.index_select(Xs, 1, self.columns[f * w + lo:f * w + hi], out=Lk[f, s:e])
+                        continue
+                    if self.is_index:
+                        part = torch.index_select(Xs, 1, self.columns[f * w:(f + 1) * w], out=tmp[:len(Xs)])
+                    else:
+                        part = torch.mm(Xs, self.basis_t[f * w:(f + 1) * w].t(), out=tmp[:len(Xs)])
+                    for (_, lo, hi), Lk in zip(self.blocks, blocks):
+                        Lk[f, s:e].copy_(part[:, lo:hi])
+            laid.append(blocks)
+        self.laid = laid
 
     def chunk_rows(self, budget: int = 1 << 25) -> int:
         """Rows per inference chunk so that inputs and logit buffers stay near ``budget`` floats."""
@@ -408,46 +450,48 @@ class _ProbeBatch:
         return [torch.empty((self.F, (self.m - a) * self.C, B), device=device or self.device)
                 for a, _, _ in self.blocks]
 
-    def logits(self, Zt, bufs=None):
-        """(F, m*C, B) logits of every probe.
+    def logits(self, zs, bufs=None):
+        """(F, m*C, B) logits of every probe, from the block inputs ``zs`` (``inputs``).
 
         Blocks are visited from the last (fewest probes) to the first. Block k's buffer
         holds the running sums of probes a_k..m-1: its head starts at their biases, its
         tail at the previous buffer, then one batched GEMM adds the block's products in
         place. Each GEMM writes a whole contiguous tensor, the layout BLAS batches
         without splitting per family. The first block starts at probe 0, so its buffer
-        is the logits.
+        is the logits. With bf16 operands the weights are converted once per call, and
+        each product is added to the float32 sums.
         """
         import torch
 
-        W, b = self.W, self.b
-        B = Zt.shape[2]
-        bufs = bufs if bufs is not None else self.logit_buffers(B, Zt.device)
+        b = self.b
+        W = self.W if self.compute_dtype is None else self.views(self.flat.to(self.compute_dtype))[0]
+        B = zs[0].shape[1]
+        bufs = bufs if bufs is not None else self.logit_buffers(B, zs[0].device)
         C, F = self.C, self.F
         after = None  # the buffer of the block after this one
         for k in range(len(self.blocks) - 1, -1, -1):
-            a, lo, hi = self.blocks[k]
-            out, w = bufs[k], W[k]
+            a = self.blocks[k][0]
+            out, w, zk = bufs[k], W[k], zs[k].transpose(1, 2)
             head = (self.m - a) * C if after is None else out.shape[1] - after.shape[1]
             out[:, :head, :].copy_(b[:, a * C:a * C + head].unsqueeze(2).expand(F, head, B))
             if after is not None:
                 out[:, head:, :].copy_(after)
             if self.compute_dtype is not None:
-                out += torch.bmm(w.to(self.compute_dtype), Zt[:, lo:hi, :].to(self.compute_dtype)).float()
+                out += torch.bmm(w, zk)
             else:
-                out.baddbmm_(w, Zt[:, lo:hi, :])
+                out.baddbmm_(w, zk)
             after = out
         return bufs[0]  # the first block starts at probe 0 (lengths are >= 1)
 
-    def grads(self, Zt, dlogits, gW, gb, scale: float):
-        """Write ``scale`` x the gradients of every Wt_k and of b into gW, gb, from dlogits (F, m*C, B)."""
+    def grads(self, zs, dlogits, gW, gb, scale: float):
+        """Write ``scale`` x the gradients of every Wt_k and of b into gW, gb, from dlogits
+        (F, m*C, B) and the block inputs ``zs``."""
         import torch
 
-        for (a, lo, hi), g, mask in zip(self.blocks, gW, self.masks):
+        for (a, lo, hi), zk, g, mask in zip(self.blocks, zs, gW, self.masks):
             dk = dlogits[:, a * self.C:, :]
-            zk = Zt[:, lo:hi, :].transpose(1, 2)
-            if self.compute_dtype is not None:
-                torch.mul(torch.bmm(dk.to(self.compute_dtype), zk.to(self.compute_dtype)).float(), scale, out=g)
+            if self.compute_dtype is not None:  # a contiguous bf16 copy: oneDNN's batched GEMM runs on it as is
+                torch.mul(torch.bmm(dk.to(self.compute_dtype), zk), scale, out=g)
             else:
                 torch.baddbmm(g, dk, zk, beta=0, alpha=scale, out=g)
             if mask is not None:
@@ -490,6 +534,7 @@ class _ProbeBatch:
 
     def to(self, device):
         self.family_stream = self.family_stream.to(device)
+        self.family_offsets = self.family_offsets.to(device)
         if self.is_index:
             self.columns = self.columns.to(device)
             w = self.width
@@ -715,22 +760,30 @@ class SubsetProbes(Estimator):
         last_loss = [torch.zeros((g.F, g.m), device=device) for g in batches]
         logit_bufs = [g.logit_buffers(self.batch_size) for g in batches]
         input_bufs = [g.input_buffer(self.batch_size, device) for g in batches]
-        for g in batches:  # projection batches: every pass projected once, not every minibatch of every epoch
-            g.project_passes(on_device)
+        self.laid_out_ = self._lay_out(batches, on_device, str(device))
+        # what minibatches are read from: the passes, or their resident bf16 copies (bf16 operands)
+        read_passes = self._read_passes(batches, on_device, str(device))
+        read_bufs = {}  # dtype -> (streams * B, d), reused every step
         minus_one = torch.tensor(-1.0, device=device)
         train_passes = list(range(len(on_device))) if self.train_passes == "all" else \
             (list(range(1, len(on_device))) or [0])
         loss_sum = [torch.zeros((g.F, g.m), device=device) for g in batches]  # in place: graphs write them
 
-        def step(Xp, rows, lr):
-            """One SGD step of every batch on the minibatch ``rows[stream]`` of pass Xp."""
-            mb, ys = _Minibatch.gather(Xp, y_all, rows, device)
+        def step(rows, lr):
+            """One SGD step of every batch on the minibatch ``rows[stream]`` of pass ``pass_index``."""
             B = rows[0].shape[0]
             full = B == self.batch_size
+            # the minibatch itself only for batches that read it (dense ones, or passes not laid out)
+            mb = None
+            if any(g.laid is None for g in batches):
+                Xr = read_passes[pass_index]
+                if full and isinstance(Xr, torch.Tensor) and Xr.device == torch.device(device) \
+                        and Xr.dtype not in read_bufs:
+                    read_bufs[Xr.dtype] = torch.empty((len(rows) * B, Xr.shape[1]), device=device, dtype=Xr.dtype)
+                mb = _Minibatch.gather(Xr, rows, device, out=read_bufs.get(getattr(Xr, "dtype", None)) if full else None)
+            ys = _Minibatch.labels(y_all, rows)
             for bi, g in enumerate(batches):
                 Zt = g.inputs(mb, out=input_bufs[bi] if full else None, rows=rows, pass_index=pass_index)
-                if g.compute_dtype is not None:  # bf16: the inputs converted once, not once per block and product
-                    Zt = Zt.to(g.compute_dtype)
                 logits = g.logits(Zt, bufs=logit_bufs[bi] if full else None).view(g.F, g.m, C, B)
                 # softmax cross-entropy over the class axis (not last: samples are)
                 idx = g.targets(ys).expand(g.F, g.m, 1, B)
@@ -752,7 +805,6 @@ class SubsetProbes(Estimator):
         for epoch in range(self.epochs):
             lr = self.lr * self.lr_gamma ** (epoch // self.lr_step)
             pass_index = train_passes[epoch % len(train_passes)]
-            Xp = on_device[pass_index]
             orders = ctx["orders"][epoch]  # one per minibatch stream
             n_rows = len(orders[0])
             for ls in loss_sum:
@@ -761,7 +813,7 @@ class SubsetProbes(Estimator):
             for start in range(0, n_rows, self.batch_size):
                 B = min(self.batch_size, n_rows - start)
                 if not use_graphs or B < self.batch_size:
-                    step(Xp, [order[start:start + B] for order in orders], lr)
+                    step([order[start:start + B] for order in orders], lr)
                     continue
                 rows_buf.copy_(orders_t[:, start:start + B])
                 key = (lr, pass_index)
@@ -771,14 +823,14 @@ class SubsetProbes(Estimator):
                     side = torch.cuda.Stream(device=device)
                     side.wait_stream(torch.cuda.current_stream(device))
                     with torch.cuda.stream(side):
-                        step(Xp, list(rows_buf), lr)
+                        step(list(rows_buf), lr)
                     torch.cuda.current_stream(device).wait_stream(side)
                     eager_full_steps += 1
                 else:  # capture records without running: replay to take this step
                     graph = torch.cuda.CUDAGraph()
                     # thread_local: a sweep's other tasks may use the GPU from other threads meanwhile
                     with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                        step(Xp, list(rows_buf), lr)
+                        step(list(rows_buf), lr)
                     pool = graph.pool()
                     graphs[key] = graph
                     graph.replay()
@@ -790,7 +842,7 @@ class SubsetProbes(Estimator):
                 continue  # no validation this epoch: it cannot be a probe's best
             # validation on the clean pass picks each probe's best epoch
             for bi, g in enumerate(batches):
-                acc = self._accuracy(g, on_device[0], y_all, val_t, device, input_bufs[bi], logit_bufs[bi])
+                acc = self._accuracy(g, read_passes[0], y_all, val_t, device, input_bufs[bi], logit_bufs[bi])
                 better = acc > best_acc[bi] if self.select_epoch == "best" else torch.ones_like(acc, dtype=torch.bool)
                 best_acc[bi] = torch.where(better, acc, best_acc[bi])  # with "last": the last epoch's
                 best_epoch[bi] = torch.where(better, torch.full_like(best_epoch[bi], epoch + 1), best_epoch[bi])
@@ -803,8 +855,43 @@ class SubsetProbes(Estimator):
         self.cuda_graphs_ = len(graphs)  # graphs captured (0: every step ran eagerly)
         for bi, g in enumerate(batches):
             g.set_flat(best[bi])
-            g.project_passes([])  # not kept with the fitted estimator
+            g.lay_out([])  # not kept with the fitted estimator
         return best_acc, best_epoch, last_loss
+
+    def _lay_out(self, batches: list["_ProbeBatch"], passes, device: str) -> int:
+        """Lay each batch's passes out by column block (``_ProbeBatch.lay_out``) while they fit:
+        on the CPU, within max_memory_mb less the passes themselves; on a GPU, a quarter of its
+        free memory. Passes on disk (RowFile) are not laid out. Returns the bytes laid out."""
+        if any(isinstance(p, RowFile) for p in passes):
+            return 0
+        held = sum(p.numel() * p.element_size() for p in passes if p.device.type == "cpu")
+        budget = (self.max_memory_mb << 20) - held if device == "cpu" else 1 << 62
+        used = 0
+        for g in batches:
+            need = g.laid_out_bytes(passes)
+            if need and _room_for(need, budget - used, device):
+                g.lay_out(passes)
+                used += need
+        return used
+
+    def _read_passes(self, batches: list["_ProbeBatch"], passes, device: str) -> list:
+        """The passes minibatches are read from. With bf16 operands, resident bf16 copies when every
+        batch that reads minibatches takes them as they are (index and dense batches: the same
+        rounding as converting each minibatch; a projection projects float32 rows) and they fit
+        what ``_lay_out`` left of the budget: half the reads, and no conversion per step."""
+        import torch
+
+        readers = [g for g in batches if g.laid is None]
+        if not readers or any(g.compute_dtype is None or g.is_projection for g in readers) or \
+                any(not isinstance(p, torch.Tensor) or p.device.type != torch.device(device).type for p in passes):
+            return passes
+        dtype = readers[0].compute_dtype
+        need = sum(p.numel() for p in passes) * torch.empty((), dtype=dtype).element_size()
+        held = sum(p.numel() * p.element_size() for p in passes if p.device.type == "cpu")
+        budget = (self.max_memory_mb << 20) - held - self.laid_out_ if device == "cpu" else 1 << 62
+        if not _room_for(need, budget, device):
+            return passes
+        return [p.to(dtype=dtype) for p in passes]
 
     def _accuracy(self, g: _ProbeBatch, X, y_all, rows, device, input_buf, logit_bufs):
         """(F, m) accuracy of every probe of g on X[rows] (the clean pass), in minibatches
@@ -817,7 +904,8 @@ class SubsetProbes(Estimator):
         for start in range(0, len(rows), step):
             r = rows[start:start + step]
             full = len(r) == self.batch_size
-            mb = _Minibatch(X.index_select(0, r.to(X.device)).to(device), len(self.streams_))  # every stream: r
+            mb = None if g.laid is not None else \
+                _Minibatch(X.index_select(0, r.to(X.device)).to(device), len(self.streams_))  # every stream: r
             Zt = g.inputs(mb, out=input_buf if full else None, rows=[r] * len(self.streams_), pass_index=0)
             logits = g.logits(Zt, bufs=logit_bufs if full else None).view(g.F, g.m, g.C, len(r))
             # the true class holds the maximum (argmax over a strided axis is slow on CPU)
@@ -971,9 +1059,8 @@ class _Minibatch:
     """One step's rows for every minibatch stream (each seed's order, or one shared).
 
     ``rows_major`` is (streams, B, d), or (B, d) when every stream reads the same rows
-    (one stream, validation, inference). ``r(stream)`` is a stream's (B, d) rows, ``t(stream)``
-    its contiguous transpose (made once, on first use), ``stacked_t()`` the (streams, d, B)
-    view of all of them.
+    (one stream, validation, inference). ``r(stream)`` is a stream's (B, d) rows,
+    ``stacked()`` the (streams, B, d) view of all of them.
     """
 
     def __init__(self, rows_major, n_streams: int):
@@ -982,46 +1069,44 @@ class _Minibatch:
         self.shared = rows_major.dim() == 2
         self.B = rows_major.shape[-2]
         self.device = rows_major.device
-        self._transposed: dict = {}
 
     @classmethod
-    def gather(cls, Xp, y_all, rows, device):
-        """(the minibatch of ``rows[stream]`` of pass Xp, their labels (streams, B)), one gather."""
+    def gather(cls, Xp, rows, device, out=None):
+        """The minibatch of ``rows[stream]`` of pass Xp, one gather; into ``out`` ((streams * B, d),
+        reused every step: a fresh tensor this large per step costs page faults) when it fits."""
         import torch
 
-        if len(rows) == 1:
-            r = rows[0]
-            return cls(Xp.index_select(0, r.to(Xp.device)).to(device, non_blocking=True), 1), y_all[r].view(1, -1)
-        every = torch.cat(rows)
-        X = Xp.index_select(0, every.to(Xp.device)).to(device, non_blocking=True)
-        return cls(X.view(len(rows), len(rows[0]), -1), len(rows)), y_all[every].view(len(rows), -1)
+        every = rows[0] if len(rows) == 1 else torch.cat(rows)
+        if out is not None and isinstance(Xp, torch.Tensor) and Xp.device == out.device and \
+                Xp.dtype == out.dtype and every.shape[0] == out.shape[0]:
+            X = torch.index_select(Xp, 0, every, out=out)
+        else:
+            X = Xp.index_select(0, every.to(Xp.device)).to(device, non_blocking=True)
+        return cls(X if len(rows) == 1 else X.view(len(rows), len(rows[0]), -1), len(rows))
+
+    @staticmethod
+    def labels(y_all, rows):
+        """(streams, B) labels of ``rows[stream]``."""
+        import torch
+
+        return y_all[rows[0]].view(1, -1) if len(rows) == 1 else y_all[torch.cat(rows)].view(len(rows), -1)
 
     def r(self, stream: int):
         return self._rows if self.shared else self._rows[stream]
 
-    def t(self, stream: int):
-        key = 0 if self.shared else stream
-        if key not in self._transposed:
-            self._transposed[key] = self.r(stream).t().contiguous()
-        return self._transposed[key]
-
-    def stacked_t(self):
-        if self.shared:
-            return self._rows.t().unsqueeze(0).expand(self.streams, -1, -1)
-        return self._rows.transpose(1, 2)
+    def stacked(self):
+        return self._rows.unsqueeze(0).expand(self.streams, -1, -1) if self.shared else self._rows
 
 
-def _room_for(g: _ProbeBatch, passes, device: str) -> bool:
-    """Whether a projection batch's projected passes fit: at most twice the passes
-    themselves or 1 GiB, and a quarter of the free memory of a GPU."""
+def _room_for(need: int, budget: int, device: str) -> bool:
+    """Whether ``need`` more bytes of laid-out inputs fit: within ``budget`` (what is left of
+    max_memory_mb on the CPU) and, on a GPU, under a quarter of its free memory."""
     import torch
 
-    need = sum(p.shape[0] for p in passes) * g.F * g.width * 4
-    have = sum(p.numel() * p.element_size() for p in passes)
-    if need > max(2 * have, 1 << 30):
+    if need > budget:
         return False
     if device.startswith("cuda"):
-        return need < 0.25 * torch.cuda.mem_get_info()[0]
+        return need < 0.25 * torch.cuda.mem_get_info(device)[0]
     return True
 
 

@@ -140,7 +140,8 @@ def test_projected_once_equals_projected_per_minibatch(data, monkeypatch, mode):
     each = SubsetProbes(**kw).fit(Xtr, ytr)
     np.testing.assert_allclose(once.decision_function(Xte), each.decision_function(Xte), atol=1e-4)
     assert once.batches_[0].is_projection
-    assert once.batches_[0].projected is None  # dropped after fit: not pickled with the estimator
+    assert once.laid_out_ > 0 and each.laid_out_ == 0
+    assert once.batches_[0].laid is None  # dropped after fit: not pickled with the estimator
 
 
 @pytest.mark.parametrize("mode", PROJECTION_MODES)
