@@ -50,7 +50,7 @@ for prec in fp32 tf32; do
   step "blocks-$prec" $PY benchmarks/bench_probes.py --paper-scale --precision $prec --orders per-seed --no-baselines --repeats 2 --min-blocks 64,256,1024,4096
 done
 step decode $PY benchmarks/bench_decode.py --device cuda
-step build $PY benchmarks/bench_build.py --device cuda --dataset jpeg --images 4000 --models resnet50,tf_efficientnet_lite0 --decodes pil,device --repeats 1
+step build $PY benchmarks/bench_build.py --device cuda --dataset jpeg --images ${BUILD_IMAGES:-4000} --models ${BUILD_MODELS:-resnet50,tf_efficientnet_lite0} --decodes pil,device --repeats 1
 step cka $PY benchmarks/bench_cka.py --baseline-subsets 2
 echo "gpu_check: $failed step(s) failed; log in $LOG_DIR/gpu_check.log"
 exit $failed

@@ -777,7 +777,7 @@ class SubsetProbes(Estimator):
             mb = None
             if any(g.laid is None for g in batches):
                 Xr = read_passes[pass_index]
-                if full and isinstance(Xr, torch.Tensor) and Xr.device == torch.device(device) \
+                if full and isinstance(Xr, torch.Tensor) and Xr.device == rows[0].device \
                         and Xr.dtype not in read_bufs:
                     read_bufs[Xr.dtype] = torch.empty((len(rows) * B, Xr.shape[1]), device=device, dtype=Xr.dtype)
                 mb = _Minibatch.gather(Xr, rows, device, out=read_bufs.get(getattr(Xr, "dtype", None)) if full else None)

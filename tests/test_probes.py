@@ -127,21 +127,44 @@ def test_every_layout_trains_each_probe_as_if_alone(data, monkeypatch, min_block
         est.probe_weights(len(est.draws_))
 
 
-@pytest.mark.parametrize("mode", PROJECTION_MODES)
-def test_projected_once_equals_projected_per_minibatch(data, monkeypatch, mode):
-    """Projection modes project each pass once when it fits; the per-minibatch fallback
-    (features too large to hold projected) trains the same probes."""
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("mode", list(probes.SELECTION_MODES))
+def test_laid_out_passes_train_the_probes_of_per_minibatch_inputs(data, monkeypatch, mode, order):
+    """Each pass laid out once by column block (row gathers per minibatch; the default when it
+    fits) and the per-minibatch column gather or projection (when it does not) fill the same
+    block inputs: index modes give the same probes bit for bit, projections (n-row products
+    instead of B-row ones) to float tolerance. The layout is dropped after fit."""
     from probes import _engine
 
     Xtr, ytr, Xte, yte = data
-    kw = dict(mode=mode, fractions=(0.1, 0.5, 1.0), seeds=(0, 1), epochs=3, batch_size=64, device="cpu")
-    once = SubsetProbes(**kw).fit(Xtr, ytr)
+    kw = dict(mode=mode, fractions=(0.05, 0.3, 0.5, 0.8, 1.0), seeds=(0, 1), epochs=3, batch_size=64, device="cpu",
+              minibatch_order=order, val_every=1)
+    laid = SubsetProbes(**kw).fit(Xtr, ytr)
     monkeypatch.setattr(_engine, "_room_for", lambda *a: False)
     each = SubsetProbes(**kw).fit(Xtr, ytr)
-    np.testing.assert_allclose(once.decision_function(Xte), each.decision_function(Xte), atol=1e-4)
-    assert once.batches_[0].is_projection
-    assert once.laid_out_ > 0 and each.laid_out_ == 0
-    assert once.batches_[0].laid is None  # dropped after fit: not pickled with the estimator
+    assert laid.laid_out_ > 0 and each.laid_out_ == 0
+    assert all(g.laid is None for g in laid.batches_)  # dropped after fit: not pickled with the estimator
+    if mode in INDEX_MODES:
+        np.testing.assert_array_equal(laid.decision_function(Xte), each.decision_function(Xte))
+        np.testing.assert_array_equal(laid.val_accuracy_, each.val_accuracy_)
+        np.testing.assert_array_equal(laid.best_epoch_, each.best_epoch_)
+    else:
+        assert laid.batches_[0].is_projection
+        np.testing.assert_allclose(laid.decision_function(Xte), each.decision_function(Xte), atol=1e-4)
+
+
+def test_inputs_are_laid_out_only_within_max_memory_mb():
+    """The layout (F x n x width per pass) is made only when it fits max_memory_mb beside the
+    features themselves; over it, each minibatch gathers its columns, with the same probes."""
+    rng = np.random.default_rng(2)
+    n, d = 3000, 2000  # 24 MB of float32 features; the layout of two seeds' halves is 24 MB more
+    y = rng.integers(0, 3, n)
+    X = (rng.normal(size=(3, d))[y] * 0.2 + rng.normal(size=(n, d))).astype(np.float32)
+    kw = dict(fractions=(0.1, 0.5), seeds=(0, 1), epochs=1, batch_size=256, include_full=False, device="cpu")
+    roomy = SubsetProbes(max_memory_mb=64, **kw).fit(X, y)
+    tight = SubsetProbes(max_memory_mb=40, **kw).fit(X, y)
+    assert roomy.laid_out_ == 2 * n * 1000 * 4 and tight.laid_out_ == 0
+    np.testing.assert_array_equal(roomy.decision_function(X[:100]), tight.decision_function(X[:100]))
 
 
 @pytest.mark.parametrize("mode", PROJECTION_MODES)
@@ -406,10 +429,35 @@ def test_bf16_path_tracks_fp32(data):
     fp = SubsetProbes(**kw).fit(Xtr, ytr)
     bf = SubsetProbes(precision="bf16", **kw).fit(Xtr, ytr)
     assert all(w.dtype == torch.float32 for g in bf.batches_ for w in g.W)  # fp32 master weights
+    assert bf.laid_out_ == fp.laid_out_ // 2  # operands laid out in bf16
     a, b = fp.evaluate(Xte, yte), bf.evaluate(Xte, yte)
     assert np.abs(a["test_accuracy"] - b["test_accuracy"]).max() <= 0.06
     la, lb = fp.decision_function(Xte), bf.decision_function(Xte)
     assert np.abs(la - lb).max() < 0.1 * np.abs(la).max()
+
+
+def test_bf16_operands_held_in_bf16_equal_converting_each_minibatch(data, monkeypatch):
+    """With precision="bf16" the layout is made in bf16 and the dense batch reads resident bf16
+    copies of the passes (no conversion per step); without room for either, each minibatch is
+    gathered in float32 and converted. The same rounding either way: the same probes, bit for bit."""
+    from probes import _engine
+
+    if not probes.cpu_has_bf16():
+        pytest.skip("this CPU has no native bf16 matmuls (AVX512-BF16 / AMX)")
+    Xtr, ytr, Xte, yte = data
+    kw = dict(fractions=(0.05, 0.3, 0.8, 1.0), seeds=(0, 1), epochs=3, batch_size=64, device="cpu", precision="bf16",
+              val_every=1)
+    read = []
+    real = SubsetProbes._read_passes
+    monkeypatch.setattr(SubsetProbes, "_read_passes",
+                        lambda self, *a: read.append(r := real(self, *a)) or r)
+    held = SubsetProbes(**kw).fit(Xtr, ytr)
+    monkeypatch.setattr(_engine, "_room_for", lambda *a: False)
+    each = SubsetProbes(**kw).fit(Xtr, ytr)
+    assert [p.dtype for p in read[0]] == [torch.bfloat16] and [p.dtype for p in read[1]] == [torch.float32]
+    assert held.laid_out_ > 0 and each.laid_out_ == 0
+    np.testing.assert_array_equal(held.decision_function(Xte), each.decision_function(Xte))
+    np.testing.assert_array_equal(held.val_accuracy_, each.val_accuracy_)
 
 
 @pytest.mark.gpu
