@@ -471,15 +471,22 @@ class _ProbeBatch:
         after = None  # the buffer of the block after this one
         for k in range(len(self.blocks) - 1, -1, -1):
             a = self.blocks[k][0]
-            out, w, zk = bufs[k], W[k], zs[k].transpose(1, 2)
+            out, w, zk = bufs[k], W[k], zs[k]
             head = (self.m - a) * C if after is None else out.shape[1] - after.shape[1]
             out[:, :head, :].copy_(b[:, a * C:a * C + head].unsqueeze(2).expand(F, head, B))
             if after is not None:
                 out[:, head:, :].copy_(after)
-            if self.compute_dtype is not None:
-                out += torch.bmm(w, zk)
+            if zk.stride(0) == 0 and F > 1:  # every family reads the same rows (a dense batch's shared
+                # minibatch, validation): one product for all of them, (F * rows, width) x (width, B)
+                flat_out, flat_w = out.view(F * out.shape[1], B), w.reshape(F * w.shape[1], w.shape[2])
+                if self.compute_dtype is not None:
+                    flat_out += torch.mm(flat_w, zk[0].t())
+                else:
+                    flat_out.addmm_(flat_w, zk[0].t())
+            elif self.compute_dtype is not None:  # oneDNN: (B, width) x (width, rows) is its faster form
+                out += torch.bmm(zk, w.transpose(1, 2)).transpose(1, 2)
             else:
-                out.baddbmm_(w, zk)
+                out.baddbmm_(w, zk.transpose(1, 2))
             after = out
         return bufs[0]  # the first block starts at probe 0 (lengths are >= 1)
 
@@ -488,9 +495,18 @@ class _ProbeBatch:
         (F, m*C, B) and the block inputs ``zs``."""
         import torch
 
+        F = self.F
         for (a, lo, hi), zk, g, mask in zip(self.blocks, zs, gW, self.masks):
             dk = dlogits[:, a * self.C:, :]
-            if self.compute_dtype is not None:  # a contiguous bf16 copy: oneDNN's batched GEMM runs on it as is
+            if zk.stride(0) == 0 and F > 1 and a == 0:  # the same rows for every family: one product
+                rows = F * dk.shape[1]
+                if self.compute_dtype is not None:
+                    torch.mul(torch.mm(dk.reshape(rows, -1).to(self.compute_dtype), zk[0]), scale,
+                              out=g.view(rows, -1))
+                else:
+                    torch.addmm(g.view(rows, -1), dk.reshape(rows, -1), zk[0], beta=0, alpha=scale,
+                                out=g.view(rows, -1))
+            elif self.compute_dtype is not None:  # a contiguous bf16 copy: oneDNN's batched GEMM runs on it as is
                 torch.mul(torch.bmm(dk.to(self.compute_dtype), zk), scale, out=g)
             else:
                 torch.baddbmm(g, dk, zk, beta=0, alpha=scale, out=g)
