@@ -17,7 +17,10 @@ every method). Prints, measured side by side:
   LogisticRegression per draw; and the ratios;
 * the engine's useful GFLOP/s, 4 * n_train * C * epochs * sum(k) / time (forward plus
   weight gradient over the selected neurons only), as a fraction of torch's matmul
-  GFLOP/s measured now on the same device and dtype.
+  GFLOP/s measured now on the same device and dtype;
+* what bounds it: the engine's products alone at its own block shapes (the rate BLAS /
+  oneDNN reach on them), and the time these FLOPs take at 100% of the matmul rate, hence
+  the largest ratio to the loop that any engine could show in this dtype.
 """
 
 from __future__ import annotations
@@ -104,6 +107,49 @@ def one_probe_torch(X, y, neurons, epochs, device, C):
         sched.step()
         with torch.no_grad():
             (lin(Xs[:n_val]).argmax(1) == yt[:n_val]).float().mean().item()
+
+
+def products_alone(est, device, dtype, repeats=20):
+    """Seconds the engine's products alone take over the whole fit: every batch's block
+    products (logits and weight gradients) at the engine's own shapes and operand layout,
+    operands already in place, nothing else (no gathers, softmax, update or copies), times
+    the fit's training steps, plus the validation forwards. A floor for the engine at these
+    shapes: what its products cost at the rate BLAS / oneDNN reach on them."""
+    B = est.batch_size
+    ops = []
+    for g in est.batches_:
+        for a, lo, hi in g.blocks:
+            rows, w = (g.m - a) * g.C, hi - lo
+            W = torch.randn(g.F, rows, w, device=device, dtype=dtype)
+            Z = torch.randn(g.F, B, w, device=device, dtype=dtype)
+            dl = torch.randn(g.F, rows, B, device=device, dtype=dtype)
+            ops.append((W, Z, dl))
+
+    def forward():
+        for W, Z, _ in ops:
+            torch.bmm(Z, W.transpose(1, 2)) if dtype == torch.bfloat16 else torch.bmm(W, Z.transpose(1, 2))
+
+    def backward():
+        for W, Z, dl in ops:
+            torch.bmm(dl, Z)
+
+    def timed(fn):
+        for _ in range(3):
+            fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / repeats
+
+    t_fwd, t_bwd = timed(forward), timed(backward)
+    steps = est.epochs * -(-len(est.train_indices_) // B)
+    val_chunks = (est.epochs // est.val_every or 1) * -(-len(est.val_indices_) // B)
+    flops = sum(2 * W.numel() * B for W, _, _ in ops)  # per product
+    return steps * (t_fwd + t_bwd) + val_chunks * t_fwd, flops / t_fwd / 1e9, flops / t_bwd / 1e9
 
 
 def profile_fit(est, Xtr, ytr, device):
@@ -225,8 +271,14 @@ def main():
     if a.profile:
         profile_fit(est, Xtr, ytr, device)
 
-    peak = max(matmul_gflops(device, dtype=torch.bfloat16 if a.precision == "bf16" else torch.float32)
-               for _ in range(3))  # best of 3: a fair (high) denominator on a noisy machine
+    mm_dtype = torch.bfloat16 if a.precision == "bf16" else torch.float32
+    peak = max(matmul_gflops(device, dtype=mm_dtype) for _ in range(3))  # best of 3: a fair (high) denominator
+    t_alone, r_fwd, r_bwd = products_alone(est, device, mm_dtype)
+    print(f"the engine's products alone (its block shapes, operands in place, nothing else): {t_alone:.2f} s = "
+          f"{t_alone / t_engine:.0%} of its time; forward {r_fwd:.0f}, gradient {r_bwd:.0f} GFLOP/s = "
+          f"{r_fwd / peak:.0%} / {r_bwd / peak:.0%} of the square matmul's rate")
+    ceiling = useful / peak  # seconds at 100% of the matmul rate: no engine can beat it in this dtype
+    print(f"at 100% of the matmul rate these FLOPs take {ceiling:.2f} s")
     if a.no_baselines:
         print(f"useful GFLOP/s: {useful / t_engine:.1f} of matmul {peak:.1f} GFLOP/s = "
               f"{useful / t_engine / peak:.1%}  (goal >= 50%)")
@@ -258,7 +310,8 @@ def main():
             LogisticRegression(max_iter=100).fit(Xtr[:, est.draws_[di].neurons], ytr)
         t_sk = (time.perf_counter() - t0) / len(sk_sample) * K
         print(f"scikit-learn per draw   : {K / t_sk:8.2f} probes/s (scaled from {len(sk_sample)} draws)")
-    print(f"ratio engine / competent loop : {t_comp / t_engine:8.1f}x  (goal >= 100x at paper scale)")
+    print(f"ratio engine / competent loop : {t_comp / t_engine:8.1f}x  (goal >= 100x at paper scale; an engine at "
+          f"100% of the matmul rate would be {t_comp / ceiling:.0f}x)")
     print(f"ratio engine / DataLoader loop: {t_loop / t_engine:8.1f}x  (the original scripts' way)")
     if not a.paper_scale:
         print(f"ratio engine / scikit-learn   : {t_sk / t_engine:8.1f}x")

@@ -440,55 +440,47 @@ class _ProbeBatch:
 
     def chunk_rows(self, budget: int = 1 << 25) -> int:
         """Rows per inference chunk so that inputs and logit buffers stay near ``budget`` floats."""
-        per_row = self.F * (self.width + sum((self.m - a) * self.C for a, _, _ in self.blocks))
+        per_row = self.F * (self.width + self.m * self.C)
         return int(max(64, min(4096, budget // per_row)))
 
     def logit_buffers(self, B: int, device=None):
-        """Work space of ``logits``: one contiguous (F, (m - a) * C, B) tensor per block."""
+        """Work space of ``logits``: the (F, m * C, B) logits."""
         import torch
 
-        return [torch.empty((self.F, (self.m - a) * self.C, B), device=device or self.device)
-                for a, _, _ in self.blocks]
+        return torch.empty((self.F, self.m * self.C, B), device=device or self.device)
 
     def logits(self, zs, bufs=None):
         """(F, m*C, B) logits of every probe, from the block inputs ``zs`` (``inputs``).
 
-        Blocks are visited from the last (fewest probes) to the first. Block k's buffer
-        holds the running sums of probes a_k..m-1: its head starts at their biases, its
-        tail at the previous buffer, then one batched GEMM adds the block's products in
-        place. Each GEMM writes a whole contiguous tensor, the layout BLAS batches
-        without splitting per family. The first block starts at probe 0, so its buffer
-        is the logits. With bf16 operands the weights are converted once per call, and
-        each product is added to the float32 sums.
+        The logits start at the biases; then each block, from the last (fewest probes) to the
+        first, adds its products to the rows of its probes a_k..m-1 in place: one batched GEMM
+        per block, no copies between blocks. Every probe's sum is bias + block K-1 + ... +
+        block 0, in that order. With bf16 operands the weights are converted once per call and
+        each block's bf16 product is added to the float32 sums.
         """
         import torch
 
         b = self.b
         W = self.W if self.compute_dtype is None else self.views(self.flat.to(self.compute_dtype))[0]
         B = zs[0].shape[1]
-        bufs = bufs if bufs is not None else self.logit_buffers(B, zs[0].device)
+        out = bufs if bufs is not None else self.logit_buffers(B, zs[0].device)
         C, F = self.C, self.F
-        after = None  # the buffer of the block after this one
+        out.copy_(b.unsqueeze(2).expand(F, self.m * C, B))
         for k in range(len(self.blocks) - 1, -1, -1):
             a = self.blocks[k][0]
-            out, w, zk = bufs[k], W[k], zs[k]
-            head = (self.m - a) * C if after is None else out.shape[1] - after.shape[1]
-            out[:, :head, :].copy_(b[:, a * C:a * C + head].unsqueeze(2).expand(F, head, B))
-            if after is not None:
-                out[:, head:, :].copy_(after)
-            if zk.stride(0) == 0 and F > 1:  # every family reads the same rows (a dense batch's shared
-                # minibatch, validation): one product for all of them, (F * rows, width) x (width, B)
+            part, w, zk = out[:, a * C:, :], W[k], zs[k]
+            if zk.stride(0) == 0 and F > 1 and a == 0:  # every family reads the same rows (a dense batch's
+                # shared minibatch, validation): one product for all, (F * rows, width) x (width, B)
                 flat_out, flat_w = out.view(F * out.shape[1], B), w.reshape(F * w.shape[1], w.shape[2])
                 if self.compute_dtype is not None:
                     flat_out += torch.mm(flat_w, zk[0].t())
                 else:
                     flat_out.addmm_(flat_w, zk[0].t())
             elif self.compute_dtype is not None:  # oneDNN: (B, width) x (width, rows) is its faster form
-                out += torch.bmm(zk, w.transpose(1, 2)).transpose(1, 2)
+                part += torch.bmm(zk, w.transpose(1, 2)).transpose(1, 2)
             else:
-                out.baddbmm_(w, zk.transpose(1, 2))
-            after = out
-        return bufs[0]  # the first block starts at probe 0 (lengths are >= 1)
+                part.baddbmm_(w, zk.transpose(1, 2))
+        return out
 
     def grads(self, zs, dlogits, gW, gb, scale: float):
         """Write ``scale`` x the gradients of every Wt_k and of b into gW, gb, from dlogits
