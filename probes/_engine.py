@@ -10,6 +10,13 @@ as one tensor (families, (m - a) * classes, hi - lo), and the corner of a probe 
 than hi is held at zero by masking its gradient. A minibatch's logits are the bias plus
 one batched product per block, and one read of the minibatch serves every probe.
 
+Inputs. A block's inputs for a minibatch are one contiguous (families, B, hi - lo) tensor,
+so each product is a plain batched GEMM. They are filled by a row gather from the pass laid
+out once per fit by column block (``_ProbeBatch.lay_out``: each family's columns in its own
+order, or its projection; in bf16 with ``precision="bf16"``) while that fits
+``max_memory_mb``; otherwise from the minibatch's columns. Both give the same values, so the
+same probes.
+
 Index probes that see at least ``DENSE_FRACTION`` of the layer go to one *dense* batch
 instead: weights in the layer's own neuron order (zero off the probe's subset), all
 families together, so their logits are one wide product with the raw minibatch, with
@@ -190,7 +197,8 @@ class _Runtime(Parameters):
     max_memory_mb: Annotated[int, Field(ge=16)] = DEFAULT_MAX_MEMORY_MB
     """Train features (a featstore group or zarr array) larger than this, as float32 over every pass, stay on
     disk: written once to a scratch file in their stored dtype, each minibatch reads its rows (index modes
-    and SGD only). The result does not depend on it."""
+    and SGD only). In memory, each pass is also laid out once by column block (n x width per family) while
+    that fits beside the features, so minibatches gather rows, not columns. The result does not depend on it."""
     cuda_graphs: bool = True
     """On CUDA, with the features on the GPU: capture each full training step once as a CUDA graph and replay
     it (one launch per step instead of ~75 kernel launches from Python). The same kernels and arithmetic as
