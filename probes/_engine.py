@@ -220,6 +220,14 @@ MIN_BLOCK_WIDTH_CUDA = 1024
 # bf16 operands on the CPU (oneDNN / AMX): wider blocks pay. Measured on 2 Xeon cores with AMX, paper grid,
 # seconds per epoch: 64: 0.95-1.01, 128: 0.83-0.90, 256: 0.86.
 MIN_BLOCK_WIDTH_BF16 = 128
+# Laying the passes out by column block costs about one epoch of per-minibatch column gathers, so on the
+# CPU in float32 it is done only where it pays: for several minibatch streams (per-seed orders) over at
+# least this many epochs. Measured on 2 Xeon cores, paper grid (n = 45,000, d = 2048, 22 x 5): per-seed
+# 1.31 vs 1.45 s per epoch for +1.3 s once; shared order 0.91-0.92 vs 0.92-0.94 s per epoch (no gain);
+# the default benchmark (23 seeds, 3 epochs) 5.07-5.26 vs 4.90-5.11 s (no gain). Projections (one
+# projection per pass instead of one per minibatch), bf16 operands (no per-step conversion: 0.85 vs
+# 1.75 s per epoch at paper scale) and CUDA always lay out.
+LAYOUT_MIN_EPOCHS = 10
 # Index probes with k >= DENSE_FRACTION * d are trained in the layer's own neuron order,
 # all families together, as one GEMM on the untouched minibatch (zero weights on the
 # neurons a probe does not see): no gather, and a wide product instead of many thin ones.
@@ -875,17 +883,19 @@ class SubsetProbes(Estimator):
         return best_acc, best_epoch, last_loss
 
     def _lay_out(self, batches: list["_ProbeBatch"], passes, device: str) -> int:
-        """Lay each batch's passes out by column block (``_ProbeBatch.lay_out``) while they fit:
-        on the CPU, within max_memory_mb less the passes themselves; on a GPU, a quarter of its
-        free memory. Passes on disk (RowFile) are not laid out. Returns the bytes laid out."""
+        """Lay each batch's passes out by column block (``_ProbeBatch.lay_out``) where it pays
+        (``LAYOUT_MIN_EPOCHS``) and while they fit: on the CPU, within max_memory_mb less the
+        passes themselves; on a GPU, a quarter of its free memory. Passes on disk (RowFile) are
+        not laid out. Returns the bytes laid out."""
         if any(isinstance(p, RowFile) for p in passes):
             return 0
         held = sum(p.numel() * p.element_size() for p in passes if p.device.type == "cpu")
         budget = (self.max_memory_mb << 20) - held if device == "cpu" else 1 << 62
         used = 0
         for g in batches:
+            pays = _layout_pays(g, device, self.epochs)
             need = g.laid_out_bytes(passes)
-            if need and _room_for(need, budget - used, device):
+            if pays and need and _room_for(need, budget - used, device):
                 g.lay_out(passes)
                 used += need
         return used
@@ -1112,6 +1122,14 @@ class _Minibatch:
 
     def stacked(self):
         return self._rows.unsqueeze(0).expand(self.streams, -1, -1) if self.shared else self._rows
+
+
+def _layout_pays(g: _ProbeBatch, device: str, epochs: int) -> bool:
+    """Whether laying g's passes out by column block pays (``LAYOUT_MIN_EPOCHS``)."""
+    if g.dense is not None:
+        return False
+    return g.is_projection or device != "cpu" or g.compute_dtype is not None or \
+        (len(g.stream_slices) > 1 and epochs >= LAYOUT_MIN_EPOCHS)
 
 
 def _room_for(need: int, budget: int, device: str) -> bool:

@@ -139,6 +139,7 @@ def test_laid_out_passes_train_the_probes_of_per_minibatch_inputs(data, monkeypa
     Xtr, ytr, Xte, yte = data
     kw = dict(mode=mode, fractions=(0.05, 0.3, 0.5, 0.8, 1.0), seeds=(0, 1), epochs=3, batch_size=64, device="cpu",
               minibatch_order=order, val_every=1)
+    monkeypatch.setattr(_engine, "_layout_pays", lambda *a: True)  # wherever it would not pay, too
     laid = SubsetProbes(**kw).fit(Xtr, ytr)
     monkeypatch.setattr(_engine, "_room_for", lambda *a: False)
     each = SubsetProbes(**kw).fit(Xtr, ytr)
@@ -153,9 +154,31 @@ def test_laid_out_passes_train_the_probes_of_per_minibatch_inputs(data, monkeypa
         np.testing.assert_allclose(laid.decision_function(Xte), each.decision_function(Xte), atol=1e-4)
 
 
-def test_inputs_are_laid_out_only_within_max_memory_mb():
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("mode", list(probes.SELECTION_MODES))
+def test_inputs_are_laid_out_where_it_pays(data, mode, order):
+    """By default the layout is made where it was measured to pay on the CPU: projections (one
+    projection per pass, not per minibatch) always; index subsets in float32 only for several
+    minibatch streams (per-seed orders) over at least LAYOUT_MIN_EPOCHS epochs; never for the
+    dense batch (it reads the minibatch itself)."""
+    from probes import _engine
+
+    Xtr, ytr, _, _ = data
+    kw = dict(mode=mode, fractions=(0.05, 0.3, 0.8, 1.0), seeds=(0, 1), batch_size=300, device="cpu",
+              minibatch_order=order)
+    several_streams = order == "per-seed" and probes.SELECTION_MODES[mode].seeded
+    for epochs in (3, _engine.LAYOUT_MIN_EPOCHS):
+        est = SubsetProbes(epochs=epochs, **kw).fit(Xtr, ytr)
+        want = mode in PROJECTION_MODES or (several_streams and epochs >= _engine.LAYOUT_MIN_EPOCHS)
+        assert (est.laid_out_ > 0) == want, epochs
+
+
+def test_inputs_are_laid_out_only_within_max_memory_mb(monkeypatch):
     """The layout (F x n x width per pass) is made only when it fits max_memory_mb beside the
     features themselves; over it, each minibatch gathers its columns, with the same probes."""
+    from probes import _engine
+
+    monkeypatch.setattr(_engine, "_layout_pays", lambda *a: True)
     rng = np.random.default_rng(2)
     n, d = 3000, 2000  # 24 MB of float32 features; the layout of two seeds' halves is 24 MB more
     y = rng.integers(0, 3, n)
@@ -429,7 +452,9 @@ def test_bf16_path_tracks_fp32(data):
     fp = SubsetProbes(**kw).fit(Xtr, ytr)
     bf = SubsetProbes(precision="bf16", **kw).fit(Xtr, ytr)
     assert all(w.dtype == torch.float32 for g in bf.batches_ for w in g.W)  # fp32 master weights
-    assert bf.laid_out_ == fp.laid_out_ // 2  # operands laid out in bf16
+    # bf16 operands laid out in bf16 whatever the epochs (no conversion per step); 4 float32 epochs are not
+    assert bf.laid_out_ == sum(len(Xtr) * g.F * g.width * 2 for g in bf.batches_ if g.dense is None) > 0
+    assert fp.laid_out_ == 0
     a, b = fp.evaluate(Xte, yte), bf.evaluate(Xte, yte)
     assert np.abs(a["test_accuracy"] - b["test_accuracy"]).max() <= 0.06
     la, lb = fp.decision_function(Xte), bf.decision_function(Xte)
