@@ -788,7 +788,7 @@ class SubsetProbes(Estimator):
         # what minibatches are read from: the passes, or their resident bf16 copies (bf16 operands)
         read_passes = self._read_passes(batches, on_device, str(device))
         read_bufs = {}  # dtype -> (streams * B, d), reused every step
-        minus_one = torch.tensor(-1.0, device=device)
+        classes = torch.arange(C, device=device).view(1, 1, C, 1)
         train_passes = list(range(len(on_device))) if self.train_passes == "all" else \
             (list(range(1, len(on_device))) or [0])
         loss_sum = [torch.zeros((g.F, g.m), device=device) for g in batches]  # in place: graphs write them
@@ -810,11 +810,12 @@ class SubsetProbes(Estimator):
                 Zt = g.inputs(mb, out=input_bufs[bi] if full else None, rows=rows, pass_index=pass_index)
                 logits = g.logits(Zt, bufs=logit_bufs[bi] if full else None).view(g.F, g.m, C, B)
                 # softmax cross-entropy over the class axis (not last: samples are)
-                idx = g.targets(ys).expand(g.F, g.m, 1, B)
+                # one-hot targets (F, 1, C, B), broadcast over the probes: a multiply and a subtraction are
+                # cheaper than gathering and scattering along the strided class axis
+                onehot = torch.eq(classes, g.targets(ys)).to(logits.dtype)
                 logp = torch.log_softmax(logits, dim=2)
-                loss_sum[bi].sub_(logp.gather(2, idx).sum((2, 3)))
-                p = logp.exp_()
-                p.scatter_add_(2, idx, minus_one.expand(g.F, g.m, 1, B))  # softmax - onehot
+                loss_sum[bi].sub_((logp * onehot).sum((2, 3)))
+                p = logp.exp_().sub_(onehot)  # softmax - onehot
                 gW, gb = grad_views[bi]
                 g.grads(Zt, p.view(g.F, g.m * C, B), gW, gb, 1.0 / B)  # of the mean loss
                 _sgd_step(g.flat, grad[bi], buf[bi], lr, self.momentum, self.weight_decay)
