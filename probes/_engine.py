@@ -257,9 +257,10 @@ def _blocks(lengths: tuple[int, ...], min_width: int) -> list[tuple[int, int, in
 class _ProbeBatch:
     """Families with equal prefix lengths, trained as one batch.
 
-    Everything is kept transposed, samples last, so that each block's product writes a
-    contiguous run of rows: inputs Zt (F, width, B), block weights Wt_k (F, (m - a) * C,
-    hi - lo), logits (F, m * C, B). Rows (i - a) * C ... of Wt_k belong to probe i.
+    Block inputs are samples first, one contiguous (F, B, hi - lo) tensor per block
+    (``inputs``); block weights Wt_k are (F, (m - a) * C, hi - lo) and the logits (F, m * C, B),
+    samples last, so that a block's product adds to a contiguous run of rows per family.
+    Rows (i - a) * C ... of Wt_k belong to probe i.
     All block weights and the biases are views of one flat tensor, so an optimiser step
     is one fused pass.
     """
@@ -465,7 +466,7 @@ class _ProbeBatch:
 
         return torch.empty((self.F, self.m * self.C, B), device=device or self.device)
 
-    def logits(self, zs, bufs=None):
+    def logits(self, zs, out=None):
         """(F, m*C, B) logits of every probe, from the block inputs ``zs`` (``inputs``).
 
         The logits start at the biases; then each block, from the last (fewest probes) to the
@@ -479,7 +480,7 @@ class _ProbeBatch:
         b = self.b
         W = self.W if self.compute_dtype is None else self.views(self.flat.to(self.compute_dtype))[0]
         B = zs[0].shape[1]
-        out = bufs if bufs is not None else self.logit_buffers(B, zs[0].device)
+        out = out if out is not None else self.logit_buffers(B, zs[0].device)
         C, F = self.C, self.F
         out.copy_(b.unsqueeze(2).expand(F, self.m * C, B))
         for k in range(len(self.blocks) - 1, -1, -1):
@@ -804,11 +805,12 @@ class SubsetProbes(Estimator):
                 if full and isinstance(Xr, torch.Tensor) and Xr.device == rows[0].device \
                         and Xr.dtype not in read_bufs:
                     read_bufs[Xr.dtype] = torch.empty((len(rows) * B, Xr.shape[1]), device=device, dtype=Xr.dtype)
-                mb = _Minibatch.gather(Xr, rows, device, out=read_bufs.get(getattr(Xr, "dtype", None)) if full else None)
+                mb = _Minibatch.gather(Xr, rows, device,
+                                       out=read_bufs.get(getattr(Xr, "dtype", None)) if full else None)
             ys = _Minibatch.labels(y_all, rows)
             for bi, g in enumerate(batches):
-                Zt = g.inputs(mb, out=input_bufs[bi] if full else None, rows=rows, pass_index=pass_index)
-                logits = g.logits(Zt, bufs=logit_bufs[bi] if full else None).view(g.F, g.m, C, B)
+                zs = g.inputs(mb, out=input_bufs[bi] if full else None, rows=rows, pass_index=pass_index)
+                logits = g.logits(zs, out=logit_bufs[bi] if full else None).view(g.F, g.m, C, B)
                 # softmax cross-entropy over the class axis (not last: samples are)
                 # one-hot targets (F, 1, C, B), broadcast over the probes: a multiply and a subtraction are
                 # cheaper than gathering and scattering along the strided class axis
@@ -817,7 +819,7 @@ class SubsetProbes(Estimator):
                 loss_sum[bi].sub_((logp * onehot).sum((2, 3)))
                 p = logp.exp_().sub_(onehot)  # softmax - onehot
                 gW, gb = grad_views[bi]
-                g.grads(Zt, p.view(g.F, g.m * C, B), gW, gb, 1.0 / B)  # of the mean loss
+                g.grads(zs, p.view(g.F, g.m * C, B), gW, gb, 1.0 / B)  # of the mean loss
                 _sgd_step(g.flat, grad[bi], buf[bi], lr, self.momentum, self.weight_decay)
 
         # CUDA graphs: a full step reads its rows from one static buffer; one graph per (lr, pass)
@@ -920,7 +922,7 @@ class SubsetProbes(Estimator):
             return passes
         return [p.to(dtype=dtype) for p in passes]
 
-    def _accuracy(self, g: _ProbeBatch, X, y_all, rows, device, input_buf, logit_bufs):
+    def _accuracy(self, g: _ProbeBatch, X, y_all, rows, device, input_buf, logit_buf):
         """(F, m) accuracy of every probe of g on X[rows] (the clean pass), in minibatches
         that reuse the training buffers."""
         import torch
@@ -933,8 +935,8 @@ class SubsetProbes(Estimator):
             full = len(r) == self.batch_size
             mb = None if g.laid is not None else \
                 _Minibatch(X.index_select(0, r.to(X.device)).to(device), len(self.streams_))  # every stream: r
-            Zt = g.inputs(mb, out=input_buf if full else None, rows=[r] * len(self.streams_), pass_index=0)
-            logits = g.logits(Zt, bufs=logit_bufs if full else None).view(g.F, g.m, g.C, len(r))
+            zs = g.inputs(mb, out=input_buf if full else None, rows=[r] * len(self.streams_), pass_index=0)
+            logits = g.logits(zs, out=logit_buf if full else None).view(g.F, g.m, g.C, len(r))
             # the true class holds the maximum (argmax over a strided axis is slow on CPU)
             true = logits.gather(2, y_all[r].view(1, 1, 1, -1).expand(g.F, g.m, 1, len(r)))
             correct += (true >= logits.amax(dim=2, keepdim=True)).squeeze(2).sum(2)
