@@ -173,6 +173,28 @@ def test_inputs_are_laid_out_where_it_pays(data, mode, order):
         assert (est.laid_out_ > 0) == want, epochs
 
 
+def test_both_softmax_gradients_agree():
+    """The CPU's one-hot form and CUDA's gather/scatter form of softmax - onehot give the same
+    gradient (bit for bit) and the same summed cross-entropy, which equals torch's."""
+    from probes._engine import _softmax_gradient
+
+    g = torch.Generator().manual_seed(0)
+    F, m, C, B = 3, 5, 7, 33
+    logits = torch.randn(F, m, C, B, generator=g) * 4
+    targets = torch.randint(0, C, (F, 1, 1, B), generator=g)
+    classes = torch.arange(C).view(1, 1, C, 1)
+    loss_a, loss_b = torch.zeros(F, m), torch.zeros(F, m)
+    a = _softmax_gradient(logits.clone(), targets, loss_a, classes)
+    b = _softmax_gradient(logits.clone(), targets, loss_b, classes, minus_one=torch.tensor(-1.0))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    want = torch.softmax(logits, 2) - torch.nn.functional.one_hot(targets.view(F, 1, B), C).permute(0, 1, 3, 2)
+    torch.testing.assert_close(a, want.expand(F, m, C, B), rtol=0, atol=1e-6)
+    ce = torch.nn.functional.cross_entropy(logits.permute(0, 1, 3, 2).reshape(-1, C),
+                                           targets.expand(F, m, 1, B).reshape(-1), reduction="none")
+    torch.testing.assert_close(loss_a, ce.view(F, m, B).sum(2), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-5)
+
+
 def test_inputs_are_laid_out_only_within_max_memory_mb(monkeypatch):
     """The layout (F x n x width per pass) is made only when it fits max_memory_mb beside the
     features themselves; over it, each minibatch gathers its columns, with the same probes."""
