@@ -377,12 +377,8 @@ class _ProbeBatch:
             B = rows[0].shape[0]
             out = out if out is not None else self.input_buffer(B, rows[0].device)
             n = self.laid[pass_index][0].shape[1]
-            # row f * n + r of a block's (F * n, width) matrix is family f's row r
-            if len(self.stream_slices) == 1:
-                idx = (self.family_offsets.view(F, 1) * n + rows[self.stream_slices[0][0]].view(1, B)).view(-1)
-            else:
-                every = torch.stack(rows) if len(rows) > 1 else rows[0].view(1, B)
-                idx = (self.family_offsets.view(F, 1) * n + every.index_select(0, self.family_stream)).view(-1)
+            # row f * n + r of a block's (F * n, width) matrix is family f's row r; family f reads its stream's rows
+            idx = (self.family_offsets.view(F, 1) * n + torch.stack(rows).index_select(0, self.family_stream)).view(-1)
             for Lk, Zk in zip(self.laid[pass_index], out):
                 torch.index_select(Lk.view(F * n, -1), 0, idx, out=Zk.view(F * B, -1))
             return out
@@ -788,7 +784,13 @@ class SubsetProbes(Estimator):
         self.laid_out_ = self._lay_out(batches, on_device, str(device))
         # what minibatches are read from: the passes, or their resident bf16 copies (bf16 operands)
         read_passes = self._read_passes(batches, on_device, str(device))
-        read_bufs = {}  # dtype -> (streams * B, d), reused every step
+        reads_minibatch = any(g.laid is None for g in batches)  # dense batches, or passes not laid out
+        first = read_passes[0]
+        # the full minibatches are gathered into one buffer, reused every step, where the passes are on the device
+        read_buf = torch.empty((len(self.streams_) * self.batch_size, first.shape[1]), device=first.device,
+                               dtype=first.dtype) \
+            if reads_minibatch and isinstance(first, torch.Tensor) and first.device.type == torch.device(device).type \
+            else None
         classes = torch.arange(C, device=device).view(1, 1, C, 1)
         on_cuda = str(device).startswith("cuda")
         minus_one = torch.tensor(-1.0, device=device)
@@ -800,15 +802,8 @@ class SubsetProbes(Estimator):
             """One SGD step of every batch on the minibatch ``rows[stream]`` of pass ``pass_index``."""
             B = rows[0].shape[0]
             full = B == self.batch_size
-            # the minibatch itself only for batches that read it (dense ones, or passes not laid out)
-            mb = None
-            if any(g.laid is None for g in batches):
-                Xr = read_passes[pass_index]
-                if full and isinstance(Xr, torch.Tensor) and Xr.device == rows[0].device \
-                        and Xr.dtype not in read_bufs:
-                    read_bufs[Xr.dtype] = torch.empty((len(rows) * B, Xr.shape[1]), device=device, dtype=Xr.dtype)
-                mb = _Minibatch.gather(Xr, rows, device,
-                                       out=read_bufs.get(getattr(Xr, "dtype", None)) if full else None)
+            mb = _Minibatch.gather(read_passes[pass_index], rows, device, out=read_buf if full else None) \
+                if reads_minibatch else None
             ys = _Minibatch.labels(y_all, rows)
             for bi, g in enumerate(batches):
                 zs = g.inputs(mb, out=input_bufs[bi] if full else None, rows=rows, pass_index=pass_index)
@@ -888,8 +883,7 @@ class SubsetProbes(Estimator):
         not laid out. Returns the bytes laid out."""
         if any(isinstance(p, RowFile) for p in passes):
             return 0
-        held = sum(p.numel() * p.element_size() for p in passes if p.device.type == "cpu")
-        budget = (self.max_memory_mb << 20) - held if device == "cpu" else 1 << 62
+        budget = self._memory_left(passes, device)
         used = 0
         for g in batches:
             pays = _layout_pays(g, device, self.epochs)
@@ -912,11 +906,16 @@ class SubsetProbes(Estimator):
             return passes
         dtype = readers[0].compute_dtype
         need = sum(p.numel() for p in passes) * torch.empty((), dtype=dtype).element_size()
-        held = sum(p.numel() * p.element_size() for p in passes if p.device.type == "cpu")
-        budget = (self.max_memory_mb << 20) - held - self.laid_out_ if device == "cpu" else 1 << 62
-        if not _room_for(need, budget, device):
+        if not _room_for(need, self._memory_left(passes, device) - self.laid_out_, device):
             return passes
         return [p.to(dtype=dtype) for p in passes]
+
+    def _memory_left(self, passes, device: str) -> int:
+        """Bytes of max_memory_mb the passes (on the CPU) leave for working copies of them; on a
+        GPU the room is checked against its free memory instead (``_room_for``)."""
+        if device != "cpu":
+            return 1 << 62
+        return (self.max_memory_mb << 20) - sum(p.numel() * p.element_size() for p in passes if p.device.type == "cpu")
 
     def _accuracy(self, g: _ProbeBatch, X, y_all, rows, device, input_buf, logit_buf):
         """(F, m) accuracy of every probe of g on X[rows] (the clean pass), in minibatches
