@@ -46,20 +46,25 @@ def synthetic(n, d, C, seed=0):
     return X.astype(np.float32), y
 
 
-def matmul_gflops(device, n=None, repeats=10, dtype=torch.float32):
-    n = n or (8192 if device.startswith("cuda") else 2048)  # large enough to reach the device's rate
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
+def timed(fn, device, repeats, warmup=2):
+    """Seconds per call of ``fn`` on ``device`` (after ``warmup`` calls; CUDA synchronised)."""
+    for _ in range(warmup):
+        fn()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(repeats):
-        a @ b
+        fn()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return 2 * n ** 3 * repeats / (time.perf_counter() - t0) / 1e9
+    return (time.perf_counter() - t0) / repeats
+
+
+def matmul_gflops(device, n=None, repeats=10, dtype=torch.float32):
+    n = n or (8192 if device.startswith("cuda") else 2048)  # large enough to reach the device's rate
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / timed(lambda: a @ b, device, repeats) / 1e9
 
 
 def one_probe_competent(X, y, neurons, epochs, device, C, batch_size=256):
@@ -133,19 +138,7 @@ def products_alone(est, device, dtype, repeats=20):
         for W, Z, dl in ops:
             torch.bmm(dl, Z)
 
-    def timed(fn):
-        for _ in range(3):
-            fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / repeats
-
-    t_fwd, t_bwd = timed(forward), timed(backward)
+    t_fwd, t_bwd = timed(forward, device, repeats, warmup=3), timed(backward, device, repeats, warmup=3)
     steps = est.epochs * -(-len(est.train_indices_) // B)
     val_chunks = (est.epochs // est.val_every or 1) * -(-len(est.val_indices_) // B)
     flops = sum(2 * W.numel() * B for W, _, _ in ops)  # per product
