@@ -401,13 +401,16 @@ def test_a_wide_flattened_layer_splits_its_chunks_by_column_and_reads_back_equal
         out = FeatureExtractor(model, ["layer1"], pooling="flatten")(
             torch.stack([eval_tf(src.image(i)) for i in g.sample_index]))
     want = out["layer1"].numpy()
-    np.testing.assert_allclose(g.numpy(), want, rtol=1e-5, atol=1e-5)
+    stored = g.numpy()
+    # the forward above batches the images differently from the build: another kernel path,
+    # so it agrees to float32 rounding; reads of the store are compared with the store exactly
+    np.testing.assert_allclose(stored, want, rtol=1e-5, atol=1e-5)
     cols = np.random.default_rng(0).permutation(d)[:30]
-    np.testing.assert_array_equal(g.read_columns(cols), g.numpy()[:, cols])
+    np.testing.assert_array_equal(g.read_columns(cols), stored[:, cols])
     assert g.verify() == []
     victim = tmp_path / "s.zarr" / g.name / "features" / "c" / "0" / "1"  # row chunk 0, columns 48..95
     victim.unlink()
-    np.testing.assert_array_equal(g.read_columns(np.arange(0, 48)), want[:, :48])  # never needed that chunk
+    np.testing.assert_array_equal(g.read_columns(np.arange(0, 48)), stored[:, :48])  # never needed that chunk
     with pytest.raises(errors.CorruptGroupError, match=r"chunk 0 \(rows 0\.\.\d+, columns 48\.\.96\) is missing"):
         g.read_columns(np.array([3, 50]))
     assert any("columns 48..96) is missing" in p for p in g.verify())
