@@ -587,6 +587,10 @@ register_dataset(
 
 
 IMAGEFOLDER_SPLITS = ("train", "val", "test")
+# A folder without split subfolders offers a seeded 80/20 train/test split of its class
+# folders, or the whole folder as one split (an evaluation set such as ImageNetV2: 10,000
+# images, all of them to be evaluated).
+WHOLE_FOLDER = "all"
 
 
 def _split_folders(path: Path) -> list[str]:
@@ -595,8 +599,8 @@ def _split_folders(path: Path) -> list[str]:
 
 def _imagefolder_splits(path: Path) -> tuple[str, ...]:
     """The split subfolders present (an evaluation-only tree may hold just test/), else a
-    seeded 80/20 train/test split of the class folders."""
-    return tuple(_split_folders(path)) or ("train", "test")
+    seeded 80/20 train/test split of the class folders, or all of them (``all``)."""
+    return tuple(_split_folders(path)) or ("train", "test", WHOLE_FOLDER)
 
 
 def _hidden(name: str) -> bool:
@@ -654,8 +658,12 @@ def _imagefolder(path: Path, split: str, bad_images: str = "fail") -> ImageSourc
     else:
         classes, samples = _scan_classes(path, dataset, bad_images)
         targets = np.asarray([c for _, c in samples], dtype=np.int64)
-        idx = _seeded_split(targets, split)
-        desc = f"ImageFolder({path}), seeded {1 - SPLIT_TEST_FRACTION:.0%}/{SPLIT_TEST_FRACTION:.0%} split"
+        if split == WHOLE_FOLDER:
+            idx = np.arange(len(samples))
+            desc = f"ImageFolder({path}), every image"
+        else:
+            idx = _seeded_split(targets, split)
+            desc = f"ImageFolder({path}), seeded {1 - SPLIT_TEST_FRACTION:.0%}/{SPLIT_TEST_FRACTION:.0%} split"
     base = path / split if folders else path
     files = [samples[j][0] for j in idx]
     return ImageSource(lambda i: open_image(files[i]), targets[idx], classes,
@@ -667,6 +675,31 @@ def _imagefolder(path: Path, split: str, bad_images: str = "fail") -> ImageSourc
 CLASS_MAPS = ("by-name", "by-index")  # or the path of a JSON file {evaluation class: training class}
 
 
+def _index_names(test_classes: list[str], n_train: int, *, train: str, test: str) -> np.ndarray:
+    """``by-index``: each evaluation class's *name* read as the index of a training class
+    (ImageNetV2's folders ``0`` ... ``999`` are ImageNet's classes in the sorted WordNet-id
+    order). Folder names sort as strings (``0, 1, 10, 100, ...``), so position is never used."""
+    import re
+
+    not_integers = [c for c in test_classes if not re.fullmatch(r"[0-9]+", c)]
+    if not_integers:
+        raise ClassMapError(test=test, train=train, problem=(
+            f"by-index reads each class name as a training class index, but {len(not_integers)} of "
+            f"{len(test_classes)} names are not integers: {', '.join(not_integers[:10])}"
+            + (" ..." if len(not_integers) > 10 else "") + " (use by-name, or a JSON file {its class: train's class})"))
+    index = np.array([int(c) for c in test_classes], dtype=np.int64)
+    outside = [c for c, i in zip(test_classes, index) if i >= n_train]
+    if outside:
+        raise ClassMapError(test=test, train=train, problem=(
+            f"{len(outside)} class names are not indices of the {n_train} training classes (0..{n_train - 1}): "
+            f"{', '.join(outside[:10])}" + (" ..." if len(outside) > 10 else "")))
+    values, counts = np.unique(index, return_counts=True)
+    if (counts > 1).any():
+        twice = [c for c, i in zip(test_classes, index) if i in set(values[counts > 1].tolist())]
+        raise ClassMapError(test=test, train=train, problem=f"class names that read as one index: {', '.join(twice[:10])}")
+    return index
+
+
 def class_mapping(train_classes, test_classes, how: str = "by-name", *, train: str = "train",
                   test: str = "test") -> np.ndarray:
     """For each class of an evaluation set, the index of the training class it is.
@@ -675,25 +708,24 @@ def class_mapping(train_classes, test_classes, how: str = "by-name", *, train: s
     ----------
     train_classes, test_classes : sequence of str
     how : str
-        ``by-name`` (the same class names, in any order), ``by-index`` (class i is class i,
-        whatever the names: ImageNetV2's folders 0..999 against ImageNet's WordNet ids, both
-        sorted), or a JSON file mapping evaluation class names to training class names.
+        ``by-name`` (the same class names, in any order); ``by-index`` (each evaluation class's
+        name is the integer index of a training class: ImageNetV2's folders ``0`` ... ``999``
+        against ImageNet's sorted WordNet ids; every name must be an integer, of any width); or
+        a JSON file mapping evaluation class names to training class names.
     train, test : str
         What the class lists belong to, for messages.
 
     Raises
     ------
     ClassMapError
-        Naming every evaluation class that maps to no training class.
+        Naming every evaluation class that maps to no training class (or, for ``by-index``,
+        every name that is not an integer index of one).
     """
     import json
 
     train_classes, test_classes = [str(c) for c in train_classes], [str(c) for c in test_classes]
     if how == "by-index":
-        if len(test_classes) > len(train_classes):
-            raise ClassMapError(test=test, train=train, problem=f"{len(test_classes)} classes against "
-                                                               f"{len(train_classes)}: by-index needs at most as many")
-        return np.arange(len(test_classes))
+        return _index_names(test_classes, len(train_classes), train=train, test=test)
     names = test_classes
     if how != "by-name":
         path = Path(how).expanduser()

@@ -73,8 +73,10 @@ TestTable = create_model(
     "TestTable", __base__=SplitTable, __doc__="Keys of the test group, which may come from another dataset.",
     dataset=(DatasetText | None, Field(default=None, description="Evaluate on another dataset with the same "
                                                                  "classes (ImageNetV2 for an ImageNet probe).")),
-    class_map=(str | None, Field(default=None, description="How its classes map onto train's: by-name (default), "
-                                                           "by-index, or a JSON file {its class: train's class}.")))
+    class_map=(str | None, Field(default=None, description="How its classes map onto train's: by-name (default: the "
+                                                           "same names), by-index (each class folder's name is the "
+                                                           "index of a train class, as ImageNetV2's 0..999), or a JSON "
+                                                           "file {its class: train's class}.")))
 
 
 class GroupTable(create_model("_GroupQuery", __base__=Parameters, **_query_fields(GROUP_KEYS))):

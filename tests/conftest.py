@@ -15,15 +15,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def make_image_folder(root: Path, n_classes: int = 3, per_class: int = 12, split_dirs: bool = False,
-                      size: int = 20, seed: int = 0) -> Path:
-    """Class-per-folder PNGs whose colour depends on the class, a few of them grayscale."""
+                      size: int = 20, seed: int = 0, names=None) -> Path:
+    """Class-per-folder PNGs whose colour depends on the class, a few of them grayscale. Class c's
+    folder is ``names[c]`` (default ``class_{c}``)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     splits = ("train", "test") if split_dirs else ("",)
     for split in splits:
         for c in range(n_classes):
-            d = root / split / f"class_{c}"
+            d = root / split / (names[c] if names is not None else f"class_{c}")
             d.mkdir(parents=True, exist_ok=True)
             count = per_class if split != "test" else max(2, per_class // 3)
             for i in range(count):

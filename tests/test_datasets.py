@@ -106,3 +106,48 @@ def test_bad_dataset_names():
 def test_torchvision_dataset_missing_says_download(tmp_path, name):
     with pytest.raises(errors.DatasetNotFoundError, match="not found: .*Pass --download"):
         load_split(name, DATASETS[name].splits[0], root=tmp_path)
+
+
+def test_by_index_reads_each_folder_name_as_the_class_index(tmp_path):
+    """ImageNetV2-shaped: 1000 numeric class folders (listed as strings sort: 0, 1, 10, 100, ...)
+    against 1000 training classes in sorted WordNet-id order; by-index maps every folder to the
+    class its name says, as the released code's {name: int(name)} does, and every image with it."""
+    from PIL import Image
+
+    from featstore.datasets import class_mapping
+
+    train = [f"n{i:08d}" for i in range(1000)]  # sorted WordNet ids: position = index
+    tree = tmp_path / "imagenetv2"
+    for i in range(1000):
+        (tree / str(i)).mkdir(parents=True)
+        for j in range(2):
+            Image.new("RGB", (4, 4), (i % 256, j, 0)).save(tree / str(i) / f"{j}.png")
+    whole = load_split(f"imagefolder:{tree}", "all")
+    assert len(whole) == 2000  # the whole folder, not a seeded 80 %
+    assert whole.classes[:4] == ["0", "1", "10", "100"]  # string order, as torchvision lists folders
+    mapping = class_mapping(train, whole.classes, "by-index")
+    assert mapping.tolist() == [int(name) for name in whole.classes]  # the literal rule, folder by folder
+    folder_of = [int(sid.split("/")[0]) for sid in whole.sample_ids]
+    assert mapping[whole.targets].tolist() == folder_of  # every image to its folder's index
+    assert (mapping != np.arange(1000)).sum() == 1000 - 12  # position would map only 12 folders right
+
+
+@pytest.mark.parametrize("names, message", [
+    (["0", "1", "cat"], r"1 of 3 names are not integers: cat"),
+    (["0", "1", "-2"], r"not integers: -2"),
+    (["0", "3"], r"1 class names are not indices of the 3 training classes \(0\.\.2\): 3"),
+    (["7", "07"], r"class names that read as one index: 7, 07"),
+])
+def test_by_index_refuses_names_that_are_not_train_class_indices(names, message):
+    from featstore.datasets import class_mapping
+
+    with pytest.raises(errors.ClassMapError, match=message):
+        class_mapping(["a", "b", "c"] if names != ["7", "07"] else [str(i) for i in range(10)], names, "by-index")
+
+
+def test_a_folder_without_split_subfolders_offers_its_whole_self(image_folder):
+    name = f"imagefolder:{image_folder}"
+    assert featstore.dataset_splits(name) == ("train", "test", "all")
+    train, test, whole = (load_split(name, s) for s in ("train", "test", "all"))
+    assert len(whole) == len(train) + len(test) == 36
+    assert sorted(whole.sample_ids) == sorted([*train.sample_ids, *test.sample_ids])

@@ -596,6 +596,41 @@ def test_evaluating_on_another_dataset_with_renamed_classes(tmp_path, image_fold
     assert not (tmp_path / "o3").exists()
 
 
+def test_numeric_class_folders_evaluate_by_index_as_under_their_source_names(tmp_path):
+    """ImageNetV2's case on a 12-class toy: the test images again, in a folder without split
+    subfolders whose classes are named 0 ... 11 (mixed widths; listed 0, 1, 10, 11, 2, ...),
+    built whole (--splits all) and mapped by-index, score what the same-dataset test scores
+    (to one image: the batches differ, so the forward's float32 rounding may); position would
+    have mapped 0, 1 and 10 ... wrongly."""
+    import shutil
+
+    from .conftest import make_image_folder
+
+    names = [f"n{c:02d}" for c in range(12)]  # sorted names: index order, as WordNet ids
+    source = make_image_folder(tmp_path / "source", n_classes=12, per_class=12, split_dirs=True, names=names)
+    numeric = tmp_path / "numeric"
+    for c, name in enumerate(names):
+        shutil.copytree(source / "test" / name, numeric / str(c))
+    store = tmp_path / "s.zarr"
+    kw = dict(model="test_resnet", weights="random", image_size=32, batch_size=8, workers=0, progress=False,
+              store=store, dtype="float32")
+    featstore.build(**kw, dataset=f"imagefolder:{source}", splits="train,test")
+    (whole,) = featstore.build(**kw, dataset=f"imagefolder:{numeric}", splits="all")
+    assert whole.n_samples == 48 and whole.classes[:4] == ["0", "1", "10", "11"]
+    base = {"selection": {"modes": ["random"], "fractions": [0.5, 1.0], "seeds": [0]},
+            "probe": {"epochs": 60, "batch_size": 16, "lr": 1.0, "lr_step": 30},  # the toy's features are small
+            "metrics": {"cka": False}}
+    group = {"model": "test_resnet", "dataset": f"imagefolder:{source}"}
+    same = run_sweep(load_spec({**base, "groups": [group]}, store=str(store)), tmp_path / "o1", progress=False)
+    cross = run_sweep(load_spec({**base, "groups": [{**group, "test": {
+        "dataset": f"imagefolder:{numeric}", "split": "all", "class_map": "by-index"}}]}, store=str(store)),
+        tmp_path / "o2", progress=False)
+    keys = ["mode", "fraction", "seed"]
+    a, b = same.sort_values(keys).reset_index(drop=True), cross.sort_values(keys).reset_index(drop=True)
+    assert a["test_accuracy"].min() > 0.5  # well above chance (1/12): a mis-mapped class would show
+    np.testing.assert_allclose(b["test_accuracy"], a["test_accuracy"], atol=1.01 / 48)
+
+
 def test_minibatch_cka_in_a_sweep_records_its_shuffle(tmp_path, spec_file):
     spec_file.write_text(spec_file.read_text().replace(
         'cka_estimator = "biased"', 'cka_estimator = "minibatch"\ncka_batch_size = 8\ncka_shuffle_seed = 4'))
