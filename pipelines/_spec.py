@@ -101,6 +101,10 @@ class GroupTable(create_model("_GroupQuery", __base__=Parameters, **_query_field
     share of train."""
     probe: ProbeOverrides = ProbeOverrides()
     """This pairing's own protocol keys ([groups.probe] or probe = {...}), over [probe] and the preset."""
+    preset_dataset: Annotated[str, OneOf(probes.ORIGINAL_SCHEDULES, "dataset with a released schedule")] | None = None
+    """Which dataset's values of a per-dataset preset this pairing takes (the original preset's released
+    schedules, probes.ORIGINAL_SCHEDULES): default, its dataset's registry name; an image folder names its own
+    (imagenet, places365)."""
 
     @model_validator(mode="after")
     def _layer_or_layers(self):
@@ -205,7 +209,7 @@ class SweepSpec(Parameters):
     def protocol_for(self, group: GroupTable) -> probes.Protocol:
         """[probe] as run for one pairing: the preset's values for its dataset, under the ones
         [probe] writes, under the pairing's own [groups.probe]."""
-        base = probes.preset(self.preset, parse_dataset_name(group.dataset).label)
+        base = probes.preset(self.preset, group.preset_dataset or parse_dataset_name(group.dataset).label)
         written = self.probe.model_dump(include=self.probe.model_fields_set)
         own = group.probe.model_dump(exclude_none=True)  # the pairing's [groups.probe]
         return probes.Protocol(**{**{k: base[k] for k in probes.Protocol.model_fields}, **written, **own})

@@ -21,7 +21,7 @@ from ._cka import (
 )
 from ._engine import SOLVERS, Protocol, SubsetProbes, SubsetProbesParameters, cpu_has_bf16, load_training_data
 from ._inputs import Features, RowFile, as_features
-from ._presets import PRESETS, Preset, preset
+from ._presets import ORIGINAL_SCHEDULES, PRESETS, Preset, ReleasedSchedule, preset
 from ._selection import (
     PAPER_FRACTIONS,
     SELECTION_MODES,
@@ -37,6 +37,6 @@ from ._selection import (
 
 __all__ = ["subset_cka", "cka_statistics", "cross_cka", "linear_cka", "iter_row_blocks", "CKAResult", "CKAStatistics",
            "CKAEstimator", "CKAOptions", "CKA_ESTIMATORS", "SubsetProbes", "SubsetProbesParameters", "Protocol",
-           "Selection", "PRESETS", "Preset", "preset", "SOLVERS", "load_training_data", "cpu_has_bf16", "Features", "RowFile", "as_features",
+           "Selection", "PRESETS", "Preset", "preset", "ORIGINAL_SCHEDULES", "ReleasedSchedule", "SOLVERS", "load_training_data", "cpu_has_bf16", "Features", "RowFile", "as_features",
            "PAPER_FRACTIONS", "SELECTION_MODES", "SelectionMode", "fractions_or_sizes", "Draw", "make_families", "random_permutation",
            "random_projection", "subset_size"]

@@ -176,6 +176,10 @@ class Protocol(Parameters):
     val_every: Annotated[int, Field(ge=1)] = 1
     """Validate (and so allow a best epoch) every this many epochs (the released code: 5, as Lightning's
     check_val_every_n_epoch); with fewer epochs than that, after the last."""
+    val_transform: Literal["clean", "augmented"] = "clean"
+    """Which images validation scores: clean (the clean pass, the paper's text) or augmented (with cached views,
+    the pass each validating epoch trained on, as the released code's random_split validation rows kept the train
+    transform). Rows of a separate validation group (Flowers' official split) are scored clean either way."""
     train_passes: Literal["all", "views"] = "all"
     """Which passes of a group with augmented views the epochs train on: all (epoch e reads pass e mod (1 + K)),
     or views (the augmented ones only, as the released code augments every epoch; the clean pass then only
@@ -858,9 +862,12 @@ class SubsetProbes(Estimator):
             if (epoch + 1) % self.val_every and not (epoch + 1 == self.epochs and self.epochs < self.val_every):
                 bar.update(1)
                 continue  # no validation this epoch: it cannot be a probe's best
-            # validation on the clean pass picks each probe's best epoch
+            # validation picks each probe's best epoch: on the clean pass, or on the pass this epoch trained on
+            # (val_transform="augmented"; a separate validation group's rows hold their clean features there)
+            val_pass = pass_index if self.val_transform == "augmented" else 0
             for bi, g in enumerate(batches):
-                acc = self._accuracy(g, read_passes[0], y_all, val_t, device, input_bufs[bi], logit_bufs[bi])
+                acc = self._accuracy(g, read_passes[val_pass], y_all, val_t, device, input_bufs[bi], logit_bufs[bi],
+                                     pass_index=val_pass)
                 better = acc > best_acc[bi] if self.select_epoch == "best" else torch.ones_like(acc, dtype=torch.bool)
                 best_acc[bi] = torch.where(better, acc, best_acc[bi])  # with "last": the last epoch's
                 best_epoch[bi] = torch.where(better, torch.full_like(best_epoch[bi], epoch + 1), best_epoch[bi])
@@ -917,9 +924,9 @@ class SubsetProbes(Estimator):
             return 1 << 62
         return (self.max_memory_mb << 20) - sum(p.numel() * p.element_size() for p in passes if p.device.type == "cpu")
 
-    def _accuracy(self, g: _ProbeBatch, X, y_all, rows, device, input_buf, logit_buf):
-        """(F, m) accuracy of every probe of g on X[rows] (the clean pass), in minibatches
-        that reuse the training buffers."""
+    def _accuracy(self, g: _ProbeBatch, X, y_all, rows, device, input_buf, logit_buf, pass_index: int = 0):
+        """(F, m) accuracy of every probe of g on X[rows] (pass ``pass_index``: the clean pass
+        unless validation is augmented), in minibatches that reuse the training buffers."""
         import torch
 
         correct = torch.zeros((g.F, g.m), device=device)
@@ -930,7 +937,7 @@ class SubsetProbes(Estimator):
             full = len(r) == self.batch_size
             mb = None if g.laid is not None else \
                 _Minibatch(X.index_select(0, r.to(X.device)).to(device), len(self.streams_))  # every stream: r
-            zs = g.inputs(mb, out=input_buf if full else None, rows=[r] * len(self.streams_), pass_index=0)
+            zs = g.inputs(mb, out=input_buf if full else None, rows=[r] * len(self.streams_), pass_index=pass_index)
             logits = g.logits(zs, out=logit_buf if full else None).view(g.F, g.m, g.C, len(r))
             # the true class holds the maximum (argmax over a strided axis is slow on CPU)
             true = logits.gather(2, y_all[r].view(1, 1, 1, -1).expand(g.F, g.m, 1, len(r)))

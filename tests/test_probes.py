@@ -608,18 +608,23 @@ def test_pca_directions_do_not_depend_on_the_eigensolvers_signs(data, monkeypatc
     assert (fam.basis[big, np.arange(fam.basis.shape[1])] > 0).all()
 
 
-def test_original_preset_equals_a_literal_reimplementation_of_the_released_loop(tmp_path, tiny):
+@pytest.mark.parametrize("dataset, weight_decay, augmented_val", [("cifar10", 5e-4, True), ("flowers102", 1e-4, False)])
+def test_original_preset_equals_a_literal_reimplementation_of_the_released_loop(tmp_path, tiny, dataset, weight_decay,
+                                                                                augmented_val):
     """The released per-(fraction, seed) run, written out: torch.manual_seed(seed);
     randperm(d)[:k]; nn.Linear + SGD(momentum 0.9, the dataset's weight decay) + StepLR; every
-    epoch on an augmented pass, the minibatches in the seed's order; validation every 5 epochs,
-    the best top-1 checkpoint kept (strictly better). Equal to the engine's probe under the
-    `original` preset to 1e-4 in the logits."""
+    epoch on an augmented pass, the minibatches in the seed's order; validation every 5 epochs
+    on the validation rows as the released code saw them (a random_split Subset keeps the train
+    transform: augmented, for CIFAR and Pets; Flowers' own split: clean), the best top-1
+    checkpoint kept (strictly better). Equal to the engine's probe under the `original` preset
+    to 1e-4 in the logits."""
     import featstore
 
     (g,) = featstore.build(**tiny, splits="train", views=2, store=tmp_path / "s.zarr", dtype="float32")
-    est = SubsetProbes.from_preset("original", dataset="cifar10", fractions=(0.25, 1.0), epochs=12, batch_size=8,
+    est = SubsetProbes.from_preset("original", dataset=dataset, fractions=(0.25, 1.0), epochs=12, batch_size=8,
                                    lr=0.05, lr_step=4, device="cpu", include_full=False).fit(g)
-    assert (est.weight_decay, est.val_every, est.seeds, est.train_passes) == (5e-4, 5, (1, 2, 3, 4, 5), "views")
+    assert (est.weight_decay, est.val_every, est.seeds, est.train_passes) == (weight_decay, 5, (1, 2, 3, 4, 5), "views")
+    assert est.val_transform == ("augmented" if augmented_val else "clean")
     # the released datamodule's split: seed_everything(0); random_split(full, [int(0.9 n), rest])
     torch.manual_seed(0)
     n_train = int(0.9 * g.n_samples)
@@ -638,7 +643,7 @@ def test_original_preset_equals_a_literal_reimplementation_of_the_released_loop(
         with torch.no_grad():
             lin.weight.copy_(torch.from_numpy(w0.T))
             lin.bias.copy_(torch.from_numpy(b0))
-        opt = torch.optim.SGD(lin.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        opt = torch.optim.SGD(lin.parameters(), lr=0.05, momentum=0.9, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.1)
         best, best_state = -1.0, None
         for epoch in range(12):
@@ -651,8 +656,9 @@ def test_original_preset_equals_a_literal_reimplementation_of_the_released_loop(
                 opt.step()
             sched.step()
             if (epoch + 1) % 5 == 0:  # check_val_every_n_epoch=5; ModelCheckpoint(monitor=val_acc1, mode=max)
+                seen = Xs if augmented_val else torch.from_numpy(passes[0][:, neurons])
                 with torch.no_grad():
-                    acc = (lin(torch.from_numpy(passes[0][:, neurons])[val]).argmax(1) == y[val]).float().mean().item()
+                    acc = (lin(seen[val]).argmax(1) == y[val]).float().mean().item()
                 if acc > best:
                     best, best_state = acc, {k: v.clone() for k, v in lin.state_dict().items()}
         lin.load_state_dict(best_state)
@@ -662,8 +668,48 @@ def test_original_preset_equals_a_literal_reimplementation_of_the_released_loop(
         assert est.best_epoch_[di] in (5, 10) and est.val_accuracy_[di] == pytest.approx(best)
 
 
+@pytest.mark.parametrize("laid_out", [False, True])
+@pytest.mark.parametrize("val_transform", ["clean", "augmented"])
+def test_validation_scores_the_clean_pass_or_the_epochs_augmented_pass(data, monkeypatch, val_transform, laid_out):
+    """val_transform="augmented" scores the validation rows on the pass the epoch trained on (the
+    released code's validation Subset kept the train transform), "clean" on the clean pass: each
+    probe's recorded validation accuracy is its weights' accuracy on those rows, by hand. The view
+    here is the clean pass negated, so the two differ for every probe."""
+    from probes import _engine
+    from probes._engine import TrainingData
+
+    monkeypatch.setattr(_engine, "_layout_pays", lambda *a: laid_out)  # inputs laid out per pass, or gathered
+    Xtr, ytr, _, _ = data
+    view = -Xtr
+    est = SubsetProbes(fractions=(0.25, 1.0), seeds=(0,), epochs=1, select_epoch="last", batch_size=64,
+                       train_passes="views", val_transform=val_transform, device="cpu")
+    est.fit(TrainingData(Xtr, ytr, [view], 4, "array"))
+    assert (est.laid_out_ > 0) == laid_out
+    rows = est.val_indices_
+    for di, draw in enumerate(est.draws_):
+        w, b = est.probe_weights(di)
+        on = {"augmented": view, "clean": Xtr}
+        acc = {k: float(((X[rows][:, draw.neurons] @ w + b).argmax(1) == ytr[rows]).mean()) for k, X in on.items()}
+        assert acc["augmented"] > acc["clean"] + 0.3  # trained on the view: the two really differ
+        assert est.val_accuracy_[di] == pytest.approx(acc[val_transform], abs=1e-6)
+
+
 def test_presets_resolve_per_dataset_and_explicit_values_win():
+    """The original preset takes each released script's schedule (ResNet50's scripts: --epochs,
+    --step_lr, --batch_size; weight decay from dataset_metadata.py; which images validation
+    scored); a dataset without a released script keeps the declared defaults of those."""
     assert probes.preset("paper") == {**probes.Selection().model_dump(), **probes.Protocol().model_dump()}
+    released = {  # dataset: (epochs, lr_step, batch_size, weight_decay, val_transform), read off the scripts
+        "cifar10": (100, 20, 256, 5e-4, "augmented"), "cifar100": (100, 20, 256, 5e-4, "augmented"),
+        "flowers102": (100, 20, 256, 1e-4, "clean"), "oxford-pets": (100, 20, 256, 1e-4, "augmented"),
+        "places365": (50, 5, 1024, 5e-4, "augmented"), "imagenet": (10, 1, 512, 1e-4, "augmented")}
+    keys = ("epochs", "lr_step", "batch_size", "weight_decay", "val_transform")
+    for dataset, want in released.items():
+        got = probes.preset("original", dataset)
+        assert tuple(got[k] for k in keys) == want, dataset
+        assert dataset in probes.ORIGINAL_SCHEDULES[dataset].source or dataset in ("flowers102", "oxford-pets")
+    default = probes.Protocol()
+    assert tuple(probes.preset("original", "fashion-mnist")[k] for k in keys) == tuple(getattr(default, k) for k in keys)
     assert probes.preset("original", "cifar100")["weight_decay"] == 5e-4
     assert probes.preset("original", "flowers102")["weight_decay"] == 1e-4
     assert probes.preset("original", "cifar10", weight_decay=0.0)["weight_decay"] == 0.0

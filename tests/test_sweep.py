@@ -507,7 +507,20 @@ def test_a_preset_fills_what_the_spec_does_not_write(spec_file):
     tasks = pipelines.expand_tasks(original)
     assert {t.probe.val_every for t in tasks} == {5} and {t.seed for t in tasks if t.mode == "random"} == {1, 2, 3, 4, 5}
     cifar = original.model_copy(update={"groups": (group.model_copy(update={"dataset": "cifar10"}),)})
-    assert cifar.protocol_for(cifar.groups[0]).weight_decay == 5e-4
+    resolved = cifar.protocol_for(cifar.groups[0])
+    assert (resolved.weight_decay, resolved.val_transform, resolved.lr_step) == (5e-4, "augmented", 20)
+    assert resolved.epochs == 3  # the spec's own value still wins over the released 100
+    # an image folder names the dataset whose released schedule it takes
+    spec_file.write_text(spec_file.read_text().replace('dataset = "', 'preset_dataset = "imagenet"\ndataset = "', 1)
+                         .replace("epochs = 3\n", "").replace("batch_size = 8\n", ""))
+    imagenet = load_spec(spec_file)
+    p = imagenet.protocol_for(imagenet.groups[0])
+    assert (p.epochs, p.lr_step, p.batch_size, p.weight_decay) == (10, 1, 512, 1e-4)
+    assert imagenet.key() != original.key()
+    spec_file.write_text(spec_file.read_text().replace('preset_dataset = "imagenet"', 'preset_dataset = "imagenet1k"'))
+    with pytest.raises(errors.InvalidParameterError, match=r"groups\[0\]\.preset_dataset: Unknown dataset with a released "
+                                                             r"schedule 'imagenet1k'; known: cifar10, .*imagenet,"):
+        load_spec(spec_file)
 
 
 def test_a_pairings_own_probe_keys_change_only_its_tasks(spec_file):
