@@ -25,6 +25,7 @@ import numpy as np
 from pydantic import Field
 
 from . import datasets, faults, models
+from ._values import SpreadTracker, check_values
 from ._decode import Decode, DevicePreprocess
 from ._device import Device, resolve_device
 from .models import MappingName, WeightSourceName
@@ -57,6 +58,12 @@ __all__ = ["build", "BuildOptions", "chunk_rows_for", "resolve_transform", "make
            "Preprocessing"]
 
 CHUNK_TARGET_BYTES = 8 << 20  # ~8 MB of uncompressed rows per chunk
+
+# The forward's precision: what each --precision records as the group's ``compute`` (part of
+# its key) and the autocast dtype it runs under (None: plain float32, TF32 off on CUDA).
+FORWARD_PRECISIONS = {"fp32": ("float32", None), "fp16": ("autocast-float16", "float16"),
+                      "bf16": ("autocast-bfloat16", "bfloat16")}
+ForwardPrecision = Literal["fp32", "fp16", "bf16"]
 
 
 # Layers wider than this (flattened feature maps) get chunks that also split their columns,
@@ -360,7 +367,10 @@ class BuildOptions(Parameters):
     """Eval preprocessing and view augmentation: paper (the model's pretrained config, the paper's augmentation)
     or original (the released code's Resize + CenterCrop 224 and RandomResizedCrop views)."""
     dtype: Dtype = "float16"
-    """Storage dtype."""
+    """Storage dtype (float16 holds magnitudes up to 65,504: a layer beyond that is refused, naming the fix)."""
+    precision: ForwardPrecision | None = None
+    """The forward's precision: fp32, or fp16 / bf16 autocast (default: fp16 on CUDA, fp32 on the CPU). Part of
+    the group's key; --dtype float32 --precision fp32 gives true float32 features on a GPU (TF32 off)."""
     bad_images: Literal["fail", "skip"] = "fail"
     """Image files that cannot be decoded (empty, truncated, not an image, too large): fail (one error naming
     each, before any group is created) or skip (left out; the group records them, and the policy and the
@@ -418,8 +428,13 @@ class _Plan:
     decoder: object = None  # _decode.DevicePreprocess with decode="device"
 
     @property
+    def precision(self) -> str:
+        return self.options.precision or ("fp16" if self.device.startswith("cuda") else "fp32")
+
+    @property
     def compute(self) -> str:
-        return "autocast-float16" if self.device.startswith("cuda") else "float32"
+        """What the group records of the forward's precision (``ExtractionSpec.compute``)."""
+        return FORWARD_PRECISIONS[self.precision][0]
 
 
 @takes(BuildOptions, extra=("log",))
@@ -566,7 +581,7 @@ def _extract(plan: _Plan, fs: FeatureStore, split: str, specs: dict[str, Extract
             eval_tf, aug_tf = make_transforms(plan.transform, PREPROCESSING[o.preset].augmentation)
             _run_pass(plan.extractor, plan.backbone, targets, src, index, eval_tf, aug_tf, o.seed,
                       specs[o.layers[0]].views, plan.batch_size, plan.workers, plan.device, o.progress,
-                      f"{o.model}:{plan.dataset}:{split}", plan.decoder)
+                      f"{o.model}:{plan.dataset}:{split}", plan.decoder, plan.precision, say)
         fs.reopen()
         return [fs.group(name) for name in names]
 
@@ -648,9 +663,38 @@ def _create_group(path: Path, spec: ExtractionSpec, src, index, d: int, versions
     g.create_array("progress", shape=(1 + spec.views, n_chunks), chunks=(1, 1), dtype="uint8", fill_value=0)
 
 
+def _forward_context(precision: str, device: str):
+    """The autocast of ``precision`` on ``device`` (fp32: none, and TF32 off on CUDA)."""
+    import contextlib
+
+    import torch
+
+    dtype = FORWARD_PRECISIONS[precision][1]
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    if dtype is not None:
+        return torch.autocast(device_type, dtype=getattr(torch, dtype))
+    if device_type != "cuda":
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def no_tf32():
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+    return no_tf32()
+
+
 def _run_pass(extractor, backbone, targets, src, index, eval_tf, aug_tf, seed, n_views, batch_size,
-              workers, device, show_progress, label, decoder=None):
-    """One backbone pass over the rows and views still missing in any target group."""
+              workers, device, show_progress, label, decoder=None, precision: str = "fp32", say=None):
+    """One backbone pass over the rows and views still missing in any target group.
+
+    Every block of every layer's outputs is checked before it is buffered (finite; within
+    float16's range for float16 groups: ``_values.check_values``); float16 groups also track
+    each neuron's spread, and a layer that float16 stores coarsely is reported and recorded."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -665,7 +709,7 @@ def _run_pass(extractor, backbone, targets, src, index, eval_tf, aug_tf, seed, n
                 work.append((view, start, min(start + block, n)))
     todo_images = sum(stop - start for _, start, stop in work)
     if not todo_images:
-        _finish(targets, 0.0, 0)
+        _finish(targets, 0.0, 0, {}, say)
         return
     batches = []
     for view, start, stop in work:
@@ -695,7 +739,8 @@ def _run_pass(extractor, backbone, targets, src, index, eval_tf, aug_tf, seed, n
     # in a log file (not a terminal) a redraw every 10 s keeps the log readable
     bar = tqdm(total=todo_images, unit="img", desc=label, disable=not show_progress, smoothing=0.1,
                dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
-    autocast = torch.autocast("cuda", dtype=torch.float16) if device.startswith("cuda") else _nullcontext()
+    autocast = _forward_context(precision, device)
+    spreads = {ti: SpreadTracker(t.features.shape[1]) for ti, (_, t) in enumerate(targets) if t.spec.dtype == "float16"}
     try:
         with torch.inference_mode():
             for batch, got in zip(batches, loader):
@@ -717,11 +762,17 @@ def _run_pass(extractor, backbone, targets, src, index, eval_tf, aug_tf, seed, n
                     if t.done[view, c]:
                         continue
                     key = (ti, view, c)
+                    values = out[layer].float().cpu().numpy()
+                    # before the block is cast to the storage dtype (float16 would turn an overflow into inf)
+                    check_values(values, t.spec.dtype, layer=layer, group=t.spec.group_name(), rows=(r0, r1),
+                                 view=view)
+                    if ti in spreads:
+                        spreads[ti].add(values)
                     if key not in buffers:
                         c_rows = min(t.rows, n - c * t.rows)
                         buffers[key] = np.empty((c_rows, out[layer].shape[1]), dtype=t.spec.dtype)
                         filled[key] = 0
-                    buffers[key][r0 - c * t.rows : r1 - c * t.rows] = out[layer].float().cpu().numpy()
+                    buffers[key][r0 - c * t.rows : r1 - c * t.rows] = values
                     filled[key] += r1 - r0
                     if filled[key] == len(buffers[key]):
                         writer.submit(t, view, c, buffers.pop(key))
@@ -733,19 +784,12 @@ def _run_pass(extractor, backbone, targets, src, index, eval_tf, aug_tf, seed, n
         raise
     finally:
         bar.close()
-    _finish(targets, time.perf_counter() - t0, todo_images)
+    _finish(targets, time.perf_counter() - t0, todo_images, {ti: sp.coarse() for ti, sp in spreads.items()}, say)
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _finish(targets, seconds: float, images: int) -> None:
-    for _, t in targets:
+def _finish(targets, seconds: float, images: int, coarse: dict, say=None) -> None:
+    """Flip each target to complete, with its timings and (float16) the neurons it stores coarsely."""
+    for ti, (layer, t) in enumerate(targets):
         done = t.progress[:].astype(bool)
         if not done.all():  # pragma: no cover - a bug, never a user error
             raise RuntimeError(f"internal error: {t.spec.group_name()} has unwritten chunks {np.argwhere(~done)[:5]}")
@@ -757,6 +801,14 @@ def _finish(targets, seconds: float, images: int) -> None:
         timings["images_per_second"] = round(images / seconds, 2) if seconds else None
         timings["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         meta["timings"] = timings
+        if coarse.get(ti):
+            meta["float16_coarse"] = coarse[ti]
+            ex = coarse[ti]["examples"][0]
+            if say is not None:
+                say(f"featstore: warning: float16 keeps fewer than {coarse[ti]['min_levels']} distinct values within "
+                    f"+-3 sd for {coarse[ti]['neurons']} of {coarse[ti]['of']} neurons of layer {layer} (neuron "
+                    f"{ex['neuron']}: mean {ex['mean']:.4g}, sd {ex['sd']:.3g}, float16 step {ex['float16_step']:.3g}); "
+                    f"recorded in the group (featstore info). Build with --dtype float32 to keep their spread")
         faults.point("finish")
         # one atomic write of zarr.json: the group flips from building to complete
         t.zgroup.attrs.update({META: meta})

@@ -153,6 +153,13 @@ class Group:
         return list(self.meta.get("skipped", []))
 
     @property
+    def float16_coarse(self) -> dict[str, Any] | None:
+        """The neurons a float16 build stores with fewer than ``min_levels`` distinct values within
+        +-3 sd (a large mean, a small spread): their count and a few examples (mean, sd, the float16
+        step at that magnitude); None when there are none."""
+        return self.meta.get("float16_coarse")
+
+    @property
     def provenance(self) -> dict[str, Any]:
         return dict(self.meta.get("provenance", {}))
 
@@ -260,7 +267,12 @@ class Group:
         if bad.any():
             r = start + int(np.argwhere(bad)[0][0])
             col = int(np.argwhere(bad)[0][1])
-            return None, f"{label}: chunk {c} holds {int(bad.sum())} NaN/Inf values (first at row {r}, neuron {col})"
+            why = ""
+            if block.dtype == np.float16 and np.isinf(block[bad]).all():  # written before builds checked overflow
+                why = ("; float16 overflow (values beyond 65,504): rebuild with --dtype float32, which is another "
+                       "group (rebuilding this one gives the same inf)")
+            return None, (f"{label}: chunk {c} holds {int(bad.sum())} NaN/Inf values (first at row {r}, neuron {col})"
+                          + why)
         return block, None
 
     def _missing_chunk(self, label: str, arr, v: int | None, c: int, column_chunks) -> str | None:

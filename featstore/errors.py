@@ -52,6 +52,8 @@ __all__ = [
     "MismatchedGroupsError",
     "ClassMapError",
     "InvalidFeaturesError",
+    "NonFiniteFeaturesError",
+    "Float16OverflowError",
     "ResultsNotFoundError",
     "OutputConflictError",
     "CorruptResultsError",
@@ -368,6 +370,29 @@ class InvalidFeaturesError(FeatstoreError, ValueError):
     """
 
     _msg = "{problem}"
+
+
+class NonFiniteFeaturesError(FeatstoreError, ValueError):
+    """A backbone gave NaN or inf for a layer during a build (before anything of it was written).
+
+    Fields: ``layer``, ``group``, ``where_in`` (the rows), ``count``, ``example``.
+    """
+
+    _msg = ("layer {layer} gave {count} NaN/inf values in {where_in} ({example}); nothing of them was written and "
+            "group {group} stays 'building'. The weights or the inputs are broken (check the checkpoint for NaN "
+            "tensors); remove the partial group with `featstore rm --incomplete`")
+
+
+class Float16OverflowError(FeatstoreError, OverflowError):
+    """A layer's values exceed float16's range (65,504) in a ``--dtype float16`` build.
+
+    Fields: ``layer``, ``group``, ``where_in``, ``largest``, ``neuron``, ``count``.
+    """
+
+    _msg = ("layer {layer} holds values beyond float16's range (largest |value| {largest:.6g} > 65504, neuron "
+            "{neuron}; {count} values in {where_in}): float16 would store them as inf. Nothing of them was written "
+            "and group {group} stays 'building'. Build this layer with --dtype float32 (another group; remove the "
+            "partial one with `featstore rm --incomplete`)")
 
 
 # ----------------------------------------------------------------------------- sweep results
