@@ -1,27 +1,49 @@
 """The paper's quantities from a sweep's results table.
 
-* accuracy vs fraction (mean and spread over seeds, absolute and relative to the full layer);
+* accuracy vs fraction (mean over seeds with an interval, absolute and relative to the full layer);
 * diffused redundancy DR(δ) = 1 - min{ f : Acc(f) >= δ · Acc(1) } over the evaluated
   effective fractions f = k/d, from accuracy (Acc(1) = the full-layer probes) or from CKA
-  (CKA(f) >= δ), with a seed-bootstrap interval and censoring marked;
-* Gini coefficient and coefficient of variation of per-class accuracies vs fraction;
+  (CKA(f) >= δ), with an interval and censoring marked;
+* Gini coefficient and coefficient of variation of per-class accuracies vs fraction, with an
+  interval and the binomial noise floor of the test set;
 * modes compared at equal k.
+
+Every interval comes from one bootstrap (``_bootstrap``): seeds and test images resampled
+together by default, the same resamples for a pairing's table, sentence and figures. Fractions
+that floor to the same k are one point per seed (``distinct_draws``).
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Sequence
 
 import numpy as np
 
 from featstore.errors import InvalidParameterError, MissingKeyError, UnknownNameError
+from featstore.params import defaults, validate
+
+from ._bootstrap import (
+    COVERS,
+    BootstrapOptions,
+    Resamples,
+    binomial_floor,
+    cov_rows,
+    covers,
+    curve_samples,
+    distinct_draws,
+    gini_rows,
+    per_class_samples,
+    reference_of,
+    runs_of,
+)
 
 __all__ = ["gini", "coefficient_of_variation", "accuracy_curve", "diffused_redundancy", "dr_table", "dr_text",
-           "effective_fraction", "inequality_curve", "modes_at_equal_k", "critical_fraction", "DELTAS"]
+           "effective_fraction", "inequality_curve", "modes_at_equal_k", "critical_fraction", "DELTAS",
+           "sweep_warnings"]
 
 DELTAS = tuple(np.round(np.linspace(0.5, 1.0, 51), 3))
 GROUP_COLS = ["group", "model", "layer", "dataset"]
+_BOOT = defaults(BootstrapOptions)
 
 
 def _defined(values) -> np.ndarray:
@@ -62,62 +84,105 @@ def effective_fraction(df):
     return df["k"] / df["n_neurons"]
 
 
-def _full_reference(df):
-    full = df[df["mode"] == FULL_LAYER]
-    return full.groupby("group")["test_accuracy"].mean()
+def _options(n_boot, ci, random_state, over) -> BootstrapOptions:
+    return validate(BootstrapOptions, dict(n_boot=n_boot, ci=ci, random_state=random_state, over=over),
+                    prefix="bootstrap.")
 
 
-def accuracy_curve(df, metric: str = "test_accuracy"):
-    """Mean, std, min, max over seeds of ``metric`` per (group, mode, k), at the effective
-    fraction k/d, and relative to the full layer (the mean of its reference rows)."""
-    sub = df[df["mode"] != FULL_LAYER].assign(fraction=lambda d: effective_fraction(d))
-    keys = GROUP_COLS + ["mode", "fraction", "k"]
-    curve = sub.groupby(keys)[metric].agg(["mean", "std", "min", "max", "count"]).reset_index()
-    curve["std"] = curve["std"].fillna(0.0)
-    full = _full_reference(df)
-    curve["full"] = curve["group"].map(full)
-    curve["relative"] = curve["mean"] / curve["full"]
-    return curve
+def _labels(df, group) -> np.ndarray | None:
+    """The test labels of a pairing (train's class indices), when the results recorded them."""
+    labels = df.attrs.get("test_labels", {}).get(int(group))
+    return None if labels is None else np.asarray(labels)
 
 
-def _dr_from_curve(fractions: np.ndarray, values: np.ndarray, reference: float, deltas: Sequence[float]):
-    """(DR per δ, censoring per δ) of one curve: DR = 1 - the smallest evaluated fraction whose
-    value reaches δ x reference. Reached at the smallest evaluated fraction, the true critical
-    fraction may be smaller still: DR is a lower bound (``at grid edge``). Reached nowhere: NaN
-    (``not reached``)."""
-    order = np.argsort(fractions)
-    f, v = fractions[order], values[order]
-    reached, censored = [], []
-    for d in deltas:
-        ok = np.nan_to_num(v, nan=-np.inf) >= d * reference
-        if not ok.any():
-            reached.append(np.nan)
-            censored.append(NOT_REACHED)
-            continue
-        first = int(np.argmax(ok))
-        reached.append(f[first])
-        censored.append(EDGE if first == 0 else "")
-    reached = np.array(reached)
-    return 1.0 - reached, censored, reached
+def _n_test(runs, reference) -> int | None:
+    if runs.correct is not None:
+        return int(runs.correct.shape[-1])
+    if reference is not None and reference.correct is not None:
+        return int(reference.correct.shape[-1])
+    return None
 
 
-def _seed_tables(g, full, metric: str):
-    """(seeds x effective fractions values, per-seed full-layer references or None) of one group."""
-    g = g.assign(effective=effective_fraction(g))
-    seeded = g["seed"].notna().any()
-    index = g["seed"] if seeded else np.zeros(len(g))
-    table = g.pivot_table(index=index, columns="effective", values=metric, aggfunc="mean", dropna=False)
-    refs = None
-    if seeded and len(full) and full["seed"].notna().all():
-        per_seed = full.groupby("seed")["test_accuracy"].mean()
-        if set(table.index) <= set(per_seed.index):
-            refs = per_seed.loc[table.index].to_numpy(dtype=float)
-    return table, refs
+def _pairings(df, mode: str | None = None):
+    """(keys, the pairing's distinct draws of ``mode`` (or every selection mode), its Reference)."""
+    draws = distinct_draws(df)
+    for keys, g in draws.groupby(GROUP_COLS):
+        full = g[g["mode"] == FULL_LAYER]
+        sub = g[g["mode"] != FULL_LAYER] if mode is None else g[g["mode"] == mode]
+        if len(sub):
+            yield keys, sub, reference_of(full)
 
 
-def diffused_redundancy(df, mode: str = "random", deltas: Sequence[float] = DELTAS, source: str = "accuracy",
-                        n_boot: int = 1000, ci: float = 0.95, random_state: int = 0):
-    """DR(δ) per group, from accuracy or CKA, on effective fractions, with a seed-bootstrap interval.
+def accuracy_curve(df, metric: str = "test_accuracy", *, n_boot: int = _BOOT["n_boot"], ci: float = _BOOT["ci"],
+                   random_state: int = _BOOT["random_state"], over: str = _BOOT["over"]):
+    """Per (group, mode, k), at the effective fraction k/d: the mean of ``metric`` over the runs
+    (seeds), its sd (NaN for one run: no spread to show), min, max, the runs (``count``), a
+    bootstrap interval of the mean (``low``, ``high``; what it covers: ``covers``), and for
+    accuracy the full layer (``full`` with ``full_low`` / ``full_high``) and the mean relative
+    to it (``relative`` with its interval). Repeated k are one point per seed (``fractions``
+    lists the nominal fractions)."""
+    import pandas as pd
+
+    o = _options(n_boot, ci, random_state, over)
+    out = []
+    for keys, sub, reference in _pairings(df):
+        for mode, rows in sub.groupby("mode"):
+            runs = runs_of(rows, metric)
+            ref = reference if metric == "test_accuracy" else None
+            boot = Resamples(o, keys[0], _n_test(runs, ref))
+            curves, refs = curve_samples(runs, ref, boot, metric)
+            low, high = boot.interval(curves)
+            kind = covers(runs, ref, o, metric)
+            if kind == "":
+                low = high = np.full(len(runs.k), np.nan)  # one run, nothing resampled: no interval
+            with np.errstate(all="ignore"):
+                mean = np.nanmean(runs.values, axis=0) if runs.n_runs else np.full(len(runs.k), np.nan)
+            full = float(np.mean(reference.values)) if reference is not None else np.nan
+            full_low = full_high = np.nan
+            rel_low = rel_high = np.full(len(runs.k), np.nan)
+            if refs is not None:
+                full_low, full_high = boot.interval(refs)
+                if len(reference.values) == 1 and kind not in ("seeds+test", "test"):
+                    full_low = full_high = np.nan
+                if kind:
+                    with np.errstate(all="ignore"):  # a resample whose reference scores 0 (a tiny test set)
+                        relative = curves / refs[:, None]
+                    rel_low, rel_high = boot.interval(relative)
+            for j, k in enumerate(runs.k):
+                col = runs.values[:, j]
+                defined = col[~np.isnan(col)]
+                out.append(dict(zip(GROUP_COLS, keys), mode=mode, fraction=float(runs.fractions[j]), k=int(k),
+                                mean=float(mean[j]), std=float(np.std(defined, ddof=1)) if len(defined) > 1 else np.nan,
+                                min=float(defined.min()) if len(defined) else np.nan,
+                                max=float(defined.max()) if len(defined) else np.nan, count=int(len(defined)),
+                                low=float(low[j]), high=float(high[j]), covers=kind, full=full,
+                                full_low=float(full_low), full_high=float(full_high),
+                                relative=float(mean[j] / full) if full == full and full else np.nan,
+                                relative_low=float(rel_low[j]), relative_high=float(rel_high[j]),
+                                fractions=runs.nominal[j]))
+    columns = GROUP_COLS + ["mode", "fraction", "k", "mean", "std", "min", "max", "count", "low", "high", "covers",
+                            "full", "full_low", "full_high", "relative", "relative_low", "relative_high", "fractions"]
+    return pd.DataFrame(out, columns=columns)
+
+
+def _first_reached(curves: np.ndarray, refs: np.ndarray, fractions: np.ndarray, deltas) -> tuple[np.ndarray, np.ndarray]:
+    """(DR (n, D), reached (n, D)) of n curves over ascending ``fractions`` against their
+    references: DR = 1 - the smallest fraction whose value reaches δ x reference; a curve
+    that never reaches δ has DR at its lower bound, 0."""
+    dr = np.empty((len(curves), len(deltas)))
+    reached = np.empty((len(curves), len(deltas)), dtype=bool)
+    values = np.nan_to_num(curves, nan=-np.inf)
+    for i, d in enumerate(deltas):
+        ok = values >= d * refs[:, None]
+        reached[:, i] = ok.any(axis=1)
+        dr[:, i] = np.where(reached[:, i], 1.0 - fractions[np.argmax(ok, axis=1)], 0.0)
+    return dr, reached
+
+
+def diffused_redundancy(df, mode: str = "random", deltas: Sequence[float] = DELTAS, source: str = "accuracy", *,
+                        n_boot: int = _BOOT["n_boot"], ci: float = _BOOT["ci"],
+                        random_state: int = _BOOT["random_state"], over: str = _BOOT["over"]):
+    """DR(δ) per group, from accuracy or CKA, on effective fractions, with a bootstrap interval.
 
     Parameters
     ----------
@@ -128,96 +193,170 @@ def diffused_redundancy(df, mode: str = "random", deltas: Sequence[float] = DELT
     source : {"accuracy", "cka"}
         ``accuracy``: Acc(f) >= δ · Acc(1), Acc(1) the full-layer probes' test accuracy.
         ``cka``: CKA(X_S, X) >= δ.
-    n_boot : int
-        Bootstrap resamples of the seeds (with replacement). When the full layer was trained
-        under each seed, each resample takes the picked seeds' references too, so the
-        interval carries the reference's own seed noise.
+    n_boot, ci, random_state, over
+        The bootstrap (:class:`BootstrapOptions`): by default seeds and test images resampled
+        together; a resample that never reaches δ counts with DR at its lower bound (0), so the
+        interval is not conditional on reaching it.
 
     Returns
     -------
     DataFrame with columns group, model, layer, dataset, mode, source, delta, dr, dr_low,
     dr_high, censored ("" / "at grid edge": DR is a lower bound / "not reached": DR is NaN),
-    fraction (the effective fraction reached), n_seeds.
+    fraction (the effective fraction reached), reached (the share of resamples that reach δ),
+    covers (what the interval resamples: a key of ``_bootstrap.COVERS``; "" for none), n_seeds.
     """
     import pandas as pd
 
     if source not in SOURCES:
         raise UnknownNameError("DR source", source, SOURCES)
     metric = SOURCES[source]
-    rng = np.random.default_rng(random_state)
-    rows = []
-    sub = df[df["mode"] == mode]
-    if sub.empty:
+    o = _options(n_boot, ci, random_state, over)
+    if df.empty or mode not in set(df["mode"]):
         raise InvalidParameterError(key="mode", value=mode,
-                                    expected="a mode with rows in the results: " + ", ".join(sorted(df["mode"].unique())))
-    for keys, g in sub.groupby(GROUP_COLS):
-        full = df[(df["mode"] == FULL_LAYER) & (df["group"] == keys[0])]
-        if source == "accuracy" and full.empty:
+                                    expected="a mode with rows in the results: "
+                                             + ", ".join(sorted(set(df["mode"]) - {FULL_LAYER}) if len(df) else []))
+    deltas = [float(d) for d in deltas]
+    rows = []
+    for keys, sub, reference in _pairings(df, mode):
+        if source == "accuracy" and reference is None:
             raise MissingKeyError(key=f"group {keys[0]} full-layer rows", expected="the sweep's reference task rows")
-        table, refs = _seed_tables(g, full, metric)
-        fractions = table.columns.to_numpy(dtype=float)
-        values = table.to_numpy(dtype=float)
-        fixed = float(full["test_accuracy"].mean()) if source == "accuracy" else 1.0
-
-        def reference(pick):
-            return float(np.mean(refs[pick])) if (refs is not None and source == "accuracy") else fixed
-
-        everyone = np.arange(len(values))
-        dr, censored, reached = _dr_from_curve(fractions, np.nanmean(values, axis=0), reference(everyone), deltas)
-        boots = np.empty((n_boot, len(deltas)))
-        for b in range(n_boot):
-            pick = rng.integers(0, len(values), len(values))
-            boots[b] = _dr_from_curve(fractions, np.nanmean(values[pick], axis=0), reference(pick), deltas)[0]
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # a δ no resample reaches: NaN bounds
-            lo, hi = np.nanquantile(boots, [(1 - ci) / 2, 1 - (1 - ci) / 2], axis=0)
-        for d, v, l, h, c, f in zip(deltas, dr, lo, hi, censored, reached):
-            rows.append(dict(zip(GROUP_COLS, keys), mode=mode, source=source, delta=float(d), dr=float(v),
-                             dr_low=float(l), dr_high=float(h), censored=c, fraction=float(f),
-                             n_seeds=len(values)))
+        runs = runs_of(sub, metric)
+        ref = reference if source == "accuracy" else None
+        boot = Resamples(o, keys[0], _n_test(runs, ref))
+        kind = covers(runs, ref, o, metric)
+        with np.errstate(all="ignore"):
+            curve = np.nanmean(runs.values, axis=0)
+        level = np.array([float(np.mean(ref.values)) if ref is not None else 1.0])
+        dr, reached = _first_reached(curve[None], level, runs.fractions, deltas)
+        curves, refs = curve_samples(runs, ref, boot, metric)
+        refs = refs if refs is not None else np.ones(len(curves))
+        boots, boot_reached = _first_reached(curves, refs, runs.fractions, deltas)
+        low, high = boot.interval(boots)
+        if kind == "":
+            low = high = np.full(len(deltas), np.nan)
+        ok = np.nan_to_num(curve, nan=-np.inf)[None, :] >= np.array(deltas)[:, None] * level[0]
+        for i, d in enumerate(deltas):
+            hit = bool(reached[0, i])
+            first = int(np.argmax(ok[i])) if hit else -1
+            rows.append(dict(zip(GROUP_COLS, keys), mode=mode, source=source, delta=d,
+                             dr=float(dr[0, i]) if hit else np.nan, dr_low=float(low[i]), dr_high=float(high[i]),
+                             censored=(EDGE if first == 0 else "") if hit else NOT_REACHED,
+                             fraction=float(runs.fractions[first]) if hit else np.nan,
+                             reached=float(boot_reached[:, i].mean()), covers=kind, n_seeds=runs.n_runs))
     return pd.DataFrame(rows)
 
 
-def dr_text(dr: float, low: float, high: float, censored: str) -> str:
-    """One DR value as people read it: "0.900 [0.900, 0.925]", "≥ 0.999 [...]", "not reached"."""
+ONE_RUN = "†"  # marks an interval that covers the test images of one run only
+
+
+def dr_text(dr: float, low: float, high: float, censored: str, covers: str | None = None,
+            reached: float | None = None) -> str:
+    """One DR value as people read it: "0.900 [0.900, 0.925]", "≥ 0.999 [...]", "not reached";
+    "0.991 (one run)" when nothing was resampled, a † when the interval covers one run's test
+    images only, and the share of resamples that reach δ when some do not."""
+    share = f"; {reached:.0%} of resamples reach δ" if reached is not None and reached < 0.995 else ""
     if censored == NOT_REACHED:
-        return "not reached"
-    return f"{'≥ ' if censored == EDGE else ''}{dr:.3f} [{low:.3f}, {high:.3f}]"
+        return "not reached" + (f" ({reached:.0%} of resamples reach δ)" if reached else "")
+    value = f"{'≥ ' if censored == EDGE else ''}{dr:.3f}"
+    if covers == "" or low != low:
+        return f"{value} (one run)"
+    return f"{value} [{low:.3f}, {high:.3f}]{ONE_RUN if covers == 'test' else ''}{share}"
 
 
 def dr_table(df, deltas: Sequence[float] = (0.8, 0.9, 0.95, 0.99), mode: str = "random", source: str = "accuracy",
-             n_boot: int = 1000):
+             **bootstrap):
     """DR at a few δ per group, one row per group (the paper tabulates δ = 0.9); a value reached
-    at the smallest evaluated fraction reads "≥ x", one reached nowhere "not reached"."""
-    dr = diffused_redundancy(df, mode=mode, deltas=deltas, source=source, n_boot=n_boot)
-    dr["value"] = [dr_text(r.dr, r.dr_low, r.dr_high, r.censored) for r in dr.itertuples()]
-    return dr.pivot_table(index=GROUP_COLS, columns="delta", values="value", aggfunc="first")
+    at the smallest evaluated fraction reads "≥ x", one reached nowhere "not reached". The
+    table's ``attrs["covers"]`` says what its intervals resample."""
+    dr = diffused_redundancy(df, mode=mode, deltas=deltas, source=source, **bootstrap)
+    dr["value"] = [dr_text(r.dr, r.dr_low, r.dr_high, r.censored, r.covers, r.reached) for r in dr.itertuples()]
+    table = dr.pivot_table(index=GROUP_COLS, columns="delta", values="value", aggfunc="first")
+    table.attrs["covers"] = sorted(set(dr["covers"]))
+    return table
+
+
+def interval_note(kinds) -> str:
+    """What a table's intervals cover, in words (for its caption)."""
+    kinds = [k for k in kinds if k]
+    words = [COVERS[k] for k in kinds if k != "test"]
+    parts = [f"95% bootstrap interval over {' / '.join(words)}"] if words else []
+    if "test" in kinds:
+        parts.append(f"{ONE_RUN}: one run, the interval covers its test images only")
+    return "; ".join(parts) or "one run each: no interval"
 
 
 def critical_fraction(df, within: float = 0.05, mode: str = "random"):
     """Smallest evaluated effective fraction whose mean accuracy is within ``within`` (relative) of
     the full layer."""
+    import pandas as pd
+
     curve = accuracy_curve(df)
     curve = curve[curve["mode"] == mode]
     out = {}
     for keys, g in curve.groupby(GROUP_COLS):
         ok = g[g["relative"] >= 1 - within]
         out[keys] = float(ok["fraction"].min()) if len(ok) else np.nan
-    import pandas as pd
-
     return pd.Series(out, name=f"critical fraction (within {within:.0%} of full)").rename_axis(GROUP_COLS).reset_index()
 
 
-def inequality_curve(df):
-    """Gini and coefficient of variation of each probe's per-class accuracies, averaged over seeds."""
-    d = df.assign(fraction=lambda x: effective_fraction(x))
-    d["gini"] = d["per_class_accuracy"].apply(gini)
-    d["cov"] = d["per_class_accuracy"].apply(coefficient_of_variation)
-    keys = GROUP_COLS + ["mode", "fraction"]
-    return d.groupby(keys)[["gini", "cov"]].agg(["mean", "std"]).reset_index()
+def inequality_curve(df, *, n_boot: int = _BOOT["n_boot"], ci: float = _BOOT["ci"],
+                     random_state: int = _BOOT["random_state"], over: str = _BOOT["over"]):
+    """Gini and coefficient of variation of each probe's per-class accuracies, averaged over the
+    runs, per (group, mode, k): ``gini`` / ``cov`` with bootstrap intervals (``*_low``,
+    ``*_high``; test images resampled with the seeds when the rows record them), and the
+    binomial noise floor ``floor_gini`` / ``floor_cov``: what equal per-class accuracy would
+    show on this test set's class sizes (NaN when the results hold no test labels)."""
+    import pandas as pd
+
+    o = _options(n_boot, ci, random_state, over)
+    out = []
+    for keys, sub, _ in _pairings(df):
+        labels = _labels(df, keys[0])
+        counts = np.bincount(labels) if labels is not None else None
+        for mode, rows in sub.groupby("mode"):
+            runs = runs_of(rows)
+            boot = Resamples(o, keys[0], len(labels) if labels is not None and runs.correct is not None else None)
+            g_boot, c_boot = per_class_samples(runs, labels, boot)
+            several = runs.n_runs > 1 or (o.over == "seeds+test" and runs.correct is not None and labels is not None)
+            g_runs, c_runs = gini_rows(runs.per_class), cov_rows(runs.per_class)  # (S, J)
+            g_lo, g_hi = boot.interval(g_boot)
+            c_lo, c_hi = boot.interval(c_boot)
+            with np.errstate(all="ignore"):
+                accuracy = np.nanmean(runs.values, axis=0)
+            for j, k in enumerate(runs.k):
+                floor = binomial_floor(accuracy[j], counts) if counts is not None else (np.nan, np.nan)
+                out.append(dict(zip(GROUP_COLS, keys), mode=mode, fraction=float(runs.fractions[j]), k=int(k),
+                                gini=float(np.nanmean(g_runs[:, j])), cov=float(np.nanmean(c_runs[:, j])),
+                                gini_low=float(g_lo[j]) if several else np.nan,
+                                gini_high=float(g_hi[j]) if several else np.nan,
+                                cov_low=float(c_lo[j]) if several else np.nan,
+                                cov_high=float(c_hi[j]) if several else np.nan,
+                                floor_gini=floor[0], floor_cov=floor[1], count=runs.n_runs))
+    columns = GROUP_COLS + ["mode", "fraction", "k", "gini", "cov", "gini_low", "gini_high", "cov_low", "cov_high",
+                            "floor_gini", "floor_cov", "count"]
+    return pd.DataFrame(out, columns=columns)
 
 
 def modes_at_equal_k(df, metric: str = "test_accuracy"):
     """Mean ``metric`` per (group, k) x mode: random vs pca vs pca-least vs randproj vs prefix."""
-    sub = df[df["mode"] != "full"]
+    sub = distinct_draws(df)
+    sub = sub[sub["mode"] != FULL_LAYER]
     return sub.pivot_table(index=GROUP_COLS + ["k"], columns="mode", values=metric, aggfunc="mean")
+
+
+def sweep_warnings(df, mode: str = "random") -> dict[int, str]:
+    """Per pairing, why its DR sentence would mislead, or nothing: a subset smaller than the layer
+    that beats the full layer beyond its interval (the full-layer probe looks under-trained)."""
+    notes = {}
+    if mode not in set(df["mode"]):
+        return notes
+    curve = accuracy_curve(df)
+    for group, c in curve[(curve["mode"] == mode) & (curve["fraction"] < 1)].groupby("group"):
+        low = c["relative_low"].where(c["relative_low"].notna(), c["relative"])
+        above = c[(low > 1.0) & c["full"].notna()]
+        if len(above):
+            best = above.loc[above["mean"].idxmax()]
+            notes[int(group)] = (f"random subsets of {int(best['k'])} neurons score {best['mean']:.3f} against the full "
+                                 f"layer's {best['full']:.3f}, beyond the interval: the full-layer probe looks "
+                                 f"under-trained (more epochs, another learning rate?), so DR is not reported")
+    return notes

@@ -12,7 +12,7 @@ __all__ = ["register"]
 
 
 def _cmd_sweep(a) -> int:
-    from ._analysis import dr_table
+    from ._analysis import dr_table, interval_note
     from ._spec import load_spec
     from ._sweep import check_run, run_sweep
 
@@ -22,8 +22,9 @@ def _cmd_sweep(a) -> int:
     df = run_sweep(spec, a.out, **options)
     print(f"{len(df)} draws in {a.out} (pipelines.load_results({a.out!r}))")
     if "random" in set(df["mode"]):
-        print("Diffused redundancy DR(δ), random neurons [95% seed-bootstrap interval]:")
-        print(dr_table(df).to_string())
+        table = dr_table(df)
+        print(f"Diffused redundancy DR(δ), random neurons [{interval_note(table.attrs['covers'])}]:")
+        print(table.to_string())
     return 0
 
 

@@ -26,8 +26,11 @@ from ._analysis import (
     dr_text,
     effective_fraction,
     inequality_curve,
+    interval_note,
     modes_at_equal_k,
+    sweep_warnings,
 )
+from ._bootstrap import COVERS
 
 __all__ = ["write_report", "FIGURES", "ReportOptions"]
 
@@ -52,19 +55,30 @@ def _subplots(n, plt, width=3.4, height=2.7):
     return fig, axes[0]
 
 
+def _curves(ax, c, one_run_note: bool = True):
+    """One line per mode with its interval band; a mode of one run is dashed and says so (its band,
+    if any, covers that run's test images only)."""
+    for mode, m in c.groupby("mode"):
+        m = m.sort_values("fraction")
+        color = MODE_COLORS.get(mode)
+        single = (m["count"] <= 1).all()
+        label = f"{mode} (one run)" if single and one_run_note else mode
+        ax.plot(m["fraction"], m["mean"], marker="o", ms=3, label=label, color=color, ls="--" if single else "-")
+        if m["low"].notna().any():
+            ax.fill_between(m["fraction"], m["low"], m["high"], alpha=0.12 if single else 0.2, color=color, lw=0)
+
+
 def _fig_accuracy(df, plt):
     curve = accuracy_curve(df)
     groups = _groups(df)
     fig, axes = _subplots(len(groups), plt)
     for ax, keys in zip(axes, groups):
         c = curve[curve["group"] == keys[0]]
-        for mode, m in c.groupby("mode"):
-            m = m.sort_values("fraction")
-            color = MODE_COLORS.get(mode)
-            ax.plot(m["fraction"], m["mean"], marker="o", ms=3, label=mode, color=color)
-            ax.fill_between(m["fraction"], m["min"], m["max"], alpha=0.2, color=color)
+        _curves(ax, c)
         full = c["full"].iloc[0] if len(c) else np.nan
         ax.axhline(full, color="k", ls="--", lw=1, label=f"full layer ({full:.3f})")
+        if len(c) and c["full_low"].notna().iloc[0]:
+            ax.axhspan(c["full_low"].iloc[0], c["full_high"].iloc[0], color="k", alpha=0.08, lw=0)
         ax.set(xscale="log", xlabel="effective fraction k/d (log scale)", ylabel="test accuracy",
                title=f"Accuracy vs fraction\n{_label(keys)}")
         ax.grid(alpha=0.3, which="both")
@@ -78,11 +92,14 @@ def _fig_dr(df, plt):
         if source == "cka" and df["cka"].isna().all():
             continue
         dr = diffused_redundancy(df, mode="random" if "random" in set(df["mode"]) else df["mode"][df["mode"] != "full"].iloc[0],
-                                 source=source, n_boot=200)
+                                 source=source)  # the table's bootstrap: the same resamples, the same bands
         for j, (keys, g) in enumerate(dr.groupby(["group", "model", "layer", "dataset"])):
             ax.plot(g["delta"], g["dr"], color=f"C{j}", ls="-" if source == "accuracy" else ":",
                     label=f"{_label(keys)} ({source})")
-            ax.fill_between(g["delta"], g["dr_low"], g["dr_high"], color=f"C{j}", alpha=0.15)
+            # the band only where the estimate exists (a δ not reached has no DR to put a band around)
+            band = g["dr"].notna() & g["dr_low"].notna()
+            ax.fill_between(g["delta"], g["dr_low"].where(band), g["dr_high"].where(band), color=f"C{j}", alpha=0.15,
+                            lw=0)
             edge = g[g["censored"] == EDGE]  # reached at the smallest evaluated fraction: a lower bound
             if len(edge):
                 ax.plot(edge["delta"], edge["dr"], ls="none", marker="^", ms=4, color=f"C{j}",
@@ -102,11 +119,7 @@ def _fig_cka(df, plt):
     fig, axes = _subplots(len(groups), plt)
     est = df["cka_estimator"].dropna().iloc[0]
     for ax, keys in zip(axes, groups):
-        c = curve[curve["group"] == keys[0]]
-        for mode, m in c.groupby("mode"):
-            m = m.sort_values("fraction")
-            ax.plot(m["fraction"], m["mean"], marker="o", ms=3, label=mode, color=MODE_COLORS.get(mode))
-            ax.fill_between(m["fraction"], m["min"], m["max"], alpha=0.2, color=MODE_COLORS.get(mode))
+        _curves(ax, curve[curve["group"] == keys[0]])
         ax.set(xscale="log", xlabel="effective fraction k/d (log scale)", ylabel=f"linear CKA with the full layer ({est})",
                title=f"CKA(subset, layer) vs fraction\n{_label(keys)}", ylim=(0, 1.02))
         ax.grid(alpha=0.3, which="both")
@@ -115,16 +128,27 @@ def _fig_cka(df, plt):
 
 
 def _fig_inequality(df, plt):
-    ineq = inequality_curve(df[df["mode"] != "full"])
+    ineq = inequality_curve(df)
     fig, axes = _subplots(2, plt, width=3.0)
     several = ineq["group"].nunique() > 1
     for keys, g in ineq.groupby(["group", "model", "layer", "dataset"]):
         for mode, m in g.groupby("mode"):
             m = m.sort_values("fraction")
             for ax, col in zip(axes, ("gini", "cov")):
-                ax.errorbar(m["fraction"], m[(col, "mean")], yerr=m[(col, "std")].fillna(0), marker="o", ms=3,
-                            capsize=2, label=f"{_label(keys)}: {mode}" if several else mode,
-                            color=MODE_COLORS.get(mode))
+                err = [np.nan_to_num(m[col] - m[f"{col}_low"]), np.nan_to_num(m[f"{col}_high"] - m[col])]
+                single = (m["count"] <= 1).all()
+                label = (f"{_label(keys)}: {mode}" if several else mode) + (" (one run)" if single else "")
+                ax.errorbar(m["fraction"], m[col], yerr=err, marker="o", ms=3, capsize=2, label=label,
+                            color=MODE_COLORS.get(mode), ls="--" if single else "-")
+    # the noise floor of each pairing's test set (at each fraction's mean accuracy over its modes)
+    labelled = False
+    for _, g in ineq.groupby("group"):
+        floor = g.groupby("fraction")[["floor_gini", "floor_cov"]].mean().reset_index()
+        if floor["floor_gini"].notna().any():
+            for ax, col in zip(axes, ("floor_gini", "floor_cov")):
+                ax.plot(floor["fraction"], floor[col], color="0.45", ls=":", lw=1,
+                        label=None if labelled else "test-set noise floor")
+            labelled = True
     for ax, name in zip(axes, ("Gini coefficient", "coefficient of variation")):
         ax.set(xscale="log", xlabel="effective fraction k/d (log scale)", ylabel=f"{name}",
                title=f"Per-class accuracy: {name}")
@@ -199,7 +223,7 @@ def _fig_depth(df, plt):
         ax.errorbar(x, g["dr"], yerr=_error_bars(g), marker="o", capsize=3, color=f"C{j}",
                     label=f"{model} / {dataset}")
         ax.set_xticks(x, g["layer"], rotation=30, ha="right")
-    ax.set(xlabel="layer (shallow to deep, as the spec lists them)", ylabel="DR(0.9), random neurons",
+    ax.set(xlabel="layer (in the spec's order)", ylabel="DR(0.9), random neurons",
            title="Diffused redundancy across depth", ylim=(-0.02, 1.02))
     ax.grid(alpha=0.3)
     ax.legend()
@@ -249,21 +273,25 @@ FIGURES = {"accuracy_vs_fraction": _fig_accuracy, "dr_vs_delta": _fig_dr, "cka_v
 
 # what to look for in each figure: its caption on the page
 CAPTIONS = {
-    "accuracy_vs_fraction": "Probe accuracy on k of d neurons against k/d (mean over seeds, their range shaded); the "
-                            "dashed line is the whole layer. Diffused redundancy: random neurons reach it at a small "
-                            "fraction.",
+    "accuracy_vs_fraction": "Probe accuracy on k of d neurons against k/d (mean over seeds; bands: 95% bootstrap "
+                            "intervals over seeds and test images); the black dashed line and grey band are the whole "
+                            "layer. Dashed curves are one run (pca, prefix): their band covers test images only. "
+                            "Diffused redundancy: random neurons reach the whole layer at a small fraction.",
     "dr_vs_delta": "DR(δ): the share of neurons that can go while keeping δ of the whole layer's accuracy (solid) or "
-                   "CKA (dotted), with 95% seed-bootstrap bands; triangles are lower bounds (reached at the smallest "
+                   "CKA (dotted), with 95% bootstrap bands (seeds and test images; CKA: seeds); a resample that never "
+                   "reaches δ counts at DR's lower bound, 0. Triangles are lower bounds (reached at the smallest "
                    "fraction evaluated).",
     "cka_vs_fraction": "Linear CKA between each subset and the whole layer: how much of the layer's representation a "
                        "subset already carries.",
-    "inequality_vs_fraction": "Gini and coefficient of variation of the per-class accuracies: small subsets that keep "
-                              "the mean can still hurt some classes.",
+    "inequality_vs_fraction": "Gini and coefficient of variation of the per-class accuracies (95% bootstrap intervals "
+                              "over seeds and test images): small subsets that keep the mean can still hurt some "
+                              "classes. The dotted line is the test set's noise floor: what equal true accuracy in "
+                              "every class would show on these class sizes.",
     "classwise_accuracy": "Per-class accuracy at a few fractions (all seeds): which classes pay for a smaller subset.",
     "modes_compared": "Selection modes at equal k: random neurons against principal directions, least-variance "
                       "directions, random projections and the first k neurons.",
     "accuracy_overlaid": "Every pairing's random-neuron curve relative to its own whole layer, on one axis.",
-    "dr_across_depth": "DR(0.9) layer by layer, shallow to deep, with 95% seed-bootstrap intervals.",
+    "dr_across_depth": "DR(0.9) layer by layer, in the spec's order, with 95% bootstrap intervals.",
     "dr_compared": "DR(0.9) of every model / layer / dataset pairing side by side.",
 }
 # figures that compare pairings: their own section when the sweep has several
@@ -318,51 +346,85 @@ def _render(df, names, out: Path, formats) -> dict[str, bytes]:
 
 def _answers(df) -> list[str]:
     """One sentence per pairing: the share of random neurons that keeps 90% of the whole layer's
-    accuracy, DR(0.9) with its interval (or why there is none)."""
+    accuracy, DR(0.9) with its interval (or why there is none: not reached, or a full layer that
+    random subsets beat beyond the interval)."""
     if "random" not in set(df["mode"]):
         return []
     dr = _dr_at(df)
     full = df[df["mode"] == "full"].groupby("group")["test_accuracy"].mean()
     width = df.groupby("group")["n_neurons"].first()
+    suspicious = sweep_warnings(df)
     out = []
     for r in dr.itertuples():
         where = f"<b>{html.escape(_label((r.group, r.model, r.layer, r.dataset)))}</b>: "
         d, acc = int(width[r.group]), full.get(r.group, np.nan)
+        if r.group in suspicious:
+            out.append(where + html.escape(suspicious[r.group]) + ".")
+            continue
         if r.censored == NOT_REACHED:
             out.append(where + f"no random subset smaller than the {d} neurons keeps 90% of the full layer's accuracy "
                                f"({acc:.3f}) on this grid: DR(0.9) not reached.")
             continue
         share, k = f"{100 * r.fraction:.3g}%", max(1, int(round(r.fraction * d)))
         bound = " (the smallest fraction evaluated, so DR is a lower bound)" if r.censored == EDGE else ""
+        text = dr_text(r.dr, r.dr_low, r.dr_high, r.censored, r.covers, r.reached)
         out.append(where + f"a random {share} of the {d} neurons ({k}) keeps 90% of the full layer's accuracy "
-                           f"({acc:.3f}){bound}: <b>DR(0.9) = {dr_text(r.dr, r.dr_low, r.dr_high, r.censored)}</b>.")
+                           f"({acc:.3f}){bound}: <b>DR(0.9) = {html.escape(text)}</b> "
+                           f"(interval over {COVERS[r.covers]}, {r.n_seeds} seeds).")
     return out
 
 
+def _progress_html(results_dir, df) -> str:
+    """A warning when the sweep is not finished: its tasks done of the total, the runs per curve."""
+    from ._sweep import sweep_progress
+
+    progress = sweep_progress(results_dir)
+    if progress is None or progress["done"] == progress["total"]:
+        return ""
+    runs = df[df["mode"] != "full"].groupby("mode")["seed"].nunique()
+    seeds = ", ".join(f"{m}: {max(int(n), 1)}" for m, n in runs.items())
+    missing = ", ".join(progress["missing"][:5]) + (" ..." if len(progress["missing"]) > 5 else "")
+    return (f"<p class='warn'><b>Unfinished sweep:</b> {progress['done']} of {progress['total']} tasks done (runs per "
+            f"curve: {html.escape(seeds)}); every number below comes from the tasks done so far. Missing: "
+            f"{html.escape(missing)}. Re-run the sweep to finish it.</p>")
+
+
 def _dr_html(df, source: str = "accuracy") -> str:
-    """DR(δ) per pairing: model / layer / dataset, then one column per δ; censored values marked."""
-    t = dr_table(df, source=source).reset_index()
+    """DR(δ) per pairing: model / layer / dataset, then one column per δ; censored values marked;
+    a caption says what the intervals cover."""
+    t = dr_table(df, source=source)
+    note = interval_note(t.attrs.get("covers", []))
+    t = t.reset_index()
     deltas = [c for c in t.columns if c not in ("group", "model", "layer", "dataset")]
     head = "".join(f"<th>{h}</th>" for h in ["model", "layer", "dataset", *(f"δ = {d:g}" for d in deltas)])
     rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(r[c]))}</td>" for c in ["model", "layer", "dataset", *deltas])
                    + "</tr>" for _, r in t.iterrows())
-    return f"<table class='dr'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+    return (f"<div class='wide'><table class='dr'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>"
+            f"<p class='src'>{html.escape(note)}</p>")
 
 
 def _curve_html(df) -> str:
-    """The per-fraction accuracy table pivoted: fractions as rows, modes as columns, mean ± sd."""
+    """The per-fraction accuracy table pivoted: fractions as rows, modes as columns, the mean over
+    runs with its bootstrap interval ("(one run)" where nothing was resampled)."""
     curve = accuracy_curve(df)
     parts = []
+
+    def value(r):
+        if r.low != r.low:
+            return f"{r.mean:.3f} (one run)"
+        return f"{r.mean:.3f} [{r.low:.3f}, {r.high:.3f}]" + ("†" if r.covers == "test" else "")
+
     for keys, c in curve.groupby(["group", "model", "layer", "dataset"]):
-        c = c.assign(value=[f"{m:.3f} ± {s:.3f}" for m, s in zip(c["mean"], c["std"])])
+        c = c.assign(value=[value(r) for r in c.itertuples()])
         t = c.pivot_table(index="fraction", columns="mode", values="value", aggfunc="first").sort_index()
         head = "<th>k/d</th>" + "".join(f"<th>{html.escape(m)}</th>" for m in t.columns)
         rows = "".join(f"<tr><td>{f:.4g}</td>" + "".join(f"<td>{'' if v != v else v}</td>" for v in r) + "</tr>"
                        for f, r in zip(t.index, t.to_numpy()))
-        full = c["full"].iloc[0]
-        parts.append(f"<p>{html.escape(_label(keys))}: full layer {full:.3f}</p><table><thead><tr>{head}</tr></thead>"
-                     f"<tbody>{rows}</tbody></table>")
-    return "".join(parts)
+        full, lo, hi = c["full"].iloc[0], c["full_low"].iloc[0], c["full_high"].iloc[0]
+        band = f" [{lo:.3f}, {hi:.3f}]" if lo == lo else ""
+        parts.append(f"<p>{html.escape(_label(keys))}: full layer {full:.3f}{band}</p><div class='wide'><table><thead>"
+                     f"<tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>")
+    return "".join(parts) + f"<p class='src'>{html.escape(interval_note(sorted(set(curve['covers']))))}</p>"
 
 
 def _figure_html(name: str, png: bytes) -> str:
@@ -381,7 +443,9 @@ STYLE = ("body{font-family:system-ui,sans-serif;max-width:1240px;margin:1em auto
          "figure{margin:0}figure img{width:100%;height:auto;border:1px solid #eee}"
          "figcaption{font-size:12.5px;color:#444;margin-top:.3em}"
          "table{border-collapse:collapse;font-size:12px;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px}"
-         "th{background:#f4f4f4}details{margin:.6em 0}summary{cursor:pointer;font-weight:600}")
+         "th{background:#f4f4f4}details{margin:.6em 0}summary{cursor:pointer;font-weight:600}"
+         ".warn{background:#fff4e5;border-left:4px solid #f0a020;padding:.4em .6em;font-size:14px}"
+         ".wide{overflow-x:auto;max-width:100%}")
 
 
 _REPORT = defaults(ReportOptions)
@@ -432,8 +496,9 @@ def write_report(results_dir: str | os.PathLike, out: str | os.PathLike | None =
     answers = _answers(df)
     left = "".join(f"<p class='answer'>{a}</p>" for a in answers) or \
         "<p class='answer'>No random-neuron probes in these results: the DR table needs mode 'random'.</p>"
+    left = _progress_html(results_dir, df) + left
     if answers:
-        left += ("<h2>DR(δ) from accuracy, random neurons</h2><p class='src'>mean over seeds [95% seed-bootstrap "
+        left += ("<h2>DR(δ) from accuracy, random neurons</h2><p class='src'>mean over seeds [95% bootstrap "
                  "interval]; ≥: reached at the smallest fraction evaluated</p>" + _dr_html(df))
     first = "accuracy_vs_fraction"
     parts.append(f"<section class='top'><div id='answer'>{left}</div>"
@@ -453,8 +518,8 @@ def write_report(results_dir: str | os.PathLike, out: str | os.PathLike | None =
         parts.append("<details><summary>Critical fraction: the smallest evaluated fraction within 5% of the full "
                      "layer</summary>" + critical_fraction(df).to_html(index=False, float_format="{:.4g}".format)
                      + "</details>")
-    parts.append("<details><summary>Accuracy at every fraction (mean ± sd over seeds)</summary>" + _curve_html(df)
-                 + "</details>")
+    parts.append("<details><summary>Accuracy at every fraction (mean over runs [95% bootstrap interval])</summary>"
+                 + _curve_html(df) + "</details>")
     files = ", ".join(f"<code>{n}.{{{','.join(o.formats)}}}</code>" for n in pngs)
     parts.append(f"<p class='src'>Figure files beside this page: {files}.</p></body></html>")
     page = out / "report.html"

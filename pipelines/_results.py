@@ -5,6 +5,8 @@ Layout::
     OUT/sweep.json              {"key": spec hash, "spec": the spec with defaults filled in}
     OUT/results/<task>.parquet  one task's rows
     OUT/done/<task>.json        {"task", "rows", "label", "seconds"}: the task is done
+    OUT/labels/group-<i>.npy    pairing i's test labels (in train's class indices), which the
+                                rows' per-sample test_correct refer to (per-class bootstraps)
     OUT/.lock                   held by the sweep writing to OUT
 
 A task commits its rows with an atomic write, then its done record with another: a task
@@ -27,7 +29,8 @@ from featstore.fileio import atomic_write, is_temporary
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["load_results", "check_out", "prepare_out", "pending_tasks", "commit_rows", "done_count", "LOCK_NAME"]
+__all__ = ["load_results", "check_out", "prepare_out", "pending_tasks", "commit_rows", "done_count", "LOCK_NAME",
+           "record_test_labels"]
 
 META_NAME = "sweep.json"
 LOCK_NAME = ".lock"
@@ -58,6 +61,32 @@ def commit_rows(out, task, rows: "pd.DataFrame") -> int:
                              "seconds": float(rows["seconds_task"].iloc[0])}).encode(), consequence=_RESUME)
     faults.point("task-done")
     return len(rows)
+
+
+def _labels_file(out, group_index: int) -> Path:
+    return Path(out) / "labels" / f"group-{int(group_index)}.npy"
+
+
+def record_test_labels(out, group_index: int, labels) -> None:
+    """Write a pairing's test labels once (every task of the pairing has the same; atomic)."""
+    import numpy as np
+
+    path = _labels_file(out, group_index)
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(labels, dtype=np.int64), allow_pickle=False)
+    atomic_write(path, buf.getvalue(), consequence=_RESUME)
+
+
+def _test_labels(out: Path) -> dict[int, "object"]:
+    import numpy as np
+
+    found = {}
+    for path in sorted((out / "labels").glob("group-*.npy")):
+        found[int(path.stem.split("-", 1)[1])] = np.load(path, allow_pickle=False)
+    return found
 
 
 def _is_ours(entry: Path) -> bool:
@@ -117,5 +146,7 @@ def load_results(out: str | os.PathLike) -> "pd.DataFrame":
     if not frames:
         return pd.DataFrame()
     df = pd.concat(frames, ignore_index=True)
-    return df.sort_values(["group", "mode", "seed", "fraction", "draw"], na_position="first",
-                          kind="stable").reset_index(drop=True)
+    df = df.sort_values(["group", "mode", "seed", "fraction", "draw"], na_position="first",
+                        kind="stable").reset_index(drop=True)
+    df.attrs["test_labels"] = _test_labels(out)  # per pairing: what test_correct refers to
+    return df

@@ -31,7 +31,7 @@ from ._tasks import FeatureCache, check_groups, expand_tasks
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["run_sweep", "SweepRun"]
+__all__ = ["run_sweep", "SweepRun", "sweep_progress"]
 
 
 class _SweepRunBase(Parameters):
@@ -163,3 +163,22 @@ slurm_cores, slurm_gpus, slurm_jobs, slurm_host
         finally:
             FeatureCache.clear()  # the local launcher's tasks ran in this process: free the features
     return load_results(out) if return_results else None
+
+
+def sweep_progress(out) -> dict | None:
+    """How far a sweep's output is: {"done", "total", "missing": labels of the tasks not done},
+    from the spec it records (None when that spec no longer validates)."""
+    import json
+
+    from featstore.errors import FeatstoreError
+
+    meta = Path(out) / "sweep.json"
+    try:
+        recorded = json.loads(meta.read_text())
+        spec = dict(recorded["spec"])
+        spec.pop("resolved", None)
+        tasks = expand_tasks(load_spec(spec))
+    except (OSError, ValueError, KeyError, TypeError, FeatstoreError):
+        return None
+    missing = pending_tasks(tasks, out)
+    return {"done": len(tasks) - len(missing), "total": len(tasks), "missing": [t.label() for t in missing]}

@@ -22,7 +22,7 @@ import probes
 from featstore import faults
 from featstore.errors import FeatstoreError, MismatchedGroupsError
 
-from ._results import commit_rows, done_count
+from ._results import commit_rows, done_count, record_test_labels
 from ._spec import SPLIT_ONLY_FIELDS, GroupTable, MetricsTable, SelectionTable, SweepSpec
 
 __all__ = ["Task", "expand_tasks", "run_task", "check_groups", "FULL_LAYER"]
@@ -284,6 +284,7 @@ def run_task(task: Task, store: str, out: str, device: str = "auto", threads: in
         res["test_accuracy"] = np.nan
     res["draw"] = res["draw"].astype(np.int64)
     res["seed"] = res["seed"].astype("Int64")
+    record_test_labels(out, task.group_index, test_data.y)  # what each row's test_correct refers to
     return commit_rows(out, task, res)
 
 

@@ -1045,7 +1045,8 @@ class SubsetProbes(Estimator):
         """Per-probe results on a test split, as a pandas DataFrame (one row per draw).
 
         Columns: draw, mode, fraction, k, seed, test_accuracy, per_class_accuracy (list; NaN for
-        a class absent from the split),
+        a class absent from the split), test_correct (bool array of shape (n_test,): which test
+        samples the probe classifies right, for paired bootstraps over test images),
         val_accuracy, best_epoch, train_loss, solver, neurons / projection / rank (the draw's record).
         """
         import pandas as pd
@@ -1062,6 +1063,7 @@ class SubsetProbes(Estimator):
             rec = dr.record()
             rows.append({"draw": di, "mode": dr.mode, "fraction": dr.fraction, "k": dr.k, "seed": dr.seed,
                          "test_accuracy": float(correct[:, di].mean()), "per_class_accuracy": per_class.tolist(),
+                         "test_correct": correct[:, di].copy(),
                          "val_accuracy": float(self.val_accuracy_[di]), "best_epoch": int(self.best_epoch_[di]),
                          "train_loss": float(self.train_loss_[di]), "solver": self.solver,
                          "neurons": rec["neurons"], "projection": rec["projection"], "rank": rec["rank"]})

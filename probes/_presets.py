@@ -36,7 +36,7 @@ class ReleasedSchedule:
         featstore's name for it (a registry name; ``imagenet`` / ``places365`` for image folders,
         chosen with a sweep's ``preset_dataset``).
     epochs, lr_step, batch_size : int
-        The script's ``--epochs``, ``--step_lr`` and ``--batch_size``.
+        The script's epochs, step_lr and batch_size arguments.
     weight_decay : float
         ``DATASET_PARAMS[dataset]["weight_decay"]`` of deep-learning-base's ``dataset_metadata.py``
         (the finetuning script passes ``training_params_dataset=args.finetuning_dataset``).

@@ -44,7 +44,8 @@ def test_the_page_opens_with_the_answer_then_figures_then_folded_tables(report):
                                                       "δ = 0.99"]  # no index noise
     assert first_figure < text.index("<h2>Figures</h2>")  # the accuracy figure beside the answer
     details = text[text.index("<h2>Details</h2>"):]
-    assert " ± " in details and "<th>k/d</th><th>pca</th><th>random</th>" in details  # pivoted: modes as columns
+    assert re.search(r"<td>0\.\d{3} \[0\.\d{3}, 0\.\d{3}\]</td>", details)  # the mean with its interval
+    assert "<th>k/d</th><th>pca</th><th>random</th>" in details  # pivoted: modes as columns
     for name in re.findall(r"<figure id='fig-(\w+)'>", text):
         assert CAPTIONS[name] in html.unescape(text)
     assert "src='http" not in text and "href='http" not in text  # self-contained
