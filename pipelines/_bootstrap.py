@@ -208,7 +208,7 @@ def covers(runs: Runs, reference: Reference | None, options: BootstrapOptions, m
     """What resampling ``runs`` (with its reference) covers: a key of COVERS."""
     test = options.over == "seeds+test" and metric == "test_accuracy" and runs.correct is not None and \
         (reference is None or reference.correct is not None)
-    several = runs.n_runs > 1 or (reference is not None and len(reference.values) > 1 and metric == "test_accuracy")
+    several = runs.n_runs > 1  # a one-run curve has no seed noise to show (its reference's alone is not its)
     if test:
         return "seeds+test" if several else "test"
     return "seeds" if several else ""
