@@ -385,14 +385,14 @@ class BuildOptions(Parameters):
     trusted data (a bad file then stops the pass where it is, resumable)."""
     store: PathText = DEFAULT_STORE
     """Store path or URL."""
-    batch_size: Annotated[int, Field(ge=1)] | None = None
+    batch_size: Annotated[int, Field(ge=1, le=65536)] | None = None
     """Forward batch size (default: 16 on CPU, 256 on CUDA)."""
-    workers: Annotated[int, Field(ge=0)] | None = None
+    workers: Annotated[int, Field(ge=0, le=256)] | None = None
     """DataLoader worker processes (default: on CPU min(4, cores - 1), the forward needs the rest; on CUDA
     cores - 1, decoding is what feeds the GPU)."""
     device: Device = "auto"
     """auto (cuda when present), cpu, cuda or cuda:N."""
-    image_size: Annotated[int, Field(ge=8)] | None = None
+    image_size: Annotated[int, Field(ge=8, le=4096)] | None = None
     """Override the model's input size in pixels (tests, quick looks)."""
     chunk_rows: ChunkRows | None = None
     """Rows per chunk (default: a power of two near 8 MB)."""

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from .datasets import parse_dataset_name
-from .params import Check, Parameters
+from .params import Check, Parameters, SeedValue
 
 __all__ = ["ExtractionSpec", "TransformSpec", "FORMAT_VERSION", "slug", "Dtype", "DTYPES", "Pooling", "POOLINGS",
            "Limit", "Seed", "Views", "ChunkRows", "Name"]
@@ -36,9 +36,9 @@ Pooling = Literal["avg", "max", "cls", "flatten"]
 """How a spatial map (N, C, H, W) or a token sequence (N, T, C) becomes (N, C)."""
 POOLINGS = typing.get_args(Pooling)
 Limit = Annotated[int, Field(ge=1)] | None
-Seed = Annotated[int, Field(ge=0)]
-Views = Annotated[int, Field(ge=0)]
-ChunkRows = Annotated[int, Field(ge=1)]
+Seed = SeedValue
+Views = Annotated[int, Field(ge=0, le=1000)]
+ChunkRows = Annotated[int, Field(ge=1, le=1 << 20)]
 
 
 def _is_name(text) -> bool:

@@ -15,7 +15,18 @@ from typing import Annotated, Callable, Sequence
 
 import numpy as np
 
-from .errors import ClassMapError, DatasetNotFoundError, InvalidDatasetError, InvalidParameterError, UnknownNameError
+from ._imagefolder import imagefolder_splits, load_imagefolder
+from ._images import (
+    BAD_IMAGE_POLICIES,
+    IMAGE_EXTENSIONS,
+    ImageSource,
+    check_images,
+    image_problem,
+    open_image,
+    seeded_split,
+    to_rgb,
+)
+from .errors import ClassMapError, DatasetNotFoundError, InvalidParameterError, UnknownNameError
 from .params import Check
 
 __all__ = [
@@ -42,155 +53,6 @@ __all__ = [
 ]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-# Seed of the fixed train/test split for datasets that come without one; part of the
-# dataset's definition, not a user knob, so every user gets the same split.
-SPLIT_SEED = 0
-SPLIT_TEST_FRACTION = 0.2
-
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-BAD_IMAGE_POLICIES = ("fail", "skip")
-
-
-def to_rgb(img):
-    """An image of any PIL mode as the RGB image a model takes.
-
-    EXIF orientation is applied. 16- and 32-bit integer images (``I;16``, ``I``) are taken as
-    16-bit (divided by 257); float images (``F``) as [0, 1] (times 255); both then clipped
-    to 0..255. Every other mode (1, L, LA, P, PA, RGBA, CMYK, ...) goes through PIL's own
-    conversion (alpha dropped, palettes and CMYK mapped).
-    """
-    from PIL import Image, ImageOps
-
-    if img.getexif().get(0x0112, 1) != 1:  # an EXIF orientation other than "as stored"
-        img = ImageOps.exif_transpose(img)
-    if img.mode.startswith("I;16") or img.mode == "I":
-        img = Image.fromarray(np.clip(np.rint(np.asarray(img, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8))
-    elif img.mode == "F":
-        img = Image.fromarray(np.clip(np.rint(np.asarray(img, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8))
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
-def open_image(path):
-    """A file's image as RGB (``to_rgb``), fully decoded; a decompression bomb is refused."""
-    import warnings
-
-    from PIL import Image
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
-            img.load()
-            return to_rgb(img)
-
-
-def image_problem(path) -> str | None:
-    """Why a file cannot serve as an image ("empty", "not an image", "truncated or corrupt",
-    "decompression bomb ...", "unreadable ..."), or None when it can. Fast: JPEGs are decoded at
-    1/8 scale (truncation still shows), PNGs checked chunk by chunk (CRCs), others decoded."""
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        if os.path.getsize(path) == 0:
-            return "empty"
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if img.format == "JPEG":
-                    img.draft("RGB", (max(1, img.size[0] // 8), max(1, img.size[1] // 8)))
-                    img.load()
-                elif img.format == "PNG":
-                    img.verify()
-                else:
-                    img.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        return f"decompression bomb ({str(e).split('.')[0]})"
-    except UnidentifiedImageError:
-        return "not an image"
-    except (SyntaxError, EOFError, ValueError, OSError) as e:
-        if isinstance(e, OSError) and not isinstance(e, (EOFError,)) and e.errno is not None:
-            return f"unreadable ({e.strerror})"
-        return f"truncated or corrupt ({str(e) or type(e).__name__})"
-    return None
-
-
-def check_images(files: Sequence, progress: bool = True, label: str = "checking images",
-                 workers: int | None = None) -> list[tuple[int, str]]:
-    """(position, reason) of every file that is not a usable image, checked in parallel
-    threads with a progress bar (PIL decodes outside the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm.auto import tqdm
-
-    workers = workers or min(16, 2 * (os.cpu_count() or 1))
-    bad = []
-    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(files), desc=label, unit="file",
-                                                   disable=not progress, dynamic_ncols=True) as bar:
-        for i, problem in enumerate(pool.map(image_problem, files, chunksize=64)):
-            bar.update(1)
-            if problem is not None:
-                bad.append((i, problem))
-    return bad
-
-
-class ImageSource:
-    """One split of a dataset: random access to images and labels.
-
-    Parameters
-    ----------
-    get_image : callable
-        ``get_image(i) -> PIL.Image`` for ``0 <= i < len(targets)``.
-    targets : array of shape (n_samples,)
-        Integer class labels.
-    classes : sequence of str
-        Class names; ``targets`` index into it.
-    sample_ids : array of shape (n_samples,), optional
-        Stable identifiers of the samples (file paths, or indices into the original
-        split); defaults to ``split:index``.
-    description : str
-        Where the images came from (written into the group's provenance).
-    files : sequence of path, optional
-        The file behind each sample, for sources that read files (checked before a build).
-    """
-
-    def __init__(
-        self,
-        get_image: Callable[[int], "object"],
-        targets: Sequence[int],
-        classes: Sequence[str],
-        sample_ids: Sequence[str] | None = None,
-        description: str = "",
-        files: Sequence | None = None,
-    ):
-        self._get_image = get_image
-        self.targets = np.asarray(targets, dtype=np.int64)
-        self.classes = [str(c) for c in classes]
-        self.sample_ids = (
-            np.asarray(sample_ids, dtype=str)
-            if sample_ids is not None
-            else np.asarray([str(i) for i in range(len(self.targets))])
-        )
-        self.description = description
-        self.files = None if files is None else [str(f) for f in files]
-        self._keep = np.arange(len(self.targets))  # positions in the underlying source
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def image(self, i: int):
-        """The i-th image as an RGB PIL image (``to_rgb``: any mode, EXIF orientation applied)."""
-        return to_rgb(self._get_image(int(self._keep[int(i)])))
-
-    def without(self, positions: Sequence[int]) -> "ImageSource":
-        """The same source without the samples at ``positions`` (bad files left out)."""
-        drop = np.zeros(len(self.targets), dtype=bool)
-        drop[np.asarray(list(positions), dtype=int)] = True
-        out = ImageSource(self._get_image, self.targets[~drop], self.classes, self.sample_ids[~drop],
-                          self.description, None if self.files is None else [f for f, d in zip(self.files, drop) if not d])
-        out._keep = self._keep[~drop]
-        return out
 
 
 @dataclass(frozen=True)
@@ -318,7 +180,7 @@ def dataset_splits(name: str) -> tuple[str, ...]:
     """The split names a dataset offers."""
     parsed = _registered(name)
     if parsed.source == IMAGEFOLDER:
-        return _imagefolder_splits(parsed.path)
+        return imagefolder_splits(parsed.path)
     return DATASETS[parsed.name].splits
 
 
@@ -357,7 +219,7 @@ def load_split(name: str, split: str, root: str | os.PathLike | None = None, dow
     if split not in splits:
         raise UnknownNameError("split", split, splits, context=f"dataset {str(parsed)!r}")
     if parsed.source == IMAGEFOLDER:
-        return _imagefolder(parsed.path, split, bad_images)
+        return load_imagefolder(parsed.path, split, bad_images)
     entry = DATASETS[parsed.name]
     if entry.needs_root and root is None:
         root = os.environ.get("FEATSTORE_DATA_ROOT", "data/datasets")
@@ -408,23 +270,6 @@ def stratified_subset(targets: np.ndarray, limit: int | None, seed: int) -> np.n
         idx = np.flatnonzero(targets == c)
         chosen.append(rng.choice(idx, size=int(k), replace=False))
     return np.sort(np.concatenate(chosen))
-
-
-def _seeded_split(targets: np.ndarray, split: str) -> np.ndarray:
-    """Fixed stratified train/test split for datasets that come without one."""
-    rng = np.random.default_rng(SPLIT_SEED)
-    test = []
-    for c in np.unique(targets):
-        idx = np.flatnonzero(targets == c)
-        rng.shuffle(idx)
-        n_test = max(1, int(round(len(idx) * SPLIT_TEST_FRACTION))) if len(idx) > 1 else 0
-        test.append(idx[:n_test])
-    test_idx = np.sort(np.concatenate(test))
-    if split == "test":
-        return test_idx
-    mask = np.ones(len(targets), bool)
-    mask[test_idx] = False
-    return np.flatnonzero(mask)
 
 
 # ----------------------------------------------------------------------------- fashion-mnist
@@ -510,7 +355,7 @@ def _digits(split: str, root, download: bool) -> ImageSource:
 
     bunch = load_digits()
     images = np.clip(bunch.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
-    idx = _seeded_split(bunch.target, split)
+    idx = seeded_split(bunch.target, split)
     return ImageSource(
         lambda i: Image.fromarray(images[idx[i]], mode="L"),
         bunch.target[idx],
@@ -581,93 +426,6 @@ register_dataset(
         "OxfordIIITPet", lambda s: {"split": "trainval" if s == "train" else "test", "target_types": "category"}
     )
 )
-
-
-# ----------------------------------------------------------------------------- imagefolder
-
-
-IMAGEFOLDER_SPLITS = ("train", "val", "test")
-# A folder without split subfolders offers a seeded 80/20 train/test split of its class
-# folders, or the whole folder as one split (an evaluation set such as ImageNetV2: 10,000
-# images, all of them to be evaluated).
-WHOLE_FOLDER = "all"
-
-
-def _split_folders(path: Path) -> list[str]:
-    return [s for s in IMAGEFOLDER_SPLITS if (path / s).is_dir()]
-
-
-def _imagefolder_splits(path: Path) -> tuple[str, ...]:
-    """The split subfolders present (an evaluation-only tree may hold just test/), else a
-    seeded 80/20 train/test split of the class folders, or all of them (``all``)."""
-    return tuple(_split_folders(path)) or ("train", "test", WHOLE_FOLDER)
-
-
-def _hidden(name: str) -> bool:
-    return name.startswith(".")
-
-
-def _scan_classes(root: Path, dataset: str, bad_images: str) -> tuple[list[str], list[tuple[str, int]]]:
-    """(classes, [(file, class index)]) of a class-per-folder tree, in torchvision's
-    ImageFolder order. Hidden files and folders (``.ipynb_checkpoints``, ``.DS_Store``, ...)
-    are ignored. A class folder without images is an error, or under ``skip`` a warning and
-    no class."""
-    import warnings
-
-    if not root.is_dir():
-        raise InvalidDatasetError(dataset=dataset, problem=f"{str(root)!r} is not a folder")
-    names = sorted(e.name for e in root.iterdir() if e.is_dir() and not _hidden(e.name))
-    files_of = {}
-    for name in names:
-        found = []
-        for dirpath, dirnames, filenames in sorted(os.walk(root / name, followlinks=True)):
-            dirnames[:] = [d for d in dirnames if not _hidden(d)]  # os.walk skips them below too
-            if any(_hidden(part) for part in Path(dirpath).relative_to(root / name).parts):
-                continue
-            found += [os.path.join(dirpath, f) for f in sorted(filenames)
-                      if not _hidden(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
-        files_of[name] = found
-    empty = [n for n in names if not files_of[n]]
-    if empty and bad_images == "fail":
-        raise InvalidDatasetError(dataset=dataset, problem=f"class folders without images under {str(root)!r}: "
-                                                           f"{', '.join(empty)} (add images, remove the folders, or "
-                                                           f"build with --bad-images skip to leave them out)")
-    if empty:
-        warnings.warn(f"{dataset}: class folders without images under {root} left out: {', '.join(empty)}",
-                      stacklevel=3)
-    classes = [n for n in names if files_of[n]]
-    if not classes:
-        raise InvalidDatasetError(dataset=dataset, problem=f"no class folder with images under {str(root)!r}")
-    return classes, [(f, c) for c, name in enumerate(classes) for f in files_of[name]]
-
-
-def _imagefolder(path: Path, split: str, bad_images: str = "fail") -> ImageSource:
-    dataset = f"{IMAGEFOLDER}:{path}"
-    folders = _split_folders(path)
-    if folders:
-        classes, samples = _scan_classes(path / split, dataset, bad_images)
-        first = folders[0]
-        ref = _scan_classes(path / first, dataset, bad_images)[0] if first != split else classes
-        if classes != ref:
-            raise InvalidDatasetError(
-                dataset=dataset, problem=f"split {split!r} has classes {classes[:5]}... but {first} has {ref[:5]}...; "
-                                         f"every split needs the same class folders")
-        targets = np.asarray([c for _, c in samples], dtype=np.int64)
-        idx = np.arange(len(samples))
-        desc = f"ImageFolder({path / split})"
-    else:
-        classes, samples = _scan_classes(path, dataset, bad_images)
-        targets = np.asarray([c for _, c in samples], dtype=np.int64)
-        if split == WHOLE_FOLDER:
-            idx = np.arange(len(samples))
-            desc = f"ImageFolder({path}), every image"
-        else:
-            idx = _seeded_split(targets, split)
-            desc = f"ImageFolder({path}), seeded {1 - SPLIT_TEST_FRACTION:.0%}/{SPLIT_TEST_FRACTION:.0%} split"
-    base = path / split if folders else path
-    files = [samples[j][0] for j in idx]
-    return ImageSource(lambda i: open_image(files[i]), targets[idx], classes,
-                       [os.path.relpath(f, base) for f in files], description=desc, files=files)
 
 
 # ----------------------------------------------------------------------------- class maps

@@ -53,6 +53,7 @@ __all__ = [
     "ClassMapError",
     "InvalidFeaturesError",
     "NonFiniteFeaturesError",
+    "ProbeDivergedError",
     "Float16OverflowError",
     "ResultsNotFoundError",
     "OutputConflictError",
@@ -393,6 +394,19 @@ class Float16OverflowError(FeatstoreError, OverflowError):
             "{neuron}; {count} values in {where_in}): float16 would store them as inf. Nothing of them was written "
             "and group {group} stays 'building'. Build this layer with --dtype float32 (another group; remove the "
             "partial one with `featstore rm --incomplete`)")
+
+
+class ProbeDivergedError(FeatstoreError, FloatingPointError):
+    """Probes whose training loss became NaN or inf (SGD diverged).
+
+    Fields: ``count``, ``total``, ``epoch``, ``examples`` (some of the draws), ``lr``,
+    ``weight_decay``, ``momentum``, ``batch_size``.
+    """
+
+    _msg = ("{count} of {total} probes diverged (training loss NaN or inf in epoch {epoch}: {examples}) under lr="
+            "{lr:g}, weight_decay={weight_decay:g}, momentum={momentum:g}, batch_size={batch_size}; their accuracy "
+            "would be chance and any DR from it meaningless. Lower the learning rate (or standardise the features) "
+            "and run again")
 
 
 # ----------------------------------------------------------------------------- sweep results

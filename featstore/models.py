@@ -139,8 +139,12 @@ def load_checkpoint_state(path: str | Path) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path), device="cpu")
+        try:
+            state = load_file(str(path), device="cpu")
+        except Exception as e:  # safetensors' SafetensorError: truncated, not safetensors, bad header
+            raise CheckpointError(path=repr(str(path)), reason=f"cannot be read as safetensors: {e}") from None
     else:
+        _refuse_inflating_zip(path)
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
@@ -154,7 +158,36 @@ def load_checkpoint_state(path: str | Path) -> dict:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(path=repr(str(path)),
                               reason=f"is not a state dict of tensors (found {type(state).__name__})")
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise CheckpointError(path=repr(str(path)),
+                              reason=f"{len(broken)} tensors hold NaN or inf ({', '.join(broken[:5])}"
+                                     f"{' ...' if len(broken) > 5 else ''}): every feature computed from them "
+                                     f"would be NaN; use another checkpoint")
     return dict(state)
+
+
+# A torch checkpoint (a zip) stores its tensors uncompressed; members that inflate to more than
+# this many times the file are a decompression bomb, refused before anything is read.
+MAX_INFLATION = 4
+
+
+def _refuse_inflating_zip(path: Path) -> None:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return  # a legacy (pre-zip) torch file: torch.load reads it as a stream
+    try:
+        with zipfile.ZipFile(path) as z:
+            inflated = sum(i.file_size for i in z.infolist())
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(path=repr(str(path)), reason=f"cannot be read: {e}") from None
+    size = max(path.stat().st_size, 1)
+    if inflated > MAX_INFLATION * size:
+        raise CheckpointError(path=repr(str(path)),
+                              reason=f"its zip members inflate to {inflated / 2**20:.0f} MiB from a {size / 2**20:.1f} "
+                                     f"MiB file (a torch checkpoint stores tensors uncompressed): refused as a "
+                                     f"decompression bomb")
 
 
 def _strip_prefixes(state: dict) -> dict:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Collection, Mapping, Sequence
 
 import annotated_types
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.fields import FieldInfo
 
 from .errors import (
@@ -41,6 +41,11 @@ from .errors import (
 
 __all__ = ["Parameters", "OneOf", "Unique", "Check", "Rule", "CommaList", "PathText", "Estimator", "validate", "describe",
            "field_type", "signature", "takes", "add_arguments", "parse_arguments", "defaults", "flags", "cli_key"]
+
+
+SEED_MAX = 2**32 - 1
+SeedValue = typing.Annotated[int, Field(ge=0, le=SEED_MAX)]
+"""A seed: 0 .. 2**32 - 1, what numpy's and torch's generators both take (larger ones overflow)."""
 
 
 class Parameters(BaseModel):
@@ -194,12 +199,17 @@ def _bounds(meta) -> str:
                                         annotated_types.Le(m.le) if m.le is not None else None,
                                         annotated_types.Lt(m.lt) if m.lt is not None else None) if x is not None])
     if lo and hi:
-        return f" in {lo[0]}{lo[1]:g}, {hi[1]:g}{hi[0]}"
+        return f" in {lo[0]}{_number(lo[1])}, {_number(hi[1])}{hi[0]}"
     if lo:
-        return f" {'>=' if lo[0] == '[' else '>'} {lo[1]:g}"
+        return f" {'>=' if lo[0] == '[' else '>'} {_number(lo[1])}"
     if hi:
-        return f" {'<=' if hi[0] == ']' else '<'} {hi[1]:g}"
+        return f" {'<=' if hi[0] == ']' else '<'} {_number(hi[1])}"
     return ""
+
+
+def _number(bound) -> str:
+    """A bound as people write it: integers whole (65536, 4294967295), floats short (1e-06, 0.5)."""
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
 
 
 def _flat_meta(meta) -> list:

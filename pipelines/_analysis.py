@@ -39,7 +39,7 @@ from ._bootstrap import (
 
 __all__ = ["gini", "coefficient_of_variation", "accuracy_curve", "diffused_redundancy", "dr_table", "dr_text",
            "effective_fraction", "inequality_curve", "modes_at_equal_k", "critical_fraction", "DELTAS",
-           "sweep_warnings"]
+           "sweep_warnings", "convergence_notes"]
 
 DELTAS = tuple(np.round(np.linspace(0.5, 1.0, 51), 3))
 GROUP_COLS = ["group", "model", "layer", "dataset"]
@@ -302,8 +302,9 @@ def critical_fraction(df, within: float = 0.05, mode: str = "random"):
 def inequality_curve(df, *, n_boot: int = _BOOT["n_boot"], ci: float = _BOOT["ci"],
                      random_state: int = _BOOT["random_state"], over: str = _BOOT["over"]):
     """Gini and coefficient of variation of each probe's per-class accuracies, averaged over the
-    runs, per (group, mode, k): ``gini`` / ``cov`` with bootstrap intervals (``*_low``,
-    ``*_high``; test images resampled with the seeds when the rows record them), and the
+    runs, per (group, mode, k): ``gini`` / ``cov`` with basic bootstrap intervals (``*_low``,
+    ``*_high``; test images resampled with the seeds when the rows record them; basic, since
+    resampling noise inflates an inequality measure, so percentiles would sit above it), and the
     binomial noise floor ``floor_gini`` / ``floor_cov``: what equal per-class accuracy would
     show on this test set's class sizes (NaN when the results hold no test labels)."""
     import pandas as pd
@@ -319,14 +320,17 @@ def inequality_curve(df, *, n_boot: int = _BOOT["n_boot"], ci: float = _BOOT["ci
             g_boot, c_boot = per_class_samples(runs, labels, boot)
             several = runs.n_runs > 1 or (o.over == "seeds+test" and runs.correct is not None and labels is not None)
             g_runs, c_runs = gini_rows(runs.per_class), cov_rows(runs.per_class)  # (S, J)
-            g_lo, g_hi = boot.interval(g_boot)
-            c_lo, c_hi = boot.interval(c_boot)
             with np.errstate(all="ignore"):
                 accuracy = np.nanmean(runs.values, axis=0)
+                g_mean, c_mean = np.nanmean(g_runs, axis=0), np.nanmean(c_runs, axis=0)
+            # test-image noise inflates an inequality measure, and a resample's noise inflates it again: the
+            # basic bootstrap interval (2 x estimate - the upper and lower quantiles) undoes that shift
+            g_lo, g_hi = _basic(boot.interval(g_boot), g_mean)
+            c_lo, c_hi = _basic(boot.interval(c_boot), c_mean)
             for j, k in enumerate(runs.k):
                 floor = binomial_floor(accuracy[j], counts) if counts is not None else (np.nan, np.nan)
                 out.append(dict(zip(GROUP_COLS, keys), mode=mode, fraction=float(runs.fractions[j]), k=int(k),
-                                gini=float(np.nanmean(g_runs[:, j])), cov=float(np.nanmean(c_runs[:, j])),
+                                gini=float(g_mean[j]), cov=float(c_mean[j]),
                                 gini_low=float(g_lo[j]) if several else np.nan,
                                 gini_high=float(g_hi[j]) if several else np.nan,
                                 cov_low=float(c_lo[j]) if several else np.nan,
@@ -337,6 +341,12 @@ def inequality_curve(df, *, n_boot: int = _BOOT["n_boot"], ci: float = _BOOT["ci
     return pd.DataFrame(out, columns=columns)
 
 
+def _basic(quantiles, estimate):
+    """The basic bootstrap interval (2 estimate - q_high, 2 estimate - q_low), never below 0."""
+    low, high = quantiles
+    return np.maximum(2 * estimate - high, 0.0), np.maximum(2 * estimate - low, 0.0)
+
+
 def modes_at_equal_k(df, metric: str = "test_accuracy"):
     """Mean ``metric`` per (group, k) x mode: random vs pca vs pca-least vs randproj vs prefix."""
     sub = distinct_draws(df)
@@ -344,14 +354,31 @@ def modes_at_equal_k(df, metric: str = "test_accuracy"):
     return sub.pivot_table(index=GROUP_COLS + ["k"], columns="mode", values=metric, aggfunc="mean")
 
 
+def _unconverged(rows):
+    """The rows whose final training loss exceeds a uniform guess's, ln(classes): worse than
+    predicting nothing on their own training rows (SGD's step too large for these features)."""
+    if "train_loss" not in rows.columns or "n_classes" not in rows.columns:
+        return rows.iloc[:0]
+    return rows[rows["train_loss"] > np.log(rows["n_classes"].clip(lower=2))]
+
+
 def sweep_warnings(df, mode: str = "random") -> dict[int, str]:
-    """Per pairing, why its DR sentence would mislead, or nothing: a subset smaller than the layer
-    that beats the full layer beyond its interval (the full-layer probe looks under-trained)."""
+    """Per pairing, why its DR sentence would mislead, or nothing: a full-layer probe that did
+    not converge (final training loss above a uniform guess's), or a subset smaller than the
+    layer that beats the full layer beyond its interval (the full-layer probe looks under-trained)."""
     notes = {}
     if mode not in set(df["mode"]):
         return notes
+    for group, full in _unconverged(df[df["mode"] == FULL_LAYER]).groupby("group"):
+        worst = full.loc[full["train_loss"].idxmax()]
+        notes[int(group)] = (f"the full-layer probe did not converge (final training loss {worst['train_loss']:.3g}, "
+                             f"above a uniform guess's {np.log(max(int(worst['n_classes']), 2)):.3g}): its accuracy "
+                             f"is no reference, so DR is not reported; lower the learning rate or standardise the "
+                             f"features")
     curve = accuracy_curve(df)
     for group, c in curve[(curve["mode"] == mode) & (curve["fraction"] < 1)].groupby("group"):
+        if int(group) in notes:
+            continue
         low = c["relative_low"].where(c["relative_low"].notna(), c["relative"])
         above = c[(low > 1.0) & c["full"].notna()]
         if len(above):
@@ -359,4 +386,18 @@ def sweep_warnings(df, mode: str = "random") -> dict[int, str]:
             notes[int(group)] = (f"random subsets of {int(best['k'])} neurons score {best['mean']:.3f} against the full "
                                  f"layer's {best['full']:.3f}, beyond the interval: the full-layer probe looks "
                                  f"under-trained (more epochs, another learning rate?), so DR is not reported")
+    return notes
+
+
+def convergence_notes(df) -> dict[int, str]:
+    """Per pairing, the selection probes whose final training loss exceeds a uniform guess's (they
+    did not converge: their accuracy understates what the subset holds), or nothing."""
+    notes = {}
+    for group, bad in _unconverged(df[df["mode"] != FULL_LAYER]).groupby("group"):
+        where = ", ".join(f"{m} k={int(k)}" for m, k in bad[["mode", "k"]].drop_duplicates().head(4).itertuples(index=False))
+        total = int((df["group"] == group).sum())
+        notes[int(group)] = (f"{len(bad)} of {total} probes did not converge (final training loss up to "
+                             f"{bad['train_loss'].max():.3g}, above a uniform guess's: {where}"
+                             f"{' ...' if bad[['mode', 'k']].drop_duplicates().shape[0] > 4 else ''}); their accuracy "
+                             f"understates their subsets: lower the learning rate or train longer")
     return notes

@@ -28,7 +28,7 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import Field
 
-from featstore.params import Parameters
+from featstore.params import Parameters, SeedValue
 
 __all__ = ["BootstrapOptions", "BOOTSTRAP", "Runs", "Reference", "runs_of", "reference_of", "Resamples",
            "distinct_draws", "gini_rows", "cov_rows", "COVERS"]
@@ -41,11 +41,11 @@ COVERS = {"seeds+test": "seeds and test images", "seeds": "seeds", "test": "test
 class BootstrapOptions(Parameters):
     """The bootstrap every interval of a sweep's analysis uses (declared once: tables, figures, sentences)."""
 
-    n_boot: Annotated[int, Field(ge=1)] = 1000
+    n_boot: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
     """Resamples."""
     ci: Annotated[float, Field(gt=0, lt=1)] = 0.95
     """Coverage of the interval (its quantiles: (1 - ci) / 2 and 1 - (1 - ci) / 2)."""
-    random_state: Annotated[int, Field(ge=0)] = 0
+    random_state: SeedValue = 0
     """Seeds every pairing's resamples (with the pairing's index)."""
     over: Literal["seeds+test", "seeds"] = "seeds+test"
     """seeds+test: seeds and test images resampled together (paired over the test rows); seeds: seeds only."""

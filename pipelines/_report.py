@@ -20,6 +20,7 @@ from ._analysis import (
     EDGE,
     NOT_REACHED,
     accuracy_curve,
+    convergence_notes,
     critical_fraction,
     diffused_redundancy,
     dr_table,
@@ -135,7 +136,8 @@ def _fig_inequality(df, plt):
         for mode, m in g.groupby("mode"):
             m = m.sort_values("fraction")
             for ax, col in zip(axes, ("gini", "cov")):
-                err = [np.nan_to_num(m[col] - m[f"{col}_low"]), np.nan_to_num(m[f"{col}_high"] - m[col])]
+                err = np.clip([np.nan_to_num(m[col] - m[f"{col}_low"]), np.nan_to_num(m[f"{col}_high"] - m[col])],
+                              0, None)
                 single = (m["count"] <= 1).all()
                 label = (f"{_label(keys)}: {mode}" if several else mode) + (" (one run)" if single else "")
                 ax.errorbar(m["fraction"], m[col], yerr=err, marker="o", ms=3, capsize=2, label=label,
@@ -206,7 +208,9 @@ def _dr_at(df, delta: float = 0.9):
 
 
 def _error_bars(g):
-    return [np.nan_to_num(g["dr"] - g["dr_low"]), np.nan_to_num(g["dr_high"] - g["dr"])]
+    """matplotlib's (below, above) error bars of the DR intervals: a percentile interval may lie
+    on one side of its estimate (then no bar on the other), never a negative length."""
+    return np.clip([np.nan_to_num(g["dr"] - g["dr_low"]), np.nan_to_num(g["dr_high"] - g["dr"])], 0, None)
 
 
 def _fig_depth(df, plt):
@@ -353,7 +357,7 @@ def _answers(df) -> list[str]:
     dr = _dr_at(df)
     full = df[df["mode"] == "full"].groupby("group")["test_accuracy"].mean()
     width = df.groupby("group")["n_neurons"].first()
-    suspicious = sweep_warnings(df)
+    suspicious, unconverged = sweep_warnings(df), convergence_notes(df)
     out = []
     for r in dr.itertuples():
         where = f"<b>{html.escape(_label((r.group, r.model, r.layer, r.dataset)))}</b>: "
@@ -368,9 +372,10 @@ def _answers(df) -> list[str]:
         share, k = f"{100 * r.fraction:.3g}%", max(1, int(round(r.fraction * d)))
         bound = " (the smallest fraction evaluated, so DR is a lower bound)" if r.censored == EDGE else ""
         text = dr_text(r.dr, r.dr_low, r.dr_high, r.censored, r.covers, r.reached)
+        note = f" Note: {html.escape(unconverged[r.group])}." if r.group in unconverged else ""
         out.append(where + f"a random {share} of the {d} neurons ({k}) keeps 90% of the full layer's accuracy "
                            f"({acc:.3f}){bound}: <b>DR(0.9) = {html.escape(text)}</b> "
-                           f"(interval over {COVERS[r.covers]}, {r.n_seeds} seeds).")
+                           f"(interval over {COVERS[r.covers]}, {r.n_seeds} seeds).{note}")
     return out
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import featstore
 import probes
 from featstore import faults
-from featstore.errors import FeatstoreError, MismatchedGroupsError
+from featstore.errors import FeatstoreError, InvalidFeaturesError, MismatchedGroupsError
 
 from ._results import commit_rows, done_count, record_test_labels
 from ._spec import SPLIT_ONLY_FIELDS, GroupTable, MetricsTable, SelectionTable, SweepSpec
@@ -132,6 +132,11 @@ def check_groups(spec: SweepSpec) -> None:
     fs = featstore.open(spec.store)
     for g in spec.pairings():
         train, test, val = open_pair(fs, g)
+        present = np.unique(train.labels)
+        if len(present) < 2:  # a probe on one class scores 1.0, and a DR from it is meaningless
+            raise InvalidFeaturesError(where=f"sweep group {g.label()} (train {train.name})",
+                                       problem=f"its labels hold {len(present)} class ({', '.join(train.classes[:3])}):"
+                                               f" a probe needs at least 2 classes")
         test_mapping(g, train, test)  # another dataset's classes: they must map onto train's
         for other in (o for o in (test, val) if o is not None):
             a, b = train.spec.to_dict(), other.spec.to_dict()

@@ -39,7 +39,7 @@ import numpy as np
 from pydantic import Field
 
 from featstore.errors import IncompatibleParametersError, InvalidFeaturesError, InvalidParameterError
-from featstore.params import OneOf, Parameters, defaults, validate
+from featstore.params import OneOf, Parameters, SeedValue, defaults, validate
 
 from ._inputs import Features, as_features
 from ._sample_cka import KernelStatistics, kernel_statistics, prefer_sample_space, sample_space_terms
@@ -670,9 +670,9 @@ class CKAOptions(Parameters):
 
     estimator: Annotated[str, OneOf(ESTIMATORS, "CKA estimator")] = "biased"
     """biased (the appendix's definition), unbiased or minibatch."""
-    batch_size: Annotated[int, Field(ge=4)] = 256
+    batch_size: Annotated[int, Field(ge=4, le=1 << 20)] = 256
     """Minibatch size of the minibatch estimator (the unbiased HSIC needs >= 4 rows)."""
-    shuffle_seed: Annotated[int, Field(ge=0)] = 0
+    shuffle_seed: SeedValue = 0
     """Seed of the row shuffle the minibatch estimator cuts its minibatches from."""
 
 

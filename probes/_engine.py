@@ -43,7 +43,7 @@ from pydantic import Field
 
 from featstore import Device, resolve_device
 from featstore.errors import IncompatibleParametersError, InvalidFeaturesError, InvalidParameterError, NotFittedError
-from featstore.params import Estimator, Parameters
+from featstore.params import Estimator, Parameters, SeedValue
 
 from ._inputs import RowFile, as_features
 from ._selection import SELECTION_MODES, Family, Selection, make_families
@@ -144,23 +144,23 @@ class Protocol(Parameters):
     """sgd: the paper's protocol (SGD with momentum, best validation epoch). ridge: closed-form ridge
     regression to one-hot targets from the train Gram, regularisation chosen on the validation split;
     a fast screening solver."""
-    epochs: Annotated[int, Field(ge=1)] = 50
+    epochs: Annotated[int, Field(ge=1, le=10_000)] = 50
     """SGD epochs."""
-    lr: Annotated[float, Field(gt=0)] = 0.1
+    lr: Annotated[float, Field(gt=0, le=1000)] = 0.1
     """Initial learning rate."""
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     """SGD momentum."""
-    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    weight_decay: Annotated[float, Field(ge=0, le=1)] = 1e-4
     """L2 weight decay, as torch.optim.SGD applies it."""
-    batch_size: Annotated[int, Field(ge=1)] = 256
+    batch_size: Annotated[int, Field(ge=1, le=1 << 20)] = 256
     """Minibatch size."""
-    lr_step: Annotated[int, Field(ge=1)] = 10
+    lr_step: Annotated[int, Field(ge=1, le=10_000)] = 10
     """Epochs between learning-rate decays."""
-    lr_gamma: Annotated[float, Field(gt=0)] = 0.1
+    lr_gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
     """Learning-rate decay factor."""
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
     """Seeded validation share of train used to pick each probe's best epoch (and ridge's alpha)."""
-    random_state: Annotated[int, Field(ge=0)] = 0
+    random_state: SeedValue = 0
     """Seeds the validation split, the minibatch order and the initial weights."""
     val_split: Literal["numpy", "random_split"] = "numpy"
     """How the validation rows are drawn: numpy (a seeded permutation, round(val_fraction * n) rows) or
@@ -168,12 +168,12 @@ class Protocol(Parameters):
     code: train = the first int((1 - val_fraction) * n) of torch.randperm(n))."""
     precision: Precision = "fp32"
     """bf16: bf16 matmuls with fp32 master weights, on CUDA or on CPUs with native bf16 (AVX512-BF16 / AMX)."""
-    ridge_alphas: Annotated[tuple[Annotated[float, Field(gt=0)], ...], Field(min_length=1, strict=False)] = (
+    ridge_alphas: Annotated[tuple[Annotated[float, Field(gt=0, le=1e6)], ...], Field(min_length=1, strict=False)] = (
         1e-4, 1e-3, 1e-2, 1e-1, 1.0)
     """Regularisation grid of the ridge solver (relative to the mean Gram diagonal)."""
     select_epoch: Literal["best", "last"] = "best"
     """Keep each probe's weights from its best validation epoch (the paper) or the last."""
-    val_every: Annotated[int, Field(ge=1)] = 1
+    val_every: Annotated[int, Field(ge=1, le=10_000)] = 1
     """Validate (and so allow a best epoch) every this many epochs (the released code: 5, as Lightning's
     check_val_every_n_epoch); with fewer epochs than that, after the last."""
     val_transform: Literal["clean", "augmented"] = "clean"
@@ -633,6 +633,12 @@ class SubsetProbes(Estimator):
             data, train_idx, val_idx = _with_validation(data, validation)
         else:
             val_idx, train_idx = self._validation_split(len(data.X), data.source)
+        trained = np.unique(data.y[train_idx])
+        if len(trained) < 2:
+            raise InvalidFeaturesError(
+                where=data.source, problem=f"the train rows hold {len(trained)} class"
+                                           f"{'' if len(trained) == 1 else 'es'} ({data.n_classes} declared): a probe "
+                                           f"needs at least 2 to separate, and would score 1.0 on one")
         n, d = data.X.shape
         # PCA directions come from what the probes train on: with train_passes="views", the first
         # augmented view (as the released code fits them on augmented train features)
@@ -753,8 +759,9 @@ class SubsetProbes(Estimator):
         passes = [data.X] + data.views
         ctx = {"passes": [_to_device(p, device) for p in passes], "y": torch.as_tensor(data.y, device=device),
                "val": torch.as_tensor(val_idx, device=device), "device": device,
-               "orders": [[torch.as_tensor(self.epoch_order(e, seed), device=device) for seed in self.streams_]
-                          for e in range(self.epochs)]}
+               # each epoch's orders made when it starts (all of them at once would be epochs x n rows)
+               "orders": lambda e: [torch.as_tensor(self.epoch_order(e, seed), device=device) for seed in self.streams_],
+               "positions": positions}
         from tqdm.auto import tqdm
 
         bar = tqdm(total=self.epochs, desc=f"probes ({len(self.draws_)})", unit="epoch", disable=not self.verbose)
@@ -783,15 +790,17 @@ class SubsetProbes(Estimator):
         best_acc = [torch.full((g.F, g.m), -1.0, device=device) for g in batches]
         best_epoch = [torch.zeros((g.F, g.m), dtype=torch.long, device=device) for g in batches]
         last_loss = [torch.zeros((g.F, g.m), device=device) for g in batches]
-        logit_bufs = [g.logit_buffers(self.batch_size) for g in batches]
-        input_bufs = [g.input_buffer(self.batch_size, device) for g in batches]
+        # buffers for full minibatches: none is larger than the train rows (a batch_size beyond them never fills)
+        full_rows = min(self.batch_size, len(self.train_indices_))
+        logit_bufs = [g.logit_buffers(full_rows) for g in batches]
+        input_bufs = [g.input_buffer(full_rows, device) for g in batches]
         self.laid_out_ = self._lay_out(batches, on_device, str(device))
         # what minibatches are read from: the passes, or their resident bf16 copies (bf16 operands)
         read_passes = self._read_passes(batches, on_device, str(device))
         reads_minibatch = any(g.laid is None for g in batches)  # dense batches, or passes not laid out
         first = read_passes[0]
         # the full minibatches are gathered into one buffer, reused every step, where the passes are on the device
-        read_buf = torch.empty((len(self.streams_) * self.batch_size, first.shape[1]), device=first.device,
+        read_buf = torch.empty((len(self.streams_) * full_rows, first.shape[1]), device=first.device,
                                dtype=first.dtype) \
             if reads_minibatch and isinstance(first, torch.Tensor) and first.device.type == torch.device(device).type \
             else None
@@ -805,7 +814,7 @@ class SubsetProbes(Estimator):
         def step(rows, lr):
             """One SGD step of every batch on the minibatch ``rows[stream]`` of pass ``pass_index``."""
             B = rows[0].shape[0]
-            full = B == self.batch_size
+            full = B == full_rows
             mb = _Minibatch.gather(read_passes[pass_index], rows, device, out=read_buf if full else None) \
                 if reads_minibatch else None
             ys = _Minibatch.labels(y_all, rows)
@@ -822,19 +831,19 @@ class SubsetProbes(Estimator):
         graphs: dict = {}
         pool = None
         eager_full_steps = 0  # warm-up before the first capture (cuBLAS handles, workspaces, allocator)
-        rows_buf = torch.empty((len(self.streams_), self.batch_size), dtype=torch.long, device=device) \
+        rows_buf = torch.empty((len(self.streams_), full_rows), dtype=torch.long, device=device) \
             if use_graphs else None
         for epoch in range(self.epochs):
             lr = self.lr * self.lr_gamma ** (epoch // self.lr_step)
             pass_index = train_passes[epoch % len(train_passes)]
-            orders = ctx["orders"][epoch]  # one per minibatch stream
+            orders = ctx["orders"](epoch)  # one per minibatch stream
             n_rows = len(orders[0])
             for ls in loss_sum:
                 ls.zero_()
             orders_t = torch.stack(orders) if use_graphs else None  # (streams, n_rows)
             for start in range(0, n_rows, self.batch_size):
                 B = min(self.batch_size, n_rows - start)
-                if not use_graphs or B < self.batch_size:
+                if not use_graphs or B < full_rows:
                     step([order[start:start + B] for order in orders], lr)
                     continue
                 rows_buf.copy_(orders_t[:, start:start + B])
@@ -858,6 +867,7 @@ class SubsetProbes(Estimator):
                     graph.replay()
             for bi in range(len(batches)):
                 last_loss[bi] = loss_sum[bi] / n_rows
+            self._check_loss(last_loss, ctx["positions"], epoch)
             # validate every val_every epochs (the last epoch too when no validation came before)
             if (epoch + 1) % self.val_every and not (epoch + 1 == self.epochs and self.epochs < self.val_every):
                 bar.update(1)
@@ -882,6 +892,25 @@ class SubsetProbes(Estimator):
             g.set_flat(best[bi])
             g.lay_out([])  # not kept with the fitted estimator
         return best_acc, best_epoch, last_loss
+
+    def _check_loss(self, losses, positions, epoch: int) -> None:
+        """Stop when SGD diverged, so that a diverged probe's accuracy (chance) never passes for a
+        measurement (a DR "maximally redundant" from lr = inf): any probe's epoch loss NaN or inf.
+        (A finite loss above a uniform guess's is an unconverged probe: its rows keep train_loss,
+        and the report warns.)"""
+        import torch
+
+        if all(bool(torch.isfinite(loss).all()) for loss in losses):
+            return
+        bad = [di for di, (bi, fi, pi) in enumerate(positions) if not bool(torch.isfinite(losses[bi][fi, pi]))]
+        from featstore.errors import ProbeDivergedError
+
+        examples = ", ".join(f"{self.draws_[di].mode} k={self.draws_[di].k}"
+                             + (f" seed {self.draws_[di].seed}" if self.draws_[di].seed is not None else "")
+                             for di in bad[:4])
+        raise ProbeDivergedError(count=len(bad), total=len(positions), epoch=epoch + 1, examples=examples,
+                                 lr=self.lr, weight_decay=self.weight_decay, momentum=self.momentum,
+                                 batch_size=self.batch_size)
 
     def _lay_out(self, batches: list["_ProbeBatch"], passes, device: str) -> int:
         """Lay each batch's passes out by column block (``_ProbeBatch.lay_out``) where it pays
@@ -931,10 +960,11 @@ class SubsetProbes(Estimator):
 
         correct = torch.zeros((g.F, g.m), device=device)
         # on a GPU, few large chunks (launches cost more than the arithmetic); on the CPU, the training buffers
-        step = max(self.batch_size, g.chunk_rows()) if str(device).startswith("cuda") else self.batch_size
+        buffer_rows = min(self.batch_size, len(self.train_indices_))  # the training buffers' rows
+        step = max(buffer_rows, g.chunk_rows()) if str(device).startswith("cuda") else buffer_rows
         for start in range(0, len(rows), step):
             r = rows[start:start + step]
-            full = len(r) == self.batch_size
+            full = len(r) == buffer_rows
             mb = None if g.laid is not None else \
                 _Minibatch(X.index_select(0, r.to(X.device)).to(device), len(self.streams_))  # every stream: r
             zs = g.inputs(mb, out=input_buf if full else None, rows=[r] * len(self.streams_), pass_index=pass_index)

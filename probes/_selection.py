@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from featstore.errors import InvalidParameterError
-from featstore.params import OneOf, Parameters, Rule, Unique, defaults, describe, validate
+from featstore.params import OneOf, Parameters, Rule, SeedValue, Unique, defaults, describe, validate
 
 __all__ = ["Draw", "Family", "SelectionMode", "SELECTION_MODES", "Selection", "fractions_or_sizes", "PAPER_FRACTIONS", "make_families",
            "subset_size"]
@@ -256,7 +256,7 @@ class Selection(Parameters):
     sizes: Annotated[tuple[Annotated[int, Field(ge=1)], ...], Field(strict=False, validate_default=True), Unique()] = ()
     """Absolute numbers of neurons k (the Matryoshka comparisons' 8 ... 1024), beside or instead of fractions
     (fractions = [] for sizes only); nested per seed like fractions, each at most the layer's width."""
-    seeds: Annotated[tuple[Annotated[int, Field(ge=0)], ...], Field(min_length=1, strict=False),
+    seeds: Annotated[tuple[SeedValue, ...], Field(min_length=1, strict=False),
                      Unique()] = (0, 1, 2, 3, 4)
     """One draw family per seed (seeded modes: random, randproj)."""
     _fractions_or_sizes = field_validator("sizes")(fractions_or_sizes)

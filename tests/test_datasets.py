@@ -151,3 +151,58 @@ def test_a_folder_without_split_subfolders_offers_its_whole_self(image_folder):
     train, test, whole = (load_split(name, s) for s in ("train", "test", "all"))
     assert len(whole) == len(train) + len(test) == 36
     assert sorted(whole.sample_ids) == sorted([*train.sample_ids, *test.sample_ids])
+
+
+def test_a_symlink_loop_adds_no_image_and_never_leaks_train_into_test(tmp_path):
+    """class a holds `loop -> .` (and a link to its own parent): every file counts once, so the
+    seeded split is the one of the plain tree and train and test share no image."""
+    from .conftest import make_image_folder
+
+    plain = make_image_folder(tmp_path / "plain", n_classes=2, per_class=10)
+    looped = make_image_folder(tmp_path / "looped", n_classes=2, per_class=10)
+    (looped / "class_0" / "loop").symlink_to(".")
+    (looped / "class_0" / "up").symlink_to("..")
+    for split in ("train", "test"):
+        a, b = load_split(f"imagefolder:{plain}", split), load_split(f"imagefolder:{looped}", split)
+        assert list(a.sample_ids) == list(b.sample_ids) and a.classes == b.classes
+    train, test = (load_split(f"imagefolder:{looped}", s) for s in ("train", "test"))
+    assert len(train) + len(test) == 20 and not set(train.files) & set(test.files)
+
+
+def test_one_folder_or_file_under_two_classes_is_an_error_naming_it(tmp_path):
+    from .conftest import make_image_folder
+
+    tree = make_image_folder(tmp_path / "t", n_classes=2, per_class=4)
+    (tree / "class_9").symlink_to(tree / "class_0", target_is_directory=True)
+    with pytest.raises(errors.InvalidDatasetError, match=r"class folder 'class_9' is the folder '.*class_0' again"):
+        load_split(f"imagefolder:{tree}", "all")
+    (tree / "class_9").unlink()
+    (tree / "class_1" / "stolen.png").symlink_to(tree / "class_0" / "img_000.png")
+    with pytest.raises(errors.InvalidDatasetError, match=r"stolen\.png' and '.*class_0/img_000\.png' are one file under "
+                                                         r"two classes \(class_0, class_1\)"):
+        load_split(f"imagefolder:{tree}", "all")
+
+
+def test_a_pseudo_filesystem_is_refused_before_it_is_walked():
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(errors.InvalidDatasetError, match=r"'/proc' is on a proc filesystem"):
+        load_split("imagefolder:/proc", "train")
+    assert time.monotonic() - t0 < 5
+
+
+def test_a_class_named_like_a_split_is_a_class_and_a_mixed_tree_is_explained(tmp_path):
+    from .conftest import make_image_folder
+
+    tree = make_image_folder(tmp_path / "t", n_classes=2, per_class=5, names=["cat", "train"])
+    assert featstore.dataset_splits(f"imagefolder:{tree}") == ("train", "test", "all")
+    assert load_split(f"imagefolder:{tree}", "all").classes == ["cat", "train"]
+    mixed = make_image_folder(tmp_path / "m", n_classes=2, per_class=5, split_dirs=True)
+    for f in (mixed / "test" / "class_0").iterdir():
+        f.rename(mixed / "test" / f.name)  # test/ now holds images itself
+    (mixed / "test" / "class_0").rmdir()
+    (mixed / "test" / "class_1").rename(tmp_path / "gone")
+    with pytest.raises(errors.InvalidDatasetError, match=r"train hold class folders \(split folders\) but test hold "
+                                                         r"images \(class folders\)"):
+        featstore.dataset_splits(f"imagefolder:{mixed}")

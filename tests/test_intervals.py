@@ -20,7 +20,8 @@ def _rows(curves: dict, full: dict, mode="random", labels=None, seed_rng=0, with
     probe's per-sample correctness drawn to its accuracy (exactly round(acc * n) correct)."""
     rng = np.random.default_rng(seed_rng)
     labels = np.arange(N_TEST) % 4 if labels is None else labels
-    base = dict(group=0, model="m", layer="l", dataset="d", cka=np.nan, cka_estimator=None, task="t", n_neurons=D)
+    base = dict(group=0, model="m", layer="l", dataset="d", cka=np.nan, cka_estimator=None, task="t", n_neurons=D,
+                n_classes=4, train_loss=0.5)
 
     def probe(acc):
         correct = np.zeros(N_TEST, dtype=bool)
@@ -169,3 +170,20 @@ def test_the_report_says_when_a_sweep_is_unfinished(tmp_path, reference):
     from pipelines._report import _progress_html
 
     assert _progress_html(reference.attrs["out"], reference) == ""  # a finished sweep: no warning
+
+
+def test_probes_that_did_not_converge_are_named_and_an_unconverged_reference_gets_no_dr():
+    """A final training loss above a uniform guess's (ln 4 = 1.39) is a probe SGD did not fit: the
+    report names such subsets beside the DR sentence, and gives no DR when the reference is one."""
+    from pipelines._analysis import convergence_notes
+    from pipelines._report import _answers
+
+    df = _rows({0: (0.5, 0.7, 0.8, 0.86, 0.9), 1: (0.5, 0.7, 0.8, 0.86, 0.9)}, {0: 0.9, 1: 0.9})
+    df.loc[(df["mode"] == "random") & (df["k"] == 1), "train_loss"] = 36.3
+    (note,) = convergence_notes(df).values()
+    assert note.startswith("2 of 12 probes did not converge (final training loss up to 36.3") and "random k=1" in note
+    (answer,) = _answers(df)
+    assert "DR(0.9) =" in answer and "did not converge" in answer
+    df.loc[df["mode"] == "full", "train_loss"] = 40.0
+    (answer,) = _answers(df)
+    assert "the full-layer probe did not converge (final training loss 40" in answer and "DR(0.9) =" not in answer

@@ -121,6 +121,38 @@ def test_checkpoint_errors_name_the_file(tmp_path):
         create_backbone("test_resnet", "checkpoint")
 
 
+def test_broken_checkpoint_files_are_one_error_naming_them(tmp_path):
+    """A truncated or garbage safetensors file, NaN / inf weights, and a .pth zip whose members
+    inflate far beyond the file (a decompression bomb) are each one CheckpointError naming the
+    file, read no further."""
+    import zipfile
+
+    from safetensors.torch import save_file
+
+    state = _tiny_state()
+    good = tmp_path / "good.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(good))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    for path in (truncated, garbage):
+        with pytest.raises(errors.CheckpointError, match=rf"checkpoint '.*{path.name}': cannot be read as safetensors"):
+            load_checkpoint_state(path)
+    for bad in (float("nan"), float("inf")):
+        broken = {k: v.clone() for k, v in state.items()}
+        broken["fc.weight"][0, 0] = bad
+        path = tmp_path / f"broken{bad}.pth"
+        torch.save(broken, path)
+        with pytest.raises(errors.CheckpointError, match=r"1 tensors hold NaN or inf \(fc\.weight\)"):
+            load_checkpoint_state(path)
+    bomb = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data/0", b"\x00" * (64 << 20))  # 64 MiB of zeros in a ~64 KiB file
+    with pytest.raises(errors.CheckpointError, match=r"inflate to 64 MiB from a 0\.1 MiB file.*decompression bomb"):
+        load_checkpoint_state(bomb)
+
+
 def test_embedded_weights_are_real_imagenet_weights():
     """The mapped tf_efficientnet_lite0 classifies scikit-learn's sample images correctly."""
     from PIL import Image

@@ -392,12 +392,12 @@ def test_a_group_is_read_once_and_verified_by_that_read(tmp_path, tiny, monkeypa
      "SubsetProbes.mode: Unknown selection mode 'lottery'; known: pca, pca-least, prefix, random, randproj"),
     (dict(subsets=[np.array([0, 99])]), errors.InvalidParameterError,
      "subsets[0]: expected a non-empty 1-D array of distinct integer neuron indices in 0..47; got [0, 99]"),
-    (dict(seeds=(-1,)), errors.InvalidParameterError, "SubsetProbes.seeds[0]: expected an integer >= 0; got -1"),
-    (dict(seeds=(1.5,)), errors.InvalidParameterError, "SubsetProbes.seeds[0]: expected an integer >= 0; got 1.5 (float)"),
+    (dict(seeds=(-1,)), errors.InvalidParameterError, "SubsetProbes.seeds[0]: expected an integer in [0, 4294967295]; got -1"),
+    (dict(seeds=(1.5,)), errors.InvalidParameterError, "SubsetProbes.seeds[0]: expected an integer in [0, 4294967295]; got 1.5 (float)"),
     (dict(solver="adam"), errors.InvalidParameterError, "SubsetProbes.solver: expected one of 'sgd', 'ridge'; got 'adam'"),
     (dict(momentum="0.9"), errors.InvalidParameterError,
      "SubsetProbes.momentum: expected a number in [0, 1); got '0.9' (string)"),
-    (dict(epochs=True), errors.InvalidParameterError, "SubsetProbes.epochs: expected an integer >= 1; got True (boolean)"),
+    (dict(epochs=True), errors.InvalidParameterError, "SubsetProbes.epochs: expected an integer in [1, 10000]; got True (boolean)"),
     (dict(include_full="no"), errors.InvalidParameterError, "SubsetProbes.include_full: expected true or false"),
     (dict(device="gpu"), errors.InvalidParameterError, "SubsetProbes.device: expected one of 'auto', 'cpu', 'cuda'"),
 ])
@@ -715,7 +715,7 @@ def test_presets_resolve_per_dataset_and_explicit_values_win():
     assert probes.preset("original", "cifar10", weight_decay=0.0)["weight_decay"] == 0.0
     with pytest.raises(errors.UnknownNameError, match="Unknown preset 'released'; known: original, paper"):
         probes.preset("released")
-    with pytest.raises(errors.InvalidParameterError, match="preset.val_every: expected an integer >= 1"):
+    with pytest.raises(errors.InvalidParameterError, match=r"preset.val_every: expected an integer in \[1, 10000\]"):
         probes.preset("original", val_every=0)
 
 
@@ -834,3 +834,32 @@ def test_features_larger_than_max_memory_train_from_disk_exactly_as_in_memory(tm
     for bad in (dict(mode="pca"), dict(mode="randproj"), dict(solver="ridge")):
         with pytest.raises(errors.IncompatibleParametersError, match="exceed max_memory_mb=16"):
             SubsetProbes(max_memory_mb=16, **{**kw, **bad}).fit(z_train, y[:700])
+
+
+def test_a_probe_that_diverges_is_an_error_naming_the_draws_not_chance_accuracy(data):
+    """Features of magnitude 1e17 under lr = 1e3 (both within their declared ranges): the logits
+    overflow, the loss becomes NaN; the fit stops with one error naming the draws and the protocol,
+    instead of rows at chance accuracy."""
+    Xtr, ytr, _, _ = data
+    est = SubsetProbes(fractions=(0.5, 1.0), seeds=(0,), epochs=3, lr=1000.0, device="cpu")
+    with pytest.raises(errors.ProbeDivergedError, match=r"\d of 3 probes diverged \(training loss NaN or inf in epoch "
+                                                        r"\d: random k=\d+ seed 0.*lr=1000, weight_decay=0\.0001"):
+        est.fit(Xtr * 1e17, ytr)
+    assert not hasattr(est, "batches_")  # nothing fitted is left behind
+
+
+def test_fewer_than_two_classes_is_an_error_before_any_training(data):
+    Xtr, _, _, _ = data
+    with pytest.raises(errors.InvalidFeaturesError, match=r"the train rows hold 1 class \(1 declared\): a probe needs at "
+                                                          r"least 2"):
+        SubsetProbes(fractions=(0.5,), seeds=(0,), epochs=1, device="cpu").fit(Xtr, np.zeros(len(Xtr), dtype=int))
+
+
+def test_a_batch_size_beyond_the_train_rows_allocates_only_what_they_fill(data):
+    """batch_size = 2**20 on 810 train rows: buffers the size of the train rows (not of 2**20
+    minibatch rows), and the probes of batch_size = the train rows themselves."""
+    Xtr, ytr, Xte, _ = data
+    kw = dict(fractions=(0.5,), seeds=(0,), epochs=2, device="cpu")
+    huge = SubsetProbes(batch_size=1 << 20, **kw).fit(Xtr, ytr)
+    exact = SubsetProbes(batch_size=len(huge.train_indices_), **kw).fit(Xtr, ytr)
+    np.testing.assert_allclose(huge.decision_function(Xte), exact.decision_function(Xte), rtol=1e-5, atol=1e-5)

@@ -15,7 +15,7 @@ from featstore.models import FeatureExtractor, create_backbone
 CHANNEL = 7  # the pre_logits neuron the checkpoints below edit
 
 
-def _checkpoint(tmp_path, name, bias, spread):
+def _checkpoint(tmp_path, name, bias, spread, shortcut_bias=0.0):
     """test_resnet's seeded random weights with pre_logits neuron CHANNEL set to about ``bias``:
     its last block adds bn2 (weight 0, bias ``bias``) to the shortcut scaled by ``spread``."""
     import timm
@@ -26,7 +26,7 @@ def _checkpoint(tmp_path, name, bias, spread):
     state["layer4.0.bn2.weight"][CHANNEL] = 0.0
     state["layer4.0.bn2.bias"][CHANNEL] = bias
     state["layer4.0.downsample.2.weight"][CHANNEL] *= spread
-    state["layer4.0.downsample.2.bias"][CHANNEL] = 0.0
+    state["layer4.0.downsample.2.bias"][CHANNEL] = shortcut_bias
     path = tmp_path / f"{name}.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path
@@ -70,11 +70,19 @@ def test_float16_overflow_is_refused_before_writing_and_float32_keeps_it(tmp_pat
     np.testing.assert_allclose(g.numpy(), want, rtol=2e-5, atol=1e-5)
 
 
-def test_nan_weights_stop_the_build_naming_the_layer(tmp_path, tiny):
-    ckpt = _checkpoint(tmp_path, "nan", bias=float("nan"), spread=1.0)
+def test_a_forward_that_overflows_float32_stops_the_build_naming_the_layer(tmp_path, tiny):
+    """Finite weights whose sum overflows float32 (inf): one error naming the layer, nothing complete."""
+    ckpt = _checkpoint(tmp_path, "huge", bias=3.0e38, spread=1.0, shortcut_bias=3.0e38)  # their sum: inf
     with pytest.raises(errors.NonFiniteFeaturesError, match=r"layer pre_logits gave \d+ NaN/inf values in rows 0\.\.5"):
         featstore.build(**_with(tiny, ckpt, store=tmp_path / "s.zarr", dtype="float32"))
     assert featstore.open(tmp_path / "s.zarr").groups() == []
+
+
+def test_nan_checkpoint_weights_are_refused_at_load(tmp_path, tiny):
+    ckpt = _checkpoint(tmp_path, "nan", bias=float("nan"), spread=1.0)
+    with pytest.raises(errors.CheckpointError, match=r"1 tensors hold NaN or inf \(layer4\.0\.bn2\.bias\)"):
+        featstore.build(**_with(tiny, ckpt, store=tmp_path / "s.zarr"))
+    assert not (tmp_path / "s.zarr").exists()  # refused before the store was touched
 
 
 def test_a_neuron_float16_stores_coarsely_is_reported_and_recorded(tmp_path, tiny):
