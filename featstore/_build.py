@@ -17,6 +17,7 @@ import queue
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Callable, Literal
@@ -25,6 +26,7 @@ import numpy as np
 from pydantic import Field
 
 from . import datasets, faults, models
+from ._chunks import CHECKSUMS, DIGEST_BYTES, chunk_digests
 from ._values import SpreadTracker, check_values
 from ._decode import Decode, DevicePreprocess
 from ._device import Device, resolve_device
@@ -308,6 +310,7 @@ class _Target:
     features: object
     views: object
     progress: object
+    checksums: object = None  # None: a partial group begun before builds recorded content hashes
 
     @property
     def rows(self) -> int:
@@ -619,10 +622,18 @@ def _open_target(fs: FeatureStore, spec: ExtractionSpec, src, index, d: int, ver
     # to a temporary name and renames); drop them, the chunk is not marked done anyway
     for leftover in (Path(fs.path) / name).rglob("*.partial"):
         leftover.unlink(missing_ok=True)
-    progress = z["progress"]
+    # reopened arrays take zarr's default config, which skips writing a chunk equal to the fill
+    # value: an all-zero chunk (a legitimately dead layer) would never be written, then be missing
+    def writable(name):
+        return z[name].with_config({"write_empty_chunks": True})
+
+    progress = writable("progress")
     done = progress[:].astype(bool)
-    views_arr = z["views"] if spec.views else None
-    return _Target(spec, z, n, done, z["features"], views_arr, progress)
+    views_arr = writable("views") if spec.views else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        checksums = writable(CHECKSUMS) if CHECKSUMS in z.array_keys() else None
+    return _Target(spec, z, n, done, writable("features"), views_arr, progress, checksums)
 
 
 def _create_group(path: Path, spec: ExtractionSpec, src, index, d: int, versions, winfo, device, skipped) -> None:
@@ -661,6 +672,9 @@ def _create_group(path: Path, spec: ExtractionSpec, src, index, d: int, versions
     ids = g.create_array("sample_ids", shape=(n,), dtype=str)
     ids[:] = np.asarray(src.sample_ids[index], dtype=str)
     g.create_array("progress", shape=(1 + spec.views, n_chunks), chunks=(1, 1), dtype="uint8", fill_value=0)
+    # each chunk's content hash, written before its progress flag (``_chunks``: checked by every read)
+    g.create_array(CHECKSUMS, shape=(1 + spec.views, n_chunks, -(-d // cols), DIGEST_BYTES),
+                   chunks=(1, 1, -(-d // cols), DIGEST_BYTES), dtype="uint8", fill_value=0, **kw)
 
 
 def _forward_context(precision: str, device: str):
@@ -842,6 +856,8 @@ class _Writer:
                 else:
                     t.views[view - 1, start : start + len(data)] = data
                 faults.point("chunk-data")
+                if t.checksums is not None:  # what a read will check the chunk against
+                    t.checksums[view, c] = chunk_digests(data, t.features.chunks[-1])
                 # only after the chunk is on disk is it recorded as done
                 t.progress[view, c] = 1
                 t.done[view, c] = True

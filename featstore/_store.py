@@ -35,6 +35,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from . import faults
+from ._chunks import CHECKSUMS, CheckedArray, PassReader
 from .datasets import parse_dataset_name
 from .fileio import LockBusy, atomic_write, is_temporary, locked
 from ._spec import FORMAT_VERSION, ExtractionSpec
@@ -121,6 +122,43 @@ class Group:
                 name=name, store=store.path,
                 reason=f"it records a spec whose key names {self.spec.group_name()!r}: its attributes were changed "
                        f"after the build; remove it (`featstore rm {name}`) and build again")
+        problems = self._array_problems()
+        if problems:
+            raise StaleGroupError(name=name, store=store.path,
+                                  reason=f"its arrays disagree with its recorded spec ({'; '.join(problems)}): they "
+                                         f"were changed after the build; remove it (`featstore rm {name}`) and build "
+                                         f"again")
+
+    def _array_problems(self) -> list[str]:
+        """How the arrays' own metadata disagree with the recorded spec and sizes (dtype, shape,
+        chunking): checked when the group is opened, so an edited array is never read, and an
+        absurd size never allocated."""
+        meta, spec = self.meta, self.spec
+        n, d = meta.get("n_samples"), meta.get("n_neurons")
+        if not (isinstance(n, int) and isinstance(d, int) and n >= 1 and d >= 1):
+            return [f"n_samples = {n!r}, n_neurons = {d!r}: not positive integers"]
+        want = {"features": ((n, d), spec.dtype), "labels": ((n,), "int64"), "sample_index": ((n,), "int64"),
+                "progress": ((1 + spec.views, -(-n // spec.chunk_rows)), "uint8")}
+        if spec.views:
+            want["views"] = ((spec.views, n, d), spec.dtype)
+        problems = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            present = set(self._z.array_keys())
+        for name, (shape, dtype) in want.items():
+            if name not in present:
+                problems.append(f"{name}: missing")
+                continue
+            arr = self._z[name]
+            if tuple(arr.shape) != shape:
+                problems.append(f"{name}: shape {tuple(arr.shape)}, the spec says {shape}")
+            if str(arr.dtype) != dtype:
+                problems.append(f"{name}: dtype {arr.dtype}, the spec says {dtype}")
+        if "features" in present and not problems:
+            chunks = tuple(self._z["features"].chunks)
+            if chunks[0] != spec.chunk_rows:
+                problems.append(f"features: chunks of {chunks[0]} rows, the spec says {spec.chunk_rows}")
+        return problems
 
     # ------------------------------------------------------------------ metadata
     @property
@@ -171,69 +209,91 @@ class Group:
     def path(self) -> str:
         return f"{self.store.path}/{self.name}"
 
+    def _require_present(self) -> None:
+        """Raise when the group left the store after this handle was opened (``featstore rm``)."""
+        if not _is_url(self.store.path) and not (Path(self.store.path) / self.name / "zarr.json").exists():
+            raise GroupNotFoundError(name=self.name, store=self.store.path, known=[],
+                                     hint="it was removed after it was opened; nothing of it was read")
+
+    def _small(self, name: str) -> np.ndarray:
+        """One of the per-sample arrays (labels, sample ids, sample index), read whole."""
+        self._require_present()
+        try:
+            return self._z[name][:]
+        except Exception as e:  # noqa: BLE001 - a missing or damaged file, whichever zarr raises
+            self._require_present()
+            raise CorruptGroupError(path=self.path, name=self.name,
+                                    problems=[f"{name}: unreadable ({type(e).__name__}: {e})"]) from None
+
     def _require_complete(self) -> None:
+        self._require_present()
         if not self.is_complete:
             raise IncompleteGroupError(name=self.name, store=self.store.path, state=self.state)
 
     # ------------------------------------------------------------------ arrays
     @property
     def features(self):
-        """The clean pass, a zarr array of shape (n_samples, n_neurons)."""
-        self._require_complete()
-        return self._z["features"]
+        """The clean pass as an array of shape (n_samples, n_neurons) that indexes like numpy
+        (``g.features[:100]``), every chunk it reads checked (``_chunks``: present, decodable,
+        finite, its recorded hash). ``g.raw("features")`` is the zarr array itself, unchecked."""
+        return self.view(0)
 
     def view(self, index: int = 0):
-        """Pass ``index`` as a zarr array: 0 = clean, 1..n_views = augmented views."""
+        """Pass ``index`` as a checked array (see :attr:`features`): 0 = clean, 1..n_views = augmented views."""
         self._require_complete()
-        if index == 0:
-            return self._z["features"]
-        if not 1 <= index <= self.n_views:
+        if not 0 <= index <= self.n_views:
             raise InvalidParameterError(
                 key="view", value=index,
                 expected="0 (clean)" + (f" or 1..{self.n_views} (augmented)" if self.n_views else "")
                          + f": the passes of group {self.name!r}")
-        # a lazy 2-D selection would copy; callers index the 3-D array themselves
-        return _ViewArray(self._z["views"], index - 1)
+        return CheckedArray(self, index)
+
+    def raw(self, name: str = "features"):
+        """One of the group's zarr arrays itself (``features``, ``views``, ``labels``, ...): no
+        checks, a missing chunk reads as zeros. For tools that need zarr's own API."""
+        return self._z[name]
 
     @property
     def labels(self) -> np.ndarray:
         """Integer class labels, array of shape (n_samples,)."""
-        return self._z["labels"][:]
+        return self._small("labels")
 
     @property
     def sample_ids(self) -> np.ndarray:
-        return self._z["sample_ids"][:].astype(object).astype(str)
+        return self._small("sample_ids").astype(object).astype(str)
 
     @property
     def sample_index(self) -> np.ndarray:
-        return self._z["sample_index"][:]
+        return self._small("sample_index")
 
     def numpy(self, view: int = 0, dtype=None) -> np.ndarray:
-        """All features of one pass as a numpy array of shape (n_samples, n_neurons)."""
-        arr = self.view(view)[:]
-        return arr.astype(dtype) if dtype is not None else arr
+        """All features of one pass as a numpy array of shape (n_samples, n_neurons), every chunk checked."""
+        out = np.empty((self.n_samples, self.n_neurons), dtype=dtype or np.dtype(self.spec.dtype))
+        at = 0
+        for block in self.read_verified(view):
+            out[at:at + len(block)] = block
+            at += len(block)
+        return out
 
     def dask(self, view: int = 0):
-        """Features of one pass as a dask array chunked like the store."""
+        """Features of one pass as a lazy dask array chunked like the store; each chunk is
+        checked when it is computed."""
         import dask.array as da
 
-        if view == 0:
-            return da.from_zarr(self.features)
-        z = self.view(view)
-        full = da.from_zarr(z.array)
-        return full[z.index]
+        arr = self.view(view)
+        return da.from_array(arr, chunks=arr.chunks, name=f"featstore-{self.name}-{view}", lock=False,
+                             meta=np.empty((0, 0), dtype=arr.dtype))
 
     def iter_blocks(self, block_rows: int | None = None, view: int = 0) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """Yield ``(start, X_block, y_block)`` over the rows, one chunk-aligned block at a time.
-
-        Memory stays at one block however large the group is.
-        """
-        arr = self.view(view)
+        """Yield ``(start, X_block, y_block)`` over the rows, one chunk-aligned block at a time,
+        every chunk checked. Memory stays at one block however large the group is."""
+        self._require_complete()
+        reader = PassReader(self, view) if 0 <= view <= self.n_views else self.view(view)
         labels = self.labels
         block_rows = block_rows or self.spec.chunk_rows
         for start in range(0, self.n_samples, block_rows):
             stop = min(start + block_rows, self.n_samples)
-            yield start, arr[start:stop], labels[start:stop]
+            yield start, reader.rows_of(start, stop), labels[start:stop]
 
     # ------------------------------------------------------------------ checks
     def nbytes_on_disk(self) -> int | None:
@@ -241,104 +301,45 @@ class Group:
             return None
         return _dir_size(Path(self.store.path) / self.name)
 
-    def _passes(self) -> list[tuple[str, Any, int | None]]:
-        """(label, zarr array, view index or None) of every pass: the clean one, then the views."""
-        arrays = [("features", self._z["features"], None)]
-        if self.n_views:
-            arrays += [(f"views[{v}]", self._z["views"], v) for v in range(self.n_views)]
-        return arrays
+    def _checksums(self) -> np.ndarray | None:
+        """The recorded content hash of every chunk, or None for a group built before they were."""
+        if not hasattr(self, "_digests"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                has = CHECKSUMS in self._z.array_keys()
+            self._digests = self._z[CHECKSUMS][:] if has else None
+        return self._digests
 
-    def _read_chunk(self, label: str, arr, v: int | None, c: int) -> tuple[np.ndarray | None, str | None]:
-        """Chunk c of one pass, read and checked: (rows, None), or (None, the problem) when it
-        is missing, unreadable or holds NaN/Inf (zarr would silently serve a missing chunk
-        as its fill value)."""
-        rows = arr.chunks[-2]
-        start = c * rows
-        problem = self._missing_chunk(label, arr, v, c, range(-(-arr.shape[-1] // arr.chunks[-1])))
-        if problem:
-            return None, problem
-        store_path = Path(self.store.path) / self.name / label.split("[")[0]
-        key = f"c/{v}/{c}/0" if v is not None else f"c/{c}/0"
-        try:
-            block = arr[v, start : start + rows] if v is not None else arr[start : start + rows]
-        except Exception as e:  # decompression or decode failure
-            return None, f"{label}: chunk {c} is unreadable ({type(e).__name__}: {e}): {store_path / key}"
-        bad = ~np.isfinite(block)
-        if bad.any():
-            r = start + int(np.argwhere(bad)[0][0])
-            col = int(np.argwhere(bad)[0][1])
-            why = ""
-            if block.dtype == np.float16 and np.isinf(block[bad]).all():  # written before builds checked overflow
-                why = ("; float16 overflow (values beyond 65,504): rebuild with --dtype float32, which is another "
-                       "group (rebuilding this one gives the same inf)")
-            return None, (f"{label}: chunk {c} holds {int(bad.sum())} NaN/Inf values (first at row {r}, neuron {col})"
-                          + why)
-        return block, None
-
-    def _missing_chunk(self, label: str, arr, v: int | None, c: int, column_chunks) -> str | None:
-        """The first of row chunk c's column chunks ``column_chunks`` whose file is missing (a
-        wide layer's chunks also split its columns), or None."""
-        if _is_url(self.store.path):
-            return None
-        rows = arr.chunks[-2]
-        store_path = Path(self.store.path) / self.name / label.split("[")[0]
-        for j in column_chunks:
-            key = f"c/{v}/{c}/{j}" if v is not None else f"c/{c}/{j}"
-            if not (store_path / key).exists():
-                cols = "" if arr.chunks[-1] >= arr.shape[-1] else \
-                    f", columns {j * arr.chunks[-1]}..{min((j + 1) * arr.chunks[-1], arr.shape[-1])}"
-                return f"{label}: chunk {c} (rows {c * rows}..{c * rows + rows}{cols}) is missing: {store_path / key}"
-        return None
+    def _readers(self) -> list[PassReader]:
+        return [PassReader(self, v) for v in range(1 + self.n_views)]
 
     def read_columns(self, columns, view: int = 0, dtype=None) -> np.ndarray:
         """Every row of the given columns (an index array, in its order), reading only the
         chunks that hold them, each once: a wide layer's chunks split its columns. Each chunk is
-        checked as it is used (present, decodable, finite); raises :class:`CorruptGroupError`.
+        checked as it is used (present, decodable, finite, its hash); raises :class:`CorruptGroupError`.
         """
         self._require_complete()
         if not 0 <= view <= self.n_views:
             self.view(view)  # the range error
-        label, arr, v = self._passes()[view]
         cols = np.asarray(columns, dtype=np.int64)
-        order = np.argsort(cols, kind="stable")
-        wanted = cols[order]
-        touched = np.unique(wanted // arr.chunks[-1])
-        problems = [p for c in range(-(-self.n_samples // arr.chunks[-2]))
-                    if (p := self._missing_chunk(label, arr, v, c, touched))]
-        if problems:
-            raise CorruptGroupError(path=self.path, name=self.name, problems=problems[:1])
-        try:
-            block = arr.oindex[v, :, wanted] if v is not None else arr.oindex[:, wanted]
-        except Exception as e:  # decompression or decode failure
-            raise CorruptGroupError(path=self.path, name=self.name,
-                                    problems=[f"{label}: a chunk of columns {wanted[0]}..{wanted[-1]} is unreadable "
-                                              f"({type(e).__name__}: {e})"]) from None
-        bad = ~np.isfinite(block)
-        if bad.any():
-            r, j = (int(x) for x in np.argwhere(bad)[0])
-            raise CorruptGroupError(path=self.path, name=self.name,
-                                    problems=[f"{label}: chunk {r // arr.chunks[-2]} holds NaN/Inf (first at row {r}, "
-                                              f"neuron {int(wanted[j])})"])
-        out = np.empty((block.shape[0], len(cols)), dtype=dtype or block.dtype)
-        out[:, order] = block
-        return out
+        block = self.view(view)[:, cols]
+        return block.astype(dtype, copy=False) if dtype is not None else block
 
     def _label_problems(self) -> list[str]:
         try:
-            labels = self._z["labels"][:]
-        except Exception as e:
-            return [f"labels: unreadable ({type(e).__name__}: {e})"]
+            labels = self._small("labels")
+        except CorruptGroupError as e:
+            return list(e.fields["problems"])
         problems = []
         n_classes = len(self.classes)
         out = (labels < 0) | (labels >= n_classes)
         if out.any():
             problems.append(f"labels: {int(out.sum())} outside 0..{n_classes - 1} (first {int(labels[out][0])})")
-        if len(labels) != self.n_samples:
-            problems.append(f"labels: {len(labels)} rows, expected {self.n_samples}")
         return problems
 
     def verify(self) -> list[str]:
-        """Check every chunk is present and readable, no NaN/Inf, labels in range.
+        """Check every chunk of every pass: present, readable, finite, and (groups built with
+        checksums) holding what the build wrote; labels in range.
 
         Returns
         -------
@@ -348,9 +349,11 @@ class Group:
         problems: list[str] = []
         if not self.is_complete:
             problems.append(f"state is {self.state!r}, not complete")
-        for label, arr, v in self._passes():
-            for c in range(-(-self.n_samples // arr.chunks[-2])):
-                problems += [p for p in self._read_chunk(label, arr, v, c)[1:] if p]
+        for reader in self._readers():
+            for c in range(reader.n_row_chunks):
+                problem = reader.problem(c)
+                if problem:
+                    problems.append(problem)
         return problems + self._label_problems()
 
     def check_readable(self) -> None:
@@ -361,9 +364,9 @@ class Group:
 
     def read_verified(self, view: int = 0, dtype=None, block_rows: int | None = None) -> Iterator[np.ndarray]:
         """Yield one pass's rows in chunk-aligned blocks, each chunk checked as it is read
-        (present, decodable, finite) and the labels checked first: a group is verified by the
-        same read that uses it, never read twice. Raises :class:`CorruptGroupError` naming
-        the chunk.
+        (present, decodable, finite, its hash) and the labels checked first: a group is
+        verified by the same read that uses it, never read twice. Raises
+        :class:`CorruptGroupError` naming the chunk.
 
         Parameters
         ----------
@@ -380,17 +383,10 @@ class Group:
             raise CorruptGroupError(path=self.path, name=self.name, problems=problems)
         if not 0 <= view <= self.n_views:
             self.view(view)  # the range error
-        label, arr, v = self._passes()[view]
-        rows = arr.chunks[-2]
-        per_block = max(1, (block_rows or rows) // rows)
-        n_chunks = -(-self.n_samples // rows)
-        for c0 in range(0, n_chunks, per_block):
-            blocks = []
-            for c in range(c0, min(c0 + per_block, n_chunks)):
-                block, problem = self._read_chunk(label, arr, v, c)
-                if problem:
-                    raise CorruptGroupError(path=self.path, name=self.name, problems=[problem])
-                blocks.append(block)
+        reader = PassReader(self, view)
+        per_block = max(1, (block_rows or reader.rows) // reader.rows)
+        for c0 in range(0, reader.n_row_chunks, per_block):
+            blocks = [reader.chunk(c) for c in range(c0, min(c0 + per_block, reader.n_row_chunks))]
             out = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
             yield out.astype(dtype, copy=False) if dtype is not None else out
 
@@ -439,25 +435,6 @@ class Group:
         )
 
 
-class _ViewArray:
-    """Row-indexable window ``array[index, rows, :]`` on a 3-D views array."""
-
-    def __init__(self, array, index: int):
-        self.array = array
-        self.index = index
-        self.shape = tuple(array.shape[1:])
-        self.dtype = array.dtype
-        self.chunks = tuple(array.chunks[1:])
-
-    def __getitem__(self, key):
-        if not isinstance(key, tuple):
-            key = (key,)
-        return self.array[(self.index,) + key]
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-
 class FeatureStore:
     """A directory (or fsspec URL) of feature groups.
 
@@ -500,6 +477,7 @@ class FeatureStore:
             self._root = zarr.open_group(store, mode="r" if mode == "r" else "a")
         except Exception as e:
             raise NotAFeatureStoreError(path=self.path, reason=f"it cannot be opened as Zarr v3 ({e})") from None
+        self.unreadable: dict[str, str] = {}  # groups() fills it: name -> why it cannot be opened
         mark = self._root.attrs.asdict().get(ROOT_MARK)
         if not isinstance(mark, dict):
             raise NotAFeatureStoreError(path=self.path, reason=f"a Zarr hierarchy that featstore did not write "
@@ -532,15 +510,36 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ listing
     def group_names(self) -> list[str]:
+        """Every group's name (one folder with a zarr.json each), readable or not."""
+        if not _is_url(self.path):  # listed from the folder: one damaged group's metadata cannot hide the others
+            return sorted(e.name for e in os.scandir(self.path)
+                          if e.is_dir() and not e.name.startswith(".") and (Path(e.path) / "zarr.json").exists())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # our .featstore/ folder is not a zarr node
             return sorted(k for k in self._root.group_keys() if not k.startswith("."))
 
+    def _open_group(self, name: str) -> Group:
+        """Group ``name``; its metadata unreadable (a truncated zarr.json) is one error naming it."""
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                zgroup = self._root[name]
+        except Exception as e:  # noqa: BLE001 - zarr raises many kinds for a damaged document
+            raise CorruptGroupError(path=f"{self.path}/{name}", name=name,
+                                    problems=[f"its metadata cannot be read ({type(e).__name__}: {e})"]) from None
+        return Group(self, name, zgroup)
+
     def groups(self, include_incomplete: bool = False) -> list[Group]:
-        """Every group, complete ones only unless ``include_incomplete``."""
-        out = []
+        """Every group, complete ones only unless ``include_incomplete``. A group that cannot be
+        opened (damaged metadata, edited arrays, a copy under another name) is left out and
+        recorded in :attr:`unreadable` with why: it never hides the others."""
+        out, self.unreadable = [], {}
         for name in self.group_names():
-            g = Group(self, name, self._root[name])
+            try:
+                g = self._open_group(name)
+            except (StaleGroupError, CorruptGroupError, NotAFeatureStoreError) as e:
+                self.unreadable[name] = str(e)
+                continue
             if include_incomplete or g.is_complete:
                 out.append(g)
         return out
@@ -571,7 +570,7 @@ class FeatureStore:
         if name is not None:
             if name not in self.group_names():
                 raise GroupNotFoundError(name=name, store=self.path, known=self.group_names())
-            g = Group(self, name, self._root[name])
+            g = self._open_group(name)
             g._require_complete()
             return g
         hits = self.find(**query)
@@ -614,7 +613,7 @@ class FeatureStore:
         """The zarr group ``name`` or None (no metadata checks)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if name in self._root.group_keys():
+            if name in self.group_names():
                 return self._root[name]
         return None
 

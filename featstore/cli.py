@@ -58,20 +58,24 @@ def _cmd_build(a) -> int:
 def _cmd_ls(a) -> int:
     fs = FeatureStore(a.store, mode="r", storage_options=parse_storage_options(a.storage_option))
     rows = [g.summary() for g in fs.groups(include_incomplete=a.all)]
+    broken = fs.unreadable  # groups that cannot be opened: named, never hiding the others
     if a.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows + [{"name": n, "state": "unreadable", "problem": why} for n, why in broken.items()],
+                         indent=2))
         return 0
-    if not rows:
+    if not rows and not broken:
         print(f"{a.store}: no {'groups' if a.all else 'complete groups'}")
         return 0
     header = ("GROUP", "SHAPE", "DTYPE", "VIEWS", "SIZE", "STATE")
     table = [header] + [
         (r["name"], f"{r['n_samples']}x{r['n_neurons']}", r["dtype"], str(r["views"]),
          _human(r["bytes_on_disk"]), r["state"]) for r in rows
-    ]
+    ] + [(name, "?", "?", "?", "?", "unreadable") for name in broken]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    for name, why in broken.items():
+        print(f"unreadable: {why} (remove it with `featstore rm {name}`)", file=sys.stderr)
     return 0
 
 
@@ -80,7 +84,7 @@ def _cmd_info(a) -> int:
     names = fs.group_names()
     if a.group not in names:
         raise GroupNotFoundError(name=a.group, store=a.store, known=names)
-    g = [x for x in fs.groups(include_incomplete=True) if x.name == a.group][0]
+    g = fs._open_group(a.group)  # an unreadable one: its error, naming it
     info = {"name": g.name, "state": g.state, "n_samples": g.n_samples, "n_neurons": g.n_neurons,
             "classes": g.classes, "spec": g.spec.to_dict(), "key": g.spec.key(),
             "provenance": g.provenance, "timings": g.timings, "bytes_on_disk": g.nbytes_on_disk(),
@@ -92,12 +96,16 @@ def _cmd_info(a) -> int:
 def _cmd_verify(a) -> int:
     fs = FeatureStore(a.store, mode="r", storage_options=parse_storage_options(a.storage_option))
     groups = fs.groups(include_incomplete=True)
+    broken = dict(fs.unreadable)
     if a.groups:
-        unknown = set(a.groups) - {g.name for g in groups}
+        unknown = set(a.groups) - {g.name for g in groups} - set(broken)
         if unknown:
             raise GroupNotFoundError(name=sorted(unknown)[0], store=a.store, known=[g.name for g in groups])
         groups = [g for g in groups if g.name in a.groups]
-    bad = 0
+        broken = {n: why for n, why in broken.items() if n in a.groups}
+    bad = len(broken)
+    for name, why in broken.items():
+        print(f"FAIL {name}\n  - {why}")
     for g in groups:
         problems = g.verify()
         if problems:
@@ -107,7 +115,8 @@ def _cmd_verify(a) -> int:
                 print(f"  - {p}")
         else:
             print(f"ok   {g.name}")
-    print(f"{len(groups) - bad} of {len(groups)} group(s) verified")
+    total = len(groups) + len(broken)
+    print(f"{total - bad} of {total} group(s) verified")
     return 1 if bad else 0
 
 
@@ -132,7 +141,9 @@ def _cmd_push(a) -> int:
                 progress=not a.no_progress)
     for name, what in done:
         print(f"{what:13s} {name}")
-    print(f"{sum(w == 'pushed' for _, w in done)} group(s) pushed to {a.url}")
+    restored = sum(w.startswith("restored") for _, w in done)
+    print(f"{sum(w == 'pushed' for _, w in done)} group(s) pushed to {a.url}"
+          + (f", {restored} restored" if restored else ""))
     return 0
 
 

@@ -70,11 +70,12 @@ def remote_fs(url: str, storage_options: dict | None = None):
 def push(store: str | os.PathLike, url: str, groups=(), storage_options: dict | None = None,
          progress: bool = True) -> list[tuple[str, str]]:
     """Copy complete groups of a local store to ``url``; returns ``[(group, "pushed" |
-    "already there"), ...]``.
+    "already there" | "restored N file(s)"), ...]``.
 
-    Every named group is checked (exists, complete, verified spec) before anything is
-    uploaded. A group already at the URL with the same spec is left as it is; one whose
-    metadata differs is refused. Re-running an interrupted push resumes it.
+    Every named group is checked (exists, complete, every chunk verified) before anything is
+    uploaded. A group already at the URL with the same spec gets back any file it lost there (a
+    deleted chunk); one whose metadata differs is refused. Re-running an interrupted push
+    resumes it.
     """
     import json
 
@@ -87,6 +88,7 @@ def push(store: str | os.PathLike, url: str, groups=(), storage_options: dict | 
     for g in chosen:
         if not g.is_complete:
             raise IncompleteGroupError(name=g.name, store=src.path, state=g.state)
+        g.check_readable()  # every chunk present and holding what its build wrote: never push a damaged group
     fs, root = remote_fs(url, storage_options)
     try:
         remote_root = f"{root}/zarr.json"
@@ -102,27 +104,30 @@ def push(store: str | os.PathLike, url: str, groups=(), storage_options: dict | 
             local = Path(src.path) / g.name
             meta_remote = f"{root}/{g.name}/zarr.json"
             local_meta = (local / "zarr.json").read_bytes()
-            if fs.exists(meta_remote):
-                if json.loads(fs.cat_file(meta_remote)) != json.loads(local_meta):
-                    raise StaleGroupError(name=g.name, store=url, reason="the group at the URL has other metadata "
-                                                                          "than the local one; remove it there first")
-                done.append((g.name, "already there"))
-                continue
+            there = fs.exists(meta_remote)
+            if there and json.loads(fs.cat_file(meta_remote)) != json.loads(local_meta):
+                raise StaleGroupError(name=g.name, store=url, reason="the group at the URL has other metadata "
+                                                                      "than the local one; remove it there first")
             files = sorted(p for p in local.rglob("*") if p.is_file() and not is_temporary(p.name)
                            and p != local / "zarr.json")
             have = {}
             if fs.exists(f"{root}/{g.name}"):
                 have = {k[len(root) + 1:]: v["size"] for k, v in
                         fs.find(f"{root}/{g.name}", detail=True).items()}
-            with tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, disable=not progress,
+            # a file missing at the URL (a chunk deleted there) or cut short by an interruption
+            wanted = [p for p in files if have.get(p.relative_to(src.path).as_posix()) != p.stat().st_size]
+            if there and not wanted:
+                done.append((g.name, "already there"))
+                continue
+            with tqdm(total=sum(p.stat().st_size for p in wanted), unit="B", unit_scale=True, disable=not progress,
                       desc=f"push {g.name[:40]}", dynamic_ncols=True) as bar:
-                for p in files:
-                    rel = p.relative_to(src.path).as_posix()
-                    size = p.stat().st_size
-                    if have.get(rel) != size:  # a file cut short by the interruption is uploaded again
-                        fs.put_file(str(p), f"{root}/{rel}")
-                        faults.point("push-file")
-                    bar.update(size)
+                for p in wanted:
+                    fs.put_file(str(p), f"{root}/{p.relative_to(src.path).as_posix()}")
+                    faults.point("push-file")
+                    bar.update(p.stat().st_size)
+            if there:
+                done.append((g.name, f"restored {len(wanted)} file(s)"))
+                continue
             fs.pipe_file(meta_remote, local_meta)  # last: the group exists at the URL from here on
             done.append((g.name, "pushed"))
     except (RemoteStoreError, NotAFeatureStoreError, StaleGroupError):

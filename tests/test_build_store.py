@@ -63,9 +63,16 @@ def test_notebook_reads_zarr_numpy_dask_and_blocks(tmp_path, tiny):
     store = tmp_path / "s.zarr"
     featstore.build(**tiny, splits="train", store=store)
     g = featstore.open(store).group(model="test_resnet", dataset=tiny["dataset"], split="train")
-    z = g.features
-    assert isinstance(z, zarr.Array) and z.dtype == np.float16 and z.chunks == (8, g.n_neurons)
+    z = g.features  # indexes like the zarr array, each chunk read checked
+    assert z.dtype == np.float16 and z.chunks == (8, g.n_neurons) and z.shape == (g.n_samples, g.n_neurons)
+    assert isinstance(g.raw("features"), zarr.Array)  # the zarr array itself, for zarr's own API
     X = g.numpy()
+    np.testing.assert_array_equal(z[:], X)
+    np.testing.assert_array_equal(z[3:17, [5, 2, 90]], X[3:17][:, [5, 2, 90]])
+    np.testing.assert_array_equal(z[9], X[9])
+    np.testing.assert_array_equal(z[:, 4], X[:, 4])
+    np.testing.assert_array_equal(z[np.array([29, 0, 8])], X[[29, 0, 8]])
+    assert z[5, 7] == X[5, 7] and z[4:4].shape == (0, g.n_neurons)
     np.testing.assert_array_equal(g.dask().compute(), X)
     blocks = list(g.iter_blocks(block_rows=7))
     np.testing.assert_array_equal(np.concatenate([b for _, b, _ in blocks]), X)

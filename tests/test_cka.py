@@ -232,7 +232,7 @@ def test_bad_input(X):
         probes.subset_cka(X, [np.array([0, 40])])
     with pytest.raises(errors.InvalidParameterError, match=r"subsets\[0\]: expected a non-empty"):
         probes.subset_cka(X, [np.array([], dtype=int)])
-    with pytest.raises(errors.InvalidParameterError, match=r"batch_size: expected an integer >= 4; got 0"):
+    with pytest.raises(errors.InvalidParameterError, match=r"batch_size: expected an integer in \[4, 1048576\]; got 0"):
         probes.subset_cka(X, [np.arange(3)], estimator="minibatch", batch_size=0)
     with pytest.raises(errors.InvalidParameterError, match=r"on_degenerate: expected one of 'nan', 'raise'"):
         probes.subset_cka(X, [np.arange(3)], on_degenerate="ignore")

@@ -66,6 +66,30 @@ def test_interrupted_push_shows_no_partial_group_and_resumes(local_store, s3):
     _equal(featstore.open(local_store).group(name), featstore.open(url).group(name))
 
 
+def test_a_chunk_deleted_on_the_store_is_named_by_every_read_and_a_push_restores_it(local_store, s3, capsys):
+    """A chunk removed at the URL: verify names it (exit 1), reads refuse it instead of serving
+    zeros, and a re-push uploads what the URL lacks ("restored"), not "already there"."""
+    import fsspec
+
+    bucket, _ = s3
+    url = f"{bucket}/lossy.zarr"
+    assert main(["push", str(local_store), url, "--no-progress"]) == 0
+    name = featstore.open(local_store).group(split="train").name  # 30 rows: chunks of 8 rows 0..3
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.rm(url.removeprefix("s3://") + f"/{name}/features/c/1/0")
+    capsys.readouterr()
+    assert main(["verify", "--store", url]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL {name}" in out and "features: chunk 1 (rows 8..16) is missing" in out
+    for read in (lambda g: g.numpy(), lambda g: g.dask().compute(), lambda g: g.features[8:9]):
+        with pytest.raises(errors.CorruptGroupError, match="chunk 1 .* is missing"):
+            read(featstore.open(url).group(name))
+    assert main(["push", str(local_store), url, "--no-progress"]) == 0
+    assert f"restored 1 file(s) {name}" in capsys.readouterr().out
+    assert main(["verify", "--store", url]) == 0
+    _equal(featstore.open(local_store).group(name), featstore.open(url).group(name))
+
+
 def test_missing_bucket_and_wrong_credentials_are_one_clear_error(local_store, s3, monkeypatch, capsys):
     bucket, _ = s3
     assert main(["push", str(local_store), "s3://no-such-bucket-x/f.zarr", "--no-progress"]) == 2
