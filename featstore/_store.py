@@ -268,12 +268,9 @@ class Group:
 
     def numpy(self, view: int = 0, dtype=None) -> np.ndarray:
         """All features of one pass as a numpy array of shape (n_samples, n_neurons), every chunk checked."""
-        out = np.empty((self.n_samples, self.n_neurons), dtype=dtype or np.dtype(self.spec.dtype))
-        at = 0
-        for block in self.read_verified(view):
-            out[at:at + len(block)] = block
-            at += len(block)
-        return out
+        arr = self.view(view)  # complete, a valid pass
+        block = arr._reader.rows_of(0, self.n_samples)  # one zarr read (its chunks decoded concurrently)
+        return block.astype(dtype, copy=False) if dtype is not None else block
 
     def dask(self, view: int = 0):
         """Features of one pass as a lazy dask array chunked like the store; each chunk is
@@ -375,7 +372,7 @@ class Group:
         dtype : numpy dtype, optional
             Convert each block (e.g. ``np.float64`` for CKA sums).
         block_rows : int, optional
-            Rows per block, rounded down to whole chunks (default: one chunk).
+            Rows per block, rounded down to whole chunks (default: about 64 MB of chunks).
         """
         self._require_complete()
         problems = self._label_problems()
@@ -384,10 +381,12 @@ class Group:
         if not 0 <= view <= self.n_views:
             self.view(view)  # the range error
         reader = PassReader(self, view)
-        per_block = max(1, (block_rows or reader.rows) // reader.rows)
+        # default: blocks of ~64 MB, so that zarr decodes several chunks at once
+        row_bytes = max(1, self.n_neurons * np.dtype(self.spec.dtype).itemsize)
+        per_block = max(1, (block_rows or max(reader.rows, (64 << 20) // row_bytes)) // reader.rows)
         for c0 in range(0, reader.n_row_chunks, per_block):
-            blocks = [reader.chunk(c) for c in range(c0, min(c0 + per_block, reader.n_row_chunks))]
-            out = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+            c1 = min(c0 + per_block, reader.n_row_chunks)
+            out = reader.rows_of(c0 * reader.rows, min(c1 * reader.rows, reader.n_rows))
             yield out.astype(dtype, copy=False) if dtype is not None else out
 
     def summary(self) -> dict[str, Any]:

@@ -122,7 +122,10 @@ def test_spec_change_gives_another_group_and_tampering_fails_loudly(tmp_path, ti
     meta["spec"]["transform"]["input_size"] = [3, 64, 64]
     zg.attrs["featstore"] = meta
     with pytest.raises(errors.StaleGroupError, match="attributes were changed"):
-        featstore.open(store).groups()
+        featstore.open(store).group(a.name)
+    s = featstore.open(store)
+    assert {g.name for g in s.groups()} == {b.name, c.name}  # the others are still listed ...
+    assert "attributes were changed" in s.unreadable[a.name]  # ... and the tampered one is named
 
 
 def test_rebuilding_a_complete_group_does_nothing(tmp_path, tiny, capsys):
