@@ -12,8 +12,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+import threading
 
 from . import _build, datasets, models, params
 from ._store import DEFAULT_STORE, FeatureStore
@@ -238,17 +241,50 @@ def _extensions():
         yield ep.load()
 
 
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, handled as Ctrl-C is: everything the command started (a sweep's workers,
+    a build's loader processes) is stopped through the same cleanup, and it says how to resume."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    raise _Stopped(signum)
+
+
 def main(argv=None) -> int:
+    import signal
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _stop)
     try:
         return args._commands[args.command](args)
     except FeatstoreError as e:
         print(f"featstore {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"featstore {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        print(f"featstore {args.command}: {how}; re-run the same command to resume", file=sys.stderr)
+        return 128 + int(signum)
+    except BrokenPipeError:  # `featstore info | head`: the reader left; nothing to say to it
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except MemoryError:
+        print(f"featstore {args.command}: error: out of memory; a smaller --batch-size, --limit or (sweeps) "
+              f"max_memory_mb would help", file=sys.stderr)
+        return 1
+    except OSError as e:  # a write or read the command did not expect to fail: one line, the path and why
+        where = f" {e.filename!r}" if getattr(e, "filename", None) else ""
+        print(f"featstore {args.command}: error:{where} {e.strerror or e} ({type(e).__name__}); free space or fix "
+              f"the permissions, then re-run the same command to resume", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

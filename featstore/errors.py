@@ -58,6 +58,7 @@ __all__ = [
     "ResultsNotFoundError",
     "OutputConflictError",
     "CorruptResultsError",
+    "SweepEndedError",
     "choices_text",
 ]
 
@@ -425,10 +426,21 @@ class OutputConflictError(StoreError, FileExistsError):
 
 
 class CorruptResultsError(StoreError):
-    """A completed task's rows disagree with its record. Fields: ``path``, ``task``, ``problem``."""
+    """A sweep output's results cannot be trusted as they are: a damaged record or results file,
+    a task of another spec, rows of other groups. Fields: ``path``, ``task``, ``problem``."""
 
-    _msg = ("results of task {task} in {path}: {problem}; remove results/{task}.parquet and done/{task}.json "
-            "and re-run the sweep to redo that task")
+    _msg = ("results of {path}: task {task}: {problem}. Re-run the sweep (the same spec and store): it sets such "
+            "results aside in set-aside/ and redoes their tasks (or read the rest with load_results(..., "
+            "repair=True))")
+
+
+class SweepEndedError(FeatstoreError, RuntimeError):
+    """A worker's task finished after the sweep that launched it stopped owning the output.
+
+    Fields: ``task``, ``out``, ``reason``.
+    """
+
+    _msg = "task {task} was not recorded in {out}: {reason}; its rows are dropped (re-run the sweep to resume)"
 
 
 class RemoteStoreError(StoreError):

@@ -27,11 +27,12 @@ class Run:
     workers: int
     scheduler: str | None
     slurm: "SlurmOptions | None" = None
+    generation: dict | None = None  # the sweep run owning the output: workers commit only while it does
 
 
 def _local(todo, run: Run, tick) -> None:
     for t in todo:
-        tick(run_task(t, run.store, run.out, run.device))
+        tick(run_task(t, run.store, run.out, run.device, generation=run.generation))
 
 
 def _joblib(todo, run: Run, tick) -> None:
@@ -39,7 +40,7 @@ def _joblib(todo, run: Run, tick) -> None:
 
     threads = max(1, (os.cpu_count() or 1) // run.workers)
     par = Parallel(n_jobs=run.workers, backend="loky", return_as="generator_unordered")
-    for n in par(delayed(run_task)(t, run.store, run.out, run.device, threads) for t in todo):
+    for n in par(delayed(run_task)(t, run.store, run.out, run.device, threads, run.generation, True) for t in todo):
         tick(n)
 
 
@@ -74,8 +75,8 @@ def _run_on(client, todo, run: Run, tick, threads: int | None) -> None:
     scheduler. retries covers a task whose worker died (a killed process, a cancelled job)."""
     from distributed import as_completed
 
-    futures = [client.submit(run_task, t, run.store, run.out, run.device, threads, key=f"task-{t.id}",
-                             pure=False, retries=3) for t in todo]
+    futures = [client.submit(run_task, t, run.store, run.out, run.device, threads, run.generation,
+                             key=f"task-{t.id}", pure=False, retries=3) for t in todo]
     for fut in as_completed(futures):
         tick(fut.result())
 

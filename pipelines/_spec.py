@@ -191,6 +191,19 @@ class SweepSpec(Parameters):
     """Where --launcher slurm runs the tasks (pipelines.SlurmOptions; the --slurm-* options override it). Not
     part of the spec's key: it changes where rows are computed, not what they are."""
 
+    @field_validator("groups")
+    @classmethod
+    def _no_repeated_pairing(cls, groups):
+        seen = {}
+        for i, g in enumerate(groups):
+            for p in g.pairings():
+                key = json.dumps(p.model_dump(mode="json"), sort_keys=True)
+                if key in seen:
+                    raise Rule(f"groups[{i}] repeats the pairing {p.label()} of groups[{seen[key]}]: it would run "
+                               f"twice; remove one (or give them different keys)")
+                seen[key] = i
+        return groups
+
     def pairings(self) -> list[GroupTable]:
         """The (train, test) pairings the sweep runs: each [[groups]] table, a ``layers`` table
         expanded to one per layer. Results' ``group`` column indexes this list."""

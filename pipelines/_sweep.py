@@ -24,7 +24,16 @@ from featstore.params import OneOf, Parameters, defaults, field_type, validate
 
 from ._launchers import LAUNCHERS, Run
 from ._slurm import SlurmOptions
-from ._results import LOCK_NAME, check_out, load_results, pending_tasks, prepare_out
+from ._results import (
+    LOCK_NAME,
+    check_out,
+    claim_generation,
+    load_results,
+    pending_tasks,
+    prepare_out,
+    recorded_features,
+    tidy_out,
+)
 from ._spec import SweepSpec, load_spec
 from ._tasks import FeatureCache, check_groups, expand_tasks
 
@@ -130,9 +139,9 @@ slurm_cores, slurm_gpus, slurm_jobs, slurm_host
     # the estimator's own runtime checks (bf16 on this device), before any task starts
     for group in spec.pairings():
         probes.SubsetProbes(**spec.protocol_for(group).model_dump(), device=opts.device).check_params()
-    check_groups(spec)
+    features = check_groups(spec)  # per pairing: the groups it reads and their keys
     out = Path(out)
-    check_out(spec, out)  # before anything is created
+    check_out(spec, out, features)  # before anything is created
     out.mkdir(parents=True, exist_ok=True)
 
     def waiting(holder):
@@ -140,8 +149,10 @@ slurm_cores, slurm_gpus, slurm_jobs, slurm_host
 
     with locked(out / LOCK_NAME, on_wait=waiting):
         try:
-            prepare_out(spec, out)
-            tasks = expand_tasks(spec)
+            prepare_out(spec, out, features)
+            generation = claim_generation(out)  # this run owns OUT: its workers commit while it does
+            tidy_out(out, say)  # damaged or foreign results set aside: their tasks run again
+            tasks = expand_tasks(spec, features)
             todo = pending_tasks(tasks, out)
             if len(todo) < len(tasks):
                 say(f"featstore sweep: {len(tasks) - len(todo)} of {len(tasks)} tasks already done; "
@@ -157,9 +168,11 @@ slurm_cores, slurm_gpus, slurm_jobs, slurm_host
                 bar.set_postfix(draws=rows)
 
             run = Run(str(spec.store), str(out), opts.device, opts.workers or os.cpu_count() or 1, opts.scheduler,
-                      slurm_options(spec, opts) if opts.launcher == "slurm" else None)
-            entry.run(todo, run, tick)
-            bar.close()
+                      slurm_options(spec, opts) if opts.launcher == "slurm" else None, generation)
+            try:
+                entry.run(todo, run, tick)
+            finally:
+                bar.close()  # also when stopped: the message that follows starts on its own line
         finally:
             FeatureCache.clear()  # the local launcher's tasks ran in this process: free the features
     return load_results(out) if return_results else None
@@ -177,7 +190,7 @@ def sweep_progress(out) -> dict | None:
         recorded = json.loads(meta.read_text())
         spec = dict(recorded["spec"])
         spec.pop("resolved", None)
-        tasks = expand_tasks(load_spec(spec))
+        tasks = expand_tasks(load_spec(spec), recorded_features(out))
     except (OSError, ValueError, KeyError, TypeError, FeatstoreError):
         return None
     missing = pending_tasks(tasks, out)

@@ -58,14 +58,22 @@ class Task:
     probe: probes.Protocol
     metrics: MetricsTable
     cka_options: tuple[tuple[str, Any], ...]
+    features: tuple[str, ...] = ()
+    """The content keys of the pairing's train, test and validation groups (their specs' sha256):
+    rows computed from other features are other tasks."""
+    shared: str = ""
+    """The digest of what every task of the sweep shares (selection, metrics), hashed once."""
 
     @property
     def id(self) -> str:
-        """A hash of everything this task's rows depend on (its pairing, its resolved protocol and
-        selection, the metrics, mode and seed): a change to one pairing changes only its tasks."""
-        blob = json.dumps([self.group_index, self.group.model_dump(mode="json"), self.probe.model_dump(mode="json"),
-                           self.selection.model_dump(mode="json"), self.metrics.model_dump(mode="json"),
-                           self.mode, self.seed], sort_keys=True)
+        """A hash of everything this task's rows depend on (its pairing and the features it reads,
+        its resolved protocol and selection, the metrics, mode and seed): a change to one pairing
+        changes only its tasks. The shared part is hashed once per sweep, so an id costs the
+        same however many seeds the selection lists."""
+        shared = self.shared or _shared_digest(self.selection, self.metrics)
+        blob = json.dumps([shared, self.group_index, self.group.model_dump(mode="json"),
+                           self.probe.model_dump(mode="json"), self.mode, self.seed, list(self.features)],
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
     def label(self) -> str:
@@ -86,24 +94,35 @@ class Task:
                                    include_full=False, device=device, **selection, **protocol)
 
 
-def expand_tasks(spec: SweepSpec) -> list[Task]:
-    """The spec's tasks: per pairing, the full-layer reference (per seed), then each mode x seed."""
+def _shared_digest(selection: SelectionTable, metrics: MetricsTable) -> str:
+    blob = json.dumps([selection.model_dump(mode="json"), metrics.model_dump(mode="json")], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def expand_tasks(spec: SweepSpec, features: list | None = None) -> list[Task]:
+    """The spec's tasks: per pairing, the full-layer reference (per seed), then each mode x seed.
+
+    ``features`` (``resolve_features``): per pairing, the keys of the groups it reads, part of
+    every task id; a sweep passes them (resolved from its store, or as its output recorded them).
+    """
     selection = spec.selection_for()
     common = dict(spec_key=spec.key(), selection=selection, metrics=spec.metrics,
-                  cka_options=tuple(spec.cka_options().items()))
+                  cka_options=tuple(spec.cka_options().items()), shared=_shared_digest(selection, spec.metrics))
     seeded = any(probes.SELECTION_MODES[m].seeded for m in selection.modes)
     tasks = []
     for gi, g in enumerate(spec.pairings()):
         protocol = spec.protocol_for(g)
+        keys = tuple(features[gi]["keys"]) if features is not None else ()
         # the full layer under each seed's minibatch order (DR's bootstrap resamples it with the
         # curves); one reference when no mode is seeded or every probe shares one order
         per_seed = protocol.minibatch_order == "per-seed"
         reference_seeds = selection.seeds if seeded and per_seed else (None,)
-        tasks += [Task(group_index=gi, group=g, mode=FULL_LAYER, seed=s, probe=protocol, **common)
+        tasks += [Task(group_index=gi, group=g, mode=FULL_LAYER, seed=s, probe=protocol, features=keys, **common)
                   for s in reference_seeds]
         for mode in selection.modes:
             for seed in (selection.seeds if probes.SELECTION_MODES[mode].seeded else (None,)):
-                tasks.append(Task(group_index=gi, group=g, mode=mode, seed=seed, probe=protocol, **common))
+                tasks.append(Task(group_index=gi, group=g, mode=mode, seed=seed, probe=protocol, features=keys,
+                                  **common))
     return tasks
 
 
@@ -126,12 +145,16 @@ def open_pair(store, g: GroupTable):
     return groups
 
 
-def check_groups(spec: SweepSpec) -> None:
+def check_groups(spec: SweepSpec) -> list[dict]:
     """Every pairing's groups exist and are complete, and its test (and validation) groups
-    match its train group."""
+    match its train group. Returns, per pairing, the features it reads: the groups' names and
+    their content keys (``{"train", "test", "val", "keys"}``)."""
     fs = featstore.open(spec.store)
+    resolved = []
     for g in spec.pairings():
         train, test, val = open_pair(fs, g)
+        resolved.append({"train": train.name, "test": test.name, "val": val.name if val is not None else None,
+                         "keys": [train.spec.key(), test.spec.key(), val.spec.key() if val is not None else ""]})
         present = np.unique(train.labels)
         if len(present) < 2:  # a probe on one class scores 1.0, and a DR from it is meaningless
             raise InvalidFeaturesError(where=f"sweep group {g.label()} (train {train.name})",
@@ -147,6 +170,7 @@ def check_groups(spec: SweepSpec) -> None:
             if diff:
                 raise MismatchedGroupsError(first=train.name, second=other.name, differences=diff,
                                             where=f"sweep group {g.label()}")
+    return resolved
 
 
 def test_mapping(g: GroupTable, train, test) -> tuple[int, ...] | None:
@@ -223,13 +247,19 @@ class FeatureCache:
 # ----------------------------------------------------------------------------- one task
 
 
-def run_task(task: Task, store: str, out: str, device: str = "auto", threads: int | None = None) -> int:
+def run_task(task: Task, store: str, out: str, device: str = "auto", threads: int | None = None,
+             generation: dict | None = None, die_with_parent: bool = False) -> int:
     """Train, evaluate and (optionally) CKA one task; commit its rows; return the row count.
 
     Safe to call again for a done task (it returns its recorded count without work).
+    ``generation``: the sweep run that launched it (its rows are committed only while that run
+    owns the output). ``die_with_parent``: a worker process on the sweep's machine (joblib's)
+    is killed by the kernel when the sweep dies, even by SIGKILL.
     """
     import torch
 
+    if die_with_parent:
+        _die_with_parent()
     done = done_count(out, task)
     if done is not None:
         return done
@@ -239,6 +269,13 @@ def run_task(task: Task, store: str, out: str, device: str = "auto", threads: in
     device = _worker_device(device)
     t0 = time.perf_counter()
     train, test, val = open_pair(store, task.group)
+    found = (train.spec.key(), test.spec.key(), val.spec.key() if val is not None else "")
+    if task.features and found != tuple(task.features):
+        from featstore.errors import StaleGroupError
+
+        raise StaleGroupError(name=train.name, store=str(store),
+                              reason="the pairing's groups changed since the sweep resolved them (rebuilt or "
+                                     "replaced): re-run the sweep")
     est = task.estimator(train.n_neurons, device)
     cached = FeatureCache.get(train, test, val, test_mapping(task.group, train, test))  # read once per worker
     data, test_data = cached.train, cached.test
@@ -290,7 +327,23 @@ def run_task(task: Task, store: str, out: str, device: str = "auto", threads: in
     res["draw"] = res["draw"].astype(np.int64)
     res["seed"] = res["seed"].astype("Int64")
     record_test_labels(out, task.group_index, test_data.y)  # what each row's test_correct refers to
-    return commit_rows(out, task, res)
+    return commit_rows(out, task, res, generation)
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel send this process SIGKILL when its parent (the sweep) dies, so a
+    killed sweep's loky workers do not run on (they could never commit anyway: generations)."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except OSError:
+        pass
 
 
 def _worker_device(device: str) -> str:
