@@ -338,14 +338,23 @@ def _render(df, names, out: Path, formats) -> dict[str, bytes]:
             if fig is None:
                 continue
             fig.tight_layout()
-            for fmt in formats:
-                fig.savefig(out / f"{name}.{fmt}", dpi=PNG_DPI, metadata={"Creator": "featstore report"}
+            for fmt in formats:  # each file written whole or not at all: a full disk never leaves half a figure
+                buf = io.BytesIO()
+                fig.savefig(buf, format=fmt, dpi=PNG_DPI, metadata={"Creator": "featstore report"}
                             if fmt in ("pdf", "svg") else None)
+                _write(out / f"{name}.{fmt}", buf.getvalue())
             buf = io.BytesIO()
             fig.savefig(buf, format="png", dpi=PNG_DPI)
             pngs[name] = buf.getvalue()
             plt.close(fig)
     return pngs
+
+
+def _write(path: Path, data: bytes) -> None:
+    """One report file, atomically: the previous one stays whole if this write fails."""
+    from featstore.fileio import atomic_write
+
+    atomic_write(path, data, consequence="the report's previous files are as they were")
 
 
 def _answers(df) -> list[str]:
@@ -476,7 +485,13 @@ def write_report(results_dir: str | os.PathLike, out: str | os.PathLike | None =
 
         raise ResultsNotFoundError(path=str(results_dir), hint="no task has completed yet")
     out = Path(out) if out else Path(results_dir) / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from featstore.errors import WriteFailedError
+
+        raise WriteFailedError(path=str(out), reason=e.strerror or str(e),
+                               consequence="no report was written; give --out a writable folder") from None
     if o.figure is not None:
         if not _render(df, [o.figure], out, o.formats):
             from featstore.errors import IncompatibleParametersError
@@ -528,5 +543,5 @@ def write_report(results_dir: str | os.PathLike, out: str | os.PathLike | None =
     files = ", ".join(f"<code>{n}.{{{','.join(o.formats)}}}</code>" for n in pngs)
     parts.append(f"<p class='src'>Figure files beside this page: {files}.</p></body></html>")
     page = out / "report.html"
-    page.write_text("\n".join(parts))
+    _write(page, "\n".join(parts).encode())
     return page

@@ -142,6 +142,7 @@ slurm_cores, slurm_gpus, slurm_jobs, slurm_host
     features = check_groups(spec)  # per pairing: the groups it reads and their keys
     out = Path(out)
     check_out(spec, out, features)  # before anything is created
+    _check_out_writable(out)
     out.mkdir(parents=True, exist_ok=True)
 
     def waiting(holder):
@@ -176,6 +177,19 @@ slurm_cores, slurm_gpus, slurm_jobs, slurm_host
         finally:
             FeatureCache.clear()  # the local launcher's tasks ran in this process: free the features
     return load_results(out) if return_results else None
+
+
+def _check_out_writable(out: Path) -> None:
+    """--out (or the nearest folder above it that exists) must take writes: one clear error
+    before any work, not an OSError from the first task's commit."""
+    probe = out
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        from featstore.errors import OutputConflictError
+
+        raise OutputConflictError(path=str(out), reason=f"cannot be written ({str(probe)!r} "
+                                                        f"{'is not a folder' if not probe.is_dir() else 'denies writes'})")
 
 
 def sweep_progress(out) -> dict | None:

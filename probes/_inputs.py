@@ -130,12 +130,21 @@ class RowFile:
         self.n = sum(p.shape[0] for p in parts)
         self.d = parts[0].shape[1]
         self.row_bytes = self.d * self.dtype.itemsize
-        self._file = tempfile.TemporaryFile(prefix="featstore-rows-")
-        for part in parts:
-            blocks = part.blocks(dtype=self.dtype) if hasattr(part, "blocks") else [np.asarray(part)]
-            for block in blocks:
-                self._file.write(np.ascontiguousarray(block, dtype=self.dtype).tobytes())
-        self._file.flush()
+        folder = tempfile.gettempdir()
+        try:
+            self._file = tempfile.TemporaryFile(prefix="featstore-rows-")
+            for part in parts:
+                blocks = part.blocks(dtype=self.dtype) if hasattr(part, "blocks") else [np.asarray(part)]
+                for block in blocks:
+                    self._file.write(np.ascontiguousarray(block, dtype=self.dtype).tobytes())
+            self._file.flush()
+        except OSError as e:  # the scratch disk is full or not writable: say which and how to move it
+            from featstore.errors import WriteFailedError
+
+            raise WriteFailedError(path=f"the probes' scratch file in {folder}",
+                                   reason=f"{e.strerror or e} ({self.n * self.row_bytes / 2**30:.1f} GiB needed)",
+                                   consequence="no probe was trained; point TMPDIR at a disk with room, or raise "
+                                               "max_memory_mb to keep the features in memory") from None
         self.where = getattr(parts[0], "where", "X")
         self.n_samples, self.n_neurons = self.n, self.d
 
