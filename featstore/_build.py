@@ -51,6 +51,7 @@ from .errors import (
     InvalidDatasetError,
     InvalidParameterError,
     StaleGroupError,
+    StoreNotFoundError,
     UnknownNameError,
     WriteFailedError,
 )
@@ -383,7 +384,9 @@ class BuildOptions(Parameters):
     device (the workers only read the bytes; torchvision decodes batches on the build's device, nvJPEG on CUDA,
     and the model's resize, crop and normalisation run there; what it cannot take, the augmented views and
     non-JPEG files, goes through PIL). Part of the group's key: the pixels differ by rounding."""
-    check: bool = True
+    check: Annotated[bool, Field(json_schema_extra={
+        "off": "Skip the check of every image file before the pass, for trusted data (a bad file then stops the "
+               "pass where it is, resumable)"})] = True
     """Check every image file before the pass (a fast parallel header and reduced-size decode); turn off for
     trusted data (a bad file then stops the pass where it is, resumable)."""
     store: PathText = DEFAULT_STORE
@@ -399,9 +402,10 @@ class BuildOptions(Parameters):
     """Override the model's input size in pixels (tests, quick looks)."""
     chunk_rows: ChunkRows | None = None
     """Rows per chunk (default: a power of two near 8 MB)."""
-    progress: bool = True
+    progress: Annotated[bool, Field(json_schema_extra={"off": "No progress bar"})] = True
     """Show a progress bar with images/s."""
-    wait: bool = True
+    wait: Annotated[bool, Field(json_schema_extra={
+        "off": "When another build holds a group, exit with an error naming it instead of waiting"})] = True
     """When another build holds a group, wait for it (else exit with an error)."""
 
 
@@ -444,12 +448,14 @@ class _Plan:
 def build(o: BuildOptions, log=None) -> list[Group]:
     """Extract features once and write one group per (layer, split).
 
-    Every keyword is declared in :class:`BuildOptions` (``help(featstore.BuildOptions)``
-    lists types, ranges and defaults) and checked before any work: a bad value is one
-    error naming the keyword, and nothing is written. Three steps: :func:`_plan` (resolve
-    and check: dataset, splits, device, store, backbone, layer widths), :func:`_specs` (one
-    ExtractionSpec per layer of a split), :func:`_extract` (lock, create or resume the
-    groups, one backbone pass).
+    Every keyword below is declared once, in :class:`BuildOptions` (the command line's
+    options come from the same declarations), and checked before any work: a bad value is
+    one error naming the keyword, and nothing is written. Resumable: call it again after an
+    interruption.
+
+    {parameters}
+    log : callable, optional
+        Receives status lines (default: printed to stderr).
 
     Returns
     -------
@@ -458,6 +464,18 @@ def build(o: BuildOptions, log=None) -> list[Group]:
     """
     say = log or (lambda msg: print(msg, file=sys.stderr))
     plan = _plan(o)
+    # a split whose groups are all complete needs no image check (under --bad-images fail its key
+    # does not depend on it): a no-op rebuild says "already complete" without reading every file
+    done = set()
+    if o.bad_images == "fail":
+        try:
+            existing = FeatureStore(o.store, mode="r")
+        except StoreNotFoundError:
+            existing = None
+        if existing is not None:
+            done = {split for split in o.splits
+                    if all(_is_complete(existing, spec) for spec in _specs(plan, split).values())}
+    _check_sources(plan, skip=done)  # before the store is created: a bad file changes nothing on disk
     fs = FeatureStore(o.store, mode="a")
     built: list[Group] = []
     try:
@@ -492,18 +510,6 @@ def _plan(o: BuildOptions) -> _Plan:
     with torch.no_grad():
         widths = {k: int(v.shape[1]) for k, v in extractor(torch.zeros((1,) + tuple(tspec.input_size))).items()}
     sources = {split: datasets.load_split(dataset, split, o.root, o.download, o.bad_images) for split in o.splits}
-    bad = {split: datasets.check_images(src.files, progress=o.progress, label=f"checking {split} images")
-           for split, src in sources.items() if o.check and src.files}
-    if o.bad_images == "fail" and any(bad.values()):  # every bad file of every split, in one error
-        raise BadImagesError(
-            dataset=dataset, files=[f"{sources[split].files[i]}: {why}" for split, found in bad.items() for i, why in found],
-            fix="Nothing was built. Remove or replace them, or build with --bad-images skip to leave them out "
-                "(recorded with the group)")
-    skipped: dict[str, list[tuple[str, str]]] = {}
-    for split, found in bad.items():
-        if found:
-            skipped[split] = [(sources[split].sample_ids[i], why) for i, why in found]
-            sources[split] = sources[split].without([i for i, _ in found])
     for split, src in sources.items():
         if len(src) == 0:
             raise InvalidDatasetError(dataset=dataset, problem=f"split {split!r} is empty")
@@ -519,7 +525,34 @@ def _plan(o: BuildOptions) -> _Plan:
     backbone.to(device=device, memory_format=torch.channels_last)
     return _Plan(o, dataset, device, o.batch_size or (256 if device.startswith("cuda") else 16),
                  o.workers if o.workers is not None else default_workers(device),
-                 backbone, winfo, extractor, tspec, widths, sources, skipped, decoder)
+                 backbone, winfo, extractor, tspec, widths, sources, {}, decoder)
+
+
+def _is_complete(fs: FeatureStore, spec: ExtractionSpec) -> bool:
+    z = fs.raw_group(spec.group_name())
+    return z is not None and z.attrs.asdict().get(META, {}).get("state") == "complete"
+
+
+def _check_sources(plan: _Plan, skip=()) -> None:
+    """Check every image file of the splits to build (not ``skip``): under ``fail`` every bad
+    file of every split in one error, before any group is created; under ``skip`` they are left
+    out and recorded (``plan.skipped``, part of the groups' keys)."""
+    o, sources = plan.options, plan.sources
+    bad = {split: datasets.check_images(src.files, progress=o.progress, label=f"checking {split} images")
+           for split, src in sources.items() if o.check and src.files and split not in skip}
+    if o.bad_images == "fail" and any(bad.values()):  # every bad file of every split, in one error
+        raise BadImagesError(
+            dataset=plan.dataset,
+            files=[f"{sources[split].files[i]}: {why}" for split, found in bad.items() for i, why in found],
+            fix="Nothing was built. Remove or replace them, or build with --bad-images skip to leave them out "
+                "(recorded with the group)")
+    for split, found in bad.items():
+        if found:
+            plan.skipped[split] = [(sources[split].sample_ids[i], why) for i, why in found]
+            sources[split] = sources[split].without([i for i, _ in found])
+    for split, src in sources.items():
+        if len(src) == 0:
+            raise InvalidDatasetError(dataset=plan.dataset, problem=f"split {split!r} is empty")
 
 
 def _specs(plan: _Plan, split: str) -> dict[str, ExtractionSpec]:

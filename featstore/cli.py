@@ -47,12 +47,18 @@ def _cmd_build(a) -> int:
     options = params.parse_arguments(_build.BuildOptions, a)
     # checked here too, so that a message names the flag the user typed (--limit, not limit)
     params.validate(_build.BuildOptions, options, key_format=params.cli_key(params.flags(_build.BuildOptions)))
+    import time
+
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     groups = _build.build(**options)
     store = options.get("store", _build.BuildOptions.model_fields["store"].default)
-    print(f"Built {len(groups)} group(s) in {store}:")
+    now = [g for g in groups if g.timings.get("completed", "") >= started]  # completed by this command
+    print(f"Built {len(now)} group(s) in {store}" + (f"; {len(groups) - len(now)} already complete" if
+                                                     len(now) < len(groups) else "") + ":")
     for g in groups:
         t = g.timings
-        rate = f", {t['images_per_second']:.1f} img/s" if t.get("images_per_second") else ""
+        rate = f", {t['images_per_second']:.1f} img/s" if g in now and t.get("images_per_second") else \
+            ("" if g in now else ", already complete")
         print(f"  {g.name}  {g.n_samples} x {g.n_neurons} {g.spec.dtype}"
               f"{f' + {g.n_views} views' if g.n_views else ''}{rate}")
     return 0
@@ -69,11 +75,11 @@ def _cmd_ls(a) -> int:
     if not rows and not broken:
         print(f"{a.store}: no {'groups' if a.all else 'complete groups'}")
         return 0
-    header = ("GROUP", "SHAPE", "DTYPE", "VIEWS", "SIZE", "STATE")
+    header = ("GROUP", "SHAPE", "DTYPE", "LIMIT", "VIEWS", "SIZE", "STATE")
     table = [header] + [
-        (r["name"], f"{r['n_samples']}x{r['n_neurons']}", r["dtype"], str(r["views"]),
+        (r["name"], f"{r['n_samples']}x{r['n_neurons']}", r["dtype"], str(r["limit"] or "all"), str(r["views"]),
          _human(r["bytes_on_disk"]), r["state"]) for r in rows
-    ] + [(name, "?", "?", "?", "?", "unreadable") for name in broken]
+    ] + [(name, "?", "?", "?", "?", "?", "unreadable") for name in broken]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -154,6 +160,7 @@ def _cmd_layers(a) -> int:
     import contextlib
     import io
 
+    print(f"featstore layers: building {a.model} with random weights to list its modules ...", file=sys.stderr)
     models.check_model_name(a.model)
     import timm
 
@@ -174,19 +181,29 @@ def _cmd_datasets(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="featstore", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"featstore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_build(sub)
-    p = sub.add_parser("ls", help="list the groups of a store")
+    p = sub.add_parser("ls", help="list the groups of a store",
+                       description="List a store's groups: name, shape, dtype, limit, views, size on disk and "
+                                   "state. Groups that cannot be opened are named, with why.")
     p.add_argument("--store", default=DEFAULT_STORE)
     _add_storage_option(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--all", action="store_true", help="include incomplete (building) groups")
-    p = sub.add_parser("info", help="show a group's full extraction spec and provenance")
+    p = sub.add_parser("info", help="show a group's full extraction spec and provenance",
+                       description="Print one group's extraction spec, its key, provenance (library versions, "
+                                   "weights and their sha256, device, host), timings and skipped files as JSON.")
     p.add_argument("group")
     p.add_argument("--store", default=DEFAULT_STORE)
     _add_storage_option(p)
-    p = sub.add_parser("verify", help="check every chunk is present and readable, no NaN/Inf, labels in range")
+    p = sub.add_parser("verify", help="check every chunk is present and readable, no NaN/Inf, labels in range",
+                       description="Read every chunk of every pass of the groups and check it: present, "
+                                   "decodable, finite, holding what its build wrote (its CRC-32); labels in "
+                                   "range. Exit 1 when anything is wrong, naming it.")
     p.add_argument("groups", nargs="*", help="groups to check (default: all)")
     p.add_argument("--store", default=DEFAULT_STORE)
     _add_storage_option(p)
@@ -208,9 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also every incomplete group (killed builds) and leftover temporary folders")
     p.add_argument("--dry-run", action="store_true", help="print what would be removed; delete nothing")
     p.add_argument("--store", default=DEFAULT_STORE)
-    p = sub.add_parser("layers", help="list a timm model's layer names")
+    p = sub.add_parser("layers", help="list a timm model's layer names",
+                       description="List the names --layers takes for a timm model: pre_logits and every module, "
+                                   "in the model's order. Builds the model with random weights (nothing is "
+                                   "downloaded).")
     p.add_argument("model")
-    sub.add_parser("datasets", help="list the registered datasets")
+    sub.add_parser("datasets", help="list the registered datasets",
+                   description="List the datasets --dataset takes, with their splits and where their files come "
+                               "from, and the imagefolder:PATH form.")
     commands = dict(COMMANDS)
     for register in _extensions():
         register(sub, commands)
@@ -257,8 +279,22 @@ def _stop(signum, frame):
 def main(argv=None) -> int:
     import signal
 
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        """A warning as one line of the command's own (no source line; above a progress bar)."""
+        text = f"featstore {args.command}: warning: {message}"
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(text, file=sys.stderr)
+        except Exception:  # noqa: BLE001 - a warning must never fail the command
+            print(text, file=sys.stderr)
+
+    warnings.showwarning = one_line
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, _stop)

@@ -183,7 +183,12 @@ class IncompatibleParametersError(InvalidParameterError):
 class SpecNotFoundError(FeatstoreError, FileNotFoundError):
     """A spec file does not exist. Fields: ``path``."""
 
-    _msg = "sweep spec {path!r} does not exist"
+    _msg = "sweep spec {path!r} does not exist ({where})"
+
+    def _prepare(self, fields):
+        import os
+
+        return {**fields, "where": os.path.abspath(str(fields["path"]))}
 
 
 class SpecSyntaxError(InvalidParameterError):
@@ -262,7 +267,13 @@ class StoreError(FeatstoreError, OSError):
 class StoreNotFoundError(StoreError, FileNotFoundError):
     """No store exists at the path. Fields: ``path``."""
 
-    _msg = "No feature store at {path!r}; create one with `featstore build --store {path}`"
+    _msg = "No feature store at {path!r} ({where}); create one with `featstore build --store {path}`"
+
+    def _prepare(self, fields):
+        import os
+
+        path = str(fields["path"])
+        return {**fields, "where": path if "://" in path else os.path.abspath(os.path.expanduser(path))}
 
 
 class NotAFeatureStoreError(StoreError):

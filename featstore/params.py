@@ -48,7 +48,21 @@ SeedValue = typing.Annotated[int, Field(ge=0, le=SEED_MAX)]
 """A seed: 0 .. 2**32 - 1, what numpy's and torch's generators both take (larger ones overflow)."""
 
 
-class Parameters(BaseModel):
+class _Declaration(type(BaseModel)):
+    """pydantic's model metaclass, with ``dir()`` (and so ``help()``) of a declaration showing its
+    own fields and methods, not the ~60 that every pydantic model inherits (33k characters of
+    ``help(featstore.BuildOptions)`` before)."""
+
+    def __dir__(cls):
+        own = set(cls.model_fields) if hasattr(cls, "model_fields") else set()
+        for klass in cls.__mro__:
+            if klass is BaseModel or klass.__module__.startswith("pydantic"):
+                break
+            own |= {k for k in vars(klass) if not k.startswith("_") or k in ("__init__", "__doc__")}
+        return sorted(own - {"model_config"})
+
+
+class Parameters(BaseModel, metaclass=_Declaration):
     """Base of every parameter declaration: strict types, unknown keys refused, immutable.
 
     Validate user input with :func:`validate` (featstore's errors, naming the key);
@@ -57,6 +71,16 @@ class Parameters(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True, arbitrary_types_allowed=True,
                               use_attribute_docstrings=True)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs):
+        super().__pydantic_init_subclass__(**kwargs)
+        # help() shows names and defaults, and the docstring a Parameters section generated from the
+        # declarations (types, ranges, defaults, descriptions), not pydantic's annotations with every
+        # registry's repr inlined
+        cls.__signature__ = signature(cls)
+        if cls.model_fields and "\nParameters\n" not in (cls.__doc__ or ""):
+            cls.__doc__ = f"{inspect.cleandoc(cls.__doc__ or '')}\n\nParameters\n----------\n{parameters_doc(cls, indent='')}"
 
 
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity: the registry is a live dict
@@ -431,8 +455,15 @@ def parameters_doc(model: type[Parameters], indent: str = "    ") -> str:
         lines.append(f"{indent}{name} : {describe(_field_type(f))}"
                      + ("" if f.is_required() else f", default {f.get_default(call_default_factory=True)!r}"))
         if f.description:
-            lines.append(f"{indent}    {f.description}")
+            import textwrap
+
+            lines += textwrap.wrap(" ".join(f.description.split()), width=92, initial_indent=indent + "    ",
+                                   subsequent_indent=indent + "    ")
     return "\n".join(lines)
+
+
+# where a ``takes`` function's docstring wants its generated Parameters section
+_PARAMETERS_HERE = "{parameters}"
 
 
 def takes(model: type[Parameters], *, first_positional: bool = True, extra: Sequence[str] = ()):
@@ -440,7 +471,8 @@ def takes(model: type[Parameters], *, first_positional: bool = True, extra: Sequ
     signature; arguments are validated (one clear error, before any work) into ``params``.
 
     ``extra`` names keyword arguments that are not parameters (callbacks such as ``log``):
-    they are passed through unvalidated.
+    they are passed through unvalidated. ``{parameters}`` in ``fn``'s docstring becomes the
+    numpydoc Parameters section of the declaration.
     """
 
     def deco(fn):
@@ -463,6 +495,10 @@ def takes(model: type[Parameters], *, first_positional: bool = True, extra: Sequ
             return fn(params, **passed)
 
         wrapper.__signature__ = sig  # inspect stops here, not at fn's (params) signature
+        # help(fn) lists every parameter, generated from the declaration (one vocabulary), in
+        # place of the pointer to it
+        doc = inspect.cleandoc(fn.__doc__ or "")
+        wrapper.__doc__ = doc.replace(_PARAMETERS_HERE, "Parameters\n----------\n" + parameters_doc(model, indent=""))
         return wrapper
 
     return deco
@@ -575,9 +611,11 @@ def add_arguments(parser: argparse.ArgumentParser, model: type[Parameters], *, s
         default = None if f.is_required() else f.get_default(call_default_factory=True)
         text = (f.description or "").rstrip(".")
         if tp is bool and kind == "scalar":
-            if default:
+            if default:  # the flag turns it off: its own words (``off``), else "Turn off: ..."
+                extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+                off = extra.get("off") or f"Turn off: {text[:1].lower()}{text[1:]}"
                 parser.add_argument("--no-" + _flag(name, f)[2:], dest=name, action="store_false",
-                                    default=argparse.SUPPRESS, help=f"turn off: {text[:1].lower()}{text[1:]}")
+                                    default=argparse.SUPPRESS, help=off.replace("%", "%%"))
             else:
                 parser.add_argument(_flag(name, f), dest=name, action="store_true", default=argparse.SUPPRESS,
                                     help=text)

@@ -45,7 +45,9 @@ def register(sub, commands) -> None:
     p.add_argument("--out", required=True, help="output directory (results/, done/, sweep.json)")
     p.add_argument("--store", default=None, help="override the spec's store path")
     params.add_arguments(p, SweepRun)
-    p = sub.add_parser("report", help="figures and an HTML page from a sweep's results")
+    p = sub.add_parser("report", help="figures and an HTML page from a sweep's results",
+                       description="Write a sweep's figures (PNG, SVG, PDF) and one self-contained HTML page: the "
+                                   "answer (DR per pairing) first, then the figures, then the detailed tables.")
     p.add_argument("results", help="sweep output directory")
     p.add_argument("--out", default=None, help="report directory (default: RESULTS/report)")
     params.add_arguments(p, ReportOptions)

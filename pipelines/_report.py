@@ -312,6 +312,8 @@ class ReportOptions(Parameters):
     """Files written for each figure (comma-separated: png, svg, pdf); the page embeds PNG whatever they are."""
     figure: FigureName | None = None
     """Write this one figure alone (in each of --formats), not the page."""
+    progress: Annotated[bool, Field(json_schema_extra={"off": "No progress bar over the figures"})] = True
+    """Show a progress bar over the figures (each bootstraps its intervals: seconds apiece)."""
 
 
 # sized for one column of a two-column paper (3.4 in wide), text at 8 pt, fonts kept as text
@@ -322,18 +324,19 @@ PAPER_STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend
 PNG_DPI = 200
 
 
-def _render(df, names, out: Path, formats) -> dict[str, bytes]:
+def _render(df, names, out: Path, formats, progress: bool = False) -> dict[str, bytes]:
     """Draw each figure (paper style), write it in every format, return its PNG bytes."""
     import io
 
     import matplotlib
+    from tqdm.auto import tqdm
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     pngs = {}
     with matplotlib.rc_context(PAPER_STYLE):
-        for name in names:
+        for name in tqdm(names, desc="report figures", unit="figure", disable=not progress, dynamic_ncols=True):
             fig = FIGURES[name](df, plt)
             if fig is None:
                 continue
@@ -453,20 +456,23 @@ STYLE = ("body{font-family:system-ui,sans-serif;max-width:1240px;margin:1em auto
          ".src{color:#666;font-size:12px;margin:.2em 0 .8em}"
          ".top{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1.05fr);gap:1.2em;align-items:start}"
          ".answer{font-size:15px;line-height:1.4;margin:.3em 0 .7em}"
-         ".figs{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:1.2em}"
+         ".figs{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(520px,100%),1fr));gap:1.2em}"
          "figure{margin:0}figure img{width:100%;height:auto;border:1px solid #eee}"
          "figcaption{font-size:12.5px;color:#444;margin-top:.3em}"
          "table{border-collapse:collapse;font-size:12px;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px}"
          "th{background:#f4f4f4}details{margin:.6em 0}summary{cursor:pointer;font-weight:600}"
          ".warn{background:#fff4e5;border-left:4px solid #f0a020;padding:.4em .6em;font-size:14px}"
-         ".wide{overflow-x:auto;max-width:100%}")
+         ".wide{overflow-x:auto;max-width:100%}"
+         # a phone: one column, the answer above its figure; figures scale, tables scroll in their box
+         "@media (max-width:800px){.top{grid-template-columns:minmax(0,1fr)}body{padding:0 .5em}}")
 
 
 _REPORT = defaults(ReportOptions)
 
 
 def write_report(results_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
-                 formats=_REPORT["formats"], figure: str | None = _REPORT["figure"]) -> Path:
+                 formats=_REPORT["formats"], figure: str | None = _REPORT["figure"],
+                 progress: bool = _REPORT["progress"]) -> Path:
     """Write a sweep's figures (``formats``: png, svg, pdf) and ``report.html``: one self-contained
     page (images inline), the answer first, then the figures, then the detailed tables (folded).
 
@@ -475,7 +481,7 @@ def write_report(results_dir: str | os.PathLike, out: str | os.PathLike | None =
     """
     import json
 
-    o = validate(ReportOptions, dict(formats=formats, figure=figure), prefix="write_report.")
+    o = validate(ReportOptions, dict(formats=formats, figure=figure, progress=progress), prefix="write_report.")
 
     from ._sweep import load_results
 
@@ -493,14 +499,14 @@ def write_report(results_dir: str | os.PathLike, out: str | os.PathLike | None =
         raise WriteFailedError(path=str(out), reason=e.strerror or str(e),
                                consequence="no report was written; give --out a writable folder") from None
     if o.figure is not None:
-        if not _render(df, [o.figure], out, o.formats):
+        if not _render(df, [o.figure], out, o.formats, o.progress):
             from featstore.errors import IncompatibleParametersError
 
             raise IncompatibleParametersError(key="figure", value=o.figure,
                                               reason="these results hold nothing for it (see the page for the "
                                                      "figures they have)")
         return out / f"{o.figure}.{o.formats[0]}"
-    pngs = _render(df, list(FIGURES), out, o.formats)
+    pngs = _render(df, list(FIGURES), out, o.formats, o.progress)
     meta_path = Path(results_dir) / "sweep.json"
     spec = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     store = spec.get("spec", {}).get("store", "?")
@@ -536,8 +542,8 @@ def write_report(results_dir: str | os.PathLike, out: str | os.PathLike | None =
             parts.append(f"<details><summary>DR(δ) from CKA ({html.escape(str(est))} estimator)</summary>"
                          + _dr_html(df, source="cka") + "</details>")
         parts.append("<details><summary>Critical fraction: the smallest evaluated fraction within 5% of the full "
-                     "layer</summary>" + critical_fraction(df).to_html(index=False, float_format="{:.4g}".format)
-                     + "</details>")
+                     "layer</summary><div class='wide'>"
+                     + critical_fraction(df).to_html(index=False, float_format="{:.4g}".format) + "</div></details>")
     parts.append("<details><summary>Accuracy at every fraction (mean over runs [95% bootstrap interval])</summary>"
                  + _curve_html(df) + "</details>")
     files = ", ".join(f"<code>{n}.{{{','.join(o.formats)}}}</code>" for n in pngs)

@@ -282,6 +282,29 @@ def load_spec(source: str | os.PathLike | dict, store: str | None = None) -> Swe
             raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise SpecSyntaxError(path=str(path), reason=str(e)) from None
+        _relative_to(raw, path.resolve().parent)
     if store is not None:
-        raw["store"] = store
+        raw["store"] = store  # as the user typed it: relative to the working directory
     return validate(SweepSpec, raw)
+
+
+def _relative_to(raw: dict, folder: Path) -> None:
+    """A spec file's relative paths (its store, image folders, class-map files) as written from
+    the file's own folder, as a build file's are: the spec means the same from any directory."""
+    def resolve(text):
+        if not isinstance(text, str) or "://" in text or Path(text).expanduser().is_absolute():
+            return text
+        return str((folder / text).resolve())
+
+    if "store" in raw:
+        raw["store"] = resolve(raw["store"])
+    for table in raw.get("groups", []) if isinstance(raw.get("groups"), list) else []:
+        if not isinstance(table, dict):
+            continue
+        tables = [table] + [table[k] for k in ("train", "test", "val") if isinstance(table.get(k), dict)]
+        for t in tables:
+            dataset = t.get("dataset")
+            if isinstance(dataset, str) and dataset.startswith("imagefolder:"):
+                t["dataset"] = "imagefolder:" + resolve(dataset.split(":", 1)[1])
+            if isinstance(t.get("class_map"), str) and t["class_map"] not in ("by-name", "by-index"):
+                t["class_map"] = resolve(t["class_map"])

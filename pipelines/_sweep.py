@@ -53,7 +53,7 @@ class _SweepRunBase(Parameters):
     """Address of an existing dask scheduler (tcp://host:8786); its workers must reach the store."""
     device: Device = "auto"
     """Where probes train: auto (cuda when present), cpu, cuda or cuda:N."""
-    progress: bool = True
+    progress: Annotated[bool, Field(json_schema_extra={"off": "No progress bar over the tasks"})] = True
     """Show a progress bar over tasks."""
 
 

@@ -83,7 +83,7 @@ class Task:
         """The task's SubsetProbes. A reference task trains the whole layer: under a seed (the
         seed's minibatch order, as the released code's full-layer run: random neurons at
         fraction 1), or as one explicit subset."""
-        protocol = self.probe.model_dump()
+        protocol = {**self.probe.model_dump(), "verbose": False}  # the sweep's own bar says how far it is
         if self.mode == FULL_LAYER and self.seed is not None:
             return probes.SubsetProbes(mode="random", fractions=(1.0,), seeds=(self.seed,), include_full=False,
                                        device=device, **protocol)

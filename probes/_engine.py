@@ -196,8 +196,8 @@ class _Runtime(Parameters):
     """auto (cuda when present), cpu, cuda or cuda:N."""
     include_full: bool = True
     """Train the full layer (f = 1) alongside as the reference."""
-    verbose: bool = False
-    """Progress bar over epochs."""
+    verbose: bool = True
+    """Progress bar over epochs (a fit can take minutes; sweeps turn it off for their own bar)."""
     max_memory_mb: Annotated[int, Field(ge=16)] = DEFAULT_MAX_MEMORY_MB
     """Train features (a featstore group or zarr array) larger than this, as float32 over every pass, stay on
     disk: written once to a scratch file in their stored dtype, each minibatch reads its rows (index modes
@@ -1071,6 +1071,14 @@ class SubsetProbes(Estimator):
         """Predicted classes, array of shape (n_samples, n_draws)."""
         return self.decision_function(X).argmax(-1)
 
+    def score(self, X, y=None) -> float:
+        """Mean test accuracy, as scikit-learn's classifiers define ``score``: that of the full-layer
+        probe (averaged over its per-seed runs), or, fitted with ``include_full=False``, the mean
+        over every draw. Per-draw accuracies: :meth:`evaluate`."""
+        res = self.evaluate(X, y)
+        full = res[res["mode"] == "full"]
+        return float((full if len(full) else res)["test_accuracy"].mean())
+
     def evaluate(self, X, y=None):
         """Per-probe results on a test split, as a pandas DataFrame (one row per draw).
 
@@ -1081,6 +1089,7 @@ class SubsetProbes(Estimator):
         """
         import pandas as pd
 
+        self._check_fitted()
         data = load_training_data(X, y, self.n_classes_, where="test", max_memory_mb=self.max_memory_mb)
         pred = self.predict(data.X)
         correct = pred == data.y[:, None]

@@ -209,7 +209,7 @@ def test_messages_name_only_flags_that_exist():
 
     from .conftest import REPO
 
-    known = set()
+    known = {o for a in build_parser()._actions for o in a.option_strings}  # featstore --version, --help
     for action in build_parser()._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():

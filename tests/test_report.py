@@ -83,9 +83,40 @@ def test_one_figure_alone_and_bad_options(tmp_path, reference):
         pipelines.write_report(reference.attrs["out"], tmp_path / "none", figure="dr_across_depth")
 
 
-def _chromium(*args, timeout=180):
+def _chromium(*args, timeout=180, size="1300,900"):
     return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                           "--window-size=1300,900", *args], capture_output=True, text=True, timeout=timeout)
+                           f"--window-size={size}", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_report_on_a_phone_sized_screen(report):
+    """400 x 800 (an iframe of that size: headless Chromium's windows are at least 500 wide): one
+    column (the answer above its figure), figures as wide as the screen, nothing wider than the
+    screen (tables scroll inside their own box)."""
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed: `apt-get install chromium` as root (make test does)")
+    check = """<script>addEventListener('load', () => {
+      const box = s => document.querySelector(s).getBoundingClientRect();
+      const wide = [...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right >
+                    innerWidth + 1 && !e.closest('.wide')).map(e => e.tagName + '.' + e.className).slice(0, 5);
+      parent.postMessage(JSON.stringify({scroll: document.documentElement.scrollWidth, width: innerWidth,
+                                         wide: wide, answer: box('#answer'),
+                                         figure: box('#fig-accuracy_vs_fraction img')}), '*');
+    });</script>"""
+    probe = report.parent / "probe_phone.html"
+    probe.write_text(report.read_text().replace("</body>", check + "</body>"))
+    frame = report.parent / "phone.html"
+    frame.write_text("<!doctype html><html><body style='margin:0'><pre id='featstore-check'></pre>"
+                     "<iframe src='probe_phone.html' width='400' height='800' style='border:0'></iframe><script>"
+                     "addEventListener('message', e => document.getElementById('featstore-check').textContent = e.data)"
+                     "</script></body></html>")
+    dom = _chromium("--virtual-time-budget=15000", "--dump-dom", frame.as_uri())
+    found = re.search(r'<pre id="featstore-check">(.+?)</pre>', dom.stdout)
+    assert found, dom.stderr[-2000:]
+    r = json.loads(html.unescape(found.group(1)))
+    assert r["width"] == 400 and r["scroll"] <= r["width"], r  # nothing runs off the right edge
+    assert not r["wide"], r
+    assert r["figure"]["top"] >= r["answer"]["bottom"] - 1, r  # one column: the figure below the answer
+    assert r["figure"]["width"] >= 0.85 * r["width"], r  # the figure scales to the screen
 
 
 def test_the_report_in_headless_chromium(report, tmp_path):
