@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) uninstall -q -y featstore 2>/dev/null || true  # the distribution's name before featstore-redundancy
 	$(PIP) install -q -e '.[test]'
 	touch $(STAMP)
 

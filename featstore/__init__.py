@@ -21,9 +21,13 @@ from ._device import DEVICES, Device, resolve_device
 from .models import POOLINGS, WEIGHT_MAPPINGS, WEIGHT_SOURCES, FeatureExtractor, create_backbone, list_layers
 from ._spec import DTYPES, ExtractionSpec, TransformSpec
 from ._store import DEFAULT_STORE, QUERY_KEYS, FeatureStore, Group, open
+from ._extras import DISTRIBUTION, EXTRAS, require as require_extra
 
 __all__ = [
     "__version__",
+    "DISTRIBUTION",
+    "EXTRAS",
+    "require_extra",
     "open",
     "build",
     "BuildOptions",

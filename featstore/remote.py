@@ -58,6 +58,10 @@ def remote_fs(url: str, storage_options: dict | None = None):
     a missing bucket, refused credentials or an unreachable endpoint is one RemoteStoreError."""
     import fsspec
 
+    if str(url).startswith(("s3://", "s3a://")):
+        from ._extras import require
+
+        require("s3fs", "an s3:// store")
     try:
         fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         bucket = root.split("/", 1)[0]

@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
+from featstore import require_extra as require
+
 from ._slurm import SlurmOptions, slurm_cluster
 from ._tasks import run_task
 
@@ -86,11 +88,8 @@ def _slurm_check() -> None:
 
     from featstore.errors import IncompatibleParametersError
 
-    try:
-        import dask_jobqueue  # noqa: F401
-    except ImportError:
-        raise IncompatibleParametersError(key="launcher", value="slurm",
-                                          reason="dask-jobqueue is not installed: pip install dask-jobqueue") from None
+    require("distributed", "--launcher slurm")
+    require("dask_jobqueue", "--launcher slurm")
     if shutil.which("sbatch") is None:
         raise IncompatibleParametersError(key="launcher", value="slurm",
                                           reason="sbatch is not on the PATH: run the sweep on a SLURM login node "
@@ -136,7 +135,8 @@ LAUNCHERS: dict[str, Launcher] = {entry.name: entry for entry in (
     Launcher("local", _local, False, "every task in this process, one after another"),
     Launcher("joblib", _joblib, False, "tasks in --workers loky processes on this machine"),
     Launcher("dask", _dask, True, "tasks on a dask.distributed cluster: a local one with --workers processes, "
-                                  "or an existing scheduler (--scheduler tcp://host:8786)"),
+                                  "or an existing scheduler (--scheduler tcp://host:8786)",
+             lambda: require("distributed", "--launcher dask")),
     Launcher("slurm", _slurm, False, "tasks on dask workers in SLURM jobs (dask-jobqueue): --slurm-jobs jobs, "
                                      "one worker per GPU; the --slurm-* options or the spec's [slurm] table",
              _slurm_check),

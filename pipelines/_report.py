@@ -482,6 +482,9 @@ def write_report(results_dir: str | os.PathLike, out: str | os.PathLike | None =
     import json
 
     o = validate(ReportOptions, dict(formats=formats, figure=figure, progress=progress), prefix="write_report.")
+    from featstore import require_extra
+
+    require_extra("matplotlib", "featstore report")
 
     from ._sweep import load_results
 
