@@ -259,7 +259,10 @@ def _extensions():
     what orchestrates it."""
     from importlib.metadata import entry_points
 
-    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+    # one registration per target: the same distribution seen twice (an egg-info beside an
+    # editable install, a stale build) must not register its commands twice
+    unique = {ep.value: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    for ep in sorted(unique.values(), key=lambda e: e.name):
         yield ep.load()
 
 

@@ -62,9 +62,16 @@ def test_the_wheel_installs_by_itself_into_a_fresh_venv(tmp_path):
     """Build the wheel, install it (not editable) into a new virtual environment, and from
     outside the checkout run `featstore --version`, `featstore datasets` and import each package:
     they come from the installed wheel (its dependencies from this environment's site-packages)."""
+    import shutil
+
+    source = tmp_path / "source"  # a copy of the tracked files: the build writes nothing into the checkout
+    tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=REPO, check=True).stdout.split()
+    for rel in tracked:
+        (source / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, source / rel)
     dist = tmp_path / "dist"
     built = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist),
-                            str(REPO)], capture_output=True, text=True, timeout=600)
+                            str(source)], capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = dist.glob("featstore_redundancy-*.whl")
     venv = tmp_path / "venv"
