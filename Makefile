@@ -83,10 +83,13 @@ figures: demo
 	cp $(DEMO_OUT)/report/accuracy_vs_fraction.png docs/demo_accuracy_vs_fraction.png
 	cp $(DEMO_OUT)/report/dr_vs_delta.png docs/demo_dr_vs_delta.png
 
-# docs/parameters.md: every declared parameter, generated from the declarations (a test
-# fails when the committed file and the code disagree)
+# The documentation site, offline, into site/ (open site/index.html): MkDocs + Material, the API
+# reference from the docstrings (mkdocstrings), strict (a broken link or reference fails).
+# docs/parameters.md, every declared parameter, is generated from the declarations first (a
+# test fails when the committed file and the code disagree).
 docs: setup
 	$(PY) -m pipelines.reference > docs/parameters.md
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 bench: setup
 	$(PY) benchmarks/bench_build.py

@@ -271,6 +271,8 @@ def dr_table(df, deltas: Sequence[float] = (0.8, 0.9, 0.95, 0.99), mode: str = "
     dr = diffused_redundancy(df, mode=mode, deltas=deltas, source=source, **bootstrap)
     dr["value"] = [dr_text(r.dr, r.dr_low, r.dr_high, r.censored, r.covers, r.reached) for r in dr.itertuples()]
     table = dr.pivot_table(index=GROUP_COLS, columns="delta", values="value", aggfunc="first")
+    if table.index.droplevel("group").is_unique:  # the pairing's index adds nothing a reader needs
+        table = table.droplevel("group")
     table.attrs["covers"] = sorted(set(dr["covers"]))
     return table
 

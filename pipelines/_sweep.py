@@ -117,9 +117,11 @@ def run_sweep(spec: SweepSpec | str | os.PathLike | dict, out: str | os.PathLike
     spec : SweepSpec, path to a TOML spec, or an equivalent dict
     out : path
         Output directory (results/, done/, sweep.json).
-    launcher, workers, scheduler, device, progress, slurm_partition, slurm_account, slurm_time, slurm_memory, \
-slurm_cores, slurm_gpus, slurm_jobs, slurm_host
-        Declared in :class:`SweepRun` (the slurm_* ones in :class:`SlurmOptions`).
+    launcher, workers, scheduler, device, progress
+        Declared in :class:`SweepRun`.
+    **slurm
+        ``slurm_partition``, ``slurm_account``, ``slurm_time``, ``slurm_memory``, ``slurm_cores``,
+        ``slurm_gpus``, ``slurm_jobs``, ``slurm_host``: declared in :class:`SlurmOptions`.
     log : callable, optional
         Receives status lines (default: printed to stderr).
     return_results : bool
