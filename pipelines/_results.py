@@ -144,10 +144,26 @@ def record_test_labels(out, group_index: int, labels) -> None:
     atomic_write(path, buf.getvalue(), consequence=_RESUME)
 
 
+class TestLabels(dict):
+    """Pairing -> its test labels, kept in a results frame's ``attrs``. Compared by content, so
+    pandas (which compares ``attrs`` when it concatenates frames) never meets an ambiguous
+    array comparison."""
+
+    __test__ = False  # not a pytest test class, whatever its name
+
+    def __eq__(self, other) -> bool:
+        import numpy as np
+
+        return isinstance(other, dict) and self.keys() == other.keys() and \
+            all(np.array_equal(self[k], other[k]) for k in self)
+
+    __hash__ = None
+
+
 def _test_labels(out: Path) -> dict[int, "object"]:
     import numpy as np
 
-    found = {}
+    found = TestLabels()
     for path in sorted((out / "labels").glob("group-*.npy")):
         try:
             found[int(path.stem.split("-", 1)[1])] = np.load(path, allow_pickle=False)

@@ -187,3 +187,11 @@ def test_probes_that_did_not_converge_are_named_and_an_unconverged_reference_get
     df.loc[df["mode"] == "full", "train_loss"] = 40.0
     (answer,) = _answers(df)
     assert "the full-layer probe did not converge (final training loss 40" in answer and "DR(0.9) =" not in answer
+
+
+def test_results_frames_concatenate_and_keep_their_test_labels(reference):
+    """The test labels ride in the frame's attrs: concatenating frames (two sweeps' results, a
+    filter and a copy) works and keeps them when they agree."""
+    both = pd.concat([reference, reference[reference["mode"] == "random"]], ignore_index=True)
+    assert set(both.attrs["test_labels"]) == set(reference.attrs["test_labels"])
+    assert np.array_equal(both.attrs["test_labels"][0], reference.attrs["test_labels"][0])

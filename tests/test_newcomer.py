@@ -6,6 +6,7 @@ import argparse
 import pydoc
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import featstore
@@ -126,3 +127,23 @@ def test_a_rebuild_of_complete_groups_says_so_and_reads_no_image(tmp_path, tiny,
     again = run_cli(*args, check=True)
     assert "Built 0 group(s) in" in again.stdout and "1 already complete" in again.stdout
     assert "img/s" not in again.stdout and "already complete" in again.stderr
+
+
+def test_long_steps_say_what_they_do(tmp_path, reference, capsys):
+    """featstore layers names what it builds before the seconds it takes; the report shows a
+    progress bar over its figures; the depth figure's axis says the order it plots."""
+    proc = run_cli("layers", "test_resnet")
+    assert proc.returncode == 0 and "building test_resnet with random weights" in proc.stderr
+    pipelines.write_report(reference.attrs["out"], tmp_path / "r", figure="accuracy_vs_fraction")
+    assert "report figures" in capsys.readouterr().err
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from pipelines._report import _fig_depth
+
+    df = reference.copy()
+    other = df.assign(group=1, layer="stem")  # a second layer of the same model: a depth series
+    fig = _fig_depth(pd.concat([df, other], ignore_index=True), plt)
+    assert fig.axes[0].get_xlabel() == "layer (in the spec's order)"
+    plt.close(fig)
