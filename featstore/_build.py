@@ -619,7 +619,11 @@ def _extract(plan: _Plan, fs: FeatureStore, split: str, specs: dict[str, Extract
                       specs[o.layers[0]].views, plan.batch_size, plan.workers, plan.device, o.progress,
                       f"{o.model}:{plan.dataset}:{split}", plan.decoder, plan.precision, say)
         fs.reopen()
-        return [fs.group(name) for name in names]
+        groups = [fs.group(name) for name in names]
+        built = {t.spec.group_name() for _, t in targets}
+        for g in groups:  # what this call wrote, for its summary line (the others were already complete)
+            g.built_now = g.name in built
+        return groups
 
 
 def _open_target(fs: FeatureStore, spec: ExtractionSpec, src, index, d: int, versions, winfo, device, skipped):

@@ -105,6 +105,7 @@ class Group:
         self.store = store
         self.name = name
         self._z = zgroup
+        self.built_now = False  # featstore.build sets it on the groups it wrote (vs already complete)
         meta = dict(zgroup.attrs.asdict().get(META) or {})
         if not meta or "spec" not in meta:
             raise NotAFeatureStoreError(path=f"{store.path}/{name}",

@@ -47,12 +47,9 @@ def _cmd_build(a) -> int:
     options = params.parse_arguments(_build.BuildOptions, a)
     # checked here too, so that a message names the flag the user typed (--limit, not limit)
     params.validate(_build.BuildOptions, options, key_format=params.cli_key(params.flags(_build.BuildOptions)))
-    import time
-
-    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     groups = _build.build(**options)
     store = options.get("store", _build.BuildOptions.model_fields["store"].default)
-    now = [g for g in groups if g.timings.get("completed", "") >= started]  # completed by this command
+    now = [g for g in groups if getattr(g, "built_now", True)]  # the others were already complete
     print(f"Built {len(now)} group(s) in {store}" + (f"; {len(groups) - len(now)} already complete" if
                                                      len(now) < len(groups) else "") + ":")
     for g in groups:

@@ -147,24 +147,29 @@ def test_checkpoint_that_does_not_fit_changes_nothing(tmp_path, image_folder):
     assert not store.exists()
 
 
-def test_unwritable_or_foreign_store_paths(tmp_path, image_folder):
+def test_unwritable_or_foreign_store_paths(tmp_path, image_folder, capsys):
+    from featstore.cli import main  # in this process: the exit code and the message, without a new interpreter
+
+    def cli(*args):
+        code = main([str(a) for a in args])
+        return code, capsys.readouterr().err
+
     afile = tmp_path / "a_file"
     afile.write_text("x")
-    proc = run_cli(*_tiny_args(image_folder, afile / "s.zarr"))
-    assert proc.returncode == 2 and "cannot be written: " in proc.stderr and "is a file" in proc.stderr
+    code, err = cli(*_tiny_args(image_folder, afile / "s.zarr"))
+    assert code == 2 and "cannot be written: " in err and "is a file" in err
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     before = tree_listing(foreign)
-    proc = run_cli(*_tiny_args(image_folder, foreign))
-    assert proc.returncode == 2 and "is not a featstore store: a non-empty directory that featstore did not write" \
-        in proc.stderr
+    code, err = cli(*_tiny_args(image_folder, foreign))
+    assert code == 2 and "is not a featstore store: a non-empty directory that featstore did not write" in err
     assert tree_listing(foreign) == before
     other_zarr = tmp_path / "other.zarr"
     zarr.open_group(str(other_zarr), mode="w").create_array("x", shape=(2,), dtype="f4")
     before = tree_listing(other_zarr)
-    proc = run_cli(*_tiny_args(image_folder, other_zarr))
-    assert proc.returncode == 2 and "Zarr hierarchy that featstore did not write" in proc.stderr
+    code, err = cli(*_tiny_args(image_folder, other_zarr))
+    assert code == 2 and "Zarr hierarchy that featstore did not write" in err
     assert tree_listing(other_zarr) == before
     with pytest.raises(errors.StoreNotFoundError, match="No feature store at"):
         featstore.open(tmp_path / "missing.zarr")
