@@ -20,7 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import numpy as np
 from pydantic import Field
@@ -32,6 +32,8 @@ from ._decode import Decode, DevicePreprocess
 from ._device import Device, resolve_device
 from .models import MappingName, WeightSourceName
 from ._spec import (
+    ModelText,
+    TokenNorm,
     ORIGINAL_AUGMENTATION,
     PAPER_AUGMENTATION,
     ChunkRows,
@@ -55,7 +57,7 @@ from .errors import (
     UnknownNameError,
     WriteFailedError,
 )
-from .params import CommaList, OneOf, Parameters, PathText, takes
+from .params import Check, CommaList, OneOf, Parameters, PathText, takes
 
 __all__ = ["build", "BuildOptions", "chunk_rows_for", "resolve_transform", "make_transforms", "PREPROCESSING",
            "Preprocessing"]
@@ -337,12 +339,29 @@ def _versions() -> dict[str, str]:
     }
 
 
+def _is_model_arg(value) -> bool:
+    if isinstance(value, str):
+        from ._spec import _is_model_name
+
+        return _is_model_name(value)
+    import torch
+
+    return isinstance(value, torch.nn.Module)
+
+
+ModelArg = Annotated[Any, Check(_is_model_arg, "a timm model name, SOURCE:NAME (open_clip:, hf:, torchvision:), or "
+                                               "(from Python) a torch.nn.Module")]
+"""What ``featstore build --model`` (and ``featstore.build(model=...)``) takes."""
+
+
 class BuildOptions(Parameters):
     """Everything ``featstore build`` takes, declared once: ``featstore.build``'s keywords and
     the command line's options both come from here."""
 
-    model: Name = models.EMBEDDED_MODEL
-    """timm architecture (see `featstore layers MODEL` for its layers)."""
+    model: ModelArg = models.EMBEDDED_MODEL
+    """The backbone: a timm name, or SOURCE:NAME (open_clip:ViT-B-32@TAG, hf:facebook/dinov2-small or hf:DIR,
+    torchvision:resnet50); from Python also a torch.nn.Module (with name= and preprocess=). `featstore layers
+    MODEL` lists its layers."""
     weights: WeightSourceName | None = None
     """Weight source: embedded, hub, checkpoint or random (default: embedded for tf_efficientnet_lite0, else hub)."""
     checkpoint: PathText | None = None
@@ -352,7 +371,10 @@ class BuildOptions(Parameters):
     layers: Annotated[tuple[Name, ...], Field(min_length=1, strict=False), CommaList()] = (models.PRE_LOGITS,)
     """Layers, all from one backbone pass: pre_logits and/or module names (comma-separated)."""
     pooling: Pooling = "avg"
-    """Pooling of spatial maps / tokens for module layers."""
+    """Pooling of module layers: a spatial map's positions, or a token layer's patch tokens (avg, max), its
+    class token (cls), both (cls+avg), every token (avg_all), or everything (flatten)."""
+    norm: TokenNorm = "none"
+    """For token layers: apply the model's final norm before pooling (final), as its own output does, or not."""
     dataset: datasets.DatasetText = "fashion-mnist"
     """Dataset name or imagefolder:PATH (see `featstore datasets`)."""
     splits: Annotated[tuple[str, ...], Field(min_length=1, strict=False), CommaList()] = ("train", "test")
@@ -406,6 +428,11 @@ class BuildOptions(Parameters):
     """Show a progress bar with images/s."""
     wait: Annotated[bool, Field(json_schema_extra={
         "off": "When another build holds a group, exit with an error naming it instead of waiting"})] = True
+    name: Annotated[Name | None, Field(json_schema_extra={"cli": False})] = None
+    """From Python, with model=a torch.nn.Module: the name its groups go by (module:NAME)."""
+    preprocess: Annotated[TransformSpec | None, Field(json_schema_extra={"cli": False})] = None
+    """From Python, with model=a torch.nn.Module: its eval preprocessing (input_size, interpolation, crop_pct,
+    crop_mode, mean, std; a TransformSpec or a dict), recorded in the groups' key."""
     """When another build holds a group, wait for it (else exit with an error)."""
 
 
@@ -433,6 +460,8 @@ class _Plan:
     sources: dict[str, datasets.ImageSource]  # per split
     skipped: dict[str, list[tuple[str, str]]]  # per split: (sample id, reason) of the files left out
     decoder: object = None  # _decode.DevicePreprocess with decode="device"
+    model_name: str = ""  # as the groups record it (a source prefix; a local path absolute)
+    model_provenance: dict | None = None  # library, version, constructor call, preprocessing
 
     @property
     def precision(self) -> str:
@@ -463,6 +492,7 @@ def build(o: BuildOptions, log=None) -> list[Group]:
         The complete groups, one per (layer, split).
     """
     say = log or (lambda msg: print(msg, file=sys.stderr))
+    o = _with_module(o)
     plan = _plan(o)
     # a split whose groups are all complete needs no image check (under --bad-images fail its key
     # does not depend on it): a no-op rebuild says "already complete" without reading every file
@@ -486,6 +516,27 @@ def build(o: BuildOptions, log=None) -> list[Group]:
     return built
 
 
+def _with_module(o: BuildOptions) -> BuildOptions:
+    """A torch.nn.Module given as ``model``: registered under ``module:NAME`` (its name and its
+    preprocessing required), so the rest of the build reads it like any source's model."""
+    from ._sources import register_module
+
+    if isinstance(o.model, str):
+        for key in ("name", "preprocess"):
+            if getattr(o, key) is not None and not o.model.startswith("module:"):
+                raise IncompatibleParametersError(key=key, value=str(getattr(o, key))[:60],
+                                                  reason="it names a torch.nn.Module given as model=; this model is "
+                                                         f"{o.model!r}")
+        return o
+    missing = [k for k in ("name", "preprocess") if getattr(o, k) is None]
+    if missing:
+        raise IncompatibleParametersError(
+            key="model", value=type(o.model).__name__,
+            reason=f"a torch.nn.Module needs {' and '.join(k + '=' for k in missing)}: the name its groups go by, and "
+                   f"its eval preprocessing (input_size, interpolation, crop_pct, crop_mode, mean, std)")
+    return o.model_copy(update={"model": register_module(o.name, o.model, o.preprocess)})
+
+
 def _plan(o: BuildOptions) -> _Plan:
     """Resolve and check everything that needs more than the options' own types: the dataset
     and its splits, the device, the store path, the backbone and its layers. Writes nothing."""
@@ -499,9 +550,17 @@ def _plan(o: BuildOptions) -> _Plan:
     device = resolve_device(o.device)
     _check_writable(str(o.store))
     FeatureStore.check_foreign(str(o.store))
-    backbone, winfo = models.create_backbone(o.model, o.weights, o.checkpoint, o.mapping, seed=o.seed)
-    extractor = models.FeatureExtractor(backbone, list(o.layers), o.pooling, o.model)
-    tspec = PREPROCESSING[o.preset].transform(backbone, o.image_size)
+    from ._sources import parse_model_name
+
+    parsed = parse_model_name(o.model)
+    source = models._source(parsed)
+    model_name = str(type(parsed)(parsed.source, source.canonical(parsed.name) if source.canonical else parsed.name))
+    made: dict = {}
+    backbone, winfo = models.create_backbone(model_name, o.weights, o.checkpoint, o.mapping, seed=o.seed,
+                                             provenance=made)
+    extractor = models.FeatureExtractor(backbone, list(o.layers), o.pooling, model_name, norm=o.norm)
+    tspec = PREPROCESSING[o.preset].transform(backbone, o.image_size) if o.preset != "paper" else \
+        source.preprocess(backbone, parsed.name, o.image_size)
     if winfo.normalization is not None and (tspec.mean, tspec.std) != winfo.normalization:
         # the checkpoint was trained behind its own normaliser: preprocess as it expects (recorded
         # in the group's spec, so these features are never mistaken for the default's)
@@ -523,9 +582,11 @@ def _plan(o: BuildOptions) -> _Plan:
         decoder = DevicePreprocess(make_transforms(tspec, PREPROCESSING[o.preset].augmentation)[0], device)
     # channels_last is ~2x faster for these convnets on CPU and the norm on GPU
     backbone.to(device=device, memory_format=torch.channels_last)
+    # the preprocessing and provenance go with the model: how it was made, and how its inputs were
+    made["preprocessing"] = tspec.to_dict()
     return _Plan(o, dataset, device, o.batch_size or (256 if device.startswith("cuda") else 16),
                  o.workers if o.workers is not None else default_workers(device),
-                 backbone, winfo, extractor, tspec, widths, sources, {}, decoder)
+                 backbone, winfo, extractor, tspec, widths, sources, {}, decoder, model_name, made)
 
 
 def _is_complete(fs: FeatureStore, spec: ExtractionSpec) -> bool:
@@ -560,7 +621,7 @@ def _specs(plan: _Plan, split: str) -> dict[str, ExtractionSpec]:
     o = plan.options
     n_views = o.views if split == "train" else 0
     return {layer: ExtractionSpec(
-        model=o.model,
+        model=plan.model_name,
         weights=plan.weights.source,
         weights_sha256=plan.weights.sha256,
         layer=layer,
@@ -575,8 +636,23 @@ def _specs(plan: _Plan, split: str) -> dict[str, ExtractionSpec]:
         transform=plan.transform,
         augmentation=PREPROCESSING[o.preset].augmentation if n_views else "",
         chunk_rows=o.chunk_rows or chunk_rows_for(plan.widths[layer], o.dtype),
-        extra=_skip_record(o.bad_images, plan.skipped.get(split, [])) + ((("decode", o.decode),) if o.decode != "pil" else ()),
+        extra=_skip_record(o.bad_images, plan.skipped.get(split, [])) + ((("decode", o.decode),) if o.decode != "pil" else ())
+        + _token_record(plan, layer),
     ) for layer in o.layers}
+
+
+def _token_record(plan: _Plan, layer: str) -> tuple[tuple[str, str], ...]:
+    """What a token layer adds to its group's key: avg / max over the patch tokens only (before,
+    avg took every token: such groups keep their keys, and their features are what pooling
+    avg_all gives now), and the final norm when applied. Nothing for maps and vectors."""
+    o, record = plan.options, ()
+    if layer == models.PRE_LOGITS or len(plan.extractor.shapes.get(layer, ())) != 3:
+        return record
+    if o.pooling in ("avg", "max") and plan.extractor.token_prefix(layer) > 0:
+        record += (("tokens", f"patch ({plan.extractor.token_prefix(layer)} prefix tokens left out)"),)
+    if o.norm == "final":
+        record += (("norm", "final"),)
+    return record
 
 
 def _skip_record(policy: str, skipped: list[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
@@ -608,7 +684,7 @@ def _extract(plan: _Plan, fs: FeatureStore, split: str, specs: dict[str, Extract
         versions = _versions()
         for layer, spec in specs.items():
             t = _open_target(fs, spec, src, index, plan.widths[layer], versions, plan.weights, plan.device,
-                             plan.skipped.get(split, []))
+                             plan.skipped.get(split, []), plan.model_provenance)
             if t is None:
                 say(f"featstore: {spec.group_name()} is already complete")
             else:
@@ -626,7 +702,8 @@ def _extract(plan: _Plan, fs: FeatureStore, split: str, specs: dict[str, Extract
         return groups
 
 
-def _open_target(fs: FeatureStore, spec: ExtractionSpec, src, index, d: int, versions, winfo, device, skipped):
+def _open_target(fs: FeatureStore, spec: ExtractionSpec, src, index, d: int, versions, winfo, device, skipped,
+                 model_provenance=None):
     """Create the group (atomically, via a rename) or reopen a partial one to resume."""
 
     name = spec.group_name()
@@ -650,7 +727,7 @@ def _open_target(fs: FeatureStore, spec: ExtractionSpec, src, index, d: int, ver
                        f"and build again")
     else:
         tmp = fs.new_group_dir(name)
-        _create_group(tmp, spec, src, index, d, versions, winfo, device, skipped)
+        _create_group(tmp, spec, src, index, d, versions, winfo, device, skipped, model_provenance)
         faults.point("group-created")
         os.replace(tmp, Path(fs.path) / name)  # atomic: the group appears whole or not at all
         fs.reopen()
@@ -673,7 +750,8 @@ def _open_target(fs: FeatureStore, spec: ExtractionSpec, src, index, d: int, ver
     return _Target(spec, z, n, done, writable("features"), views_arr, progress, checksums)
 
 
-def _create_group(path: Path, spec: ExtractionSpec, src, index, d: int, versions, winfo, device, skipped) -> None:
+def _create_group(path: Path, spec: ExtractionSpec, src, index, d: int, versions, winfo, device, skipped,
+                  model_provenance=None) -> None:
     import zarr
     import zarr.storage
 
@@ -689,6 +767,7 @@ def _create_group(path: Path, spec: ExtractionSpec, src, index, d: int, versions
         "provenance": {
             "versions": versions,
             "weights": {"source": winfo.source, "sha256": winfo.sha256, "description": winfo.description},
+            "model": model_provenance or {},  # source library and version, the constructor call, preprocessing
             "dataset": src.description,
             "device": device,
             "host": platform.node(),

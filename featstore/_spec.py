@@ -20,6 +20,7 @@ from .datasets import parse_dataset_name
 from .params import Check, Parameters, SeedValue
 
 __all__ = ["ExtractionSpec", "TransformSpec", "FORMAT_VERSION", "slug", "Dtype", "DTYPES", "Pooling", "POOLINGS",
+           "ModelText", "TokenNorm",
            "Limit", "Seed", "Views", "ChunkRows", "Name"]
 
 # Bump when the on-disk layout changes incompatibly.
@@ -32,7 +33,11 @@ _SLUG_BAD = re.compile(r"[^A-Za-z0-9_.+-]+")
 Dtype = Literal["float16", "float32"]
 """Storage dtype of the features."""
 DTYPES = typing.get_args(Dtype)
-Pooling = Literal["avg", "max", "cls", "flatten"]
+# avg / max over spatial positions, or over the patch tokens of a token layer (prefix tokens, CLS and
+# registers, left out); avg_all over every token (what avg did for tokens before: such groups keep
+# their keys); cls the first token; cls+avg both, side by side; flatten every value.
+Pooling = Literal["avg", "max", "cls", "flatten", "avg_all", "cls+avg"]
+TokenNorm = Literal["none", "final"]
 """How a spatial map (N, C, H, W) or a token sequence (N, T, C) becomes (N, C)."""
 POOLINGS = typing.get_args(Pooling)
 Limit = Annotated[int, Field(ge=1)] | None
@@ -46,7 +51,22 @@ def _is_name(text) -> bool:
 
 
 Name = Annotated[str, Check(_is_name, "a name without path separators or '..'")]
-"""A model or layer name (it becomes part of a group's folder name)."""
+"""A layer (or timm model) name (it becomes part of a group's folder name)."""
+
+
+def _is_model_name(text) -> bool:
+    from ._sources import parse_model_name
+
+    try:
+        parse_model_name(text)
+    except (ValueError, LookupError):
+        return False
+    return True
+
+
+ModelText = Annotated[str, Check(_is_model_name, "a timm model name, or SOURCE:NAME (open_clip:, hf:, torchvision:, "
+                                                 "module:); `featstore layers MODEL` checks one")]
+"""A model name as a group records it: timm's without a prefix, other sources' as SOURCE:NAME."""
 
 
 def slug(text: str) -> str:
@@ -92,8 +112,8 @@ ORIGINAL_AUGMENTATION = (
 class ExtractionSpec(Parameters):
     """Everything that determines the features of one group (each field documented below)."""
 
-    model: Name
-    """timm architecture name."""
+    model: ModelText
+    """The model: a timm architecture name, or SOURCE:NAME (open_clip:ViT-B-32, hf:facebook/dinov2-small, ...)."""
     weights: str
     """Weight source name (embedded, hub, checkpoint, random)."""
     weights_sha256: str

@@ -451,18 +451,48 @@ def create_backbone(
     checkpoint: str | Path | None = None,
     mapping: str = "names",
     seed: int = 0,
+    provenance: dict | None = None,
 ):
-    """Create a timm backbone with its weights, classifier removed, in eval mode.
+    """Create a backbone of any model source with its weights, classifier removed, in eval mode.
+
+    ``model_name`` is a timm name or ``SOURCE:NAME`` (``_sources``); ``provenance``, when given,
+    receives how the model was made (library, version, the constructor call).
 
     Returns
     -------
     model : torch.nn.Module
     info : WeightsInfo
     """
+    from ._sources import parse_model_name
+
+    parsed = parse_model_name(model_name)
+    source = _source(parsed)
+    source.check(parsed.name)
+    weights = weights or source.default_weights(parsed.name)
+    if weights not in WEIGHT_SOURCES and weights not in source.weights:
+        raise UnknownNameError("weight source", weights, WEIGHT_SOURCES)
+    if weights not in source.weights:
+        raise IncompatibleParametersError(key="weights", value=weights,
+                                          reason=f"{parsed.source} models take {', '.join(source.weights)}")
+    if mapping not in WEIGHT_MAPPINGS:
+        raise UnknownNameError("weight mapping", mapping, WEIGHT_MAPPINGS)
+    model, info, made = source.create(parsed.name, weights, checkpoint, mapping, seed)
+    if provenance is not None:
+        provenance.update({"source": parsed.source, **made})
+    return model, info
+
+
+def _source(parsed):
+    from ._sources import model_sources
+
+    return model_sources()[parsed.source]
+
+
+def _create_timm(model_name: str, weights: str | None, checkpoint, mapping: str, seed: int):
+    """A timm backbone with its weights (the ``timm`` model source)."""
     import timm
     import torch
 
-    check_model_name(model_name)
     weights = weights or default_weights(model_name)
     if weights not in WEIGHT_SOURCES:
         raise UnknownNameError("weight source", weights, WEIGHT_SOURCES)
@@ -483,9 +513,26 @@ def create_backbone(
     return model, info
 
 
-def list_layers(model) -> list[str]:
-    """Valid layer names: ``pre_logits`` then every named module of the model."""
-    return [PRE_LOGITS] + [name for name, _ in model.named_modules() if name]
+def list_layers(model, model_name: str = "model") -> list[str]:
+    """Valid layer names: ``pre_logits``, every named module of the model, and the source's
+    other layers (torchvision's graph nodes), in the model's order."""
+    modules = [name for name, _ in model.named_modules() if name]
+    source = _source_of(model_name)
+    if source.name == "open_clip":  # only the image tower runs
+        modules = [m for m in modules if m == "visual" or m.startswith("visual.")]
+    extra = [n for n in (source.extra_layers(model) if source.extra_layers else []) if n not in set(modules)]
+    return [PRE_LOGITS] + modules + extra
+
+
+def _source_of(model_name: str):
+    from ._sources import parse_model_name
+
+    try:
+        return _source(parse_model_name(model_name))
+    except (ValueError, LookupError):
+        from ._sources import MODEL_SOURCES
+
+        return MODEL_SOURCES["timm"]
 
 
 @dataclass(frozen=True)
@@ -501,19 +548,31 @@ class PoolingRule:
     tokens: Callable | None
 
 
+def _cls(t, prefix):
+    if prefix < 1:
+        raise IncompatibleParametersError(key="pooling", value="cls",
+                                          reason="this model's tokens have no class token; choose avg or avg_all")
+    return t[:, 0]
+
+
+# token rules take (tokens (N, T, C), prefix tokens); a map rule (N, C, H, W)
 POOLING_RULES: dict[str, PoolingRule] = {p.name: p for p in (
-    PoolingRule("avg", lambda t: t.mean(dim=(2, 3)), lambda t: t.mean(dim=1)),
-    PoolingRule("max", lambda t: t.amax(dim=(2, 3)), lambda t: t.amax(dim=1)),
-    PoolingRule("cls", None, lambda t: t[:, 0]),
-    PoolingRule("flatten", lambda t: t.flatten(1), lambda t: t.flatten(1)),
+    PoolingRule("avg", lambda t: t.mean(dim=(2, 3)), lambda t, k: t[:, k:].mean(dim=1)),
+    PoolingRule("max", lambda t: t.amax(dim=(2, 3)), lambda t, k: t[:, k:].amax(dim=1)),
+    PoolingRule("cls", None, _cls),
+    PoolingRule("flatten", lambda t: t.flatten(1), lambda t, k: t.flatten(1)),
+    PoolingRule("avg_all", None, lambda t, k: t.mean(dim=1)),
+    PoolingRule("cls+avg", None, lambda t, k: __import__("torch").cat([_cls(t, k), t[:, k:].mean(dim=1)], dim=1)),
 )}
 assert tuple(POOLING_RULES) == POOLINGS, "every declared pooling has a rule"  # a bug, never a user error
 
 
-def pool(t, pooling: str):
+def pool(t, pooling: str, tokens=None):
     """Reduce one layer's output to (N, C).
 
-    4-D maps are (N, C, H, W); 3-D outputs are token sequences (N, T, C).
+    4-D maps are (N, C, H, W); 3-D outputs are token sequences, (N, T, C), or (T, N, C) when
+    ``tokens`` (a ``_sources.Token``) says the model runs sequence-first; its ``prefix``
+    leading tokens (CLS, registers) are left out of ``avg`` and ``max``.
     """
     if isinstance(t, (tuple, list)):
         t = t[0]
@@ -525,9 +584,15 @@ def pool(t, pooling: str):
         fits = [p.name for p in POOLING_RULES.values() if (p.maps if t.ndim == 4 else p.tokens) is not None]
         raise IncompatibleParametersError(
             key="pooling", value=pooling,
-            reason=f"it does not apply to an output of shape {tuple(t.shape)}"
+            reason=f"it does not apply to an output of shape {tuple(t.shape)} ("
+                   + ("a spatial map" if t.ndim == 4 else "tokens" if t.ndim == 3 else f"{t.ndim}-D") + ")"
                    + (f"; choose {', '.join(fits)}" if t.ndim in (3, 4) else ""))
-    return reduce(t)
+    if t.ndim == 4:
+        return reduce(t)
+    prefix = tokens.prefix if tokens is not None else 0
+    if tokens is not None and not tokens.batch_first:
+        t = t.transpose(0, 1)
+    return reduce(t, prefix)
 
 
 class _Captured(Exception):
@@ -542,17 +607,24 @@ class FeatureExtractor:
     model : torch.nn.Module
         A backbone from :func:`create_backbone`.
     layers : sequence of str
-        ``pre_logits`` and/or module names (see :func:`list_layers`).
+        ``pre_logits`` and/or module names (and, for torchvision, graph nodes; see
+        :func:`list_layers`).
     pooling : str
         One of ``POOLINGS``, applied to non-``pre_logits`` layers.
     model_name : str
-        For error messages.
+        The model's name as given (its prefix says the source: how to run it, its tokens).
+    norm : {"none", "final"}
+        Apply the model's final norm to token layers before pooling (``"final"``, as timm's
+        ``forward_intermediates(norm=True)``), or not.
+
+    After a call, ``shapes`` holds each layer's raw output shape (before pooling).
     """
 
-    def __init__(self, model, layers: Sequence[str], pooling: str = "avg", model_name: str = "model"):
+    def __init__(self, model, layers: Sequence[str], pooling: str = "avg", model_name: str = "model",
+                 norm: str = "none"):
         if pooling not in POOLING_RULES:
             raise UnknownNameError("pooling", pooling, POOLING_RULES)
-        valid = list_layers(model)
+        valid = list_layers(model, model_name)
         known = set(valid)
         for layer in layers:
             if layer not in known:
@@ -571,23 +643,51 @@ class FeatureExtractor:
         self.model = model
         self.layers = list(layers)
         self.pooling = pooling
+        self.source = _source_of(model_name)
+        self.tokens = self.source.tokens(model)
         modules = dict(model.named_modules())
-        self._module_layers = [l for l in self.layers if l != PRE_LOGITS]
+        self.norm = modules.get(self.tokens.final_norm) if norm == "final" and self.tokens.final_norm else None
+        if norm == "final" and self.norm is None:
+            raise IncompatibleParametersError(key="norm", value="final",
+                                              reason=f"{model_name} has no final norm to apply to its layers")
+        self._module_layers = [l for l in self.layers if l != PRE_LOGITS and l in modules]
+        self._graph_layers = [l for l in self.layers if l != PRE_LOGITS and l not in modules]
+        self._graph = None
+        if self._graph_layers:  # torchvision graph nodes (a residual add): through FX
+            from torchvision.models.feature_extraction import create_feature_extractor
+
+            self._graph = create_feature_extractor(model, return_nodes={n: n for n in self._graph_layers})
         self._store: dict[str, object] = {}
+        self.shapes: dict[str, tuple] = {}
         self._active = False
         self._handles = [
             modules[name].register_forward_hook(self._hook(name)) for name in self._module_layers
         ]
 
+    def _pool(self, name, output):
+        raw = output[0] if isinstance(output, (tuple, list)) else output
+        self.shapes[name] = tuple(raw.shape)
+        if self.norm is not None and raw.ndim == 3:
+            raw = self.norm(raw if self.tokens.batch_first else raw.transpose(0, 1))
+            if not self.tokens.batch_first:
+                raw = raw.transpose(0, 1)
+        return pool(raw, self.pooling, self.tokens)
+
     def _hook(self, name):
         def hook(module, inputs, output):
             if not self._active:  # the model is being run by someone else
                 return
-            self._store[name] = pool(output, self.pooling)
-            if PRE_LOGITS not in self.layers and len(self._store) == len(self._module_layers):
+            self._store[name] = self._pool(name, output)
+            if PRE_LOGITS not in self.layers and len(self._store) == len(self._module_layers) \
+                    and self._graph is None:
                 raise _Captured()
 
         return hook
+
+    def token_prefix(self, layer: str) -> int:
+        """Leading non-patch tokens of a token layer's output (0 for maps and vectors)."""
+        shape = self.shapes.get(layer, ())
+        return self.tokens.prefix if len(shape) == 3 else 0
 
     def __call__(self, x) -> dict:
         """x : tensor of shape (N, 3, H, W) -> {layer: tensor of shape (N, d_layer)}."""
@@ -595,17 +695,21 @@ class FeatureExtractor:
         out = {}
         self._active = True
         try:
-            feats = self.model.forward_features(x)
-            if PRE_LOGITS in self.layers:
-                out[PRE_LOGITS] = pool(self.model.forward_head(feats, pre_logits=True), "flatten")
+            if PRE_LOGITS in self.layers or self._module_layers:
+                final = self.source.final(self.model, x)
+                if PRE_LOGITS in self.layers:
+                    out[PRE_LOGITS] = pool(final, "flatten")
         except _Captured:
             pass
         finally:
             self._active = False
+        if self._graph is not None:
+            for name, value in self._graph(x).items():
+                out[name] = self._pool(name, value)
         for name in self._module_layers:
             out[name] = self._store[name]
         self._store = {}
-        return out
+        return {layer: out[layer] for layer in self.layers}
 
     def close(self) -> None:
         for h in self._handles:

@@ -605,7 +605,8 @@ def add_arguments(parser: argparse.ArgumentParser, model: type[Parameters], *, s
     default and choices in the help text. Values stay strings here: :func:`parse_arguments`
     converts them by the declared type, so a bad value reaches featstore's own checks."""
     for name, f in model.model_fields.items():
-        if name in skip:
+        extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+        if name in skip or extra.get("cli") is False:  # a Python-only parameter (a module, a dict)
             continue
         kind, tp = _cli_kind(f)
         default = None if f.is_required() else f.get_default(call_default_factory=True)

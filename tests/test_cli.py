@@ -97,7 +97,7 @@ def test_layers_command(capsys):
         (["--weights", "magic"], "--weights: Unknown weight source 'magic'; known: checkpoint, embedded, hub, random"),
         (["--map", "fuzzy"], "--map: Unknown weight mapping 'fuzzy'; known: names, positional"),
         (["--dtype", "float64"], "--dtype: expected one of 'float16', 'float32'; got 'float64' (string)"),
-        (["--pooling", "mean"], "--pooling: expected one of 'avg', 'max', 'cls', 'flatten'; got 'mean'"),
+        (["--pooling", "mean"], "--pooling: expected one of 'avg', 'max', 'cls', 'flatten', 'avg_all', 'cls+avg'; got 'mean'"),
         (["--device", "tpu"], "--device: expected one of 'auto', 'cpu', 'cuda' or 'cuda:N'; got 'tpu'"),
         (["--layers", "../x"], "--layers[0]: expected a name without path separators or '..'; got '../x'"),
         (["--splits", ""], "--splits: expected a non-empty list"),
@@ -129,7 +129,10 @@ def test_every_build_option_is_a_declared_parameter():
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     dests = {a.dest for a in sub.choices["build"]._actions} - {"help"}
-    assert dests == set(featstore.BuildOptions.model_fields)
+    python_only = {name for name, f in featstore.BuildOptions.model_fields.items()
+                   if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("cli") is False}
+    assert python_only == {"name", "preprocess"}  # a module's name and preprocessing: from Python only
+    assert dests == set(featstore.BuildOptions.model_fields) - python_only
     assert main.__module__ == "featstore.cli"
     help_text = " ".join(sub.choices["build"].format_help().split())
     assert "(default: float16)" in help_text and "--no-progress" in help_text and "--map" in help_text

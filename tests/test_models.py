@@ -226,11 +226,20 @@ def test_pooling_modes():
     assert torch.equal(pool(fmap, "avg"), fmap.mean(dim=(2, 3)))
     assert torch.equal(pool(fmap, "max"), fmap.amax(dim=(2, 3)))
     assert pool(fmap, "flatten").shape == (2, 12)
+    from featstore._sources import Token
+
     tokens = torch.randn(2, 5, 4)
-    assert torch.equal(pool(tokens, "cls"), tokens[:, 0])
-    assert torch.allclose(pool(tokens, "avg"), tokens.mean(dim=1))
+    one = Token(prefix=1)  # a class token first, then 4 patches
+    assert torch.equal(pool(tokens, "cls", one), tokens[:, 0])
+    assert torch.allclose(pool(tokens, "avg", one), tokens[:, 1:].mean(dim=1))  # patches only
+    assert torch.allclose(pool(tokens, "avg_all", one), tokens.mean(dim=1))  # what avg did before
+    assert torch.allclose(pool(tokens, "cls+avg", one), torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], 1))
+    assert torch.allclose(pool(tokens.transpose(0, 1), "avg", Token(prefix=1, batch_first=False)),
+                          tokens[:, 1:].mean(dim=1))  # a sequence-first model's tokens
     with pytest.raises(errors.InvalidParameterError, match="pooling='cls' cannot be used here: it does not apply to an output of shape"):
         pool(fmap, "cls")
+    with pytest.raises(errors.IncompatibleParametersError, match="no class token"):
+        pool(tokens, "cls", Token(prefix=0))
 
 
 def test_vit_class_token_and_token_mean():
@@ -241,8 +250,11 @@ def test_vit_class_token_and_token_mean():
         tokens = model.blocks[-1](model.blocks[:-1](model.norm_pre(model._pos_embed(model.patch_embed(x)))))
         cls = FeatureExtractor(model, ["blocks.1"] if len(model.blocks) == 2 else [f"blocks.{len(model.blocks) - 1}"], "cls")(x)
         mean = FeatureExtractor(model, [f"blocks.{len(model.blocks) - 1}"], "avg")(x)
+        everything = FeatureExtractor(model, [f"blocks.{len(model.blocks) - 1}"], "avg_all")(x)
+    k = model.num_prefix_tokens
     np.testing.assert_allclose(list(cls.values())[0], tokens[:, 0], atol=1e-5)
-    np.testing.assert_allclose(list(mean.values())[0], tokens.mean(dim=1), atol=1e-5)
+    np.testing.assert_allclose(list(mean.values())[0], tokens[:, k:].mean(dim=1), atol=1e-5)  # patch tokens only
+    np.testing.assert_allclose(list(everything.values())[0], tokens.mean(dim=1), atol=1e-5)
 
 
 def test_robustness_library_checkpoint_builds_the_models_own_features(tmp_path, image_folder):

@@ -76,8 +76,9 @@ def test_ls_shows_the_limit_and_a_failed_query_lists_what_tells_groups_apart(tmp
     assert listed.splitlines()[0].split() == ["GROUP", "SHAPE", "DTYPE", "LIMIT", "VIEWS", "SIZE", "STATE"]
     assert {line.split()[3] for line in listed.splitlines()[1:]} == {"all", "6"}
     s = featstore.open(store)
-    with pytest.raises(errors.AmbiguousGroupError, match=r"\(limit=6, views=0, weights=random, dtype=float16\).*\(limit=all,"):
+    with pytest.raises(errors.AmbiguousGroupError) as e:
         s.group(split="test")
+    assert "(limit=6, views=0, weights=random, dtype=float16)" in str(e.value) and "(limit=all, views=0," in str(e.value)
     with pytest.raises(errors.GroupNotFoundError, match=r"test_resnet/pre_logits/imagefolder:.*/test \(limit=6,"):
         s.group(split="test", limit=7)
 
