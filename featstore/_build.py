@@ -320,7 +320,14 @@ class _Target:
         return self.spec.chunk_rows
 
 
-def _versions() -> dict[str, str]:
+# the libraries whose versions can change the numbers a build writes; a partial group resumes
+# only under the same ones (the model's own library, open_clip or transformers, is added)
+NUMERIC_LIBRARIES = ("torch", "timm", "torchvision")
+
+
+def _versions(model_provenance: dict | None = None) -> dict[str, str]:
+    """The versions a group records; ``model_provenance``'s library (open_clip_torch,
+    transformers) among them."""
     import timm
     import torch
     import torchvision
@@ -336,21 +343,29 @@ def _versions() -> dict[str, str]:
         "zarr": zarr.__version__,
         "numpy": np.__version__,
         "python": platform.python_version(),
+        **({model_provenance["library"]: model_provenance["version"]}
+           if model_provenance and model_provenance.get("library") not in (None, *NUMERIC_LIBRARIES)
+           else {}),
     }
 
 
 def _is_model_arg(value) -> bool:
+    """Text or a module; the text's form and its source are checked by ``parse_model_name`` in
+    the plan, whose errors say which part is wrong (an unknown source, a path in a name)."""
     if isinstance(value, str):
-        from ._spec import _is_model_name
-
-        return _is_model_name(value)
+        return bool(value)
     import torch
 
     return isinstance(value, torch.nn.Module)
 
 
-ModelArg = Annotated[Any, Check(_is_model_arg, "a timm model name, SOURCE:NAME (open_clip:, hf:, torchvision:), or "
-                                               "(from Python) a torch.nn.Module")]
+def _describe_model_arg() -> str:
+    from ._sources import describe_model_names
+
+    return describe_model_names() + ", or (from Python) a torch.nn.Module"
+
+
+ModelArg = Annotated[Any, Check(_is_model_arg, _describe_model_arg)]
 """What ``featstore build --model`` (and ``featstore.build(model=...)``) takes."""
 
 
@@ -428,12 +443,12 @@ class BuildOptions(Parameters):
     """Show a progress bar with images/s."""
     wait: Annotated[bool, Field(json_schema_extra={
         "off": "When another build holds a group, exit with an error naming it instead of waiting"})] = True
+    """When another build holds a group, wait for it (else exit with an error)."""
     name: Annotated[Name | None, Field(json_schema_extra={"cli": False})] = None
     """From Python, with model=a torch.nn.Module: the name its groups go by (module:NAME)."""
     preprocess: Annotated[TransformSpec | None, Field(json_schema_extra={"cli": False})] = None
     """From Python, with model=a torch.nn.Module: its eval preprocessing (input_size, interpolation, crop_pct,
     crop_mode, mean, std; a TransformSpec or a dict), recorded in the groups' key."""
-    """When another build holds a group, wait for it (else exit with an error)."""
 
 
 def default_workers(device: str) -> int:
@@ -681,7 +696,7 @@ def _extract(plan: _Plan, fs: FeatureStore, split: str, specs: dict[str, Extract
     with fs.lock(names, wait=o.wait, on_wait=on_wait):
         fs.reopen()
         targets = []
-        versions = _versions()
+        versions = _versions(plan.model_provenance)
         for layer, spec in specs.items():
             t = _open_target(fs, spec, src, index, plan.widths[layer], versions, plan.weights, plan.device,
                              plan.skipped.get(split, []), plan.model_provenance)
@@ -718,7 +733,8 @@ def _open_target(fs: FeatureStore, spec: ExtractionSpec, src, index, d: int, ver
             raise StaleGroupError(name=name, store=fs.path, reason=f"the partial group records another spec: "
                                                                    f"{stored.diff(spec)}")
         old = meta.get("provenance", {}).get("versions", {})
-        changed = {k: (old.get(k), v) for k, v in versions.items() if k in ("torch", "timm", "torchvision") and old.get(k) != v}
+        numeric = NUMERIC_LIBRARIES + tuple(k for k in ((model_provenance or {}).get("library"),) if k)
+        changed = {k: (old.get(k), v) for k, v in versions.items() if k in numeric and old.get(k) != v}
         if changed:
             raise StaleGroupError(
                 name=name, store=fs.path,

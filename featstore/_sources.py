@@ -39,7 +39,7 @@ from typing import Any, Callable
 from .errors import IncompatibleParametersError, InvalidParameterError, UnknownNameError
 
 __all__ = ["ModelSource", "MODEL_SOURCES", "parse_model_name", "ModelName", "Token", "model_sources",
-           "ENTRY_POINT_GROUP", "register_module"]
+           "ENTRY_POINT_GROUP", "register_module", "describe_model_names"]
 
 ENTRY_POINT_GROUP = "featstore.model_sources"
 DEFAULT_SOURCE = "timm"
@@ -104,6 +104,12 @@ class ModelSource:
         ``extra_layers(module) -> list of str``: layers that are not modules (graph nodes).
     canonical : callable, optional
         ``canonical(name) -> str``: the name as recorded (a local path made absolute).
+    layer_root : str, optional
+        Only modules under it are layers (open_clip's ``visual``: the text tower never runs).
+    paths : bool
+        Whether names may hold path separators (a hub id or a local folder).
+    python_only : bool
+        Its models exist only in the Python process that made them (``module:``).
     description : str
     """
 
@@ -117,6 +123,9 @@ class ModelSource:
     tokens: Callable = field(default=lambda module: Token())
     extra_layers: Callable | None = None
     canonical: Callable | None = None
+    layer_root: str | None = None
+    paths: bool = False
+    python_only: bool = False
     description: str = ""
 
 
@@ -334,31 +343,58 @@ def _hf_create(name, weights, checkpoint, mapping, seed):
 
 
 def _hf_final(module, x):
+    """What the model's image-classification head reads: ``pooler_output`` where the pooler is
+    the model's own pooling (CLIP's and DINOv2's normed class token, ConvNeXt's normed mean,
+    ResNet's average), else the first token of ``last_hidden_state`` (ViT's and BEiT's
+    classifiers read that: their ``pooler`` is a separate dense+tanh layer that is not)."""
     out = module(pixel_values=x)
     pooled = getattr(out, "pooler_output", None)
-    if pooled is not None:
-        return pooled
+    pooler = getattr(module, "pooler", None)
+    if pooled is not None and not hasattr(pooler, "dense"):
+        return pooled.flatten(1)
     hidden = out.last_hidden_state
     return hidden[:, 0] if hidden.ndim == 3 else hidden.mean(dim=(2, 3))
 
 
+# PIL's resampling codes, as a processor's ``resample`` writes them
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+
+
+def _hf_processor_config(name: str) -> dict | None:
+    """The model's ``preprocessor_config.json`` (a local folder's, or the hub's from the local
+    cache or the hub), or None when the model has none."""
+    import json
+
+    path = Path(name).expanduser() / "preprocessor_config.json"
+    if not path.is_file() and not name.startswith((".", "/", "~")):
+        try:
+            from transformers.utils import cached_file
+
+            found = cached_file(name, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
+        except (OSError, ValueError):
+            found = None
+        path = Path(found) if found else path
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _hf_preprocess(module, name, image_size):
+    """The model's own processor settings (mean, std, resize, crop, resampling) when it has a
+    ``preprocessor_config.json``; ImageNet's otherwise, at the config's image size."""
     config = module.config
     size = getattr(config, "image_size", 224)
     size = size[0] if isinstance(size, (tuple, list)) else size
-    mean, std, crop_pct = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 0.875
-    path = Path(name).expanduser() / "preprocessor_config.json"
-    if path.is_file():  # the model's own processor: its mean, std and sizes
-        import json
-
-        proc = json.loads(path.read_text())
+    mean, std, crop_pct, interpolation = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 0.875, "bicubic"
+    proc = _hf_processor_config(name)
+    if proc:
         mean, std = proc.get("image_mean", mean), proc.get("image_std", std)
-        crop = proc.get("crop_size") or proc.get("size") or {}
-        crop = crop.get("height", crop.get("shortest_edge", size)) if isinstance(crop, dict) else crop
+        interpolation = _PIL_RESAMPLE.get(proc.get("resample"), interpolation)
         resize = proc.get("size") or {}
-        resize = resize.get("shortest_edge", resize.get("height", crop)) if isinstance(resize, dict) else resize
-        size, crop_pct = int(crop), float(crop) / float(resize) if resize else 1.0
-    return _imagenet(size, image_size, crop_pct=crop_pct, interpolation="bicubic", mean=mean, std=std)
+        resize = resize.get("shortest_edge", resize.get("height")) if isinstance(resize, dict) else resize
+        crop = proc.get("crop_size") if proc.get("do_center_crop", "crop_size" in proc) else None
+        crop = crop.get("height", crop.get("shortest_edge")) if isinstance(crop, dict) else crop
+        crop = crop or resize or size
+        size, crop_pct = int(crop), (float(crop) / float(resize) if resize else 1.0)
+    return _imagenet(size, image_size, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
 
 
 def _hf_tokens(module) -> Token:
@@ -420,10 +456,27 @@ def _tv_preprocess(module, name, image_size):
 
 
 def _tv_extra_layers(module) -> list[str]:
-    from torchvision.models.feature_extraction import get_graph_node_names
+    """The model's FX graph nodes whose value is a tensor (a residual ``add``, ``flatten``,
+    ViT's class-token ``getitem``), in graph order, named as ``create_feature_extractor``
+    takes them. The input, shapes, sizes, tuples and ``None`` are left out: the graph is run
+    once on a zero image at the model's input size, and only tensor values are kept."""
+    import torch
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-    _, nodes = get_graph_node_names(module)
-    return nodes
+    training = module.training
+    try:
+        _, nodes = get_graph_node_names(module.eval(), suppress_diff_warning=True)
+        modules = {n for n, _ in module.named_modules()}
+        candidates = [n for n in nodes[1:] if n not in modules]  # nodes[0] is the input
+        if not candidates:
+            return []
+        size = _tv_preprocess(module, None, None).input_size
+        with torch.no_grad():
+            values = create_feature_extractor(module, return_nodes={n: n for n in candidates})(
+                torch.zeros((1,) + tuple(size)))
+    finally:
+        module.train(training)
+    return [n for n in candidates if torch.is_tensor(values.get(n))]
 
 
 # ----------------------------------------------------------------------------- modules given from Python
@@ -481,16 +534,25 @@ MODEL_SOURCES: dict[str, ModelSource] = {s.name: s for s in (
         description="timm architectures (the default: no prefix)"),
     ModelSource("open_clip", _open_clip_create, _open_clip_final, _open_clip_preprocess, _open_clip_check,
                 ("hub", "checkpoint", "random"), lambda n: "hub" if "@" in n else "random", _open_clip_tokens,
+                layer_root="visual",
                 description="open_clip's CLIP models, image tower (NAME@TAG picks pretrained weights)"),
     ModelSource("hf", _hf_create, _hf_final, _hf_preprocess, _hf_check, ("hub", "checkpoint", "random"),
-                lambda n: "hub", _hf_tokens, canonical=_hf_canonical,
+                lambda n: "hub", _hf_tokens, canonical=_hf_canonical, paths=True,
                 description="Hugging Face transformers vision models (a hub id or a local directory)"),
     ModelSource("torchvision", _tv_create, _module_final, _tv_preprocess, _tv_check, ("hub", "checkpoint", "random"),
                 lambda n: "hub", extra_layers=_tv_extra_layers,
                 description="torchvision's model zoo (graph nodes are layers too)"),
     ModelSource("module", _module_create, _module_final, _module_preprocess, _module_check, ("module",),
-                lambda n: "module", description="a torch.nn.Module given to featstore.build from Python"),
+                lambda n: "module", python_only=True, description="a torch.nn.Module given to featstore.build from Python"),
 )}
+
+
+def describe_model_names() -> str:
+    """What a model name may be, from the registry: ``a timm model name, or SOURCE:NAME
+    (open_clip:, hf:, ...)``."""
+    prefixed = [f"{name}{SEPARATOR}" for name, s in model_sources().items()
+                if name != DEFAULT_SOURCE and not s.python_only]
+    return f"a {DEFAULT_SOURCE} model name, or SOURCE{SEPARATOR}NAME ({', '.join(prefixed)})"
 
 
 def model_sources() -> dict[str, ModelSource]:
@@ -518,7 +580,7 @@ def parse_model_name(text) -> ModelName:
         raise UnknownNameError("model source", source, sources, context=f"model {text!r}")
     if not rest:
         raise InvalidParameterError(key="model", value=text, expected=f"{source}:NAME with a name")
-    if source != "hf" and ("/" in rest or "\\" in rest or ".." in rest):
+    if not sources[source].paths and ("/" in rest or "\\" in rest or ".." in rest):
         raise InvalidParameterError(key="model", value=text, expected="a name without path separators or '..'"
                                                                       + (" (a hub id or a folder: hf:...)"
                                                                          if source == DEFAULT_SOURCE else ""))

@@ -64,8 +64,13 @@ def _is_model_name(text) -> bool:
     return True
 
 
-ModelText = Annotated[str, Check(_is_model_name, "a timm model name, or SOURCE:NAME (open_clip:, hf:, torchvision:, "
-                                                 "module:); `featstore layers MODEL` checks one")]
+def _describe_model_name() -> str:
+    from ._sources import describe_model_names
+
+    return describe_model_names() + "; `featstore layers MODEL` checks one"
+
+
+ModelText = Annotated[str, Check(_is_model_name, _describe_model_name)]
 """A model name as a group records it: timm's without a prefix, other sources' as SOURCE:NAME."""
 
 

@@ -157,14 +157,18 @@ def _cmd_layers(a) -> int:
     import contextlib
     import io
 
-    print(f"featstore layers: building {a.model} with random weights to list its modules ...", file=sys.stderr)
-    models.check_model_name(a.model)
-    import timm
+    print(f"featstore layers: building {a.model} with random weights to list its layers ...", file=sys.stderr)
+    from ._sources import parse_model_name
 
+    source = models._source(parse_model_name(a.model))
+    weights = "random" if "random" in source.weights else None
     with contextlib.redirect_stderr(io.StringIO()):
-        model = timm.create_model(a.model, pretrained=False)
-    for name in models.list_layers(model):
-        print(name)
+        model, _ = models.create_backbone(a.model, weights)
+    rows = models.describe_layers(model, a.model)
+    width = max(len(name) for name, _, _ in rows)
+    print(f"{'LAYER'.ljust(width)}  {'OUTPUT (one image)':22s}  D")
+    for name, shape, d in rows:
+        print(f"{name.ljust(width)}  {('x'.join(map(str, shape)) if shape else '(not run)'):22s}  {d if d else ''}".rstrip())
     return 0
 
 
@@ -222,10 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also every incomplete group (killed builds) and leftover temporary folders")
     p.add_argument("--dry-run", action="store_true", help="print what would be removed; delete nothing")
     p.add_argument("--store", default=DEFAULT_STORE)
-    p = sub.add_parser("layers", help="list a timm model's layer names",
-                       description="List the names --layers takes for a timm model: pre_logits and every module, "
-                                   "in the model's order. Builds the model with random weights (nothing is "
-                                   "downloaded).")
+    p = sub.add_parser("layers", help="list a model's layers with their output shapes and widths",
+                       description="List the names --layers takes for a model of any source (timm, open_clip:, hf:, "
+                                   "torchvision:): pre_logits, every module and graph node, in the model's order, each "
+                                   "with its output shape on one image and its width d under the default pooling. "
+                                   "Builds the model with random weights (nothing is downloaded for timm, open_clip "
+                                   "and torchvision; hf: needs the model's config, a local folder or the hub).")
     p.add_argument("model")
     sub.add_parser("datasets", help="list the registered datasets",
                    description="List the datasets --dataset takes, with their splits and where their files come "

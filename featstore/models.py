@@ -36,6 +36,7 @@ __all__ = [
     "check_model_name",
     "create_backbone",
     "list_layers",
+    "describe_layers",
     "load_checkpoint_state",
     "map_state_dict",
     "FeatureExtractor",
@@ -518,10 +519,60 @@ def list_layers(model, model_name: str = "model") -> list[str]:
     other layers (torchvision's graph nodes), in the model's order."""
     modules = [name for name, _ in model.named_modules() if name]
     source = _source_of(model_name)
-    if source.name == "open_clip":  # only the image tower runs
-        modules = [m for m in modules if m == "visual" or m.startswith("visual.")]
+    if source.layer_root:  # only that part runs (open_clip's image tower)
+        modules = [m for m in modules if m == source.layer_root or m.startswith(source.layer_root + ".")]
     extra = [n for n in (source.extra_layers(model) if source.extra_layers else []) if n not in set(modules)]
     return [PRE_LOGITS] + modules + extra
+
+
+def describe_layers(model, model_name: str = "model", input_size=None) -> list[tuple[str, tuple | None, int | None]]:
+    """Each layer with its output shape on one image (batch of 1) and its width d under the
+    default pooling (a map's channels, a token layer's channels, a vector's length); shape and
+    width are None for modules the forward does not run (a CLIP model's text tower, say)."""
+    import torch
+
+    source = _source_of(model_name)
+    if input_size is None:
+        input_size = source.preprocess(model, model_name.partition(":")[2] or model_name, None).input_size
+    names = list_layers(model, model_name)
+    modules = dict(model.named_modules())
+    shapes: dict[str, tuple] = {}
+
+    def keep(name):
+        def hook(module, inputs, output):
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            if hasattr(out, "shape"):
+                shapes[name] = tuple(out.shape)
+        return hook
+
+    x = torch.zeros((1,) + tuple(input_size))
+    graph = [n for n in names if n != PRE_LOGITS and n not in modules]
+    with torch.no_grad():
+        if graph:  # traced before any hook is registered (FX does not trace through hooks)
+            from torchvision.models.feature_extraction import create_feature_extractor
+
+            for n, v in create_feature_extractor(model, return_nodes={g: g for g in graph})(x).items():
+                shapes[n] = tuple(v.shape)
+        handles = [modules[n].register_forward_hook(keep(n)) for n in names if n in modules]
+        try:
+            shapes[PRE_LOGITS] = tuple(source.final(model, x).shape)
+        finally:
+            for h in handles:
+                h.remove()
+    rows = []
+    for n in names:
+        shape = shapes.get(n)
+        if shape is None:
+            rows.append((n, None, None))
+            continue
+        if len(shape) == 4:
+            d = shape[1]
+        elif len(shape) == 3:  # tokens, batch- or sequence-first: channels last either way
+            d = shape[2]
+        else:
+            d = int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else shape[0]
+        rows.append((n, shape, int(d)))
+    return rows
 
 
 def _source_of(model_name: str):

@@ -76,8 +76,9 @@ def test_verify_finds_nan_and_bad_labels(built, capsys):
 
 def test_layers_command(capsys):
     assert main(["layers", "resnet50"]) == 0
-    names = capsys.readouterr().out.split()
-    assert names[0] == "pre_logits" and "layer3.5.act3" in names
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert rows[0] == ["pre_logits", "1x2048", "2048"]  # name, output shape on one image, width
+    assert ["layer3.5.act3", "1x1024x14x14", "1024"] in rows
     assert main(["layers", "resnet5"]) == 2
     assert "Unknown model 'resnet5'" in capsys.readouterr().err
 
