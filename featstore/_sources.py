@@ -30,7 +30,9 @@ object is a :class:`ModelSource`; the command line sees them too.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,19 +147,21 @@ def _close(name: str, known, what: str, listing: str):
                            f"{'closest of' if close else 'first 20 of'} {len(known)} {what}; {listing}")
 
 
+@contextlib.contextmanager
 def _seeded(seed: int):
+    """The library's constructor under ``seed`` (the caller's random state kept), its
+    "no pretrained weights loaded" log lines held back: random weights were asked for."""
     import torch
 
-    class _Seeded:
-        def __enter__(self):
-            self._rng = torch.random.fork_rng(devices=[])
-            self._rng.__enter__()
+    quiet = logging.getLogger()
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-
-        def __exit__(self, *exc):
-            return self._rng.__exit__(*exc)
-
-    return _Seeded()
+            yield
+    finally:
+        quiet.setLevel(level)
 
 
 def _imagenet(size: int, image_size: int | None, crop_pct: float = 0.875, interpolation: str = "bilinear",
@@ -334,12 +338,16 @@ def _hf_create(name, weights, checkpoint, mapping, seed):
     if weights == "checkpoint":
         sha, description = _load_file_weights(model, checkpoint, mapping, "transformers state dict")
     model.eval()
+    made = {}
+    if float(getattr(model.config, "mask_ratio", 0) or 0) > 0:  # MAE: every patch, in order (see _hf_final)
+        made["masking"] = f"mask_ratio {model.config.mask_ratio} set to 0: every patch token, in image order"
+        model.config.mask_ratio = 0.0
     description = description or (f"transformers {type(model).__name__} from {name}" if weights == "hub" else
                                   f"transformers {type(model).__name__} from the config of {name}, random init, "
                                   f"seed {seed}")
     return model, _weights_info("hf", weights, model, description, sha), {
         "library": "transformers", "version": tf.__version__, "constructor": call,
-        "class": type(model).__name__}
+        "class": type(model).__name__, **made}
 
 
 def _hf_final(module, x):
@@ -347,7 +355,15 @@ def _hf_final(module, x):
     the model's own pooling (CLIP's and DINOv2's normed class token, ConvNeXt's normed mean,
     ResNet's average), else the first token of ``last_hidden_state`` (ViT's and BEiT's
     classifiers read that: their ``pooler`` is a separate dense+tanh layer that is not)."""
-    out = module(pixel_values=x)
+    import inspect
+
+    import torch
+
+    kwargs = {}
+    if "noise" in inspect.signature(module.forward).parameters:  # MAE shuffles patches by this noise
+        side = x.shape[-1] // int(getattr(module.config, "patch_size", 16))
+        kwargs["noise"] = torch.arange(side * side, device=x.device, dtype=torch.float32).expand(x.shape[0], -1)
+    out = module(pixel_values=x, **kwargs)
     pooled = getattr(out, "pooler_output", None)
     pooler = getattr(module, "pooler", None)
     if pooled is not None and not hasattr(pooler, "dense"):

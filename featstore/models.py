@@ -540,8 +540,8 @@ def describe_layers(model, model_name: str = "model", input_size=None) -> list[t
 
     def keep(name):
         def hook(module, inputs, output):
-            out = output[0] if isinstance(output, (tuple, list)) else output
-            if hasattr(out, "shape"):
+            out = layer_output(output)
+            if out is not None:
                 shapes[name] = tuple(out.shape)
         return hook
 
@@ -591,12 +591,15 @@ class PoolingRule:
     """How one pooling reduces a layer's output to (N, C).
 
     ``maps`` reduces a spatial map (N, C, H, W), ``tokens`` a token sequence (N, T, C);
-    None where the pooling does not apply.
+    None where the pooling does not apply. ``on_maps`` / ``on_tokens`` say it in words (the
+    README's and the docs' pooling table is this registry's).
     """
 
     name: str
     maps: Callable | None
     tokens: Callable | None
+    on_maps: str = "—"
+    on_tokens: str = "—"
 
 
 def _cls(t, prefix):
@@ -608,13 +611,27 @@ def _cls(t, prefix):
 
 # token rules take (tokens (N, T, C), prefix tokens); a map rule (N, C, H, W)
 POOLING_RULES: dict[str, PoolingRule] = {p.name: p for p in (
-    PoolingRule("avg", lambda t: t.mean(dim=(2, 3)), lambda t, k: t[:, k:].mean(dim=1)),
-    PoolingRule("max", lambda t: t.amax(dim=(2, 3)), lambda t, k: t[:, k:].amax(dim=1)),
-    PoolingRule("cls", None, _cls),
-    PoolingRule("flatten", lambda t: t.flatten(1), lambda t, k: t.flatten(1)),
-    PoolingRule("avg_all", None, lambda t, k: t.mean(dim=1)),
-    PoolingRule("cls+avg", None, lambda t, k: __import__("torch").cat([_cls(t, k), t[:, k:].mean(dim=1)], dim=1)),
+    PoolingRule("avg", lambda t: t.mean(dim=(2, 3)), lambda t, k: t[:, k:].mean(dim=1),
+                "mean over H, W (C)", "mean of the patch tokens; class and register tokens left out (C)"),
+    PoolingRule("max", lambda t: t.amax(dim=(2, 3)), lambda t, k: t[:, k:].amax(dim=1),
+                "max over H, W (C)", "max over the patch tokens (C)"),
+    PoolingRule("cls", None, _cls, on_tokens="the class token (C)"),
+    PoolingRule("flatten", lambda t: t.flatten(1), lambda t, k: t.flatten(1), "every value (C·H·W)",
+                "every token's every value (T·C)"),
+    PoolingRule("avg_all", None, lambda t, k: t.mean(dim=1),
+                on_tokens="mean of every token, class token included (what avg was before model sources) (C)"),
+    PoolingRule("cls+avg", None, lambda t, k: __import__("torch").cat([_cls(t, k), t[:, k:].mean(dim=1)], dim=1),
+                on_tokens="the class token, then the patch mean (2C)"),
 )}
+
+
+def pooling_table() -> str:
+    """The poolings as a Markdown table (what each does to a map and to tokens, with the width)."""
+    rows = ["| `--pooling` | on a map (N, C, H, W) | on tokens (N, T, C) |", "|---|---|---|"]
+    rows += [f"| `{p.name}` | {p.on_maps} | {p.on_tokens} |" for p in POOLING_RULES.values()]
+    return "\n".join(rows)
+
+
 assert tuple(POOLING_RULES) == POOLINGS, "every declared pooling has a rule"  # a bug, never a user error
 
 
@@ -644,6 +661,19 @@ def pool(t, pooling: str, tokens=None):
     if tokens is not None and not tokens.batch_first:
         t = t.transpose(0, 1)
     return reduce(t, prefix)
+
+
+def layer_output(output):
+    """The tensor a module's output stands for: the tensor itself, a tuple's first element (an
+    attention block's), a model output's first field (transformers' ``last_hidden_state``); None
+    when there is none."""
+    import torch
+
+    if isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    elif isinstance(output, dict) and output:
+        output = next(iter(output.values()))
+    return output if torch.is_tensor(output) else None
 
 
 class _Captured(Exception):
@@ -694,6 +724,7 @@ class FeatureExtractor:
         self.model = model
         self.layers = list(layers)
         self.pooling = pooling
+        self.model_name = model_name
         self.source = _source_of(model_name)
         self.tokens = self.source.tokens(model)
         modules = dict(model.named_modules())
@@ -716,7 +747,11 @@ class FeatureExtractor:
         ]
 
     def _pool(self, name, output):
-        raw = output[0] if isinstance(output, (tuple, list)) else output
+        raw = layer_output(output)
+        if raw is None:
+            raise InvalidParameterError(key="layers", value=name, expected=(
+                f"a layer whose output is a tensor; {name} gives a {type(output).__name__} (`featstore layers "
+                f"{self.model_name}` lists each layer's output)"))
         self.shapes[name] = tuple(raw.shape)
         if self.norm is not None and raw.ndim == 3:
             raw = self.norm(raw if self.tokens.batch_first else raw.transpose(0, 1))
@@ -757,6 +792,11 @@ class FeatureExtractor:
         if self._graph is not None:
             for name, value in self._graph(x).items():
                 out[name] = self._pool(name, value)
+        never = [name for name in self._module_layers if name not in self._store]
+        if never:  # a container (a ModuleList) the forward does not call, or a module it skips
+            raise InvalidParameterError(key="layers", value=never[0], expected=(
+                f"a module the forward calls; {self.model_name}'s forward never calls {never[0]} (a container of "
+                f"the modules it calls? `featstore layers {self.model_name}` marks such modules '(not run)')"))
         for name in self._module_layers:
             out[name] = self._store[name]
         self._store = {}

@@ -26,12 +26,15 @@ def test_the_docs_site_builds_in_strict_mode(tmp_path):
     assert "SubsetProbes" in api and "diffused_redundancy" in api  # generated from the docstrings
 
 
-def _tour_blocks() -> list[tuple[str, str]]:
-    """The README tour's fenced blocks in order: (language, text)."""
+def _section(title: str) -> str:
     readme = (REPO / "README.md").read_text()
-    tour = readme[readme.index("## A tour"):]
-    tour = tour[:tour.index("\n## ", 3)]
-    return re.findall(r"```(\w+)\n(.*?)```", tour, flags=re.S)
+    text = readme[readme.index(f"## {title}"):]
+    return text[:text.index("\n## ", 3)]
+
+
+def _tour_blocks(title: str = "A tour") -> list[tuple[str, str]]:
+    """A README section's fenced blocks in order: (language, text)."""
+    return re.findall(r"```(\w+)\n(.*?)```", _section(title), flags=re.S)
 
 
 def _normal(text: str) -> list[str]:
@@ -45,21 +48,22 @@ def _normal(text: str) -> list[str]:
     return out
 
 
-@pytest.mark.slow
-def test_the_readme_tour_runs_as_written_and_prints_what_it_shows(tmp_path):
-    """Each shell and Python block of the README's tour, copied as written, run in order in a
-    fresh folder (with the project's .venv on the PATH, as `source .venv/bin/activate` puts it):
-    every command succeeds and prints what the block after it shows."""
+def _run_blocks(tmp_path, title: str) -> list[str]:
+    """Each shell and Python block of a README section, copied as written, run in order in a
+    fresh folder (with the project's .venv on the PATH, as `source .venv/bin/activate` puts it);
+    every command must succeed and print what the text block after it shows. Their outputs."""
     work = tmp_path / "checkout"
-    work.mkdir()
-    shutil.copytree(REPO / "sweeps", work / "sweeps")
+    work.mkdir(exist_ok=True)
+    if not (work / "sweeps").exists():
+        shutil.copytree(REPO / "sweeps", work / "sweeps")
     venv = REPO / ".venv"
     if not venv.is_dir():
-        pytest.skip("the tour runs in the project's .venv, which `make setup` creates")
-    (work / ".venv").symlink_to(venv)
+        pytest.skip("the README's commands run in the project's .venv, which `make setup` creates")
+    if not (work / ".venv").exists():
+        (work / ".venv").symlink_to(venv)
     env = {**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}", "VIRTUAL_ENV": str(venv)}
-    blocks = _tour_blocks()
-    assert [lang for lang, _ in blocks].count("bash") >= 3 and any(lang == "python" for lang, _ in blocks)
+    blocks = _tour_blocks(title)
+    outputs = []
     for i, (lang, text) in enumerate(blocks):
         if lang == "text":
             continue
@@ -72,3 +76,44 @@ def test_the_readme_tour_runs_as_written_and_prints_what_it_shows(tmp_path):
         assert proc.returncode == 0, f"block {i} ({lang}) failed:\n{text}\n{proc.stderr[-3000:]}"
         if i + 1 < len(blocks) and blocks[i + 1][0] == "text":
             assert _normal(proc.stdout) == _normal(blocks[i + 1][1]), f"block {i} printed:\n{proc.stdout}"
+        outputs.append(proc.stdout)
+    return outputs
+
+
+@pytest.mark.slow
+def test_the_readme_tour_runs_as_written_and_prints_what_it_shows(tmp_path):
+    blocks = _tour_blocks()
+    assert [lang for lang, _ in blocks].count("bash") >= 3 and any(lang == "python" for lang, _ in blocks)
+    _run_blocks(tmp_path, "A tour")
+
+
+def test_the_readme_models_section_runs_offline_for_every_source(tmp_path, monkeypatch, capsys):
+    """One build per source (timm, open_clip, torchvision, hf from a saved config, a module
+    from Python), each command as written (its argv given to featstore's main in this process,
+    to spare five interpreter starts; the tour test runs its commands in a real shell); the
+    store then holds a group of each source; the pooling table is the registry's."""
+    import shlex
+
+    import featstore
+    from featstore._sources import model_sources
+    from featstore.cli import main
+    from featstore.models import pooling_table
+
+    assert pooling_table() in _section("Models") and pooling_table() in (REPO / "docs" / "models.md").read_text()
+    monkeypatch.chdir(tmp_path)
+    for lang, text in _tour_blocks("Models"):
+        if lang == "bash":
+            for line in text.strip().splitlines():
+                argv = shlex.split(line)
+                if argv[0] == "featstore":
+                    assert main(argv[1:]) == 0, (line, capsys.readouterr().err[-2000:])
+                else:
+                    assert argv[:2] == ["python", "-c"], line
+                    exec(argv[2], {})
+        else:
+            exec(text, {})
+    out = capsys.readouterr().out
+    assert "module-tiny-cnn__pre_logits__digits__test__" in out and "(40, 16)" in out
+    groups = featstore.open(tmp_path / "data" / "models.zarr").find()
+    assert {g.provenance["model"]["source"] for g in groups} == set(model_sources())
+    assert all(g.n_samples == 40 for g in groups)

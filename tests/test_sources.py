@@ -17,8 +17,6 @@ from featstore import errors
 from featstore._build import make_transforms
 from featstore.datasets import load_split
 
-from .conftest import run_cli
-
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
@@ -81,7 +79,7 @@ def test_torchvision_model_module_and_graph_node_layers_equal_its_own_forward(tm
     assert groups["layer1.0.add"].shape[1] == 64 and groups["pre_logits"].shape[1] == 512
 
 
-def test_layers_command_lists_graph_nodes_with_shapes_and_widths():
+def test_layers_command_lists_graph_nodes_with_shapes_and_widths(capsys):
     from featstore import models
 
     model, _ = models.create_backbone("torchvision:resnet18", "random")
@@ -89,9 +87,10 @@ def test_layers_command_lists_graph_nodes_with_shapes_and_widths():
     assert rows["pre_logits"] == ((1, 512), 512)
     assert rows["layer1.0.add"] == ((1, 64, 56, 56), 64) and rows["layer4"] == ((1, 512, 7, 7), 512)
     assert "x" not in rows  # the input placeholder is not a layer
-    proc = run_cli("layers", "torchvision:resnet18")
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+    from featstore.cli import main
+
+    assert main(["layers", "torchvision:resnet18"]) == 0
+    lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["LAYER", "OUTPUT", "(one", "image)", "D"]
     assert any(line.split() == ["layer3.1.add", "1x256x14x14", "256"] for line in lines)
 
@@ -198,11 +197,37 @@ def test_hf_random_weights_come_from_the_config_alone(tmp_path, image_folder, ti
     assert hub.name == a.name and "random init" in a.provenance["weights"]["description"]
 
 
-def test_hf_folder_without_a_config_is_one_error(tmp_path):
-    proc = run_cli("build", "--model", f"hf:{tmp_path}/nothing", "--dataset", "digits", "--store", tmp_path / "s.zarr")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "hf:DIR of a saved transformers model (a folder with config.json)" in proc.stderr
+def test_hf_folder_without_a_config_is_one_error(tmp_path, capsys):
+    from featstore.cli import main
+
+    assert main(["build", "--model", f"hf:{tmp_path}/nothing", "--dataset", "digits", "--store",
+                 str(tmp_path / "s.zarr")]) == 2
+    assert "hf:DIR of a saved transformers model (a folder with config.json)" in capsys.readouterr().err
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_hf_mae_sees_every_patch_in_order(tmp_path, image_folder):
+    """ViTMAEModel masks 75% of the patches at random even in eval: featstore sets its mask ratio
+    to 0 and its shuffle noise to the identity, so features are every patch, deterministic."""
+    tf = pytest.importorskip("transformers", reason="the [models] extra (transformers) is not installed")
+    from featstore import models
+
+    d = tmp_path / "mae"
+    tf.ViTMAEConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=64).save_pretrained(d)
+    model, _ = models.create_backbone(f"hf:{d}", "random")
+    rows = {n: shape for n, shape, _ in models.describe_layers(model, f"hf:{d}")}
+    assert rows["embeddings"] == (1, 17, 32)  # the class token and all 16 patches
+    a = _build(tmp_path, image_folder, model=f"hf:{d}", weights="random", layers="layers.1", pooling="flatten")
+    g = a["layers.1"]
+    assert "mask_ratio 0.75 set to 0" in g.provenance["model"]["masking"]
+    x = _images(g, image_folder)
+    reference = model  # the same random init (seed 0): the same weights as the group's
+    assert g.spec.weights_sha256 == models.state_dict_sha256(reference.state_dict())
+    reference.config.mask_ratio = 0.0
+    noise = torch.arange(16, dtype=torch.float32).expand(len(x), -1)  # HF's own way to fix the order
+    _, hooked = _hooked(reference, ["layers.1"], lambda: reference(pixel_values=x, noise=noise))
+    np.testing.assert_allclose(g.numpy(), hooked["layers.1"].flatten(1).numpy(), rtol=1e-4, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- a module from Python
@@ -242,10 +267,29 @@ def test_a_module_from_python_builds_with_its_name_and_preprocessing(tmp_path, i
     ("module:mine", "exist only in the Python process that passed them"),
     ("open_clip:NoSuchArch", "open_clip architectures"),
 ])
-def test_bad_model_names_are_one_error_before_any_work(tmp_path, model, message):
-    proc = run_cli("build", "--model", model, "--dataset", "digits", "--store", tmp_path / "s.zarr")
-    assert proc.returncode == 2, proc.stderr
-    assert message in proc.stderr and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+def test_bad_model_names_are_one_error_before_any_work(tmp_path, capsys, model, message):
+    from featstore.cli import main
+
+    assert main(["build", "--model", model, "--dataset", "digits", "--store", str(tmp_path / "s.zarr")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--pooling", "cls"], "pooling='cls' cannot be used here: it does not apply to an output of shape (1, 32, 8, 8) "
+                           "(a spatial map); choose avg, max, flatten"),
+    (["--norm", "final"], "test_resnet has no final norm to apply to its layers"),
+    (["--layers", "layer9"], "Unknown layer 'layer9' for test_resnet"),
+])
+def test_a_layer_option_the_model_cannot_take_is_one_error_before_any_work(tmp_path, capsys, extra, message):
+    from featstore.cli import main
+
+    args = ["build", "--model", "test_resnet", "--weights", "random", "--dataset", "digits", "--layers", "layer1",
+            "--image-size", "32", "--store", str(tmp_path / "s.zarr")]
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "s.zarr").exists()
 
 
@@ -307,3 +351,15 @@ def test_a_source_whose_library_is_missing_names_the_models_extra(monkeypatch):
     with pytest.raises(errors.MissingDependencyError, match=r"needs open_clip, which is not installed: pip install "
                                                             r"'featstore-redundancy\[models\]'"):
         models.create_backbone("open_clip:ViT-B-32", "random")
+
+
+def test_a_container_the_forward_never_calls_is_one_error(tiny_hf_vit):
+    from featstore import models
+
+    model, d = tiny_hf_vit
+    rows = {n: shape for n, shape, _ in models.describe_layers(model, f"hf:{d}")}
+    assert rows["layers"] is None and rows["layers.0"] == (1, 17, 32)  # a ModuleList is not called
+    extractor = models.FeatureExtractor(model, ["layers"], model_name=f"hf:{d}")
+    with pytest.raises(errors.InvalidParameterError, match="never calls layers"):
+        extractor(torch.zeros(1, 3, 32, 32))
+    extractor.close()
