@@ -566,7 +566,9 @@ MODEL_SOURCES: dict[str, ModelSource] = {s.name: s for s in (
 def describe_model_names() -> str:
     """What a model name may be, from the registry: ``a timm model name, or SOURCE:NAME
     (open_clip:, hf:, ...)``."""
-    prefixed = [f"{name}{SEPARATOR}" for name, s in model_sources().items()
+    # the sources known so far, without loading entry points: this runs while featstore's
+    # modules are being defined (help texts), and a third-party source imports featstore
+    prefixed = [f"{name}{SEPARATOR}" for name, s in MODEL_SOURCES.items()
                 if name != DEFAULT_SOURCE and not s.python_only]
     return f"a {DEFAULT_SOURCE} model name, or SOURCE{SEPARATOR}NAME ({', '.join(prefixed)})"
 
@@ -582,21 +584,23 @@ def model_sources() -> dict[str, ModelSource]:
     return MODEL_SOURCES
 
 
-def parse_model_name(text) -> ModelName:
+def parse_model_name(text, registered: bool = True) -> ModelName:
     """Split ``source:name`` (no prefix: timm), checking its form, not that the model exists.
 
-    The one place that reads the prefix."""
+    The one place that reads the prefix. ``registered=False`` accepts a source this process
+    does not know (a group a third-party source wrote opens, and its features read, without
+    that package)."""
     if not isinstance(text, str) or not text:
         raise InvalidParameterError(key="model", value=text, expected="a model name (timm), or SOURCE:NAME")
     source, sep, rest = text.partition(SEPARATOR)
     if not sep or os.path.sep in source or "/" in source:
         source, rest = DEFAULT_SOURCE, text
     sources = model_sources()
-    if source not in sources:
+    if source not in sources and registered:
         raise UnknownNameError("model source", source, sources, context=f"model {text!r}")
     if not rest:
         raise InvalidParameterError(key="model", value=text, expected=f"{source}:NAME with a name")
-    if not sources[source].paths and ("/" in rest or "\\" in rest or ".." in rest):
+    if source in sources and not sources[source].paths and ("/" in rest or "\\" in rest or ".." in rest):
         raise InvalidParameterError(key="model", value=text, expected="a name without path separators or '..'"
                                                                       + (" (a hub id or a folder: hf:...)"
                                                                          if source == DEFAULT_SOURCE else ""))

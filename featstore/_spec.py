@@ -55,10 +55,12 @@ Name = Annotated[str, Check(_is_name, "a name without path separators or '..'")]
 
 
 def _is_model_name(text) -> bool:
+    """The form of a recorded model name; its source need not be installed here (a group a
+    third-party source wrote still opens)."""
     from ._sources import parse_model_name
 
     try:
-        parse_model_name(text)
+        parse_model_name(text, registered=False)
     except (ValueError, LookupError):
         return False
     return True

@@ -7,6 +7,7 @@ what they always were."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -363,3 +364,45 @@ def test_a_container_the_forward_never_calls_is_one_error(tiny_hf_vit):
     with pytest.raises(errors.InvalidParameterError, match="never calls layers"):
         extractor(torch.zeros(1, 3, 32, 32))
     extractor.close()
+
+
+def test_a_third_party_source_from_an_entry_point_is_seen_by_the_command_line(tmp_path):
+    """A package that declares a ``featstore.model_sources`` entry point (here a dist-info
+    folder on PYTHONPATH, as pip would install it) adds a source the CLI builds from."""
+    import subprocess
+    import sys
+
+    (tmp_path / "mysource.py").write_text('''
+import torch
+from featstore._sources import ModelSource
+from featstore._spec import TransformSpec
+from featstore.models import WeightsInfo, state_dict_sha256
+
+
+def create(name, weights, checkpoint, mapping, seed):
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten()).eval()
+    return net, WeightsInfo("random", state_dict_sha256(net.state_dict()), f"mine {name}, seed {seed}"), {
+        "library": "mysource", "version": "0.1", "constructor": f"mysource.create({name!r})"}
+
+
+SOURCE = ModelSource(
+    "mine", create, lambda m, x: m(x),
+    lambda m, n, size: TransformSpec(input_size=(3, size or 16, size or 16), interpolation="bilinear", crop_pct=1.0,
+                                     crop_mode="center", mean=(0.5,) * 3, std=(0.5,) * 3),
+    lambda n: None, ("random",), lambda n: "random", description="a test source")
+''')
+    info = tmp_path / "mysource-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mysource\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[featstore.model_sources]\nmine = mysource:SOURCE\n")
+    env = {"PYTHONPATH": f"{tmp_path}:{Path(featstore.__file__).parents[1]}", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-m", "featstore.cli", "build", "--model", "mine:net", "--dataset", "digits",
+                           "--splits", "test", "--limit", "20", "--layers", "pre_logits,0", "--no-progress",
+                           "--store", str(tmp_path / "s.zarr")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    # this process has no such source: the group still opens and reads (the model is not needed)
+    g = featstore.open(tmp_path / "s.zarr").group(model="mine:net", layer="0")
+    assert g.shape == (20, 5) and g.provenance["model"]["constructor"] == "mysource.create('net')"
+    assert np.isfinite(g.numpy()).all()
