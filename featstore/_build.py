@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal
 
@@ -391,7 +391,18 @@ class BuildOptions(Parameters):
     norm: TokenNorm = "none"
     """For token layers: apply the model's final norm before pooling (final), as its own output does, or not."""
     dataset: datasets.DatasetText = "fashion-mnist"
-    """Dataset name or imagefolder:PATH (see `featstore datasets`)."""
+    """A registered dataset, or SOURCE:WHERE: imagefolder:PATH, hf:PATH_OR_NAME, wds:URL_PATTERN, csv:FILE,
+    parquet:FILE (`featstore datasets` lists them)."""
+    hf_image_column: Name | None = None
+    """hf: datasets: the image column (default: the one Image feature)."""
+    hf_label_column: Name | None = None
+    """hf: datasets: the label column (default: the one ClassLabel feature)."""
+    hf_id_column: Name | None = None
+    """hf: datasets: a column of sample ids (default: split/row)."""
+    wds_image_key: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    """wds: shards: the image member's extensions, the first present taken (default: jpg;png)."""
+    wds_label_key: Annotated[str, Field(min_length=1, max_length=50)] | None = None
+    """wds: shards: the label member's extension, its text an integer or a class name (default: cls)."""
     splits: Annotated[tuple[str, ...], Field(min_length=1, strict=False), CommaList()] = ("train", "test")
     """Splits to extract (comma-separated)."""
     root: PathText | None = None
@@ -400,6 +411,9 @@ class BuildOptions(Parameters):
     """Let torchvision download the dataset."""
     limit: Limit = None
     """Stratified, seeded subset of N images per split (default: all)."""
+    per_class: Limit = None
+    """k-shot: a seeded subset of K images of every class per split (an error names the classes with fewer);
+    part of the group's key. Not with --limit."""
     seed: Seed = 0
     """Seed of --limit and --views."""
     views: Views = 0
@@ -477,6 +491,7 @@ class _Plan:
     decoder: object = None  # _decode.DevicePreprocess with decode="device"
     model_name: str = ""  # as the groups record it (a source prefix; a local path absolute)
     model_provenance: dict | None = None  # library, version, constructor call, preprocessing
+    identity: dict = field(default_factory=dict)  # per split: what besides its name determines its rows
 
     @property
     def precision(self) -> str:
@@ -509,18 +524,17 @@ def build(o: BuildOptions, log=None) -> list[Group]:
     say = log or (lambda msg: print(msg, file=sys.stderr))
     o = _with_module(o)
     plan = _plan(o)
-    # a split whose groups are all complete needs no image check (under --bad-images fail its key
-    # does not depend on it): a no-op rebuild says "already complete" without reading every file
-    done = set()
+    # under --bad-images fail a group's key does not depend on the check, so only the images the
+    # pass will read are checked: the split's subset (--limit, --per-class), less the rows that
+    # partial groups already hold; a no-op rebuild reads no image, a resumed one only what it needs
+    rows = None
     if o.bad_images == "fail":
         try:
             existing = FeatureStore(o.store, mode="r")
         except StoreNotFoundError:
             existing = None
-        if existing is not None:
-            done = {split for split in o.splits
-                    if all(_is_complete(existing, spec) for spec in _specs(plan, split).values())}
-    _check_sources(plan, skip=done)  # before the store is created: a bad file changes nothing on disk
+        rows = {split: _rows_to_read(plan, existing, split) for split in o.splits}
+    _check_sources(plan, rows)  # before the store is created: a bad file changes nothing on disk
     fs = FeatureStore(o.store, mode="a")
     built: list[Group] = []
     try:
@@ -557,8 +571,12 @@ def _plan(o: BuildOptions) -> _Plan:
     and its splits, the device, the store path, the backbone and its layers. Writes nothing."""
     import torch
 
+    if o.per_class is not None and o.limit is not None:
+        raise IncompatibleParametersError(key="per_class", value=str(o.per_class),
+                                          reason=f"--limit {o.limit} also picks the images; give one of them")
+    datasets.check_source_options(o.dataset, _source_options(o))
     dataset = datasets.canonical_dataset_name(o.dataset)
-    valid_splits = datasets.dataset_splits(dataset)
+    valid_splits = datasets.dataset_splits(dataset, _source_options(o))
     for split in o.splits:
         if split not in valid_splits:
             raise UnknownNameError("split", split, valid_splits, context=f"dataset {dataset!r}")
@@ -583,10 +601,12 @@ def _plan(o: BuildOptions) -> _Plan:
     # probe the output widths with one tiny forward pass (cheap, catches bad layers early)
     with torch.no_grad():
         widths = {k: int(v.shape[1]) for k, v in extractor(torch.zeros((1,) + tuple(tspec.input_size))).items()}
-    sources = {split: datasets.load_split(dataset, split, o.root, o.download, o.bad_images) for split in o.splits}
+    sources = {split: datasets.load_split(dataset, split, o.root, o.download, o.bad_images, _source_options(o))
+               for split in o.splits}
     for split, src in sources.items():
         if len(src) == 0:
             raise InvalidDatasetError(dataset=dataset, problem=f"split {split!r} is empty")
+    identity = {split: datasets.dataset_identity(dataset, split, _source_options(o)) for split in o.splits}
     decoder = None
     if o.decode == "device":
         no_files = [split for split, src in sources.items() if src.files is None]
@@ -601,7 +621,14 @@ def _plan(o: BuildOptions) -> _Plan:
     made["preprocessing"] = tspec.to_dict()
     return _Plan(o, dataset, device, o.batch_size or (256 if device.startswith("cuda") else 16),
                  o.workers if o.workers is not None else default_workers(device),
-                 backbone, winfo, extractor, tspec, widths, sources, {}, decoder, model_name, made)
+                 backbone, winfo, extractor, tspec, widths, sources, {}, decoder, model_name, made, identity)
+
+
+def _source_options(o: BuildOptions) -> dict:
+    """The dataset-source options (``--hf-image-column``, ...) as the sources read them."""
+    from ._datasources import SOURCE_OPTIONS
+
+    return {key: getattr(o, key) for key in SOURCE_OPTIONS}
 
 
 def _is_complete(fs: FeatureStore, spec: ExtractionSpec) -> bool:
@@ -609,22 +636,60 @@ def _is_complete(fs: FeatureStore, spec: ExtractionSpec) -> bool:
     return z is not None and z.attrs.asdict().get(META, {}).get("state") == "complete"
 
 
-def _check_sources(plan: _Plan, skip=()) -> None:
-    """Check every image file of the splits to build (not ``skip``): under ``fail`` every bad
-    file of every split in one error, before any group is created; under ``skip`` they are left
-    out and recorded (``plan.skipped``, part of the groups' keys)."""
+def _subset(plan: _Plan, src) -> np.ndarray:
+    """Positions of the split's images a build takes: all, --limit's stratified subset or
+    --per-class's k of every class (seeded)."""
+    o = plan.options
+    if o.per_class is not None:
+        return datasets.per_class_subset(src.targets, o.per_class, o.seed, src.classes, plan.dataset)
+    return datasets.stratified_subset(src.targets, o.limit, o.seed)
+
+
+def _rows_to_read(plan: _Plan, existing: FeatureStore | None, split: str) -> np.ndarray:
+    """Positions (in the split's source) of the images the pass over ``split`` still reads:
+    its subset's rows that some group of the split does not hold yet (every view of their
+    chunk done); none when every group is complete."""
+    index = _subset(plan, plan.sources[split])
+    todo = np.zeros(len(index), dtype=bool)
+    for spec in _specs(plan, split).values():
+        z = existing.raw_group(spec.group_name()) if existing is not None else None
+        meta = z.attrs.asdict().get(META, {}) if z is not None else {}
+        if meta.get("state") == "complete":
+            continue
+        if z is None or "progress" not in z.array_keys() or int(z["progress"].shape[1]) * spec.chunk_rows < len(index):
+            return index  # not started (or not resumable as it is): every row
+        chunk_done = z["progress"][:].astype(bool).all(axis=0)
+        todo |= ~np.repeat(chunk_done, spec.chunk_rows)[:len(index)]
+    return index[todo]
+
+
+def _check_sources(plan: _Plan, rows: dict | None = None) -> None:
+    """Check the image files of the splits to build (``rows``: per split, the positions to check;
+    None: all of them): under ``fail`` every bad file of every split in one error, before any
+    group is created; under ``skip`` they are left out and recorded (``plan.skipped``, part of
+    the groups' keys)."""
     o, sources = plan.options, plan.sources
-    bad = {split: datasets.check_images(src.files, progress=o.progress, label=f"checking {split} images")
-           for split, src in sources.items() if o.check and src.files and split not in skip}
+
+    def check(split, src):
+        positions = np.arange(len(src)) if rows is None else np.asarray(rows[split], dtype=int)
+        found = datasets.check_images([src.files[i] for i in positions], progress=o.progress,
+                                      label=f"checking {split} images")
+        return [(int(positions[i]), why) for i, why in found]
+
+    bad = {split: check(split, src) for split, src in sources.items() if o.check and src.files}
     if o.bad_images == "fail" and any(bad.values()):  # every bad file of every split, in one error
         raise BadImagesError(
             dataset=plan.dataset,
             files=[f"{sources[split].files[i]}: {why}" for split, found in bad.items() for i, why in found],
             fix="Nothing was built. Remove or replace them, or build with --bad-images skip to leave them out "
                 "(recorded with the group)")
+    for split, src in sources.items():  # what the sources left out themselves (a missing shard)
+        if src.skipped:
+            plan.skipped[split] = list(src.skipped)
     for split, found in bad.items():
         if found:
-            plan.skipped[split] = [(sources[split].sample_ids[i], why) for i, why in found]
+            plan.skipped[split] = plan.skipped.get(split, []) + [(sources[split].sample_ids[i], why)
+                                                                 for i, why in found]
             sources[split] = sources[split].without([i for i, _ in found])
     for split, src in sources.items():
         if len(src) == 0:
@@ -652,7 +717,8 @@ def _specs(plan: _Plan, split: str) -> dict[str, ExtractionSpec]:
         augmentation=PREPROCESSING[o.preset].augmentation if n_views else "",
         chunk_rows=o.chunk_rows or chunk_rows_for(plan.widths[layer], o.dtype),
         extra=_skip_record(o.bad_images, plan.skipped.get(split, [])) + ((("decode", o.decode),) if o.decode != "pil" else ())
-        + _token_record(plan, layer),
+        + _token_record(plan, layer) + plan.identity.get(split, ())
+        + ((("per_class", str(o.per_class)),) if o.per_class is not None else ()),
     ) for layer in o.layers}
 
 
@@ -687,7 +753,7 @@ def _extract(plan: _Plan, fs: FeatureStore, split: str, specs: dict[str, Extract
     backbone pass over whatever rows and views are still missing."""
     o = plan.options
     src = plan.sources[split]
-    index = datasets.stratified_subset(src.targets, o.limit, o.seed)
+    index = _subset(plan, src)
     names = [s.group_name() for s in specs.values()]
 
     def on_wait(name, holder):

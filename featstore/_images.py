@@ -8,8 +8,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["ImageSource", "to_rgb", "open_image", "image_problem", "check_images", "seeded_split",
-           "IMAGE_EXTENSIONS", "BAD_IMAGE_POLICIES", "SPLIT_SEED", "SPLIT_TEST_FRACTION"]
+__all__ = ["ImageSource", "ImageRef", "to_rgb", "open_image", "read_image_bytes", "image_problem", "check_images",
+           "seeded_split", "split_positions", "SEEDED_SPLITS", "WHOLE_SPLIT", "IMAGE_EXTENSIONS", "BAD_IMAGE_POLICIES", "SPLIT_SEED", "SPLIT_TEST_FRACTION"]
 
 # Seed of the fixed train/test split for datasets that come without one; part of the
 # dataset's definition, not a user knob, so every user gets the same split.
@@ -40,15 +40,43 @@ def to_rgb(img):
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+class ImageRef:
+    """An image's encoded bytes that are not a file of their own: a member of a tar shard, a cell
+    of a table, a URL. Sources that read such bytes give a sequence of these as their ``files``;
+    every rule for files (the decoding, the bad-file check, the device decoder) takes them too.
+
+    Subclasses implement ``read() -> bytes`` and ``__str__`` (where it is, for messages); they
+    must pickle cheaply (DataLoader workers receive them)."""
+
+    def read(self) -> bytes:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def read_image_bytes(ref) -> bytes:
+    """The encoded bytes of a file path or an :class:`ImageRef`."""
+    if isinstance(ref, ImageRef):
+        return ref.read()
+    with open(ref, "rb") as f:
+        return f.read()
+
+
+def _opened(ref):
+    """What ``PIL.Image.open`` takes for ``ref``: the path itself, or the bytes of a reference."""
+    import io
+
+    return io.BytesIO(ref.read()) if isinstance(ref, ImageRef) else ref
+
+
 def open_image(path):
-    """A file's image as RGB (``to_rgb``), fully decoded; a decompression bomb is refused."""
+    """A file's image (a path or an :class:`ImageRef`) as RGB (``to_rgb``), fully decoded; a
+    decompression bomb is refused."""
     import warnings
 
     from PIL import Image
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
+        with Image.open(_opened(path)) as img:
             img.load()
             return to_rgb(img)
 
@@ -62,11 +90,12 @@ def image_problem(path) -> str | None:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        if os.path.getsize(path) == 0:
+        source = _opened(path)
+        if (source.getbuffer().nbytes if hasattr(source, "getbuffer") else os.path.getsize(source)) == 0:
             return "empty"
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 if img.format == "JPEG":
                     img.draft("RGB", (max(1, img.size[0] // 8), max(1, img.size[1] // 8)))
                     img.load()
@@ -120,8 +149,9 @@ class ImageSource:
         split); defaults to ``split:index``.
     description : str
         Where the images came from (written into the group's provenance).
-    files : sequence of path, optional
-        The file behind each sample, for sources that read files (checked before a build).
+    files : sequence of path or ImageRef, optional
+        The encoded image behind each sample, for sources that read encoded images (checked
+        before a build): file paths, or :class:`ImageRef` (tar members, table cells, URLs).
     """
 
     def __init__(
@@ -142,8 +172,11 @@ class ImageSource:
             else np.asarray([str(i) for i in range(len(self.targets))])
         )
         self.description = description
-        self.files = None if files is None else [str(f) for f in files]
+        self.files = None if files is None else [f if isinstance(f, ImageRef) else str(f) for f in files]
         self._keep = np.arange(len(self.targets))  # positions in the underlying source
+        # (sample or container id, reason) of what the source itself left out under
+        # --bad-images skip (a missing shard): recorded with the group, beside the bad files
+        self.skipped: list[tuple[str, str]] = []
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -159,7 +192,19 @@ class ImageSource:
         out = ImageSource(self._get_image, self.targets[~drop], self.classes, self.sample_ids[~drop],
                           self.description, None if self.files is None else [f for f, d in zip(self.files, drop) if not d])
         out._keep = self._keep[~drop]
+        out.skipped = list(self.skipped)
         return out
+
+
+# A dataset without splits of its own offers a seeded 80/20 train/test split, or every sample
+# as one split (an evaluation set: all of it to be evaluated).
+WHOLE_SPLIT = "all"
+SEEDED_SPLITS = ("train", "test", WHOLE_SPLIT)
+
+
+def split_positions(targets: np.ndarray, split: str) -> np.ndarray:
+    """Positions of ``split`` (one of :data:`SEEDED_SPLITS`) in a dataset without its own splits."""
+    return np.arange(len(targets)) if split == WHOLE_SPLIT else seeded_split(targets, split)
 
 
 def seeded_split(targets: np.ndarray, split: str) -> np.ndarray:

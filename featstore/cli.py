@@ -173,11 +173,18 @@ def _cmd_layers(a) -> int:
 
 
 def _cmd_datasets(a) -> int:
+    from ._datasources import dataset_sources
+
+    datasets.load_plugins()
+    print("Registered datasets (--dataset NAME):")
     for name in sorted(datasets.DATASETS):
         e = datasets.DATASETS[name]
-        print(f"{name:14s} splits: {','.join(e.splits):16s} {e.description}")
-    print(f"{datasets.IMAGEFOLDER + ':PATH':14s} splits: train,test[,val] class-per-folder tree (train/test "
-          f"subfolders or a seeded 80/20 split)")
+        print(f"  {name:16s} splits: {','.join(e.splits):16s} {e.description}")
+    print("Sources (--dataset SOURCE:WHERE):")
+    for s in dataset_sources().values():
+        takes = ", ".join("--" + o.replace("_", "-") for o in s.options)
+        extra = f" [needs the {s.extra} extra]" if s.extra else ""
+        print(f"  {s.example:16s} {s.description}{extra}" + (f"; options: {takes}" if takes else ""))
     return 0
 
 

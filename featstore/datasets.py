@@ -11,11 +11,10 @@ import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Callable, Sequence
+from typing import Annotated, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ._imagefolder import imagefolder_splits, load_imagefolder
 from ._images import (
     BAD_IMAGE_POLICIES,
     IMAGE_EXTENSIONS,
@@ -26,7 +25,13 @@ from ._images import (
     seeded_split,
     to_rgb,
 )
-from .errors import ClassMapError, DatasetNotFoundError, InvalidParameterError, UnknownNameError
+from .errors import (
+    ClassMapError,
+    DatasetNotFoundError,
+    IncompatibleParametersError,
+    InvalidParameterError,
+    UnknownNameError,
+)
 from .params import Check
 
 __all__ = [
@@ -41,7 +46,12 @@ __all__ = [
     "stratified_subset",
     "DEBIAN_FASHION_MNIST",
     "DatasetText",
+    "DatasetEntry",
     "IMAGEFOLDER",
+    "load_plugins",
+    "dataset_identity",
+    "check_source_options",
+    "per_class_subset",
     "CLASS_MAPS",
     "class_mapping",
     "check_images",
@@ -78,22 +88,54 @@ def register_dataset(name: str, splits: tuple[str, ...], description: str, needs
 
 
 IMAGEFOLDER = "imagefolder"
+_PLUGINS_LOADED = False
+
+
+def load_plugins() -> None:
+    """Register what third-party packages declare in the ``featstore.datasets`` entry-point
+    group: a ``DatasetSource`` (a prefix) or a ``DatasetEntry`` (a named dataset). Once per
+    process; the command line and every name check see them."""
+    global _PLUGINS_LOADED
+    if _PLUGINS_LOADED:
+        return
+    _PLUGINS_LOADED = True
+    from importlib.metadata import entry_points
+
+    from ._datasources import DATASET_SOURCES, ENTRY_POINT_GROUP, DatasetSource
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        obj = ep.load()
+        if isinstance(obj, DatasetSource):
+            DATASET_SOURCES.setdefault(obj.name, obj)
+        elif isinstance(obj, DatasetEntry):
+            DATASETS.setdefault(obj.name, obj)
+        else:
+            raise TypeError(f"entry point {ep.name} = {ep.value} ({ENTRY_POINT_GROUP}) is a {type(obj).__name__}, "
+                            f"not a DatasetSource or a DatasetEntry")
+
+
+def _sources():
+    from ._datasources import dataset_sources
+
+    return dataset_sources()
 
 
 def dataset_names() -> list[str]:
-    return sorted(DATASETS) + [f"{IMAGEFOLDER}:PATH"]
+    load_plugins()
+    return sorted(DATASETS) + [s.example or f"{s.name}:..." for s in _sources().values()]
 
 
 @dataclass(frozen=True)
 class DatasetName:
-    """A parsed dataset name: a registry name, or ``imagefolder:PATH``.
+    """A parsed dataset name: a registry name, or ``SOURCE:WHERE`` (``imagefolder:PATH``,
+    ``hf:...``, ``wds:...``, ``csv:FILE``, ...).
 
     Attributes
     ----------
     source : str
-        ``""`` for a registered dataset, ``"imagefolder"`` for a folder of class folders.
+        ``""`` for a registered dataset, else the source's prefix.
     name : str
-        The registry name, or the folder's path as written.
+        The registry name, or where the source reads (a path or URL) as written.
     """
 
     source: str
@@ -108,21 +150,26 @@ class DatasetName:
 
     @property
     def label(self) -> str:
-        """Short name for group names and figures: the registry name or ``imagefolder``."""
+        """Short name for group names and figures: the registry name or the source's prefix."""
         return self.source or self.name
 
-    def matches(self, recorded: str) -> bool:
-        """Whether a group's recorded dataset (canonical: absolute folder paths) is this one.
+    @property
+    def entry(self):
+        """The source's registry entry (None for a registered dataset)."""
+        return _sources().get(self.source) if self.source else None
 
-        A registry name matches itself. A folder matches its absolute path, the path this
-        name resolves to from here, or a recorded path that ends in the same whole path
-        components (``imagefolder:imagenet`` matches ``/data/imagenet``, never
+    def matches(self, recorded: str) -> bool:
+        """Whether a group's recorded dataset (canonical: absolute local paths) is this one.
+
+        A registry name matches itself, a URL itself. A local path matches its absolute path,
+        the path this name resolves to from here, or a recorded path that ends in the same
+        whole path components (``imagefolder:imagenet`` matches ``/data/imagenet``, never
         ``/data/tiny-imagenet``), so a store built on another machine can still be queried.
         """
         other = parse_dataset_name(recorded)
         if other.source != self.source:
             return False
-        if not self.source:
+        if not self.source or "://" in self.name or "://" in other.name:
             return other.name == self.name
         mine, theirs = Path(os.path.normpath(self.path)), Path(os.path.normpath(other.path))
         if mine.is_absolute():
@@ -133,35 +180,41 @@ class DatasetName:
 
 
 def parse_dataset_name(name) -> DatasetName:
-    """Split a dataset name into its source and name, checking its form (not that it exists).
+    """Split a dataset name into its source and where, checking its form (not that it exists).
 
-    The one place that reads the ``imagefolder:`` prefix.
+    The one place that reads a dataset prefix. A prefix this process does not know is read as
+    one when the name looks like ``PREFIX:...`` with a lower-case word (a group written by a
+    third-party source still opens without it); :func:`canonical_dataset_name` refuses it.
     """
     if not isinstance(name, str) or not name:
-        raise InvalidParameterError(key="dataset", value=name,
-                                    expected="a registered dataset name or imagefolder:PATH")
+        raise InvalidParameterError(key="dataset", value=name, expected=_describe_names())
     source, sep, rest = name.partition(":")
-    if sep and source == IMAGEFOLDER:
+    if sep and (source in _sources() or (source.isidentifier() and source.islower() and len(source) > 1)):
         if not rest:
-            raise InvalidParameterError(key="dataset", value=name, expected="imagefolder:PATH with a folder path")
-        return DatasetName(IMAGEFOLDER, rest)
-    if "/" in name or "\\" in name or ".." in name:
+            raise InvalidParameterError(key="dataset", value=name, expected=f"{source}:WHERE with a path or URL")
+        return DatasetName(source, rest)
+    if "/" in name or "\\" in name or ".." in name or sep:
         raise InvalidParameterError(
             key="dataset", value=name,
-            expected=f"a registry name ({', '.join(sorted(DATASETS))}); for a folder of images use 'imagefolder:PATH'")
+            expected=f"a registry name ({', '.join(sorted(DATASETS))}); for files use a source prefix "
+                     f"({', '.join(s.example for s in _sources().values())})")
     return DatasetName("", name)
 
 
 def is_dataset_name(name) -> bool:
-    """Whether ``name`` is a registered dataset or ``imagefolder:PATH`` (the folder is not checked)."""
+    """Whether ``name`` is a registered dataset or ``SOURCE:WHERE`` of a known source (where
+    is not checked)."""
     try:
         return bool(_registered(name))
-    except InvalidParameterError:
+    except (InvalidParameterError, UnknownNameError):
         return False
 
 
 def _describe_names() -> str:
-    return f"a registered dataset ({', '.join(sorted(DATASETS))}) or {IMAGEFOLDER}:PATH"
+    from ._datasources import DATASET_SOURCES  # what is known so far: this runs while modules load
+
+    return (f"a registered dataset ({', '.join(sorted(DATASETS))}) or SOURCE:WHERE "
+            f"({', '.join(s.example for s in DATASET_SOURCES.values())})")
 
 
 DatasetText = Annotated[str, Check(is_dataset_name, _describe_names)]
@@ -169,41 +222,64 @@ DatasetText = Annotated[str, Check(is_dataset_name, _describe_names)]
 
 
 def _registered(name: str) -> DatasetName:
-    """A dataset name that this process can load: a registered name, or a folder."""
+    """A dataset name that this process can load: a registered name, or a known source's."""
+    load_plugins()
     parsed = parse_dataset_name(name)
+    if parsed.source and parsed.source not in _sources():
+        raise UnknownNameError("dataset source", parsed.source, _sources(), context=f"dataset {name!r}")
     if not parsed.source and parsed.name not in DATASETS:
         raise UnknownNameError("dataset", name, dataset_names())
     return parsed
 
 
-def dataset_splits(name: str) -> tuple[str, ...]:
+def check_source_options(name: str, options: Mapping[str, Any]) -> None:
+    """Refuse a source option given for a dataset whose source does not read it
+    (``--hf-image-column`` with ``imagefolder:``), naming the sources that do."""
+    from ._datasources import SOURCE_OPTIONS
+
+    parsed = _registered(name)
+    takes = parsed.entry.options if parsed.entry else ()
+    for key in SOURCE_OPTIONS:
+        if options.get(key) is not None and key not in takes:
+            readers = [s.name + ":" for s in _sources().values() if key in s.options]
+            raise IncompatibleParametersError(key=key, value=str(options[key]),
+                                              reason=f"it is read by {', '.join(readers)} datasets, not {name!r}")
+
+
+def dataset_splits(name: str, options: Mapping[str, Any] | None = None) -> tuple[str, ...]:
     """The split names a dataset offers."""
     parsed = _registered(name)
-    if parsed.source == IMAGEFOLDER:
-        return imagefolder_splits(parsed.path)
+    if parsed.entry is not None:
+        return tuple(parsed.entry.splits(parsed.name, options or {}))
     return DATASETS[parsed.name].splits
 
 
 def canonical_dataset_name(name: str) -> str:
-    """Registry name, with ``imagefolder:`` paths made absolute."""
+    """Registry name, or ``SOURCE:WHERE`` with local paths made absolute (checked to exist)."""
     parsed = _registered(name)
-    if parsed.source == IMAGEFOLDER:
-        if not parsed.path.is_dir():
-            raise InvalidParameterError(key="dataset", value=name,
-                                        expected=f"imagefolder:PATH of an existing folder of class folders "
-                                                 f"({str(parsed.path)!r} is not a directory)")
-        return f"{IMAGEFOLDER}:{parsed.path.resolve()}"
+    if parsed.entry is not None:
+        return f"{parsed.source}:{parsed.entry.canonical(parsed.name)}"
     return parsed.name
 
 
+def dataset_identity(name: str, split: str, options: Mapping[str, Any] | None = None) -> tuple[tuple[str, str], ...]:
+    """What besides its name determines a split's rows (a fingerprint, the shard list, a
+    manifest's digest, the columns read): part of the group's key. Nothing for registered
+    datasets and image folders, so their keys are what they always were."""
+    parsed = _registered(name)
+    if parsed.entry is not None and parsed.entry.identity is not None:
+        return tuple(parsed.entry.identity(parsed.name, split, options or {}))
+    return ()
+
+
 def load_split(name: str, split: str, root: str | os.PathLike | None = None, download: bool = False,
-               bad_images: str = "fail") -> ImageSource:
-    """Load one split of a registered dataset.
+               bad_images: str = "fail", options: Mapping[str, Any] | None = None) -> ImageSource:
+    """Load one split of a dataset.
 
     Parameters
     ----------
     name : str
-        Registry name (see :func:`dataset_names`) or ``imagefolder:PATH``.
+        Registry name (see :func:`dataset_names`) or ``SOURCE:WHERE``.
     split : str
         One of :func:`dataset_splits` (name).
     root : path, optional
@@ -211,15 +287,18 @@ def load_split(name: str, split: str, root: str | os.PathLike | None = None, dow
     download : bool
         Allow torchvision to download the dataset into ``root``.
     bad_images : {"fail", "skip"}
-        What an image folder does with a class folder without images: an error, or a
-        warning and no class.
+        What a source does with what cannot be read as a whole (an image folder's class folder
+        without images, a missing or truncated shard): an error, or a warning and a recorded skip.
+    options : mapping, optional
+        Source options (``hf_image_column``, ``wds_image_key``, ...; see ``SOURCE_OPTIONS``).
     """
     parsed = parse_dataset_name(canonical_dataset_name(name))
-    splits = dataset_splits(str(parsed))
+    options = dict(options or {})
+    splits = dataset_splits(str(parsed), options)
     if split not in splits:
         raise UnknownNameError("split", split, splits, context=f"dataset {str(parsed)!r}")
-    if parsed.source == IMAGEFOLDER:
-        return load_imagefolder(parsed.path, split, bad_images)
+    if parsed.entry is not None:
+        return parsed.entry.load(parsed.name, split, options, bad_images)
     entry = DATASETS[parsed.name]
     if entry.needs_root and root is None:
         root = os.environ.get("FEATSTORE_DATA_ROOT", "data/datasets")
@@ -269,6 +348,30 @@ def stratified_subset(targets: np.ndarray, limit: int | None, seed: int) -> np.n
     for c, k in zip(classes, take):
         idx = np.flatnonzero(targets == c)
         chosen.append(rng.choice(idx, size=int(k), replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def per_class_subset(targets: np.ndarray, k: int, seed: int, classes: Sequence[str] | None = None,
+                     dataset: str = "dataset") -> np.ndarray:
+    """Sorted indices of a seeded k-shot subset: ``k`` samples of every class present.
+
+    Raises
+    ------
+    InvalidDatasetError
+        Naming every class with fewer than ``k`` samples (and how many it has).
+    """
+    from .errors import InvalidDatasetError
+
+    targets = np.asarray(targets)
+    labels, counts = np.unique(targets, return_counts=True)
+    short = [(int(c), int(n)) for c, n in zip(labels, counts) if n < k]
+    if short:
+        name = (lambda c: classes[c] if classes is not None and 0 <= c < len(classes) else str(c))
+        listed = ", ".join(f"{name(c)} ({n})" for c, n in short[:20]) + (" ..." if len(short) > 20 else "")
+        raise InvalidDatasetError(dataset=dataset, problem=f"--per-class {k} needs {k} images of every class; "
+                                                           f"{len(short)} have fewer: {listed}")
+    rng = np.random.default_rng(seed)
+    chosen = [rng.choice(np.flatnonzero(targets == c), size=k, replace=False) for c in labels]
     return np.sort(np.concatenate(chosen))
 
 
