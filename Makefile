@@ -15,13 +15,14 @@ DEMO_STORE ?= data/featstore.zarr
 setup: $(STAMP) dataset
 
 # torch/torchvision are pinned to the releases that pip takes from this machine's disk;
-# the project itself only asks for versions these satisfy.
-$(STAMP): pyproject.toml
+# the project itself only asks for versions these satisfy. ci/constraints.txt holds the one
+# set of versions installed together here (pip's resolver alone backtracks too deep on it).
+$(STAMP): pyproject.toml ci/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) uninstall -q -y featstore 2>/dev/null || true  # the distribution's name before featstore-redundancy
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test]' -c ci/constraints.txt
 	touch $(STAMP)
 
 # The embedded dataset: Debian's dataset-fashion-mnist (real Fashion-MNIST files).
