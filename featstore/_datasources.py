@@ -33,7 +33,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-__all__ = ["DatasetSource", "DATASET_SOURCES", "dataset_sources", "ENTRY_POINT_GROUP", "SOURCE_OPTIONS"]
+__all__ = ["DatasetSource", "DATASET_SOURCES", "dataset_sources", "ENTRY_POINT_GROUP", "SOURCE_OPTIONS",
+           "row_extra_keys"]
 
 ENTRY_POINT_GROUP = "featstore.datasets"
 
@@ -70,6 +71,10 @@ class DatasetSource:
         For ``featstore datasets``.
     extra : str, optional
         The distribution extra its libraries come with (``data``).
+    split_keys : tuple of str
+        The identity keys that differ between the splits of one dataset (HF's per-split
+        fingerprint, the shard list): they say which rows a group holds, not how they were
+        extracted, so a sweep's train and test groups may differ in them.
     """
 
     name: str
@@ -82,6 +87,18 @@ class DatasetSource:
     example: str = ""
     description: str = ""
     extra: str | None = None
+    split_keys: tuple[str, ...] = ()
+
+
+# Spec extras that say which rows of the dataset a group holds (besides every source's
+# split_keys): a k-shot subset, the set of images left out under --bad-images skip.
+ROW_EXTRAS = ("per_class", "skipped")
+
+
+def row_extra_keys() -> frozenset[str]:
+    """The spec-extra keys that may differ between groups of one extraction on other rows (a
+    sweep's k-shot train group and its full test group; HF's per-split fingerprints)."""
+    return frozenset(ROW_EXTRAS).union(*(s.split_keys for s in dataset_sources().values()))
 
 
 def _imagefolder_splits(where, options):
@@ -133,13 +150,14 @@ DATASET_SOURCES: dict[str, DatasetSource] = {s.name: s for s in (
     DatasetSource("hf", _lazy("._hfdata", "hf_splits"), _lazy("._hfdata", "hf_load"),
                   _lazy("._hfdata", "hf_canonical"), _lazy("._hfdata", "hf_identity"),
                   options=("hf_image_column", "hf_label_column", "hf_id_column"), paths=False,
+                  split_keys=("hf_fingerprint",),
                   example="hf:PATH_OR_NAME",
                   description="Hugging Face datasets: a save_to_disk folder, parquet/arrow files, or a hub name; its "
                               "own splits; the Image and ClassLabel columns unless named",
                   extra="data"),
     DatasetSource("wds", _lazy("._shards", "wds_splits"), _lazy("._shards", "wds_load"),
                   _lazy("._shards", "wds_canonical"), _lazy("._shards", "wds_identity"),
-                  options=("wds_image_key", "wds_label_key"), paths=False,
+                  options=("wds_image_key", "wds_label_key"), paths=False, split_keys=("shards",),
                   example="wds:URL_PATTERN",
                   description="webdataset tar shards, local or any fsspec URL (s3:// needs the s3 extra): {split} "
                               "for the split, {000000..000099} for shards; members jpg;png and cls unless named"),

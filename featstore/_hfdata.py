@@ -134,11 +134,25 @@ def _columns(table, where: str, options) -> tuple[str, str, str | None]:
 
     image = pick("hf_image_column", ds_lib.Image, "image")
     label = pick("hf_label_column", ds_lib.ClassLabel, "label")
+    if not isinstance(features[image], ds_lib.Image):
+        raise InvalidParameterError(key="hf_image_column", value=image, expected=(
+            f"an Image column of hf:{where} ({image!r} is {_kind_of(features[image])}; Image columns: "
+            f"{', '.join(n for n, f in features.items() if isinstance(f, ds_lib.Image)) or 'none'})"))
+    feature = features[label]
+    if not (isinstance(feature, ds_lib.ClassLabel) or (isinstance(feature, ds_lib.Value) and (
+            feature.dtype == "string" or "int" in feature.dtype))):
+        raise InvalidParameterError(key="hf_label_column", value=label, expected=(
+            f"a ClassLabel, integer or string column of hf:{where} ({label!r} is {_kind_of(feature)})"))
     ident = options.get("hf_id_column")
     if ident is not None and ident not in features:
         raise InvalidParameterError(key="hf_id_column", value=ident, expected=f"a column of hf:{where} "
                                                                               f"({', '.join(names)})")
     return image, label, ident
+
+
+def _kind_of(feature) -> str:
+    dtype = getattr(feature, "dtype", None)
+    return f"a {type(feature).__name__}" + (f" of {dtype}" if isinstance(dtype, str) else "")
 
 
 def _classes(splits: dict, label: str) -> tuple[list[str], dict | None]:

@@ -67,6 +67,9 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 @dataclass(frozen=True)
 class DatasetEntry:
+    """A named dataset (``--dataset NAME``): ``loader(split, root, download) -> ImageSource``
+    for each of ``splits``; ``needs_root``: its files live under ``--root`` (torchvision's)."""
+
     name: str
     splits: tuple[str, ...]
     loader: Callable[..., ImageSource]

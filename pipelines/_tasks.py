@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 import featstore
+from featstore._datasources import row_extra_keys
 import probes
 from featstore import faults
 from featstore.errors import FeatstoreError, InvalidFeaturesError, MismatchedGroupsError
@@ -162,7 +163,7 @@ def check_groups(spec: SweepSpec) -> list[dict]:
                                                f" a probe needs at least 2 classes")
         test_mapping(g, train, test)  # another dataset's classes: they must map onto train's
         for other in (o for o in (test, val) if o is not None):
-            a, b = train.spec.to_dict(), other.spec.to_dict()
+            a, b = _extraction(train.spec), _extraction(other.spec)
             may_differ = SPLIT_ONLY_FIELDS | ({"dataset"} if other is test and g.class_map() else set())
             diff = {k: (a[k], b[k]) for k in a if k not in may_differ and a[k] != b[k]}
             if train.classes != other.classes and not (other is test and g.class_map()):
@@ -171,6 +172,15 @@ def check_groups(spec: SweepSpec) -> list[dict]:
                 raise MismatchedGroupsError(first=train.name, second=other.name, differences=diff,
                                             where=f"sweep group {g.label()}")
     return resolved
+
+
+def _extraction(spec) -> dict:
+    """A group's spec as a dict, its extras that only say which rows it holds (a k-shot subset,
+    a source's per-split fingerprint, the images skipped) left out."""
+    d = spec.to_dict()
+    rows = row_extra_keys()
+    d["extra"] = [pair for pair in d.get("extra", []) if pair[0] not in rows]
+    return d
 
 
 def test_mapping(g: GroupTable, train, test) -> tuple[int, ...] | None:
