@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from .conftest import REPO
@@ -85,6 +86,41 @@ def test_the_readme_tour_runs_as_written_and_prints_what_it_shows(tmp_path):
     blocks = _tour_blocks()
     assert [lang for lang, _ in blocks].count("bash") >= 3 and any(lang == "python" for lang, _ in blocks)
     _run_blocks(tmp_path, "A tour")
+
+
+def test_the_readme_datasets_section_runs_offline_and_every_source_gives_the_same_features(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """The section's Python block writes the digits as a folder, a manifest, an HF dataset and
+    shards; its commands (argv to featstore's main in this process) build each: the four give
+    the same features and labels bit for bit, and the k-shot group K images of each class."""
+    import shlex
+
+    import featstore
+    from featstore.cli import main
+
+    pytest.importorskip("datasets", reason="the [data] extra (make test installs it)")
+    pytest.importorskip("webdataset", reason="the [data] extra (make test installs it)")
+    monkeypatch.chdir(tmp_path)
+    blocks = _tour_blocks("Datasets")
+    assert [lang for lang, _ in blocks] == ["python", "bash"]
+    exec(blocks[0][1], {})
+    lines = blocks[1][1].strip().splitlines()
+    for line in lines:
+        argv = shlex.split(line)
+        assert argv[0] == "featstore", line
+        assert main(argv[1:]) == 0, (line, capsys.readouterr().err[-2000:])
+    store = featstore.open(tmp_path / "data" / "datasets.zarr")
+    sources = {"imagefolder", "csv", "hf", "wds"}
+    for split in ("train", "test"):
+        groups = {g.spec.dataset.split(":")[0]: g for g in store.find(split=split) if "per_class" not in
+                  dict(g.spec.extra)}
+        assert set(groups) == sources
+        ref = groups["imagefolder"]
+        for name, g in groups.items():
+            np.testing.assert_array_equal(g.numpy(), ref.numpy(), err_msg=name)
+            np.testing.assert_array_equal(g.labels, ref.labels, err_msg=name)
+    (k_shot,) = [g for g in store.find(split="train") if "per_class" in dict(g.spec.extra)]
+    assert np.bincount(k_shot.labels).tolist() == [5] * 10
 
 
 def test_the_readme_models_section_runs_offline_for_every_source(tmp_path, monkeypatch, capsys):
