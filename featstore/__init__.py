@@ -15,7 +15,8 @@ Notebook use::
 __version__ = "0.1.0"
 
 from . import errors, fileio, params, remote
-from ._build import PREPROCESSING, BuildOptions, Preprocessing, build, default_workers, make_transforms, resolve_transform
+from ._build import BuildOptions, build, default_workers
+from ._preprocess import PREPROCESSING, Preprocessing, make_transforms, resolve_transform
 from .datasets import DatasetName, DatasetText, class_mapping, dataset_names, dataset_splits, load_split, parse_dataset_name, stratified_subset
 from ._device import DEVICES, Device, resolve_device
 from .models import POOLINGS, WEIGHT_MAPPINGS, WEIGHT_SOURCES, FeatureExtractor, create_backbone, list_layers

@@ -215,7 +215,7 @@ def _timm_final(module, x):
 
 
 def _timm_preprocess(module, name, image_size):
-    from ._build import resolve_transform
+    from ._preprocess import resolve_transform
 
     return resolve_transform(module, image_size)
 

@@ -15,7 +15,7 @@ import torch
 
 import featstore
 from featstore import errors
-from featstore._build import make_transforms
+from featstore._preprocess import make_transforms
 from featstore.datasets import load_split
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
