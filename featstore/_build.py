@@ -441,6 +441,8 @@ def _check_sources(plan: _Plan, rows: dict | None = None) -> None:
 
     def check(split, src):
         positions = np.arange(len(src)) if rows is None else np.asarray(rows[split], dtype=int)
+        if not len(positions):  # every group of the split is complete: nothing to read
+            return []
         found = datasets.check_images([src.files[i] for i in positions], progress=o.progress,
                                       label=f"checking {split} images")
         return [(int(positions[i]), why) for i, why in found]

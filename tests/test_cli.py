@@ -88,7 +88,8 @@ def test_layers_command(capsys):
     [
         # options checked against BuildOptions by featstore itself (argparse only collects text)
         (["--dataset", "imagenet-xl"], "--dataset: expected a registered dataset (cifar10, cifar100, digits, "
-                                       "fashion-mnist, flowers102, oxford-pets) or imagefolder:PATH; got 'imagenet-xl'"),
+                                       "fashion-mnist, flowers102, oxford-pets) or SOURCE:WHERE (imagefolder:PATH, hf:PATH_OR_NAME, "
+                                       "wds:URL_PATTERN, csv:FILE, parquet:FILE); got 'imagenet-xl'"),
         (["--dataset", "../../etc"], "--dataset: expected a registered dataset"),
         (["--limit", "0"], "--limit: expected an integer >= 1; got 0 (integer)"),
         (["--limit", "-3"], "--limit: expected an integer >= 1; got -3 (integer)"),

@@ -93,8 +93,9 @@ def test_dataset_names_are_parsed_once_and_folders_match_whole_components(tmp_pa
 def test_bad_dataset_names():
     with pytest.raises(errors.UnknownNameError, match="Unknown dataset 'cifar-10'; known: cifar10, cifar100"):
         load_split("cifar-10", "train")
-    with pytest.raises(errors.InvalidParameterError, match=r"dataset: expected a registry name \(cifar10, .*\); for a "
-                                                           r"folder of images use 'imagefolder:PATH'; got '\.\./etc'"):
+    with pytest.raises(errors.InvalidParameterError, match=r"dataset: expected a registry name \(cifar10, .*\); for files "
+                                                           r"use a source prefix \(imagefolder:PATH, hf:.*, csv:FILE, "
+                                                           r"parquet:FILE\); got '\.\./etc'"):
         load_split("../etc", "train")
     with pytest.raises(errors.UnknownNameError, match="Unknown split 'val' for dataset 'digits'; known: test, train"):
         load_split("digits", "val")

@@ -446,7 +446,8 @@ def _set(key, value):
     (lambda s: s.replace('cka_estimator = "biased"', 'cka_estimator = "rbf"'), errors.UnknownNameError,
      "metrics.cka_estimator: Unknown CKA estimator 'rbf'; known: biased, minibatch, unbiased"),
     (lambda s: s.replace('model = "test_resnet"', 'model = "../x"'), errors.InvalidParameterError,
-     "groups[0].model: expected a timm model name, or SOURCE:NAME (open_clip:, hf:, torchvision:, module:)"),
+     "groups[0].model: expected a timm model name, or SOURCE:NAME (open_clip:, hf:, torchvision:); "
+     "`featstore layers MODEL` checks one"),  # module: is Python-only: a spec cannot name one
     (lambda s: s.replace('model = "test_resnet"\n', ""), errors.MissingKeyError, "groups[0].model is required"),
     # groups that are not in the store
     (lambda s: s.replace('model = "test_resnet"', 'model = "resnet50"'), errors.GroupNotFoundError,
