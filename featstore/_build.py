@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, create_model
 
-from . import datasets, faults, models
+from . import _distribute, datasets, faults, models
 from ._chunks import CHECKSUMS, DIGEST_BYTES
 from ._decode import Decode, DevicePreprocess
 from ._device import Device, resolve_device
@@ -53,6 +53,8 @@ from .errors import (
 from .params import Check, CommaList, OneOf, Parameters, PathText, takes
 from ._pass import FORWARD_PRECISIONS, _Target, run_pass
 from ._preprocess import PREPROCESSING, Preprocessing, make_transforms, resolve_transform
+from ._launchers import LAUNCHERS
+from ._slurm import slurm_fields
 
 # --precision's choices: FORWARD_PRECISIONS's keys
 ForwardPrecision = Literal[tuple(FORWARD_PRECISIONS)]
@@ -138,9 +140,7 @@ ModelArg = Annotated[Any, Check(_is_model_arg, _describe_model_arg)]
 """What ``featstore build --model`` (and ``featstore.build(model=...)``) takes."""
 
 
-class BuildOptions(Parameters):
-    """Everything ``featstore build`` takes, declared once: ``featstore.build``'s keywords and
-    the command line's options both come from here."""
+class _BuildOptions(Parameters):
 
     model: ModelArg = models.EMBEDDED_MODEL
     """The backbone: a timm name, or SOURCE:NAME (open_clip:ViT-B-32@TAG, hf:facebook/dinov2-small or hf:DIR,
@@ -218,6 +218,16 @@ class BuildOptions(Parameters):
     cores - 1, decoding is what feeds the GPU)."""
     device: Device = "auto"
     """auto (cuda when present), cpu, cuda or cuda:N."""
+    launcher: Annotated[str, OneOf(LAUNCHERS, "launcher")] = "local"
+    """Where the build's workers run: local (this process, or --jobs spawned processes on this machine), joblib,
+    dask (a local cluster, or --scheduler) or slurm (the --slurm-* options); every worker fills rows of the same
+    groups, each row range once (featstore._distribute)."""
+    jobs: Annotated[int, Field(ge=1, le=4096)] | None = None
+    """Workers filling the groups together (default: one per --devices entry, else 1)."""
+    devices: Annotated[tuple[Device, ...], Field(min_length=1, strict=False), CommaList()] | None = None
+    """--launcher local: one worker per device (cuda:0,cuda:1,...), each a spawned process (CUDA never forked)."""
+    scheduler: str | None = None
+    """--launcher dask: an existing scheduler's address (tcp://host:8786); its workers must reach the store."""
     image_size: Annotated[int, Field(ge=8, le=4096)] | None = None
     """Override the model's input size in pixels (tests, quick looks)."""
     chunk_rows: ChunkRows | None = None
@@ -232,6 +242,15 @@ class BuildOptions(Parameters):
     preprocess: Annotated[TransformSpec | None, Field(json_schema_extra={"cli": False})] = None
     """From Python, with model=a torch.nn.Module: its eval preprocessing (input_size, interpolation, crop_pct,
     crop_mode, mean, std; a TransformSpec or a dict), recorded in the groups' key."""
+
+
+BuildOptions = create_model(
+    "BuildOptions", __base__=_BuildOptions,
+    __doc__="Everything ``featstore build`` takes, declared once: ``featstore.build``'s keywords and the command "
+            "line's options both come from here. ``slurm_*`` are :class:`featstore._slurm.SlurmOptions` for "
+            "--launcher slurm (its jobs are --jobs).",
+    **slurm_fields("", leave_out=("jobs",)))
+BuildOptions.__module__ = __name__
 
 
 def default_workers(device: str) -> int:
@@ -261,6 +280,7 @@ class _Plan:
     model_name: str = ""  # as the groups record it (a source prefix; a local path absolute)
     model_provenance: dict | None = None  # library, version, constructor call, preprocessing
     identity: dict = field(default_factory=dict)  # per split: what besides its name determines its rows
+    dropped: dict = field(default_factory=dict)  # per split: source positions the check left out (skip)
 
     @property
     def precision(self) -> str:
@@ -292,7 +312,9 @@ def build(o: BuildOptions, log=None) -> list[Group]:
     """
     say = log or (lambda msg: print(msg, file=sys.stderr))
     o = _with_module(o)
-    plan = _plan(o)
+    o = _distribute.check_launch(o)
+    # a shared build's coordinator plans on the CPU when its workers take GPUs: CUDA stays untouched here
+    plan = _plan(o, device="cpu" if _distribute.distributed(o) and _distribute.worker_kind(o) == "cuda" else None)
     # under --bad-images fail a group's key does not depend on the check, so only the images the
     # pass will read are checked: the split's subset (--limit, --per-class), less the rows that
     # partial groups already hold; a no-op rebuild reads no image, a resumed one only what it needs
@@ -335,9 +357,10 @@ def _with_module(o: BuildOptions) -> BuildOptions:
     return o.model_copy(update={"model": register_module(o.name, o.model, o.preprocess)})
 
 
-def _plan(o: BuildOptions) -> _Plan:
+def _plan(o: BuildOptions, device: str | None = None) -> _Plan:
     """Resolve and check everything that needs more than the options' own types: the dataset
-    and its splits, the device, the store path, the backbone and its layers. Writes nothing."""
+    and its splits, the device (``device``: another than --device's, for a shared build's
+    coordinator), the store path, the backbone and its layers. Writes nothing."""
     import torch
 
     if o.per_class is not None and o.limit is not None:
@@ -349,7 +372,7 @@ def _plan(o: BuildOptions) -> _Plan:
     for split in o.splits:
         if split not in valid_splits:
             raise UnknownNameError("split", split, valid_splits, context=f"dataset {dataset!r}")
-    device = resolve_device(o.device)
+    device = device or resolve_device(o.device)
     _check_writable(str(o.store))
     FeatureStore.check_foreign(str(o.store))
     from ._sources import parse_model_name
@@ -459,6 +482,7 @@ def _check_sources(plan: _Plan, rows: dict | None = None) -> None:
             plan.skipped[split] = list(src.skipped)
     for split, found in bad.items():
         if found:
+            plan.dropped[split] = [i for i, _ in found]
             plan.skipped[split] = plan.skipped.get(split, []) + [(sources[split].sample_ids[i], why)
                                                                  for i, why in found]
             sources[split] = sources[split].without([i for i, _ in found])
@@ -523,6 +547,8 @@ def _extract(plan: _Plan, fs: FeatureStore, split: str, specs: dict[str, Extract
     """Under the groups' build locks: create or resume each group of ``split``, then one
     backbone pass over whatever rows and views are still missing."""
     o = plan.options
+    if _distribute.distributed(o):
+        return _distribute.extract_many(plan, fs, split, specs, say)
     src = plan.sources[split]
     index = _subset(plan, src)
     names = [s.group_name() for s in specs.values()]
@@ -555,8 +581,9 @@ def _extract(plan: _Plan, fs: FeatureStore, split: str, specs: dict[str, Extract
 
 
 def _open_target(fs: FeatureStore, spec: ExtractionSpec, src, index, d: int, versions, winfo, device, skipped,
-                 model_provenance=None):
-    """Create the group (atomically, via a rename) or reopen a partial one to resume."""
+                 model_provenance=None, create: bool = True):
+    """Create the group (atomically, via a rename) or reopen a partial one to resume (a worker
+    of a shared build, ``create=False``, only reopens what its coordinator created)."""
 
     name = spec.group_name()
     n = len(index)
@@ -578,6 +605,9 @@ def _open_target(fs: FeatureStore, spec: ExtractionSpec, src, index, d: int, ver
                 reason=f"the partial group was started with other library versions {changed}, so its finished "
                        f"chunks could differ from new ones; remove it (`featstore rm {name} --store {fs.path}`) "
                        f"and build again")
+    elif not create:
+        raise StaleGroupError(name=name, store=fs.path, reason="the group this worker was to fill is gone (removed "
+                                                               "while the build ran?): re-run the build")
     else:
         tmp = fs.new_group_dir(name)
         _create_group(tmp, spec, src, index, d, versions, winfo, device, skipped, model_provenance)

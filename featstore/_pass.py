@@ -22,7 +22,7 @@ from ._store import META
 from ._values import SpreadTracker, check_values
 from .errors import BadImagesError, WriteFailedError
 
-__all__ = ["FORWARD_PRECISIONS", "run_pass"]
+__all__ = ["FORWARD_PRECISIONS", "run_pass", "PassStats", "finish_group"]
 
 # The forward's precision: what each --precision records as the group's ``compute`` (part of
 # its key) and the autocast dtype it runs under (None: plain float32, TF32 off on CUDA).
@@ -182,28 +182,35 @@ def _forward_context(precision: str, device: str):
 
 
 def run_pass(extractor, backbone, targets, src, index, eval_tf, aug_tf, seed, n_views, batch_size,
-              workers, device, show_progress, label, decoder=None, precision: str = "fp32", say=None):
+              workers, device, show_progress, label, decoder=None, precision: str = "fp32", say=None,
+              rows: tuple[int, int] | None = None, finish: bool = True) -> "PassStats":
     """One backbone pass over the rows and views still missing in any target group.
 
     Every block of every layer's outputs is checked before it is buffered (finite; within
     float16's range for float16 groups: ``_values.check_values``); float16 groups also track
-    each neuron's spread, and a layer that float16 stores coarsely is reported and recorded."""
+    each neuron's spread, and a layer that float16 stores coarsely is reported and recorded.
+
+    ``rows = (start, stop)`` restricts the pass to those rows (both multiples of every target's
+    chunk rows, or stop = n): one worker's range of a build shared by many. ``finish=False``
+    leaves the groups building (the worker that sets the last flag finishes them)."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
     n = len(index)
     block = min(t.rows for _, t in targets)  # every chunk size is a multiple of it (powers of two)
+    first, last = rows if rows is not None else (0, n)
     # blocks still needed, view-major so that each group buffers one chunk at a time
     work = []
     for view in range(1 + n_views):
-        for start in range(0, n, block):
+        for start in range(first, min(last, n), block):
             if any(not t.done[view, start // t.rows] for _, t in targets):
                 work.append((view, start, min(start + block, n)))
     todo_images = sum(stop - start for _, start, stop in work)
     if not todo_images:
-        _finish(targets, 0.0, 0, {}, say)
-        return
+        if finish:
+            _finish(targets, 0.0, 0, {}, say)
+        return PassStats(0, 0.0, {})
     batches = []
     for view, start, stop in work:
         for b in range(start, stop, batch_size):
@@ -277,34 +284,55 @@ def run_pass(extractor, backbone, targets, src, index, eval_tf, aug_tf, seed, n_
         raise
     finally:
         bar.close()
-    _finish(targets, time.perf_counter() - t0, todo_images, {ti: sp.coarse() for ti, sp in spreads.items()}, say)
+    stats = PassStats(todo_images, time.perf_counter() - t0, spreads)
+    if finish:
+        _finish(targets, stats.seconds, todo_images, {ti: sp.coarse() for ti, sp in spreads.items()}, say)
+    return stats
+
+
+@dataclass
+class PassStats:
+    """What one pass did: images forwarded, seconds, and (float16 groups, by target number)
+    the per-neuron spread sums, to merge with other workers' before the group is finished."""
+
+    images: int
+    seconds: float
+    spreads: dict
 
 
 def _finish(targets, seconds: float, images: int, coarse: dict, say=None) -> None:
     """Flip each target to complete, with its timings and (float16) the neurons it stores coarsely."""
     for ti, (layer, t) in enumerate(targets):
-        done = t.progress[:].astype(bool)
-        if not done.all():  # pragma: no cover - a bug, never a user error
-            raise RuntimeError(f"internal error: {t.spec.group_name()} has unwritten chunks {np.argwhere(~done)[:5]}")
-        meta = dict(t.zgroup.attrs.asdict()[META])
-        meta["state"] = "complete"
-        timings = dict(meta.get("timings", {}))
-        timings["seconds"] = round(timings.get("seconds", 0.0) + seconds, 3)
-        timings["images_this_run"] = images
-        timings["images_per_second"] = round(images / seconds, 2) if seconds else None
-        timings["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        meta["timings"] = timings
-        if coarse.get(ti):
-            meta["float16_coarse"] = coarse[ti]
-            ex = coarse[ti]["examples"][0]
-            if say is not None:
-                say(f"featstore: warning: float16 keeps fewer than {coarse[ti]['min_levels']} distinct values within "
-                    f"+-3 sd for {coarse[ti]['neurons']} of {coarse[ti]['of']} neurons of layer {layer} (neuron "
-                    f"{ex['neuron']}: mean {ex['mean']:.4g}, sd {ex['sd']:.3g}, float16 step {ex['float16_step']:.3g}); "
-                    f"recorded in the group (featstore info). Build with --dtype float32 to keep their spread")
-        faults.point("finish")
-        # one atomic write of zarr.json: the group flips from building to complete
-        t.zgroup.attrs.update({META: meta})
+        finish_group(t, layer, seconds, images, images / seconds if seconds else None, coarse.get(ti), say)
+
+
+def finish_group(t, layer: str, seconds: float, images: int, rate: float | None, coarse: dict | None, say=None,
+                 extra_timings: dict | None = None) -> None:
+    """Flip one group to complete (every flag must be set), adding ``seconds`` of work on
+    ``images`` images at ``rate`` images/s to its timings; ``coarse``: the float16 report."""
+    done = t.progress[:].astype(bool)
+    if not done.all():  # pragma: no cover - a bug, never a user error
+        raise RuntimeError(f"internal error: {t.spec.group_name()} has unwritten chunks {np.argwhere(~done)[:5]}")
+    meta = dict(t.zgroup.attrs.asdict()[META])
+    meta["state"] = "complete"
+    timings = dict(meta.get("timings", {}))
+    timings["seconds"] = round(timings.get("seconds", 0.0) + seconds, 3)
+    timings["images_this_run"] = images
+    timings["images_per_second"] = round(rate, 2) if rate else None
+    timings["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    timings.update(extra_timings or {})
+    meta["timings"] = timings
+    if coarse:
+        meta["float16_coarse"] = coarse
+        ex = coarse["examples"][0]
+        if say is not None:
+            say(f"featstore: warning: float16 keeps fewer than {coarse['min_levels']} distinct values within "
+                f"+-3 sd for {coarse['neurons']} of {coarse['of']} neurons of layer {layer} (neuron "
+                f"{ex['neuron']}: mean {ex['mean']:.4g}, sd {ex['sd']:.3g}, float16 step {ex['float16_step']:.3g}); "
+                f"recorded in the group (featstore info). Build with --dtype float32 to keep their spread")
+    faults.point("finish")
+    # one atomic write of zarr.json: the group flips from building to complete
+    t.zgroup.attrs.update({META: meta})
 
 
 class _Writer:
@@ -340,6 +368,7 @@ class _Writer:
                 # only after the chunk is on disk is it recorded as done
                 t.progress[view, c] = 1
                 t.done[view, c] = True
+                faults.record("chunk-mark", f"{t.spec.group_name()} {view} {c}")
                 faults.point("chunk-mark")
             except OSError as e:  # disk full, permission denied, I/O error
                 self._error = WriteFailedError(

@@ -38,8 +38,13 @@ def _human(nbytes) -> str:
 
 def _add_build(sub) -> None:
     p = sub.add_parser("build", help="run a backbone once and cache its features as Zarr",
-                       description="Run a timm backbone once per (layer, split) and write Zarr feature groups. "
-                       "Resumable: re-run the same command after an interruption.")
+                       description="Run a backbone (timm, open_clip, Hugging Face, torchvision) once per split and "
+                       "write one Zarr feature group per (layer, split); on many workers with --jobs / --launcher; "
+                       "a study's builds from a file with --spec. Resumable: re-run the same command after an "
+                       "interruption.")
+    p.add_argument("--spec", metavar="FILE", default=None,
+                   help="a build spec (TOML, [[builds]] tables of these options): every build in it, one pass per "
+                        "(build, split); the options given here override the file's")
     params.add_arguments(p, _build.BuildOptions)
 
 
@@ -47,6 +52,12 @@ def _cmd_build(a) -> int:
     options = params.parse_arguments(_build.BuildOptions, a)
     # checked here too, so that a message names the flag the user typed (--limit, not limit)
     params.validate(_build.BuildOptions, options, key_format=params.cli_key(params.flags(_build.BuildOptions)))
+    if a.spec is not None:
+        from ._buildspec import run_build_spec, summary
+
+        text, ok = summary(run_build_spec(a.spec, overrides=options))
+        print(text)
+        return 0 if ok else 1
     groups = _build.build(**options)
     store = options.get("store", _build.BuildOptions.model_fields["store"].default)
     now = [g for g in groups if getattr(g, "built_now", True)]  # the others were already complete

@@ -52,6 +52,7 @@ __all__ = [
     "dataset_identity",
     "check_source_options",
     "per_class_subset",
+    "resolve_dataset_path",
     "CLASS_MAPS",
     "class_mapping",
     "check_images",
@@ -306,6 +307,23 @@ def load_split(name: str, split: str, root: str | os.PathLike | None = None, dow
     if entry.needs_root and root is None:
         root = os.environ.get("FEATSTORE_DATA_ROOT", "data/datasets")
     return entry.loader(split, root, download)
+
+
+def resolve_dataset_path(text: str, folder: Path) -> str:
+    """A spec's ``SOURCE:WHERE`` with a relative local ``WHERE`` taken from ``folder`` (the spec
+    file's): always for path sources (``imagefolder:``, ``csv:``, ``parquet:``), and for the
+    others (``hf:``, ``wds:``) when that folder holds it (else a hub name stays a hub name).
+    Registered names, URLs and absolute paths are returned as they are."""
+    if ":" not in text:
+        return text
+    prefix, where = text.split(":", 1)
+    entry = _sources().get(prefix)
+    if entry is None or "://" in where or not where or Path(where).expanduser().is_absolute() or where.startswith("~"):
+        return text
+    candidate = folder / where
+    if entry.paths or candidate.exists() or Path(str(candidate).split("{", 1)[0]).parent.is_dir():
+        return f"{prefix}:{(folder / where).resolve() if '{' not in where else Path(folder).resolve() / where}"
+    return text
 
 
 def stratified_subset(targets: np.ndarray, limit: int | None, seed: int) -> np.ndarray:

@@ -49,6 +49,7 @@ __all__ = [
     "StaleGroupError",
     "CorruptGroupError",
     "GroupLockedError",
+    "BuildWorkersError",
     "MismatchedGroupsError",
     "ClassMapError",
     "InvalidFeaturesError",
@@ -182,20 +183,23 @@ class IncompatibleParametersError(InvalidParameterError):
 
 
 class SpecNotFoundError(FeatstoreError, FileNotFoundError):
-    """A spec file does not exist. Fields: ``path``."""
+    """A spec file does not exist. Fields: ``path``, ``kind`` (``sweep``, the default, or ``build``)."""
 
-    _msg = "sweep spec {path!r} does not exist ({where})"
+    _msg = "{kind} spec {path!r} does not exist ({where})"
 
     def _prepare(self, fields):
         import os
 
-        return {**fields, "where": os.path.abspath(str(fields["path"]))}
+        return {"kind": "sweep", **fields, "where": os.path.abspath(str(fields["path"]))}
 
 
 class SpecSyntaxError(InvalidParameterError):
-    """A spec file is not valid TOML. Fields: ``path``, ``reason``."""
+    """A spec file is not valid TOML. Fields: ``path``, ``reason``, ``kind`` (``sweep`` or ``build``)."""
 
-    _msg = "sweep spec {path!r} is not valid TOML: {reason}"
+    _msg = "{kind} spec {path!r} is not valid TOML: {reason}"
+
+    def _prepare(self, fields):
+        return {"kind": "sweep", **fields}
 
 
 class NotFittedError(FeatstoreError, ValueError, AttributeError):
@@ -356,6 +360,14 @@ class GroupLockedError(StoreError, BlockingIOError):
     """Another process holds the build lock of a group. Fields: ``name``, ``store``, ``holder``."""
 
     _msg = "group {name!r} in {store} is being built by {holder}; wait for it to finish and run again"
+
+
+class BuildWorkersError(StoreError):
+    """A build shared by many workers did not finish: a worker failed or died and the others
+    could not finish its rows. Fields: ``groups``, ``store``, ``problem``."""
+
+    _msg = ("the build of {groups} in {store} did not finish: {problem}. Every chunk written is kept and marked; "
+            "re-run the same command to build only what is missing")
 
 
 class MismatchedGroupsError(FeatstoreError, ValueError):

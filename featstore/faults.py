@@ -14,6 +14,10 @@ a power cut or the OOM killer) the N-th time it reaches ``POINT``. Points:
 ``push-file``      ``featstore push`` uploaded one more file of a group, not yet its metadata
 ``task-started``   a sweep task (not done before) starts its work on a worker
 
+With ``FEATSTORE_FAULT_LOG=PATH`` each :func:`record` appends one line (``EVENT WHAT pid``) to
+PATH, from every process (O_APPEND: lines never interleave), for tests that count what was
+done (each chunk marked exactly once across a build's workers).
+
 With ``FEATSTORE_FAULT_ONCE=PATH`` the fault fires only while PATH does not exist (it
 is created just before the kill), so a restarted worker process does not die again.
 With ``FEATSTORE_FAULT_MODE=hang`` the process does not kill itself: it stops there (sleeps
@@ -27,6 +31,17 @@ import os
 import signal
 
 _counts: dict[str, int] = {}
+
+
+def record(event: str, what: str) -> None:
+    path = os.environ.get("FEATSTORE_FAULT_LOG")
+    if not path:
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{event} {what} {os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
 
 
 def point(name: str) -> None:

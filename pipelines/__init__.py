@@ -16,10 +16,10 @@ from ._analysis import (
     inequality_curve,
     modes_at_equal_k,
 )
-from ._launchers import LAUNCHERS, Launcher
+from featstore._launchers import LAUNCHERS, Launcher
 from ._report import write_report
 from ._results import load_results
-from ._slurm import SlurmOptions
+from featstore._slurm import SlurmOptions
 from ._spec import GroupTable, SweepSpec, load_spec
 from ._sweep import SweepRun, run_sweep
 from ._tasks import FeatureCache, Task, expand_tasks, run_task

@@ -63,7 +63,7 @@ def parameters_markdown() -> str:
     from featstore import PREPROCESSING, WEIGHT_MAPPINGS, WEIGHT_SOURCES
     from featstore.models import CHECKPOINT_ADAPTERS
 
-    from ._launchers import LAUNCHERS
+    from featstore._launchers import LAUNCHERS
 
     registries += [("Preprocessing presets (`featstore build --preset`)", PREPROCESSING), ("Weight sources", WEIGHT_SOURCES),
                    ("Weight mappings", WEIGHT_MAPPINGS), ("Checkpoint adapters (applied when a checkpoint has their layout)",

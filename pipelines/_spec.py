@@ -38,7 +38,7 @@ from featstore.datasets import DATASETS
 from featstore.errors import SpecNotFoundError, SpecSyntaxError
 from featstore.params import OneOf, Parameters, PathText, Rule, Unique, field_type, validate
 
-from ._slurm import SlurmOptions
+from featstore._slurm import SlurmOptions
 
 __all__ = ["SweepSpec", "GroupTable", "load_spec", "SPLIT_KEYS", "GROUP_KEYS", "SPLIT_ONLY_FIELDS", "CKA_PREFIX"]
 
@@ -289,6 +289,8 @@ def load_spec(source: str | os.PathLike | dict, store: str | None = None) -> Swe
 
 
 def _relative_to(raw: dict, folder: Path) -> None:
+    from featstore.datasets import resolve_dataset_path
+
     """A spec file's relative paths (its store, image folders, class-map files) as written from
     the file's own folder, as a build file's are: the spec means the same from any directory."""
     def resolve(text):
@@ -303,8 +305,7 @@ def _relative_to(raw: dict, folder: Path) -> None:
             continue
         tables = [table] + [table[k] for k in ("train", "test", "val") if isinstance(table.get(k), dict)]
         for t in tables:
-            dataset = t.get("dataset")
-            if isinstance(dataset, str) and dataset.startswith("imagefolder:"):
-                t["dataset"] = "imagefolder:" + resolve(dataset.split(":", 1)[1])
+            if isinstance(t.get("dataset"), str):
+                t["dataset"] = resolve_dataset_path(t["dataset"], folder)
             if isinstance(t.get("class_map"), str) and t["class_map"] not in ("by-name", "by-index"):
                 t["class_map"] = resolve(t["class_map"])

@@ -20,10 +20,10 @@ import probes
 from featstore import Device
 from featstore.errors import IncompatibleParametersError
 from featstore.fileio import locked
-from featstore.params import OneOf, Parameters, defaults, field_type, validate
+from featstore.params import OneOf, Parameters, defaults, validate
 
-from ._launchers import LAUNCHERS, Run
-from ._slurm import SlurmOptions
+from featstore._launchers import LAUNCHERS, Call, Run
+from featstore._slurm import SLURM_PREFIX, SlurmOptions, given_slurm, slurm_fields
 from ._results import (
     LOCK_NAME,
     check_out,
@@ -35,7 +35,7 @@ from ._results import (
     tidy_out,
 )
 from ._spec import SweepSpec, load_spec
-from ._tasks import FeatureCache, check_groups, expand_tasks
+from ._tasks import FeatureCache, check_groups, expand_tasks, run_task
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -57,17 +57,12 @@ class _SweepRunBase(Parameters):
     """Show a progress bar over tasks."""
 
 
-SLURM_PREFIX = "slurm_"
 SweepRun = create_model(
     "SweepRun", __base__=_SweepRunBase,
     __doc__="How a sweep runs (not what it computes: that is the spec): ``run_sweep``'s keywords and "
             "``featstore sweep``'s options. ``slurm_*`` are :class:`SlurmOptions` (default: the spec's "
             "[slurm] table, else SlurmOptions' own).",
-    **{SLURM_PREFIX + k: (field_type(SlurmOptions, k) | None,
-                          Field(default=None, description=f"--launcher slurm: {f.description} Default: the spec's "
-                                                          f"[slurm] {k}" + ("." if f.default is None else
-                                                                            f", else {f.default!r}.")))
-       for k, f in SlurmOptions.model_fields.items()})
+    **slurm_fields("the spec's [slurm] {k}"))
 SweepRun.__module__ = __name__
 _RUN = defaults(SweepRun)
 
@@ -97,9 +92,7 @@ def check_run(options: dict, key_format=None) -> SweepRun:
 def slurm_options(spec: SweepSpec, opts) -> SlurmOptions:
     """The [slurm] table as written, under the --slurm-* options given."""
     written = spec.slurm.model_dump(include=spec.slurm.model_fields_set)
-    given = {k: getattr(opts, SLURM_PREFIX + k) for k in SlurmOptions.model_fields
-             if getattr(opts, SLURM_PREFIX + k) is not None}
-    return SlurmOptions(**{**written, **given})
+    return SlurmOptions(**{**written, **given_slurm(opts)})
 
 
 def run_sweep(spec: SweepSpec | str | os.PathLike | dict, out: str | os.PathLike, *,
@@ -170,10 +163,13 @@ def run_sweep(spec: SweepSpec | str | os.PathLike | dict, out: str | os.PathLike
                 bar.update(1)
                 bar.set_postfix(draws=rows)
 
-            run = Run(str(spec.store), str(out), opts.device, opts.workers or os.cpu_count() or 1, opts.scheduler,
-                      slurm_options(spec, opts) if opts.launcher == "slurm" else None, generation)
+            # local runs a sweep's tasks in this process (--workers is joblib's and dask's)
+            run = Run(1 if opts.launcher == "local" else opts.workers or os.cpu_count() or 1, opts.device,
+                      opts.scheduler, slurm_options(spec, opts) if opts.launcher == "slurm" else None, str(out))
+            calls = [Call(run_task, (t, str(spec.store), str(out), opts.device), {"generation": generation},
+                          key=f"task-{t.id}") for t in todo]
             try:
-                entry.run(todo, run, tick)
+                entry.run(calls, run, tick)
             finally:
                 bar.close()  # also when stopped: the message that follows starts on its own line
         finally:

@@ -19,6 +19,8 @@ import numpy as np
 
 import featstore
 from featstore._datasources import row_extra_keys
+from featstore import _launchers
+from featstore._launchers import worker_device
 import probes
 from featstore import faults
 from featstore.errors import FeatstoreError, InvalidFeaturesError, MismatchedGroupsError
@@ -269,14 +271,14 @@ def run_task(task: Task, store: str, out: str, device: str = "auto", threads: in
     import torch
 
     if die_with_parent:
-        _die_with_parent()
+        _launchers.die_with_parent()
     done = done_count(out, task)
     if done is not None:
         return done
     faults.point("task-started")
     if threads:
         torch.set_num_threads(threads)
-    device = _worker_device(device)
+    device = worker_device(device)
     t0 = time.perf_counter()
     train, test, val = open_pair(store, task.group)
     found = (train.spec.key(), test.spec.key(), val.spec.key() if val is not None else "")
@@ -338,38 +340,3 @@ def run_task(task: Task, store: str, out: str, device: str = "auto", threads: in
     res["seed"] = res["seed"].astype("Int64")
     record_test_labels(out, task.group_index, test_data.y)  # what each row's test_correct refers to
     return commit_rows(out, task, res, generation)
-
-
-def _die_with_parent() -> None:
-    """Linux: have the kernel send this process SIGKILL when its parent (the sweep) dies, so a
-    killed sweep's loky workers do not run on (they could never commit anyway: generations)."""
-    import ctypes
-    import signal
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    PR_SET_PDEATHSIG = 1
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except OSError:
-        pass
-
-
-def _worker_device(device: str) -> str:
-    """On a multi-GPU machine, dask worker i uses cuda:(i mod n_gpus): one process per GPU.
-    A LocalCluster names its workers 0, 1, ...; dask-jobqueue names the workers of one job
-    JOB-0, JOB-1, ... (the job sees only its own GPUs). Workers are spawned processes, so no
-    CUDA state was forked."""
-    if device not in ("auto", "cuda"):
-        return device
-    try:
-        from distributed import get_worker
-
-        index = int(str(get_worker().name).rsplit("-", 1)[-1])
-    except (ImportError, ValueError, TypeError):
-        return device
-    import torch
-
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return f"cuda:{index % n}" if n > 1 else device

@@ -13,7 +13,8 @@ import pipelines
 
 from .conftest import REPO
 
-SPECS = sorted((REPO / "sweeps").glob("*.toml"))
+SPECS = sorted(p for p in (REPO / "sweeps").glob("*.toml") if not p.name.endswith(".build.toml"))
+BUILD_SPECS = sorted((REPO / "sweeps").glob("*.build.toml"))
 
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
@@ -21,6 +22,26 @@ def test_every_spec_is_valid_and_expands(path):
     spec = pipelines.load_spec(path)
     tasks = pipelines.expand_tasks(spec)
     assert tasks and {t.group_index for t in tasks} == set(range(len(spec.pairings())))
+
+
+@pytest.mark.parametrize("path", BUILD_SPECS, ids=lambda p: p.name)
+def test_every_build_spec_builds_the_groups_its_sweep_reads(path):
+    """Each sweeps/X.build.toml is valid, and every group sweeps/X.toml reads (train, test, val
+    of each pairing) is one of its passes' groups: same model, dataset, split, layer, and the
+    limit, views and weights the sweep asks for."""
+    from featstore import BuildOptions
+    from featstore._buildspec import load_build_spec
+
+    passes = [BuildOptions(**p.options) for p in load_build_spec(path, check_data=False)]  # data: elsewhere
+    sweep = pipelines.load_spec(path.with_name(path.name.replace(".build.toml", ".toml")))
+    for g in sweep.pairings():
+        queries = [g.train_query(), g.test_query()] + ([g.val_query()] if g.val_query() else [])
+        for q in queries:
+            def builds(o, q=q):
+                return (o.model == q["model"] and o.dataset == q["dataset"] and o.splits == (q["split"],)
+                        and q["layer"] in o.layers
+                        and all(getattr(o, k) == q[k] for k in ("limit", "views", "weights") if k in q))
+            assert any(builds(o) for o in passes), (path.name, q)
 
 
 def _quick(path, store, **limits):

@@ -112,7 +112,7 @@ def test_slurm_job_script_carries_every_option(tmp_path):
     cores, one worker per GPU with --gres, the worker memory policy (no spill, no pause)."""
     from dask_jobqueue import SLURMCluster
 
-    from pipelines._slurm import cluster_options
+    from featstore._slurm import cluster_options
 
     o = SlurmOptions(partition="gpu", account="lab", time="1-02:00:00", memory="64GB", cores=16, gpus=4,
                      host="127.0.0.1")

@@ -1,4 +1,4 @@
-"""``--launcher slurm``: a sweep's tasks on dask workers that SLURM starts (dask-jobqueue).
+"""``--launcher slurm``: a sweep's tasks, or a build's workers, on dask workers that SLURM starts (dask-jobqueue).
 
 The sweep process runs the dask scheduler; ``jobs`` SLURM jobs each start one dask worker
 per GPU (``gpus`` > 0, each worker on its own device) or one worker using the job's
@@ -17,9 +17,11 @@ from typing import Annotated
 
 from pydantic import Field
 
-from featstore.params import Check, Parameters
+from .params import Check, Parameters, field_type
 
-__all__ = ["SlurmOptions", "slurm_cluster"]
+__all__ = ["SlurmOptions", "slurm_cluster", "SLURM_PREFIX", "slurm_fields", "given_slurm"]
+
+SLURM_PREFIX = "slurm_"
 
 # SLURM's --time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
 _TIME = re.compile(r"^(\d+|\d+:\d{2}|\d+:\d{2}:\d{2}|\d+-\d+|\d+-\d+:\d{2}|\d+-\d+:\d{2}:\d{2})$")
@@ -31,8 +33,8 @@ Memory = Annotated[str, Check(lambda v: bool(_MEMORY.match(v)), "a size with its
 
 
 class SlurmOptions(Parameters):
-    """What ``--launcher slurm`` asks SLURM for: the spec's ``[slurm]`` table, and the
-    ``--slurm-*`` options of ``featstore sweep`` (which override it)."""
+    """What ``--launcher slurm`` asks SLURM for: a sweep spec's ``[slurm]`` table, and the
+    ``--slurm-*`` options of ``featstore sweep`` and ``featstore build`` (which override it)."""
 
     partition: str | None = None
     """SLURM partition (queue) of the worker jobs (default: the cluster's default partition)."""
@@ -85,3 +87,23 @@ def slurm_cluster(o: SlurmOptions, log_dir: str | Path):
     # adapt, not scale: a job that ends (scancel, its time limit, a lost node) is replaced
     cluster.adapt(minimum_jobs=o.jobs, maximum_jobs=o.jobs)
     return cluster
+
+
+def slurm_fields(default_note: str, leave_out: tuple[str, ...] = ()) -> dict:
+    """``slurm_*`` fields for ``pydantic.create_model``: each SlurmOptions field, optional
+    (None: not given), its help saying where the default comes from (``default_note`` with
+    ``{k}`` for the field's name)."""
+    from pydantic import Field as _Field
+
+    return {SLURM_PREFIX + k: (field_type(SlurmOptions, k) | None,
+                               _Field(default=None, description=f"--launcher slurm: {f.description} Default: "
+                                      + default_note.format(k=k) + ("." if f.default is None else
+                                                                    f"{', else ' if default_note else ''}"
+                                                                    f"{f.default!r}.")))
+            for k, f in SlurmOptions.model_fields.items() if k not in leave_out}
+
+
+def given_slurm(opts) -> dict:
+    """The ``slurm_*`` options given (not None) on ``opts``, by SlurmOptions' names."""
+    return {k: getattr(opts, SLURM_PREFIX + k) for k in SlurmOptions.model_fields
+            if getattr(opts, SLURM_PREFIX + k, None) is not None}
