@@ -3,12 +3,16 @@
     python benchmarks/bench_build.py [--images 1000] [--batch-size N] [--workers N] [--device auto]
     python benchmarks/bench_build.py --device cuda --dataset jpeg --images 4000 \
         --models resnet50,tf_efficientnet_lite0 --workers 15           # the GPU check
+    python benchmarks/bench_build.py --launcher local --jobs 2 [--devices cuda:0,cuda:1]
 
 Per model, three rates (images/s) measured in one run, same batch size and device:
 
 * synthetic forward: the backbone alone on random tensors already on the device (the ceiling);
 * bare loop: DataLoader (decode, resize, crop, normalise in workers) + forward, features dropped;
-* ``featstore build``: the same, plus pooling, fp16 conversion, Zarr compression and writes.
+* ``featstore build``: the same, plus pooling, fp16 conversion, Zarr compression and writes;
+* with ``--jobs N`` (``--launcher``, ``--devices``): the same build shared by N workers
+  (featstore._distribute), its rate and its ratio to the one-process build, end to end (the
+  workers' start, each loading the model, included) and over the pass.
 
 ``--dataset fashion-mnist`` reads a stratified Fashion-MNIST subset; ``--dataset jpeg`` writes
 an ImageNet-like folder first (``--images`` JPEGs of 500x375, quality 90, 10 classes) and
@@ -128,13 +132,14 @@ def bare_forward(model_name, dataset, split, images, batch_size, workers, device
     return len(index) / (time.perf_counter() - t0)
 
 
-def featstore_build(model_name, dataset, split, images, batch_size, workers, device, decode="pil"):
+def featstore_build(model_name, dataset, split, images, batch_size, workers, device, decode="pil", **launch):
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         # small chunks so that several compressed writes happen during the pass
         (g,) = featstore.build(model=model_name, weights=_weights(model_name), dataset=dataset, splits=split,
                                limit=images, store=os.path.join(tmp, "s.zarr"), batch_size=batch_size,
-                               workers=workers, device=device, progress=False, chunk_rows=128, decode=decode)
+                               workers=workers, device=device, progress=False, chunk_rows=128, decode=decode,
+                               **launch)
         wall = time.perf_counter() - t0
         return g.timings["images_per_second"], images / wall
 
@@ -150,7 +155,12 @@ def main():
     p.add_argument("--models", default=featstore.models.EMBEDDED_MODEL, help="comma-separated timm names")
     p.add_argument("--decodes", default="pil", help="build with each of these --decode choices (comma-separated: "
                                                       "pil, device)")
+    p.add_argument("--launcher", default="local", help="also build on --jobs workers through this launcher")
+    p.add_argument("--jobs", type=int, default=1, help="workers of the shared build (1: none)")
+    p.add_argument("--devices", default=None, help="the shared build's devices (comma-separated), --launcher local")
     a = p.parse_args()
+    shared = a.jobs > 1 or a.launcher != "local"
+    launch = {"launcher": a.launcher, "jobs": a.jobs, **({"devices": a.devices} if a.devices else {})}
     device = resolve_device(a.device)
     bs = a.batch_size or (256 if device == "cuda" else 16)
     a.workers = featstore.default_workers(device) if a.workers is None else a.workers
@@ -171,6 +181,7 @@ def main():
         synth, bare = [], []
         build_pass: dict = {d: [] for d in decodes}
         build_wall: dict = {d: [] for d in decodes}
+        shared_pass, shared_wall = [], []
         print(f"model={model_name} ({'embedded weights' if _weights(model_name) is None else 'random weights'})")
         for r in range(a.repeats):  # interleaved, so drift in machine load hits all alike
             synth.append(synthetic_forward(model_name, a.images, bs, device))
@@ -181,6 +192,12 @@ def main():
                 build_pass[d].append(pass_rate)
                 build_wall[d].append(wall_rate)
                 line += f" | build --decode {d} {pass_rate:.1f} img/s (end to end {wall_rate:.1f})"
+            if shared:
+                pass_rate, wall_rate = featstore_build(model_name, dataset, split, a.images, bs, a.workers, device,
+                                                       decodes[0], **launch)
+                shared_pass.append(pass_rate)
+                shared_wall.append(wall_rate)
+                line += f" | {a.jobs} workers ({a.launcher}) {pass_rate:.1f} img/s (end to end {wall_rate:.1f})"
             print(line)
         s, b = np.median(synth), np.median(bare)
         print(f"  medians over {a.repeats} interleaved runs ({model_name}):")
@@ -192,6 +209,12 @@ def main():
                   f"store setup: {w:.1f})")
             print(f"    ratio build/bare loop : {f / b:8.3f}   (CPU goal >= 0.9)")
             print(f"    ratio build/synthetic : {f / s:8.3f}   (GPU goal >= 0.9)")
+        if shared:
+            f, w = np.median(build_pass[decodes[0]]), np.median(build_wall[decodes[0]])
+            sf, sw = np.median(shared_pass), np.median(shared_wall)
+            print(f"  shared build, {a.jobs} workers ({a.launcher}{', ' + a.devices if a.devices else ''}): "
+                  f"{sf:8.1f} images/s over the pass, {sw:.1f} end to end")
+            print(f"    ratio shared/one process: {sf / f:6.3f} over the pass, {sw / w:.3f} end to end")
     if tmp is not None:
         tmp.cleanup()
 

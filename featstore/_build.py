@@ -374,6 +374,8 @@ def _plan(o: BuildOptions, device: str | None = None) -> _Plan:
             raise UnknownNameError("split", split, valid_splits, context=f"dataset {dataset!r}")
     device = device or resolve_device(o.device)
     _check_writable(str(o.store))
+    if "://" in str(o.store):
+        _check_url_store(str(o.store))
     FeatureStore.check_foreign(str(o.store))
     from ._sources import parse_model_name
 
@@ -414,6 +416,18 @@ def _plan(o: BuildOptions, device: str | None = None) -> _Plan:
     return _Plan(o, dataset, device, o.batch_size or (256 if device.startswith("cuda") else 16),
                  o.workers if o.workers is not None else default_workers(device),
                  backbone, winfo, extractor, tspec, widths, sources, {}, decoder, model_name, made, identity)
+
+
+def _check_url_store(url: str) -> None:
+    """A build straight to object storage: S3 (its build locks are conditional writes, which
+    s3fs speaks), the bucket there and the credentials taken; one error before any work."""
+    from .remote import remote_fs
+
+    if not url.startswith(("s3://", "s3a://")):
+        raise IncompatibleParametersError(key="store", value=url, reason=(
+            "a build writes to a local path or an s3:// URL (its locks are S3 conditional writes); build locally "
+            "and `featstore push` to other object stores"))
+    remote_fs(url)
 
 
 def _source_options(o: BuildOptions) -> dict:
@@ -556,7 +570,7 @@ def _extract(plan: _Plan, fs: FeatureStore, split: str, specs: dict[str, Extract
     def on_wait(name, holder):
         say(f"featstore: group {name} is being built by {holder}; waiting for it to finish ...")
 
-    with fs.lock(names, wait=o.wait, on_wait=on_wait):
+    with fs.lock(names, wait=o.wait, on_wait=on_wait) as guard:
         fs.reopen()
         targets = []
         versions = _versions(plan.model_provenance)
@@ -571,7 +585,7 @@ def _extract(plan: _Plan, fs: FeatureStore, split: str, specs: dict[str, Extract
             eval_tf, aug_tf = make_transforms(plan.transform, PREPROCESSING[o.preset].augmentation)
             run_pass(plan.extractor, plan.backbone, targets, src, index, eval_tf, aug_tf, o.seed,
                       specs[o.layers[0]].views, plan.batch_size, plan.workers, plan.device, o.progress,
-                      f"{o.model}:{plan.dataset}:{split}", plan.decoder, plan.precision, say)
+                      f"{o.model}:{plan.dataset}:{split}", plan.decoder, plan.precision, say, guard=guard)
         fs.reopen()
         groups = [fs.group(name) for name in names]
         built = {t.spec.group_name() for _, t in targets}
@@ -608,6 +622,21 @@ def _open_target(fs: FeatureStore, spec: ExtractionSpec, src, index, d: int, ver
     elif not create:
         raise StaleGroupError(name=name, store=fs.path, reason="the group this worker was to fill is gone (removed "
                                                                "while the build ran?): re-run the build")
+    elif "://" in fs.path:  # object storage: made here, uploaded with its metadata last
+        import shutil
+        import tempfile
+
+        from .remote import put_new_group, remote_fs
+
+        tmp = Path(tempfile.mkdtemp(prefix="featstore-group-"))
+        try:
+            _create_group(tmp / name, spec, src, index, d, versions, winfo, device, skipped, model_provenance)
+            remote, root = remote_fs(fs.path, fs.storage_options)
+            put_new_group(remote, root, tmp / name, name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        fs.reopen()
+        z = fs.raw_group(name)
     else:
         tmp = fs.new_group_dir(name)
         _create_group(tmp, spec, src, index, d, versions, winfo, device, skipped, model_provenance)
@@ -617,8 +646,10 @@ def _open_target(fs: FeatureStore, spec: ExtractionSpec, src, index, d: int, ver
         z = fs.raw_group(name)
     # a write killed mid-way leaves only a temporary file beside the chunk (zarr writes
     # to a temporary name and renames); drop them, the chunk is not marked done anyway
-    for leftover in (Path(fs.path) / name).rglob("*.partial"):
-        leftover.unlink(missing_ok=True)
+    # (an object store's PUT is whole or absent)
+    if "://" not in fs.path:
+        for leftover in (Path(fs.path) / name).rglob("*.partial"):
+            leftover.unlink(missing_ok=True)
     # reopened arrays take zarr's default config, which skips writing a chunk equal to the fill
     # value: an all-zero chunk (a legitimately dead layer) would never be written, then be missing
     def writable(name):

@@ -20,7 +20,7 @@ from ._chunks import chunk_digests
 from ._spec import ExtractionSpec
 from ._store import META
 from ._values import SpreadTracker, check_values
-from .errors import BadImagesError, WriteFailedError
+from .errors import BadImagesError, FeatstoreError, WriteFailedError
 
 __all__ = ["FORWARD_PRECISIONS", "run_pass", "PassStats", "finish_group"]
 
@@ -183,7 +183,7 @@ def _forward_context(precision: str, device: str):
 
 def run_pass(extractor, backbone, targets, src, index, eval_tf, aug_tf, seed, n_views, batch_size,
               workers, device, show_progress, label, decoder=None, precision: str = "fp32", say=None,
-              rows: tuple[int, int] | None = None, finish: bool = True) -> "PassStats":
+              rows: tuple[int, int] | None = None, finish: bool = True, guard=None) -> "PassStats":
     """One backbone pass over the rows and views still missing in any target group.
 
     Every block of every layer's outputs is checked before it is buffered (finite; within
@@ -192,7 +192,8 @@ def run_pass(extractor, backbone, targets, src, index, eval_tf, aug_tf, seed, n_
 
     ``rows = (start, stop)`` restricts the pass to those rows (both multiples of every target's
     chunk rows, or stop = n): one worker's range of a build shared by many. ``finish=False``
-    leaves the groups building (the worker that sets the last flag finishes them)."""
+    leaves the groups building (the worker that sets the last flag finishes them). ``guard()``
+    is called before each chunk is written (it raises once the build's lock is lost)."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -232,7 +233,7 @@ def run_pass(extractor, backbone, targets, src, index, eval_tf, aug_tf, seed, n_
         batches = clean + views
     else:
         loader = data_loader(batches)
-    writer = _Writer()
+    writer = _Writer(guard=guard)
     buffers: dict[tuple[int, int, int], np.ndarray] = {}  # (target#, view, chunk) -> rows
     filled: dict[tuple[int, int, int], int] = {}
     t0 = time.perf_counter()
@@ -342,7 +343,8 @@ class _Writer:
     raised in the caller at the next submit or at close.
     """
 
-    def __init__(self, depth: int = 4):
+    def __init__(self, depth: int = 4, guard=None):
+        self._guard = guard
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="featstore-writer", daemon=True)
@@ -357,6 +359,8 @@ class _Writer:
                 continue
             t, view, c, data = job
             try:
+                if self._guard is not None:
+                    self._guard()  # the build still holds its lock (a URL's lease)
                 start = c * t.rows
                 if view == 0:
                     t.features[start : start + len(data)] = data
@@ -370,6 +374,8 @@ class _Writer:
                 t.done[view, c] = True
                 faults.record("chunk-mark", f"{t.spec.group_name()} {view} {c}")
                 faults.point("chunk-mark")
+            except FeatstoreError as e:  # the build's lock lost: stop, naming why
+                self._error = e
             except OSError as e:  # disk full, permission denied, I/O error
                 self._error = WriteFailedError(
                     path=f"chunk {c} of view {view} of group {t.spec.group_name()}",

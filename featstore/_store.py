@@ -501,8 +501,7 @@ class FeatureStore:
         store = _zarr_store(self.path, read_only=(mode == "r"), storage_options=self.storage_options)
         if mode == "a" and not self._has_root():
             if _is_url(self.path):
-                root = zarr.open_group(store, mode="a")
-                root.attrs.update({ROOT_MARK: {"format_version": FORMAT_VERSION}})
+                _create_remote_root(self.path, self.storage_options)
             else:
                 _create_local_root(self.path)
         try:
@@ -520,7 +519,13 @@ class FeatureStore:
                                                                f"reads format {FORMAT_VERSION}")
 
     def _has_root(self) -> bool:
-        return (Path(self.path) / "zarr.json").exists() if not _is_url(self.path) else True
+        if not _is_url(self.path):
+            return (Path(self.path) / "zarr.json").exists()
+        from .remote import remote_fs
+
+        fs, root = remote_fs(self.path, self.storage_options)
+        fs.invalidate_cache(root)
+        return fs.exists(f"{root}/zarr.json")
 
     def _check_foreign(self) -> None:
         FeatureStore.check_foreign(self.path)
@@ -625,7 +630,32 @@ class FeatureStore:
 
     @contextlib.contextmanager
     def lock(self, names: list[str], wait: bool = True, on_wait=None):
-        """Hold the build locks of ``names`` (sorted, so two builds cannot deadlock)."""
+        """Hold the build locks of ``names`` (sorted, so two builds cannot deadlock): ``flock``s
+        in ``.featstore/locks/`` on a local store, lease objects (:mod:`featstore._lease`) at
+        an ``s3://`` URL. Yields ``check()``, which raises once a lock is lost (a URL lease
+        taken over after this process stalled past it): called before each chunk is written."""
+        if _is_url(self.path):
+            from ._lease import LeaseLock
+            from .remote import remote_fs
+
+            fs, root = remote_fs(self.path, self.storage_options)
+            held: list = []
+            with contextlib.ExitStack() as stack:
+                for name in sorted(names):
+                    lk = LeaseLock(fs, f"{root}/{INTERNAL}/locks/{name}.lock")
+                    try:
+                        lk.acquire(wait, on_wait=(lambda holder, n=name: on_wait(n, holder)) if on_wait else None)
+                    except LockBusy as busy:
+                        raise GroupLockedError(name=name, store=self.path, holder=busy.holder) from None
+                    stack.callback(lk.release)
+                    held.append(lk)
+
+                def check():
+                    for lk in held:
+                        lk.check()
+
+                yield check
+            return
         lock_dir = self.internal_dir / "locks"
         lock_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as stack:
@@ -635,12 +665,20 @@ class FeatureStore:
                                                on_wait=(lambda holder, n=name: on_wait(n, holder)) if on_wait else None))
                 except LockBusy as busy:
                     raise GroupLockedError(name=name, store=self.path, holder=busy.holder) from None
-            yield
+            yield lambda: None
 
     def raw_group(self, name: str):
         """The zarr group ``name`` or None (no metadata checks)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            if _is_url(self.path):  # read its zarr.json itself: a listing may be cached
+                try:
+                    node = self._root[name]
+                except (KeyError, FileNotFoundError):
+                    return None
+                import zarr
+
+                return node if isinstance(node, zarr.Group) else None
             if name in self.group_names():
                 return self._root[name]
         return None
@@ -716,8 +754,31 @@ class FeatureStore:
     def reopen(self) -> None:
         import zarr
 
-        self._root = zarr.open_group(_zarr_store(self.path, read_only=self.mode == "r",
-                                                 storage_options=self.storage_options), mode="r" if self.mode == "r" else "a")
+        store = _zarr_store(self.path, read_only=self.mode == "r", storage_options=self.storage_options)
+        if _is_url(self.path) and hasattr(getattr(store, "fs", None), "invalidate_cache"):
+            store.fs.invalidate_cache()  # fsspec caches listings per filesystem instance: see what is there now
+        self._root = zarr.open_group(store, mode="r" if self.mode == "r" else "a")
+
+
+def _root_document() -> bytes:
+    import json
+
+    return json.dumps({"zarr_format": 3, "node_type": "group",
+                       "attributes": {ROOT_MARK: {"format_version": FORMAT_VERSION}}}, indent=2).encode()
+
+
+def _create_remote_root(url: str, storage_options: dict | None) -> None:
+    """The store root at a URL: one whole object (an S3 PUT is atomic), created only if absent
+    where the store takes conditional writes; a concurrent creator's root is the same."""
+    from .remote import remote_fs
+
+    fs, root = remote_fs(url, storage_options)
+    try:
+        fs.pipe_file(f"{root}/zarr.json", _root_document(), mode="create")
+    except TypeError:  # a filesystem without exclusive creation
+        fs.pipe_file(f"{root}/zarr.json", _root_document())
+    except FileExistsError:  # s3fs's word for a failed If-None-Match: the other creator's root is this one
+        pass
 
 
 def _create_local_root(path: str) -> None:
@@ -728,14 +789,9 @@ def _create_local_root(path: str) -> None:
     process got there first, its root is identical, so that is fine. Nothing ever sees
     a half-written or unmarked root.
     """
-    import json
-
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True)
-    doc = {"zarr_format": 3, "node_type": "group",
-           "attributes": {ROOT_MARK: {"format_version": FORMAT_VERSION}}}
-    atomic_write(p / "zarr.json", json.dumps(doc, indent=2).encode(), replace=False,
-                 consequence="the store was not created")
+    atomic_write(p / "zarr.json", _root_document(), replace=False, consequence="the store was not created")
 
 
 def _check_writable(path: str) -> None:

@@ -50,6 +50,7 @@ __all__ = [
     "CorruptGroupError",
     "GroupLockedError",
     "BuildWorkersError",
+    "LockLostError",
     "MismatchedGroupsError",
     "ClassMapError",
     "InvalidFeaturesError",
@@ -368,6 +369,14 @@ class BuildWorkersError(StoreError):
 
     _msg = ("the build of {groups} in {store} did not finish: {problem}. Every chunk written is kept and marked; "
             "re-run the same command to build only what is missing")
+
+
+class LockLostError(FeatstoreError, RuntimeError):
+    """A build's lock at a URL (a lease) was taken over by another build after this one
+    stalled past the lease. Fields: ``lock``, ``lease`` (seconds)."""
+
+    _msg = ("the build lock {lock} was taken by another build after this one stalled past its {lease:.0f} s lease; "
+            "nothing more was written (the chunks before it are kept and marked). Run the build again")
 
 
 class MismatchedGroupsError(FeatstoreError, ValueError):

@@ -19,7 +19,7 @@ PATH, from every process (O_APPEND: lines never interleave), for tests that coun
 done (each chunk marked exactly once across a build's workers).
 
 With ``FEATSTORE_FAULT_ONCE=PATH`` the fault fires only while PATH does not exist (it
-is created just before the kill), so a restarted worker process does not die again.
+is created just before the kill, holding the process's pid and SLURM job id), so a restarted worker process does not die again.
 With ``FEATSTORE_FAULT_MODE=hang`` the process does not kill itself: it stops there (sleeps
 until something else kills it: ``scancel``, a lost node) after creating ``FEATSTORE_FAULT_ONCE``'s
 PATH, which tells the test that it is there.
@@ -59,6 +59,8 @@ def point(name: str) -> None:
                 fd = os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 return
+            # who stopped here: the pid, and the SLURM job it runs in (a test cancels that job)
+            os.write(fd, f"{os.getpid()} {os.environ.get('SLURM_JOB_ID', '')}".encode())
             os.close(fd)
         if os.environ.get("FEATSTORE_FAULT_MODE") == "hang":
             import time

@@ -18,7 +18,7 @@ from . import faults
 from .errors import IncompleteGroupError, NotAFeatureStoreError, RemoteStoreError, StaleGroupError
 from .fileio import is_temporary
 
-__all__ = ["push", "parse_storage_options", "remote_fs"]
+__all__ = ["push", "parse_storage_options", "remote_fs", "put_new_group"]
 
 _AUTH_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken", "InvalidToken",
                "403", "401")
@@ -139,3 +139,13 @@ def push(store: str | os.PathLike, url: str, groups=(), storage_options: dict | 
     except OSError as e:
         raise _explain(url, e) from None
     return done
+
+
+def put_new_group(fs, root: str, local: Path, name: str) -> None:
+    """Upload a group made in a local folder to ``root/name``: every array file first, its
+    ``zarr.json`` last (what makes it a group: before that, nothing is listed at the URL)."""
+    files = sorted(p for p in local.rglob("*") if p.is_file() and p != local / "zarr.json")
+    for p in files:
+        fs.put_file(str(p), f"{root}/{name}/{p.relative_to(local).as_posix()}")
+    faults.point("group-created")
+    fs.pipe_file(f"{root}/{name}/zarr.json", (local / "zarr.json").read_bytes())

@@ -341,7 +341,7 @@ def test_many_processes_creating_one_new_store_all_succeed(tmp_path):
         assert sorted(e.name for e in store.iterdir()) == ["zarr.json"]
         assert featstore.open(store).groups() == []
         raced += all(o.strip() == "on time" for o, _ in outs)
-        if raced == 4:
+        if raced == 2:  # two real races of six processes (each trial costs seconds of process starts)
             return
     pytest.skip(f"only {raced} of 8 trials had all 6 processes at the start line (machine too busy to race)")
 

@@ -260,3 +260,56 @@ def test_command_line_options_override_every_entry(spec_dir):
     assert len(passes) == 5 and {p.options["limit"] for p in passes} == {10}
     assert {p.options["store"] for p in passes} == {"elsewhere.zarr"}  # as typed: the working directory's
     assert [(p.entry, p.split) for p in passes] == [(0, "train"), (0, "test"), (1, "test"), (1, "test"), (2, "train")]
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(600)
+def test_slurm_jobs_build_the_groups_and_a_cancelled_job_loses_nothing(slurm, tmp_path, tree, monkeypatch):
+    """Two SLURM jobs (one dask worker each) share the build; the first worker to mark a chunk
+    stops there (FEATSTORE_FAULT_MODE=hang) and its job is scancelled: the kernel drops its
+    claim, the other worker (or a replacement job) finishes its range, and the groups equal a
+    one-process build with the workers' single thread; no chunk is marked twice."""
+    import subprocess
+    import threading
+    import time
+
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each one-core job's worker uses
+    try:
+        ref = {g.spec.layer: g for g in featstore.build(dataset=f"imagefolder:{tree}", store=tmp_path / "ref.zarr",
+                                                        **OPTS)}
+    finally:
+        torch.set_num_threads(before)
+    marker, log = tmp_path / "hung", tmp_path / "marks.log"
+    monkeypatch.setenv("FEATSTORE_FAULT", "chunk-mark:1")
+    monkeypatch.setenv("FEATSTORE_FAULT_MODE", "hang")
+    monkeypatch.setenv("FEATSTORE_FAULT_ONCE", str(marker))
+    monkeypatch.setenv("FEATSTORE_FAULT_LOG", str(log))
+    seen: dict = {}
+
+    def cancel_when_hung():  # the build runs in the main thread (dask installs signal handlers)
+        deadline = time.monotonic() + 240
+        while not (marker.exists() and marker.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if not marker.exists():
+            seen["error"] = "no worker marked a chunk within 240 s"
+            subprocess.run(["scancel", "--user", "root"])
+            return
+        seen["job"] = marker.read_text().split()[1]
+        subprocess.run(["scancel", seen["job"]], check=True)
+
+    t = threading.Thread(target=cancel_when_hung, daemon=True)
+    t.start()
+    store = tmp_path / "s.zarr"
+    featstore.build(dataset=f"imagefolder:{tree}", store=store, launcher="slurm", jobs=2, slurm_cores=1,
+                    slurm_memory="3GB", slurm_time="00:15:00", slurm_host="127.0.0.1", **OPTS)
+    t.join(timeout=10)
+    assert "error" not in seen, seen["error"]
+    assert seen["job"]  # the hung worker ran in a SLURM job, which was cancelled
+    _same(store, ref)
+    marks = _marks(log)
+    assert set(marks) == _all_chunks(ref) and set(marks.values()) == {1}
+    logs = store / ".featstore" / "slurm-logs"
+    assert len({p.stem.rsplit("-", 1)[-1] for p in logs.glob("*.err")}) >= 2  # the work ran in SLURM jobs
