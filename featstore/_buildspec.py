@@ -54,9 +54,13 @@ class Pass:
     options: dict
 
     def label(self) -> str:
-        o = self.options
-        return f"builds[{self.entry}] {o.get('model', '(default model)')} {o.get('dataset', '(default dataset)')}:" \
-               f"{self.split}" + (f" limit {o['limit']}" if o.get("limit") else "")
+        from ._build import BuildOptions
+
+        def value(key):
+            return self.options.get(key, BuildOptions.model_fields[key].default)
+
+        return f"builds[{self.entry}] {value('model')} {value('dataset')}:{self.split}" + \
+            (f" limit {value('limit')}" if value("limit") else "")
 
 
 def _relative_to(raw: dict, folder: Path) -> None:

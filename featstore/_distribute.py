@@ -138,7 +138,8 @@ def extract_many(plan, fs: FeatureStore, split: str, specs: dict, say) -> list[G
     complete, or one error says how far they got."""
     from tqdm.auto import tqdm
 
-    from ._build import _open_target, _subset, _versions
+    from ._build import _subset
+    from ._groups import open_target, versions
 
     o = plan.options
     src = plan.sources[split]
@@ -152,7 +153,7 @@ def extract_many(plan, fs: FeatureStore, split: str, specs: dict, say) -> list[G
         fs.reopen()
         targets = []
         for layer, spec in specs.items():
-            t = _open_target(fs, spec, src, index, plan.widths[layer], _versions(plan.model_provenance), plan.weights,
+            t = open_target(fs, spec, src, index, plan.widths[layer], versions(plan.model_provenance), plan.weights,
                              plan.device, plan.skipped.get(split, []), plan.model_provenance)
             if t is None:
                 say(f"featstore: {spec.group_name()} is already complete")
@@ -239,7 +240,9 @@ def work(options: dict, split: str, names: list[str], dropped: list[int], skippe
 
     import torch
 
-    from ._build import PREPROCESSING, BuildOptions, _open_target, _plan, _specs, _subset, _versions
+    from ._build import PREPROCESSING, BuildOptions, _plan, _specs, _subset
+    from ._groups import open_target
+    from ._groups import versions as group_versions
     from ._pass import run_pass
     from ._preprocess import make_transforms
 
@@ -247,6 +250,7 @@ def work(options: dict, split: str, names: list[str], dropped: list[int], skippe
         _launchers.die_with_parent()
     if threads:
         torch.set_num_threads(threads)
+    _fork_loaders()
     from ._device import resolve_device
 
     device = resolve_device(_launchers.worker_device(device))
@@ -264,10 +268,10 @@ def work(options: dict, split: str, names: list[str], dropped: list[int], skippe
             f"build created ({names}): every worker needs the same library versions, files and options"))
     index = _subset(plan, src)
     fs = FeatureStore(o.store, mode="a")
-    versions = _versions(plan.model_provenance)
+    versions = group_versions(plan.model_provenance)
     targets = []
     for layer, spec in specs.items():
-        t = _open_target(fs, spec, src, index, plan.widths[layer], versions, plan.weights, plan.device,
+        t = open_target(fs, spec, src, index, plan.widths[layer], versions, plan.weights, plan.device,
                          plan.skipped.get(split, []), plan.model_provenance, create=False)
         if t is not None:
             targets.append((layer, t))
@@ -299,6 +303,17 @@ def work(options: dict, split: str, names: list[str], dropped: list[int], skippe
     finally:
         plan.extractor.close()
     return did
+
+
+def _fork_loaders() -> None:
+    """DataLoader workers forked, as in a one-process build: a worker that was itself spawned
+    (local, dask, SLURM) inherits spawn as the default start method, which would pickle every
+    dataset (a registered dataset's closures cannot be pickled) and start each loader slowly."""
+    import multiprocessing as mp
+    import sys
+
+    if sys.platform.startswith("linux") and mp.get_start_method(allow_none=True) != "fork":
+        mp.set_start_method("fork", force=True)
 
 
 def _record(folder: Path, a: int, worker: int, device: str, start: float, stats, targets) -> None:

@@ -353,7 +353,7 @@ def wds_load(where: str, split: str, options, bad_images: str) -> ImageSource:
         listed = "; ".join(f"{s.url}:{s.key}: {why}" for s, why in problems[:20])
         raise InvalidDatasetError(dataset=f"wds:{where}", problem=(
             f"{len(problems)} sample(s) cannot be used: {listed}" + (" ..." if len(problems) > 20 else "")
-            + f" (name the members with --wds-image-key / --wds-label-key, or build with --bad-images skip)"))
+            + " (name the members with --wds-image-key / --wds-label-key, or build with --bad-images skip)"))
     skipped += [(s.key, why) for s, why in problems]
     bad = {id(s) for s, _ in problems}
     samples = [s for s in samples if id(s) not in bad]

@@ -409,7 +409,7 @@ def test_a_wide_flattened_layer_splits_its_chunks_by_column_and_reads_back_equal
     of WIDE_CHUNK_COLUMNS columns; it reads back equal to the module's own flattened output; a
     column subset reads only the chunks holding it (a missing chunk of other columns does not
     matter, one of its own is named); verify names a missing column chunk."""
-    import featstore._build as build_mod
+    import featstore._groups as build_mod  # where a group's chunk layout is decided
     from featstore.models import FeatureExtractor
 
     monkeypatch.setattr(build_mod, "WIDE_COLUMNS", 64)

@@ -68,7 +68,9 @@ def test_two_local_workers_give_the_one_process_groups_bit_for_bit(tmp_path, tre
     log = tmp_path / "marks.log"
     monkeypatch.setenv("FEATSTORE_FAULT_LOG", str(log))
     store = tmp_path / "s.zarr"
-    featstore.build(dataset=f"imagefolder:{tree}", store=store, jobs=2, **OPTS)
+    # one worker per --devices entry, each with a DataLoader process (a spawned worker's loaders
+    # fork, as a one-process build's do)
+    featstore.build(dataset=f"imagefolder:{tree}", store=store, devices="cpu,cpu", **{**OPTS, "workers": 1})
     got = _same(store, reference)
     marks = _marks(log)
     assert set(marks) == _all_chunks(reference) and set(marks.values()) == {1}  # every chunk, each once

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,6 +122,31 @@ def test_the_readme_datasets_section_runs_offline_and_every_source_gives_the_sam
             np.testing.assert_array_equal(g.labels, ref.labels, err_msg=name)
     (k_shot,) = [g for g in store.find(split="train") if "per_class" in dict(g.spec.extra)]
     assert np.bincount(k_shot.labels).tolist() == [5] * 10
+
+
+def test_the_readme_cluster_section_runs_a_shared_build_and_a_build_spec(tmp_path, monkeypatch, capsys):
+    """Its commands as written (argv to featstore's main here; the shared build's workers are
+    real spawned processes): two workers build the demo's test images, the spec builds the
+    depth experiment's groups, all complete."""
+    import shlex
+
+    import featstore
+    from featstore.cli import main
+
+    if not Path(datasets_path := "/usr/share/datasets/fashion-mnist").exists():
+        pytest.skip(f"Fashion-MNIST files not at {datasets_path} (make setup installs them)")
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(REPO / "sweeps", tmp_path / "sweeps")
+    (bash,) = [text for lang, text in _tour_blocks("On a cluster") if lang == "bash"]
+    for line in bash.strip().splitlines():
+        argv = shlex.split(line)
+        assert argv[0] == "featstore", line
+        assert main(argv[1:]) == 0, (line, capsys.readouterr().err[-2000:])
+    s = featstore.open(tmp_path / "data" / "cluster.zarr")
+    # three layers x two splits; the shared build's group is the spec's pre_logits test group
+    assert len(s.groups()) == 3 * 2 and all(g.n_samples == 64 for g in s.groups())
+    assert "builds[1] tf_efficientnet_lite0 fashion-mnist:test limit 64 (3 group(s))" in capsys.readouterr().out
+    assert [g.name for g in s.groups(include_incomplete=True)] == [g.name for g in s.groups()]
 
 
 def test_the_readme_models_section_runs_offline_for_every_source(tmp_path, monkeypatch, capsys):
