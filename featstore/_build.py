@@ -322,12 +322,7 @@ def _plan(o: BuildOptions, device: str | None = None) -> _Plan:
     if o.per_class is not None and o.limit is not None:
         raise IncompatibleParametersError(key="per_class", value=str(o.per_class),
                                           reason=f"--limit {o.limit} also picks the images; give one of them")
-    datasets.check_source_options(o.dataset, _source_options(o))
-    dataset = datasets.canonical_dataset_name(o.dataset)
-    valid_splits = datasets.dataset_splits(dataset, _source_options(o))
-    for split in o.splits:
-        if split not in valid_splits:
-            raise UnknownNameError("split", split, valid_splits, context=f"dataset {dataset!r}")
+    dataset = check_dataset(o)
     device = device or resolve_device(o.device)
     _check_writable(str(o.store))
     if "://" in str(o.store):
@@ -372,6 +367,18 @@ def _plan(o: BuildOptions, device: str | None = None) -> _Plan:
     return _Plan(o, dataset, device, o.batch_size or (256 if device.startswith("cuda") else 16),
                  o.workers if o.workers is not None else default_workers(device),
                  backbone, winfo, extractor, tspec, widths, sources, {}, decoder, model_name, made, identity)
+
+
+def check_dataset(o: BuildOptions) -> str:
+    """The dataset's canonical name, its source options and every split to build checked
+    (a folder that exists, a split it has); reads no image."""
+    datasets.check_source_options(o.dataset, _source_options(o))
+    dataset = datasets.canonical_dataset_name(o.dataset)
+    valid_splits = datasets.dataset_splits(dataset, _source_options(o))
+    for split in o.splits:
+        if split not in valid_splits:
+            raise UnknownNameError("split", split, valid_splits, context=f"dataset {dataset!r}")
+    return dataset
 
 
 def _check_url_store(url: str) -> None:

@@ -41,10 +41,6 @@ PATH_KEYS = ("store", "root", "checkpoint")
 EXPANDED = ("model", "dataset")  # a list of these in an entry: one build per combination
 
 
-class _Unchecked(Exception):
-    pass
-
-
 @dataclass(frozen=True)
 class Pass:
     """One backbone pass of a spec: an entry's options for one split."""
@@ -96,8 +92,7 @@ def load_build_spec(source, overrides: dict | None = None, check_data: bool = Tr
     """The spec's passes, every entry checked (types, names, splits, the launch options)
     before any work. ``source``: a TOML file or a dict; ``overrides``: options over every entry;
     ``check_data=False`` leaves the datasets' files unchecked (a spec for another machine)."""
-    from . import datasets
-    from ._build import BuildOptions, _source_options
+    from ._build import BuildOptions, check_dataset
 
     if isinstance(source, dict):
         raw, where = dict(source), "build spec"
@@ -120,22 +115,11 @@ def load_build_spec(source, overrides: dict | None = None, check_data: bool = Tr
     for i, entry in ((i, e) for i, table in enumerate(entries) for e in _expand(table)):
         merged = {**raw, **entry, **(overrides or {})}
         o = validate(BuildOptions, merged, key_format=lambda k, i=i: f"{ENTRIES}[{i}].{k}")
-        try:
-            if not check_data:
-                raise _Unchecked
-            datasets.check_source_options(o.dataset, _source_options(o))
-            dataset = datasets.canonical_dataset_name(o.dataset)
-            valid = datasets.dataset_splits(dataset, _source_options(o))
-            for split in o.splits:
-                if split not in valid:
-                    from .errors import UnknownNameError
-
-                    raise UnknownNameError("split", split, valid, context=f"dataset {dataset!r}")
-
-        except _Unchecked:
-            pass
-        except FeatstoreError as e:
-            raise e.within(f"{ENTRIES}[{i}]") from None
+        if check_data:
+            try:
+                check_dataset(o)
+            except FeatstoreError as e:
+                raise e.within(f"{ENTRIES}[{i}]") from None
         try:
             from ._sources import parse_model_name
 
