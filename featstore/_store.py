@@ -426,6 +426,7 @@ class Group:
             "dataset": s.dataset,
             "split": s.split,
             "limit": s.limit,
+            "per_class": int(dict(s.extra)["per_class"]) if "per_class" in dict(s.extra) else None,
             "views": s.views,
             "n_samples": self.n_samples,
             "n_neurons": self.n_neurons,

@@ -85,7 +85,8 @@ def _cmd_ls(a) -> int:
         return 0
     header = ("GROUP", "SHAPE", "DTYPE", "LIMIT", "VIEWS", "SIZE", "STATE")
     table = [header] + [
-        (r["name"], f"{r['n_samples']}x{r['n_neurons']}", r["dtype"], str(r["limit"] or "all"), str(r["views"]),
+        (r["name"], f"{r['n_samples']}x{r['n_neurons']}", r["dtype"],
+         f"{r['per_class']}/class" if r.get("per_class") else str(r["limit"] or "all"), str(r["views"]),
          _human(r["bytes_on_disk"]), r["state"]) for r in rows
     ] + [(name, "?", "?", "?", "?", "?", "unreadable") for name in broken]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]

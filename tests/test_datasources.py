@@ -304,7 +304,9 @@ def test_per_class_takes_k_images_of_every_class_on_every_source(tmp_path, sourc
     (g,) = featstore.build(dataset=sources["names"][source], splits="train", per_class=3,
                            store=tmp_path / "s.zarr", **BUILD)
     assert np.bincount(g.labels).tolist() == [3, 3, 3]
-    assert ("per_class", "3") in g.spec.extra
+    assert ("per_class", "3") in g.spec.extra and g.summary()["per_class"] == 3
+    code, out = run_main("ls", "--store", tmp_path / "s.zarr")
+    assert code == 0 and " 3/class " in out  # featstore ls's LIMIT column says it is a k-shot group
     full = sources["ref"]["train"]
     rows = g.sample_index
     np.testing.assert_array_equal(g.labels, full.labels[rows])
