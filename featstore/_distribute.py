@@ -40,7 +40,7 @@ from ._launchers import LAUNCHERS, Call, Run, WorkerDiedError
 from ._slurm import SLURM_PREFIX, SlurmOptions, given_slurm
 from ._store import META, FeatureStore, Group
 from ._values import SpreadTracker
-from .errors import BuildWorkersError, IncompatibleParametersError, StaleGroupError
+from .errors import BuildWorkersError, FeatstoreError, IncompatibleParametersError, StaleGroupError
 from .fileio import LockBusy, atomic_write, locked
 
 __all__ = ["check_launch", "distributed", "worker_kind", "extract_many", "work", "row_ranges"]
@@ -74,6 +74,13 @@ def check_launch(o):
         raise IncompatibleParametersError(key="store", value=str(o.store), reason=(
             "workers claim row ranges with file locks, so a shared build writes to a local or shared filesystem; "
             "build there and `featstore push` it"))
+    for device in o.devices or ():  # each exists here (CUDA is queried, not initialised)
+        from ._device import resolve_device
+
+        try:
+            resolve_device(device)
+        except FeatstoreError as e:
+            raise e.within("--devices") from None
     entry = LAUNCHERS[o.launcher]
     if entry.check is not None:
         entry.check()

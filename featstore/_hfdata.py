@@ -96,14 +96,45 @@ def _open(where: str) -> dict:
                 raise InvalidDatasetError(dataset=f"hf:{where}", problem="a file that is not parquet, arrow, csv or "
                                                                          "json")
             opened = ds_lib.load_dataset(kind, data_files=str(path))
+        elif path.is_dir():
+            opened = _load_files(ds_lib, path, where)
         else:
-            opened = ds_lib.load_dataset(str(path) if path.is_dir() else where)
+            opened = ds_lib.load_dataset(where)
+    except InvalidDatasetError:
+        raise
     except (FileNotFoundError, ValueError, ConnectionError) as e:
         raise InvalidDatasetError(dataset=f"hf:{where}", problem=f"cannot be opened with datasets: "
                                                                  f"{str(e).splitlines()[0][:300]}") from None
     splits = dict(opened) if isinstance(opened, ds_lib.DatasetDict) else {_WHOLE: opened}
     _OPENED[where] = splits
     return splits
+
+
+_SPLIT_NAMES = ("train", "validation", "valid", "val", "test")
+
+
+def _load_files(ds_lib, path: Path, where: str):
+    """A folder of parquet / arrow files, as the hub lays them out (at its top, or one folder
+    down: ``data/``), found here (``load_dataset`` on a folder would walk the whole tree it was
+    given). Files named by a split (``train-00000.parquet``, ``test.arrow``) are that split;
+    otherwise the files are one dataset (split by the seeded rule)."""
+    import re
+
+    for pattern in ("*", "*/*"):
+        for kind in ("parquet", "arrow"):
+            files = sorted(str(p) for p in path.glob(f"{pattern}.{kind}"))
+            if not files:
+                continue
+            by_split: dict[str, list[str]] = {}
+            for f in files:
+                m = re.match(r"(?i)(" + "|".join(_SPLIT_NAMES) + r")(?=[-_.]|$)", Path(f).name)
+                by_split.setdefault(m.group(1).lower() if m else "", []).append(f)
+            if "" in by_split or len(by_split) == 0:
+                return ds_lib.load_dataset(kind, data_files=files, split="train")  # one dataset
+            return ds_lib.load_dataset(kind, data_files=by_split)
+    raise InvalidDatasetError(dataset=f"hf:{where}", problem=(
+        "neither a dataset saved with save_to_disk (no dataset_dict.json or state.json) nor a folder of parquet / "
+        "arrow files (at its top or one folder down)"))
 
 
 def hf_splits(where: str, options) -> tuple[str, ...]:

@@ -60,14 +60,27 @@ def _in_process(calls: list[Call], run: Run, tick) -> None:
 
 
 def _process_main(c: Call, threads: int, results) -> None:
-    results.put((c.key, c.fn(*c.args, **c.kwargs, threads=threads, die_with_parent=True)))
+    from .errors import FeatstoreError
+
+    try:
+        results.put((c.key, c.fn(*c.args, **c.kwargs, threads=threads, die_with_parent=True)))
+    except FeatstoreError as e:  # one clear line, raised by the launching process: no traceback here
+        results.put((c.key, _Failed(e)))
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """A call that raised a featstore error in its process (re-raised by the launcher)."""
+
+    error: Exception
 
 
 def _local(calls: list[Call], run: Run, tick) -> None:
     """In this process, one after another; with ``run.workers`` > 1, each call in its own
     spawned process (CUDA is never forked), ``run.workers`` at a time. A process that dies
-    leaves the others running; its call is reported (:class:`WorkerDiedError`) once every
-    other call has finished, so that what they can finish is finished."""
+    leaves the others running; its call is reported (:class:`WorkerDiedError`, or the
+    featstore error it raised) once every other call has finished, so that what they can
+    finish is finished."""
     if run.workers <= 1 or len(calls) <= 1:
         return _in_process(calls, run, tick)
     import multiprocessing as mp
@@ -75,7 +88,7 @@ def _local(calls: list[Call], run: Run, tick) -> None:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     threads = max(1, (os.cpu_count() or 1) // min(run.workers, len(calls)))
-    pending, running, died = list(calls), {}, []
+    pending, running, died, failed = list(calls), {}, [], []
     while pending or running:
         while pending and len(running) < run.workers:
             c = pending.pop(0)
@@ -93,7 +106,12 @@ def _local(calls: list[Call], run: Run, tick) -> None:
                         died.append(WorkerDiedError(key, p.exitcode))
             continue
         running.pop(key).join()
+        if isinstance(result, _Failed):
+            failed.append(result.error)
+            continue
         tick(result)
+    if failed:  # after every other call: what they could finish is finished
+        raise failed[0]
     if died:
         raise died[0]
 

@@ -451,3 +451,21 @@ batch_size = 8
     assert set(res["mode"]) >= {"random"} and set(res["fraction"]) >= {0.25, 0.5}
     assert res["test_accuracy"].between(0, 1).all()
     assert set(res["train_group"]) == {featstore.open(store).group(split="train").name}
+
+
+def test_an_hf_folder_of_parquet_files_by_split_and_a_folder_that_holds_none(tmp_path, sources):
+    """A folder of parquet files, as the hub lays them out (data/train-*.parquet): its splits
+    from the file names; a folder with no dataset in it is one error, found without walking it."""
+    import datasets
+
+    d = datasets.load_from_disk(str(sources["root"] / "hf"))
+    (tmp_path / "pq" / "data").mkdir(parents=True)
+    for split in ("train", "test"):
+        d[split].to_parquet(str(tmp_path / "pq" / "data" / f"{split}-00000-of-00001.parquet"))
+    (g,) = featstore.build(dataset=f"hf:{tmp_path / 'pq'}", splits="test", store=tmp_path / "s.zarr", **BUILD)
+    np.testing.assert_array_equal(g.numpy(), sources["ref"]["test"].numpy())
+    (tmp_path / "none" / "a" / "b").mkdir(parents=True)
+    code, out = run_main("build", "--model", "test_resnet", "--weights", "random", "--dataset",
+                         f"hf:{tmp_path / 'none'}", "--no-progress", "--store", tmp_path / "t.zarr")
+    assert code == 2 and "neither a dataset saved with save_to_disk" in out and "Traceback" not in out
+    assert tree_listing(tmp_path / "t.zarr") == []

@@ -315,3 +315,13 @@ def test_slurm_jobs_build_the_groups_and_a_cancelled_job_loses_nothing(slurm, tm
     assert set(marks) == _all_chunks(ref) and set(marks.values()) == {1}
     logs = store / ".featstore" / "slurm-logs"
     assert len({p.stem.rsplit("-", 1)[-1] for p in logs.glob("*.err")}) >= 2  # the work ran in SLURM jobs
+
+
+def test_a_device_that_is_not_here_is_one_error_before_any_work(tmp_path, tree):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here: cuda:0 is a device this machine has")
+    with pytest.raises(errors.IncompatibleParametersError, match="--devices: device='cuda:0'.*CUDA is not available"):
+        featstore.build(dataset=f"imagefolder:{tree}", store=tmp_path / "s.zarr", devices="cuda:0,cuda:0", **OPTS)
+    assert tree_listing(tmp_path / "s.zarr") == []
