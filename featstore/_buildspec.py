@@ -188,20 +188,16 @@ def run_build_spec(source, overrides: dict | None = None, say=None) -> list[Outc
         + (f" on {launcher}" if launcher != "local" else ""))
     results: dict[int, Outcome] = {}
     calls = [Call(run_one, (p, i), key=f"pass-{i}-{p.entry}-{p.split}") for i, p in enumerate(passes)]
-    if launcher == "local":
-        for c in calls:
-            out = run_one(*c.args)
-            results[out.index] = out
-    else:
-        from ._build import BuildOptions
-        from .params import validate as _validate
+    from ._build import BuildOptions
+    from .params import validate as _validate
 
-        o = _validate(BuildOptions, {**first, "launcher": launcher})
-        workers = o.jobs or os.cpu_count() or 1
-        run = Run(workers=workers, device=o.device, scheduler=o.scheduler,
-                  slurm=SlurmOptions(**given_slurm(o)) if launcher == "slurm" else None,
-                  log_dir=str(Path(str(o.store)).parent))
-        LAUNCHERS[launcher].run(calls, run, lambda out: results.__setitem__(out.index, out))
+    o = _validate(BuildOptions, {**first, "launcher": launcher})
+    # local: the passes here, one after another (each may share itself among --jobs workers)
+    workers = 1 if launcher == "local" else o.jobs or os.cpu_count() or 1
+    run = Run(workers=workers, device=o.device, scheduler=o.scheduler,
+              slurm=SlurmOptions(**given_slurm(o)) if launcher == "slurm" else None,
+              log_dir=str(Path(str(o.store)).parent))
+    LAUNCHERS[launcher].run(calls, run, lambda out: results.__setitem__(out.index, out))
     return [results[i] for i in range(len(passes))]
 
 
