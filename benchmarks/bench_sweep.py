@@ -68,9 +68,11 @@ def run_single(store, modes, seeds, epochs, device) -> tuple[float, dict]:
     test = s.group(**g.test_query())
     got = {}
     for mode in modes:  # one fit per mode: every seed's draws together
-        est = probes.SubsetProbes(mode=mode, seeds=tuple(range(seeds)), include_full=False, device=device,
-                                  **selection, **protocol).fit(train)
+        # the full layer under each seed's order beside (the sweep's references), with the first mode
+        est = probes.SubsetProbes(mode=mode, seeds=tuple(range(seeds)), include_full=mode == modes[0],
+                                  device=device, **selection, **protocol).fit(train)
         res = est.evaluate(test)
+        res = res[res["mode"] != "full"]
         got.update({(r.mode, int(r.seed), round(float(r.fraction), 6)): float(r.test_accuracy)
                     for r in res.itertuples()})
     return time.perf_counter() - t0, got

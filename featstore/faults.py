@@ -12,7 +12,8 @@ a power cut or the OOM killer) the N-th time it reaches ``POINT``. Points:
 ``task-done``      a sweep task's done record is written
 ``remove-renamed`` ``featstore rm`` moved a group into the trash, not yet deleted
 ``push-file``      ``featstore push`` uploaded one more file of a group, not yet its metadata
-``task-started``   a sweep task (not done before) starts its work on a worker
+``fit-started``    a sweep's fit (its tasks not done before, trained together) starts on a worker
+``task-started``   a sweep task's own work starts: its fit has trained, its rows are not yet made
 
 With ``FEATSTORE_FAULT_LOG=PATH`` each :func:`record` appends one line (``EVENT WHAT pid``) to
 PATH, from every process (O_APPEND: lines never interleave), for tests that count what was

@@ -35,7 +35,7 @@ from ._results import (
     tidy_out,
 )
 from ._spec import SweepSpec, load_spec
-from ._tasks import FeatureCache, check_groups, expand_tasks, run_task
+from ._tasks import FeatureCache, check_groups, expand_tasks, pairing_shapes, plan_fits, run_fit
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -55,6 +55,10 @@ class _SweepRunBase(Parameters):
     """Where probes train: auto (cuda when present), cpu, cuda or cuda:N."""
     progress: Annotated[bool, Field(json_schema_extra={"off": "No progress bar over the tasks"})] = True
     """Show a progress bar over tasks."""
+    fits_per_pairing: Annotated[int, Field(ge=1)] | None = None
+    """How many fits train one pairing's tasks (each fit trains its tasks together, in one pass of the
+    engine). Default: 1, or ceil(workers / pairings) when the launcher has more workers than pairings;
+    more where one fit would not fit the probes' max_memory_mb."""
 
 
 SweepRun = create_model(
@@ -98,8 +102,8 @@ def slurm_options(spec: SweepSpec, opts) -> SlurmOptions:
 def run_sweep(spec: SweepSpec | str | os.PathLike | dict, out: str | os.PathLike, *,
               launcher: str = _RUN["launcher"], workers: int | None = _RUN["workers"],
               scheduler: str | None = _RUN["scheduler"], device: str = _RUN["device"],
-              progress: bool = _RUN["progress"], log=None, return_results: bool = True,
-              **slurm) -> "pd.DataFrame | None":
+              progress: bool = _RUN["progress"], fits_per_pairing: int | None = _RUN["fits_per_pairing"],
+              log=None, return_results: bool = True, **slurm) -> "pd.DataFrame | None":
     """Run (or resume) a sweep and return its results table.
 
     Every argument and the whole spec are checked, and every group opened, before anything
@@ -110,7 +114,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike | dict, out: str | os.PathLike
     spec : SweepSpec, path to a TOML spec, or an equivalent dict
     out : path
         Output directory (results/, done/, sweep.json).
-    launcher, workers, scheduler, device, progress
+    launcher, workers, scheduler, device, progress, fits_per_pairing
         Declared in :class:`SweepRun`.
     **slurm
         ``slurm_partition``, ``slurm_account``, ``slurm_time``, ``slurm_memory``, ``slurm_cores``,
@@ -125,7 +129,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike | dict, out: str | os.PathLike
 
     say = log or (lambda m: print(m, file=sys.stderr))
     opts = check_run(dict(launcher=launcher, workers=workers, scheduler=scheduler, device=device, progress=progress,
-                          **slurm))
+                          fits_per_pairing=fits_per_pairing, **slurm))
     entry = LAUNCHERS[opts.launcher]
     if entry.check is not None:
         entry.check()
@@ -153,21 +157,26 @@ def run_sweep(spec: SweepSpec | str | os.PathLike | dict, out: str | os.PathLike
             if len(todo) < len(tasks):
                 say(f"featstore sweep: {len(tasks) - len(todo)} of {len(tasks)} tasks already done; "
                     f"running {len(todo)}")
+            # local runs a sweep's fits in this process (--workers is joblib's and dask's)
+            run = Run(1 if opts.launcher == "local" else opts.workers or os.cpu_count() or 1, opts.device,
+                      opts.scheduler, slurm_options(spec, opts) if opts.launcher == "slurm" else None, str(out))
+            workers = run.workers if opts.launcher != "slurm" else run.slurm.jobs * max(1, run.slurm.gpus or 1)
+            fits = plan_fits(todo, pairing_shapes(spec), workers, opts.fits_per_pairing)
             bar = tqdm(total=len(todo), unit="task", desc="sweep", disable=not opts.progress, dynamic_ncols=True,
                        mininterval=0.1 if sys.stderr.isatty() else 10.0)
             rows = 0
 
-            def tick(n):
+            def tick(result):
                 nonlocal rows
+                tasks_done, n = result
                 rows += n
-                bar.update(1)
+                bar.update(tasks_done)
                 bar.set_postfix(draws=rows)
 
-            # local runs a sweep's tasks in this process (--workers is joblib's and dask's)
-            run = Run(1 if opts.launcher == "local" else opts.workers or os.cpu_count() or 1, opts.device,
-                      opts.scheduler, slurm_options(spec, opts) if opts.launcher == "slurm" else None, str(out))
-            calls = [Call(run_task, (t, str(spec.store), str(out), opts.device), {"generation": generation},
-                          key=f"task-{t.id}") for t in todo]
+            # in this process, the fit's own bar shows its epochs below the sweep's
+            in_process = opts.progress and opts.launcher == "local"
+            calls = [Call(run_fit, (fit, str(spec.store), str(out), opts.device),
+                          {"generation": generation, "progress": in_process}, key=f"fit-{fit[0].id}") for fit in fits]
             try:
                 entry.run(calls, run, tick)
             finally:

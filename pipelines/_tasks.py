@@ -28,7 +28,7 @@ from featstore.errors import FeatstoreError, InvalidFeaturesError, MismatchedGro
 from ._results import commit_rows, done_count, record_test_labels
 from ._spec import SPLIT_ONLY_FIELDS, GroupTable, MetricsTable, SelectionTable, SweepSpec
 
-__all__ = ["Task", "expand_tasks", "run_task", "check_groups", "FULL_LAYER"]
+__all__ = ["Task", "expand_tasks", "plan_fits", "run_fit", "run_task", "check_groups", "FULL_LAYER"]
 
 FULL_LAYER = "full"  # the mode of each pairing's full-layer reference task
 
@@ -256,43 +256,149 @@ class FeatureCache:
         cls._entry = None
 
 
-# ----------------------------------------------------------------------------- one task
+# ----------------------------------------------------------------------------- fits: tasks trained together
+
+
+def pairing_shapes(spec: SweepSpec) -> dict[int, tuple[int, int, int]]:
+    """Per pairing: (its layer's width, its classes, its train features' bytes in memory: every
+    pass and the validation rows, as float32), what :func:`plan_fits` sizes fits by."""
+    fs = featstore.open(spec.store)
+    shapes = {}
+    for gi, g in enumerate(spec.pairings()):
+        train, _, val = open_pair(fs, g)
+        rows = train.n_samples * (1 + train.n_views) + (val.n_samples if val is not None else 0)
+        shapes[gi] = (train.n_neurons, len(train.classes), 4 * rows * train.n_neurons)
+    return shapes
+
+
+def plan_fits(tasks: list[Task], shapes: dict[int, tuple[int, int, int]], workers: int = 1,
+              fits_per_pairing: int | None = None) -> list[tuple[Task, ...]]:
+    """The fits that train ``tasks``: by default one per pairing, holding every task of it (its
+    references and every mode x seed: ``probes.fit_together`` trains them in one pass).
+
+    A pairing is split into more fits when
+    - ``fits_per_pairing`` asks for N (at most one per task), or, left None, when the launcher has
+      more ``workers`` than pairings: ceil(workers / pairings) fits per pairing, so that every
+      worker has one;
+    - the joint fit's working memory (``probes.fit_bytes``) would exceed what the probes'
+      ``max_memory_mb`` leaves beside the features: tasks are packed into fits that stay under it
+      (one task per fit when even one does not).
+    ``shapes`` maps a pairing to (its layer's width, its classes, its features' bytes in memory:
+    every pass, float32; 0 when they stay on disk). Tasks keep their order; each fit holds tasks
+    of one pairing only.
+    """
+    by_pairing: dict[int, list[Task]] = {}
+    for t in tasks:
+        by_pairing.setdefault(t.group_index, []).append(t)
+    if fits_per_pairing is None:
+        fits_per_pairing = max(1, -(-workers // max(1, len(by_pairing))))
+    fits = []
+    for gi, group in by_pairing.items():
+        d, C, feature_bytes = shapes[gi]
+        estimators = [t.estimator(d, "cpu") for t in group]
+        sizes = [probes.fit_bytes(est, d, C) for est in estimators]
+        limit = estimators[0].max_memory_mb << 20
+        budget = limit - feature_bytes if feature_bytes < limit else limit  # beyond it the features stay on disk
+        parts = _split_even(group, sizes, min(fits_per_pairing, len(group)))
+        for part, part_sizes in parts:
+            fits += _pack(part, part_sizes, budget)
+    return fits
+
+
+def _split_even(group, sizes, n: int):
+    """``group`` in ``n`` consecutive parts of near-equal estimated work (its draws' memory)."""
+    if n <= 1:
+        return [(group, sizes)]
+    total, parts, at, acc = sum(sizes), [], 0, 0
+    for i, size in enumerate(sizes):
+        acc += size
+        left = len(group) - i - 1
+        if len(parts) < n - 1 and (acc >= total * (len(parts) + 1) / n or left == n - 1 - len(parts)):
+            parts.append((group[at:i + 1], sizes[at:i + 1]))
+            at = i + 1
+    parts.append((group[at:], sizes[at:]))
+    return [p for p in parts if p[0]]
+
+
+def _pack(group, sizes, budget):
+    """Consecutive tasks packed into fits whose estimated working memory stays under ``budget``."""
+    fits, current, used = [], [], 0
+    for t, size in zip(group, sizes):
+        if current and used + size > budget:
+            fits.append(tuple(current))
+            current, used = [], 0
+        current.append(t)
+        used += size
+    fits.append(tuple(current))
+    return fits
+
+
+# ----------------------------------------------------------------------------- running a fit
 
 
 def run_task(task: Task, store: str, out: str, device: str = "auto", threads: int | None = None,
              generation: dict | None = None, die_with_parent: bool = False) -> int:
-    """Train, evaluate and (optionally) CKA one task; commit its rows; return the row count.
+    """Run one task alone (its own fit); return its row count. See :func:`run_fit`."""
+    return run_fit((task,), store, out, device, threads, generation, die_with_parent)[1]
 
-    Safe to call again for a done task (it returns its recorded count without work).
-    ``generation``: the sweep run that launched it (its rows are committed only while that run
-    owns the output). ``die_with_parent``: a worker process on the sweep's machine (joblib's)
-    is killed by the kernel when the sweep dies, even by SIGKILL.
+
+def run_fit(tasks: tuple[Task, ...], store: str, out: str, device: str = "auto", threads: int | None = None,
+            generation: dict | None = None, die_with_parent: bool = False,
+            progress: bool = False) -> tuple[int, int]:
+    """Train the tasks of one pairing in one joint fit, evaluate and (optionally) CKA each, and
+    commit each task's rows on its own; return (tasks, rows).
+
+    Tasks already done are skipped (their recorded rows counted), so a fit resumed after a crash
+    trains only what is missing; each task's rows are what its own fit gives (its draws, initial
+    weights and minibatch orders are its own: ``probes.fit_together``). ``generation``: the
+    sweep run that launched it (rows are committed only while that run owns the output).
+    ``die_with_parent``: a worker process on the sweep's machine (joblib's) is killed by the
+    kernel when the sweep dies, even by SIGKILL. ``progress``: a bar over the fit's epochs.
     """
     import torch
 
     if die_with_parent:
         _launchers.die_with_parent()
-    done = done_count(out, task)
-    if done is not None:
-        return done
-    faults.point("task-started")
+    if len({t.group_index for t in tasks}) != 1:
+        raise ValueError("internal: a fit holds tasks of one pairing")  # pragma: no cover - a bug
+    done = [done_count(out, t) for t in tasks]
+    todo = [t for t, n in zip(tasks, done) if n is None]
+    rows = sum(n for n in done if n is not None)
+    if not todo:
+        return len(tasks), rows
+    faults.point("fit-started")
     if threads:
         torch.set_num_threads(threads)
     device = worker_device(device)
     t0 = time.perf_counter()
-    train, test, val = open_pair(store, task.group)
+    first = todo[0]
+    train, test, val = open_pair(store, first.group)
     found = (train.spec.key(), test.spec.key(), val.spec.key() if val is not None else "")
-    if task.features and found != tuple(task.features):
+    if first.features and found != tuple(first.features):
         from featstore.errors import StaleGroupError
 
         raise StaleGroupError(name=train.name, store=str(store),
                               reason="the pairing's groups changed since the sweep resolved them (rebuilt or "
                                      "replaced): re-run the sweep")
-    est = task.estimator(train.n_neurons, device)
-    cached = FeatureCache.get(train, test, val, test_mapping(task.group, train, test))  # read once per worker
-    data, test_data = cached.train, cached.test
-    est.fit(data, validation=cached.val)
+    cached = FeatureCache.get(train, test, val, test_mapping(first.group, train, test))  # read once per worker
+    estimators = probes.fit_together([t.estimator(train.n_neurons, device) for t in todo], cached.train,
+                                     validation=cached.val, verbose=progress)
     t_fit = time.perf_counter() - t0
+    record_test_labels(out, first.group_index, cached.test.y)  # what each row's test_correct refers to
+    for task, est in zip(todo, estimators):
+        faults.point("task-started")
+        t1 = time.perf_counter()
+        res = _task_rows(task, est, cached, train, test, val)
+        res["seconds_fit"] = t_fit  # the joint fit's: every task of it trained together
+        res["fit_tasks"] = len(todo)
+        res["seconds_task"] = res["seconds_cka"] + (time.perf_counter() - t1) + t_fit / len(todo)
+        rows += commit_rows(out, task, res, generation)
+    return len(tasks), rows
+
+
+def _task_rows(task: Task, est, cached: _CachedPair, train, test, val):
+    """A fitted task's rows: its draws' test results, their CKAs and what they were computed from."""
+    data, test_data = cached.train, cached.test
     res = est.evaluate(test_data)
     if task.mode == FULL_LAYER:
         res["mode"] = FULL_LAYER
@@ -330,13 +436,10 @@ def run_task(task: Task, store: str, out: str, device: str = "auto", threads: in
     res["n_classes"] = len(train.classes)
     res["seed"] = task.seed
     res["protocol"] = json.dumps(task.probe.model_dump(mode="json"), sort_keys=True)
-    res["seconds_fit"] = t_fit
     res["seconds_cka"] = t_cka
-    res["seconds_task"] = time.perf_counter() - t0
     res["host"] = socket.gethostname()
     if not task.metrics.accuracy:
         res["test_accuracy"] = np.nan
     res["draw"] = res["draw"].astype(np.int64)
     res["seed"] = res["seed"].astype("Int64")
-    record_test_labels(out, task.group_index, test_data.y)  # what each row's test_correct refers to
-    return commit_rows(out, task, res, generation)
+    return res

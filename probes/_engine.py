@@ -375,7 +375,10 @@ class _ProbeBatch:
             if len(self.stream_slices) == 1:
                 Z = mb.r(self.stream_slices[0][0]).unsqueeze(0).expand(F, -1, -1)
             else:
-                Z = mb.stacked() if self.streams_are_all else mb.stacked().index_select(0, self.family_stream)
+                # family f reads stream f only when the batch holds every stream (a joint fit's dense
+                # batch may hold the streams of one draw count only)
+                every = self.streams_are_all and mb.streams == F
+                Z = mb.stacked() if every else mb.stacked().index_select(0, self.family_stream)
             return [Z if self.compute_dtype is None else Z.to(self.compute_dtype)]
         if self.laid is not None and rows is not None:
             B = rows[0].shape[0]
@@ -621,14 +624,15 @@ class SubsetProbes(Estimator):
         """
 
         device = self.check_params()
+        data, train_idx, val_idx = self._prepare(X, y, n_classes, validation)
+        self._set_draws(data, train_idx, val_idx)
+        self._train(data, train_idx, val_idx, device)
+        return self
+
+    def _prepare(self, X, y, n_classes, validation) -> tuple[TrainingData, np.ndarray, np.ndarray]:
+        """The training data and its (train rows, validation rows); checked."""
         data = load_training_data(X, y, n_classes, max_memory_mb=self.max_memory_mb)
-        if isinstance(data.X, RowFile) and (self.solver != "sgd" or (self.subsets is None and self.mode not in INDEX_MODES)):
-            raise IncompatibleParametersError(
-                key="mode" if self.solver == "sgd" else "solver", value=self.mode if self.solver == "sgd" else self.solver,
-                reason=f"the train features ({data.X.shape[0]} x {data.X.shape[1]}) exceed max_memory_mb="
-                       f"{self.max_memory_mb} and are read from disk by minibatch, which serves SGD on neuron subsets "
-                       f"({', '.join(INDEX_MODES)}); projections and ridge need d x d work. Raise max_memory_mb or "
-                       f"use an index mode")
+        self._check_row_file(data)
         if validation is not None:
             data, train_idx, val_idx = _with_validation(data, validation)
         else:
@@ -639,6 +643,20 @@ class SubsetProbes(Estimator):
                 where=data.source, problem=f"the train rows hold {len(trained)} class"
                                            f"{'' if len(trained) == 1 else 'es'} ({data.n_classes} declared): a probe "
                                            f"needs at least 2 to separate, and would score 1.0 on one")
+        return data, train_idx, val_idx
+
+    def _check_row_file(self, data: TrainingData) -> None:
+        """Features read from disk by minibatch serve SGD on index modes only."""
+        if isinstance(data.X, RowFile) and (self.solver != "sgd" or (self.subsets is None and self.mode not in INDEX_MODES)):
+            raise IncompatibleParametersError(
+                key="mode" if self.solver == "sgd" else "solver", value=self.mode if self.solver == "sgd" else self.solver,
+                reason=f"the train features ({data.X.shape[0]} x {data.X.shape[1]}) exceed max_memory_mb="
+                       f"{self.max_memory_mb} and are read from disk by minibatch, which serves SGD on neuron subsets "
+                       f"({', '.join(INDEX_MODES)}); projections and ridge need d x d work. Raise max_memory_mb or "
+                       f"use an index mode")
+
+    def _set_draws(self, data: TrainingData, train_idx, val_idx) -> None:
+        """The estimator's families and draws (and its full-layer references), from its selection."""
         n, d = data.X.shape
         # PCA directions come from what the probes train on: with train_passes="views", the first
         # augmented view (as the released code fits them on augmented train features)
@@ -661,13 +679,14 @@ class SubsetProbes(Estimator):
         self.draws_ = [dr for f in fams for dr in f.draws]
         self.val_indices_ = val_idx
         self.train_indices_ = train_idx
+
+    def _train(self, data: TrainingData, train_idx, val_idx, device) -> None:
         t0 = time.perf_counter()
         if self.solver == "sgd":
             self._fit_sgd(data, train_idx, val_idx, device)
         else:
             self._fit_ridge(data, train_idx, val_idx, device)
         self.fit_seconds_ = time.perf_counter() - t0
-        return self
 
     def _validation_split(self, n: int, source: str) -> tuple[np.ndarray, np.ndarray]:
         """(validation rows, train rows), sorted, seeded by ``random_state``."""

@@ -47,7 +47,7 @@ def test_sigterm_stops_a_joblib_sweeps_workers_and_a_new_spec_gets_only_its_rows
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (out / "done").is_dir() or not list((out / "done").iterdir()):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.1)
     workers = _descendants(proc.pid)
     assert workers  # loky's worker processes are running tasks

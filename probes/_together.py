@@ -1,0 +1,139 @@
+"""Several SubsetProbes estimators fitted in one pass of the engine.
+
+A sweep's pairing has many estimators (each (mode, seed) and each full-layer reference is
+one, with its own rows and its own resumable commit), but the engine is fastest when every
+draw of a layer trains together: families with equal prefix lengths share one batch, one
+minibatch read serves every probe, one step runs every product. :func:`fit_together` trains
+the draws of every estimator in one joint fit and hands each estimator back fitted as if it
+had been fitted alone: its draws, their initial weights and minibatch orders are its own
+(``initial_weights`` of its own draw index; each seed's own order), and its batches are laid
+out as its own fit lays them out. What the joint fit changes is only how the products are
+grouped (more families per batched GEMM), so a probe equals the lone fit's to float rounding
+(on this project's CPUs, bit for bit for index modes: ``tests/test_together.py``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from featstore.errors import IncompatibleParametersError
+
+from ._engine import Protocol, SubsetProbes
+from ._selection import SELECTION_MODES, subset_size
+
+__all__ = ["fit_together", "fit_bytes", "SHARED_PARAMETERS"]
+
+# What one joint fit shares: the protocol (one validation split, one schedule, the same
+# minibatch orders per seed) and where and how it runs. The selection (mode, fractions,
+# seeds, sizes, subsets, include_full) is each estimator's own.
+SHARED_PARAMETERS = tuple(Protocol.model_fields) + ("device", "max_memory_mb", "cuda_graphs")
+
+
+class _Joint(SubsetProbes):
+    """The joint fit: every estimator's families, each draw initialised by its own estimator."""
+
+    def initial_weights(self, draw: int):
+        est, local = self.owners_[draw]
+        return est.initial_weights(local)
+
+
+def fit_together(estimators: list[SubsetProbes], X, y=None, n_classes: int | None = None, validation=None,
+                 verbose: bool | None = None) -> list[SubsetProbes]:
+    """Fit every estimator on the same features in one pass of the engine; return them, each
+    fitted as if by its own ``fit(X, y, n_classes, validation)``.
+
+    The estimators must agree on every parameter in :data:`SHARED_PARAMETERS` (the protocol,
+    the device, the memory budget); their selections may differ (modes, fractions, seeds, sizes,
+    explicit subsets, the full-layer reference). ``verbose`` (default: the first estimator's)
+    shows one bar over the joint fit's epochs.
+    """
+    estimators = list(estimators)
+    if not estimators:
+        raise IncompatibleParametersError(key="estimators", value="[]", reason="fit_together needs at least one")
+    host = estimators[0]
+    first = host.get_params()
+    for i, est in enumerate(estimators[1:], start=1):
+        other = est.get_params()
+        for key in SHARED_PARAMETERS:
+            if not _same(other[key], first[key]):
+                raise IncompatibleParametersError(
+                    key=key, value=other[key],
+                    reason=f"estimator {i} differs from estimator 0 ({first[key]!r}): one joint fit has one protocol, "
+                           f"device and memory budget ({', '.join(SHARED_PARAMETERS)})")
+    device = host.check_params()
+    for est in estimators[1:]:
+        est.check_params()
+    data, train_idx, val_idx = host._prepare(X, y, n_classes, validation)
+    for est in estimators:
+        est._check_row_file(data)
+        est._set_draws(data, train_idx, val_idx)
+    joint = _Joint(**{**first, "verbose": host.verbose if verbose is None else verbose})
+    joint.n_features_in_, joint.n_classes_ = host.n_features_in_, host.n_classes_
+    joint.val_indices_, joint.train_indices_ = val_idx, train_idx
+    joint.families_ = [f for est in estimators for f in est.families_]
+    joint.draws_ = [dr for est in estimators for dr in est.draws_]
+    joint.owners_ = [(est, i) for est in estimators for i in range(len(est.draws_))]
+    joint.streams_ = sorted({s for est in estimators for s in est.streams_}, key=lambda v: (v is not None, v or 0))
+    joint._train(data, train_idx, val_idx, device)
+    _hand_back(joint, estimators, device)
+    return estimators
+
+
+def _same(a, b) -> bool:
+    def norm(v):
+        return tuple(v) if isinstance(v, list) else v
+
+    return norm(a) == norm(b)
+
+
+def _hand_back(joint: _Joint, estimators: list[SubsetProbes], device: str) -> None:
+    """Each estimator gets its own batches (as its own fit lays them out) holding the joint
+    fit's weights of its draws, and its slice of every per-draw record."""
+    import torch
+
+    dtype = torch.bfloat16 if joint.precision == "bf16" else None
+    at = 0
+    for est in estimators:
+        n = len(est.draws_)
+        est.batches_ = est._batches(device, dtype)
+        est.positions_ = est._draw_positions(est.batches_)
+        for g in est.batches_:
+            g.to("cpu")
+        for di, (bi, fi, pi) in enumerate(est.positions_):
+            est.batches_[bi].set_probe(fi, pi, *joint.probe_weights(at + di))
+        est.val_accuracy_ = joint.val_accuracy_[at:at + n].copy()
+        est.best_epoch_ = joint.best_epoch_[at:at + n].copy()
+        est.train_loss_ = joint.train_loss_[at:at + n].copy()
+        if hasattr(joint, "ridge_alpha_"):
+            est.ridge_alpha_ = joint.ridge_alpha_[at:at + n].copy()
+        for attr in ("laid_out_", "cuda_graphs_"):
+            if hasattr(joint, attr):
+                setattr(est, attr, getattr(joint, attr))
+        est.fit_seconds_ = joint.fit_seconds_  # the joint fit's: its draws trained together
+        est.joint_draws_ = len(joint.draws_)  # what the joint fit trained: its draws and batches
+        est.joint_batches_ = len(joint.batches_)
+        at += n
+
+
+def fit_bytes(est: SubsetProbes, n_neurons: int, n_classes: int) -> int:
+    """What an estimator's draws add to a fit's working memory, estimated from its selection
+    (before any data is read): per draw its weights five times over (parameters, gradient,
+    momentum, best epoch's copy, initial weights), per family a minibatch of its inputs and its
+    logits, and a projection's basis. The features themselves are not counted (a joint fit reads
+    them once for every estimator)."""
+    d, C, B = n_neurons, n_classes, est.batch_size
+    if est.subsets is not None:
+        families = [[len(np.atleast_1d(s)) for s in est.subsets]]
+    else:
+        ks = [subset_size(f, d) for f in est.fractions] + [min(int(k), d) for k in est.sizes or ()]
+        families = [ks] * (len(est.seeds) if SELECTION_MODES[est.mode].seeded else 1)
+    if est.include_full:
+        per_seed = est.subsets is None and SELECTION_MODES[est.mode].seeded and est.minibatch_order == "per-seed"
+        families += [[d]] * (len(est.seeds) if per_seed else 1)
+    floats = 0
+    for ks in families:
+        width = max(ks)
+        floats += 5 * C * (sum(ks) + len(ks)) + B * (width + C * len(ks))
+        if est.subsets is None and SELECTION_MODES[est.mode].projection:
+            floats += d * width
+    return 4 * floats
