@@ -22,9 +22,9 @@ from ._results import load_results
 from featstore._slurm import SlurmOptions
 from ._spec import GroupTable, SweepSpec, load_spec
 from ._sweep import SweepRun, run_sweep
-from ._tasks import FeatureCache, Task, expand_tasks, run_task
+from ._tasks import FeatureCache, Task, expand_tasks, plan_fits, run_fit, run_task
 
-__all__ = ["load_spec", "SweepSpec", "GroupTable", "SweepRun", "Task", "expand_tasks", "run_sweep", "run_task",
+__all__ = ["load_spec", "SweepSpec", "GroupTable", "SweepRun", "Task", "expand_tasks", "plan_fits", "run_fit", "run_sweep", "run_task",
            "load_results", "LAUNCHERS", "Launcher", "SlurmOptions", "FeatureCache", "accuracy_curve", "diffused_redundancy",
            "dr_table", "critical_fraction", "gini", "coefficient_of_variation", "inequality_curve",
            "modes_at_equal_k", "write_report"]

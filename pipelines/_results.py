@@ -249,8 +249,9 @@ def pending_tasks(tasks, out: str | os.PathLike) -> list:
     return [t for t in tasks if done_count(out, t) is None]
 
 
-def _problems(out: Path, expected: dict | None, features: list | None) -> dict[str, str]:
-    """Per done record (its file name's task id): what is wrong with it, for those that are not sound."""
+def _problems(out: Path, expected: dict | None, features: list | None, keep: dict | None = None) -> dict[str, str]:
+    """Per done record (its file name's task id): what is wrong with it, for those that are not sound.
+    ``keep``, when given, receives each sound task's rows (read once: :func:`load_results` uses them)."""
     import pandas as pd
 
     bad = {}
@@ -276,6 +277,8 @@ def _problems(out: Path, expected: dict | None, features: list | None) -> dict[s
             if pairing is None or set(df["train_group"]) != {pairing["train"]}:
                 bad[task] = (f"its rows come from train group {sorted(set(df['train_group']))[0]!r}, not the "
                              f"pairing's {pairing['train'] if pairing else '?'!r}")
+        if keep is not None and task not in bad:
+            keep[task] = df
     return bad
 
 
@@ -332,17 +335,15 @@ def load_results(out: str | os.PathLike, repair: bool = False) -> "pd.DataFrame"
     if not (out / META_NAME).exists():
         raise ResultsNotFoundError(path=str(out))
     expected, features = _expected(out)
-    problems = _problems(out, expected, features)
+    read: dict = {}
+    problems = _problems(out, expected, features, keep=read)
     if problems and not repair:
         task, why = next(iter(problems.items()))
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CorruptResultsError(path=str(out), task=task, problem=why + more)
     if problems:
         tidy_out(out)
-    frames = []
-    for rec in sorted((out / "done").glob("*.json")) if (out / "done").is_dir() else []:
-        info = _read_record(rec)
-        frames.append(pd.read_parquet(out / "results" / f"{info['task']}.parquet"))
+    frames = [read[task] for task in sorted(read)]  # the sound tasks, in the order of their records
     if not frames:
         return pd.DataFrame()
     df = pd.concat(frames, ignore_index=True)

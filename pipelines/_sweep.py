@@ -2,9 +2,11 @@
 
 A spec lists feature groups x selection modes x fractions x seeds x probe protocol x
 metrics (``_spec``). It expands into tasks (``_tasks``), one per (group pairing, mode,
-seed) plus one full-layer reference per pairing; a launcher (``_launchers``) runs them;
-each task commits its rows atomically (``_results``). A sweep killed at any moment and
-re-run gives the rows of one uninterrupted run: no duplicates, none missing.
+seed) plus one full-layer reference per pairing (per seed); the tasks of a pairing train
+together in one fit (``plan_fits``: more where workers or memory ask for it); a launcher
+(``_launchers``) runs the fits; each task commits its rows atomically (``_results``). A
+sweep killed at any moment and re-run gives the rows of one uninterrupted run: no
+duplicates, none missing; it trains only the tasks not done.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from ._results import (
     tidy_out,
 )
 from ._spec import SweepSpec, load_spec
-from ._tasks import FeatureCache, check_groups, expand_tasks, pairing_shapes, plan_fits, run_fit
+from ._tasks import FeatureCache, check_groups, expand_tasks, plan_fits, run_fit
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -138,7 +140,8 @@ def run_sweep(spec: SweepSpec | str | os.PathLike | dict, out: str | os.PathLike
     # the estimator's own runtime checks (bf16 on this device), before any task starts
     for group in spec.pairings():
         probes.SubsetProbes(**spec.protocol_for(group).model_dump(), device=opts.device).check_params()
-    features = check_groups(spec)  # per pairing: the groups it reads and their keys
+    shapes: dict = {}
+    features = check_groups(spec, shapes)  # per pairing: the groups it reads and their keys
     out = Path(out)
     check_out(spec, out, features)  # before anything is created
     _check_out_writable(out)
@@ -161,7 +164,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike | dict, out: str | os.PathLike
             run = Run(1 if opts.launcher == "local" else opts.workers or os.cpu_count() or 1, opts.device,
                       opts.scheduler, slurm_options(spec, opts) if opts.launcher == "slurm" else None, str(out))
             workers = run.workers if opts.launcher != "slurm" else run.slurm.jobs * max(1, run.slurm.gpus or 1)
-            fits = plan_fits(todo, pairing_shapes(spec), workers, opts.fits_per_pairing)
+            fits = plan_fits(todo, shapes, workers, opts.fits_per_pairing)
             bar = tqdm(total=len(todo), unit="task", desc="sweep", disable=not opts.progress, dynamic_ncols=True,
                        mininterval=0.1 if sys.stderr.isatty() else 10.0)
             rows = 0
@@ -173,8 +176,8 @@ def run_sweep(spec: SweepSpec | str | os.PathLike | dict, out: str | os.PathLike
                 bar.update(tasks_done)
                 bar.set_postfix(draws=rows)
 
-            # in this process, the fit's own bar shows its epochs below the sweep's
-            in_process = opts.progress and opts.launcher == "local"
+            # in this process, on a terminal, each fit's own bar shows its epochs below the sweep's
+            in_process = opts.progress and opts.launcher == "local" and sys.stderr.isatty()
             calls = [Call(run_fit, (fit, str(spec.store), str(out), opts.device),
                           {"generation": generation, "progress": in_process}, key=f"fit-{fit[0].id}") for fit in fits]
             try:

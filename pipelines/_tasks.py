@@ -1,8 +1,12 @@
-"""A sweep's tasks: expansion from the spec, the per-worker feature cache, and running one task.
+"""A sweep's tasks: expansion from the spec, the fits that train them, the per-worker
+feature cache, and running one fit.
 
 A task is one (group pairing, mode, seed) batch of probes, plus one full-layer
-reference per pairing. It opens its train and test groups read-only, trains its probes
-(one per fraction), computes their CKAs and commits its rows (``_results``).
+reference per pairing (per seed): the unit of rows, of task ids and of resumption. A fit
+is the tasks of one pairing that train together (``probes.fit_together``: one pass of
+the engine; by default every task of the pairing). A fit opens its train and test
+groups read-only, trains the probes of its tasks not done, and each task computes its
+CKAs and commits its rows (``_results``) on its own.
 """
 
 from __future__ import annotations
@@ -148,14 +152,17 @@ def open_pair(store, g: GroupTable):
     return groups
 
 
-def check_groups(spec: SweepSpec) -> list[dict]:
+def check_groups(spec: SweepSpec, shapes: dict | None = None) -> list[dict]:
     """Every pairing's groups exist and are complete, and its test (and validation) groups
     match its train group. Returns, per pairing, the features it reads: the groups' names and
-    their content keys (``{"train", "test", "val", "keys"}``)."""
+    their content keys (``{"train", "test", "val", "keys"}``). ``shapes``, when given, receives
+    what :func:`plan_fits` sizes fits by (:func:`pairing_shapes`)."""
     fs = featstore.open(spec.store)
     resolved = []
-    for g in spec.pairings():
+    for gi, g in enumerate(spec.pairings()):
         train, test, val = open_pair(fs, g)
+        if shapes is not None:
+            shapes[gi] = _shape(train, val)
         resolved.append({"train": train.name, "test": test.name, "val": val.name if val is not None else None,
                          "keys": [train.spec.key(), test.spec.key(), val.spec.key() if val is not None else ""]})
         present = np.unique(train.labels)
@@ -263,12 +270,12 @@ def pairing_shapes(spec: SweepSpec) -> dict[int, tuple[int, int, int]]:
     """Per pairing: (its layer's width, its classes, its train features' bytes in memory: every
     pass and the validation rows, as float32), what :func:`plan_fits` sizes fits by."""
     fs = featstore.open(spec.store)
-    shapes = {}
-    for gi, g in enumerate(spec.pairings()):
-        train, _, val = open_pair(fs, g)
-        rows = train.n_samples * (1 + train.n_views) + (val.n_samples if val is not None else 0)
-        shapes[gi] = (train.n_neurons, len(train.classes), 4 * rows * train.n_neurons)
-    return shapes
+    return {gi: _shape(*open_pair(fs, g)[::2]) for gi, g in enumerate(spec.pairings())}
+
+
+def _shape(train, val) -> tuple[int, int, int]:
+    rows = train.n_samples * (1 + train.n_views) + (val.n_samples if val is not None else 0)
+    return train.n_neurons, len(train.classes), 4 * rows * train.n_neurons
 
 
 def plan_fits(tasks: list[Task], shapes: dict[int, tuple[int, int, int]], workers: int = 1,

@@ -677,6 +677,7 @@ class SubsetProbes(Estimator):
         self.n_classes_ = data.n_classes
         self.families_ = fams
         self.draws_ = [dr for f in fams for dr in f.draws]
+        self.init_positions_ = _positions_within(self.draws_)
         self.val_indices_ = val_idx
         self.train_indices_ = train_idx
 
@@ -716,16 +717,16 @@ class SubsetProbes(Estimator):
     def _stream(self, family: Family) -> int:
         return self.streams_.index(family.seed if self.minibatch_order == "per-seed" else None)
 
-    def _batches(self, device, dtype):
-        """The training batches: index probes with k >= DENSE_FRACTION * d in dense batches
-        (the raw layer; one pseudo-family per minibatch stream); the rest grouped by prefix
-        lengths. Within a batch, families are sorted by stream."""
+    def _batches(self, device, dtype, families: list[Family] | None = None):
+        """The training batches of ``families`` (default: every family): index probes with
+        k >= DENSE_FRACTION * d in dense batches (the raw layer; one pseudo-family per minibatch
+        stream); the rest grouped by prefix lengths. Within a batch, families are sorted by stream."""
         from dataclasses import replace
 
         d = self.n_features_in_
         by_len: dict[tuple, list[Family]] = {}
         dense: dict[int, list] = {}  # stream -> its dense draws
-        for f in self.families_:
+        for f in self.families_ if families is None else families:
             if f.columns is not None:
                 cut = sum(1 for k in f.lengths if k < DENSE_FRACTION * d)
                 dense.setdefault(self._stream(f), []).extend(f.draws[cut:])
@@ -751,9 +752,12 @@ class SubsetProbes(Estimator):
         return batches
 
     def initial_weights(self, draw: int):
-        """The initial (weight (k, C), bias (C,)) of a draw: nn.Linear's default uniform init, seeded per draw."""
+        """The initial (weight (k, C), bias (C,)) of a draw: nn.Linear's default uniform init, seeded by
+        the draw's position among the draws of its own (mode, seed) (``init_positions_``), so a
+        seed's probes start alike whatever else the fit trains (other seeds, modes, a sweep's
+        other tasks): a fit of seeds 0..4 gives each seed the probes a fit of that seed alone gives."""
         k = self.draws_[draw].k
-        g = np.random.default_rng([self.random_state, 7, draw])
+        g = np.random.default_rng([self.random_state, 7, int(self.init_positions_[draw])])
         bound = 1.0 / math.sqrt(k)
         return (g.uniform(-bound, bound, size=(k, self.n_classes_)).astype(np.float32),
                 g.uniform(-bound, bound, size=self.n_classes_).astype(np.float32))
@@ -1187,6 +1191,17 @@ class _Minibatch:
 
     def stacked(self):
         return self._rows.unsqueeze(0).expand(self.streams, -1, -1) if self.shared else self._rows
+
+
+def _positions_within(draws) -> np.ndarray:
+    """Each draw's position among the draws of its (mode, seed), in order."""
+    seen: dict = {}
+    out = np.empty(len(draws), dtype=np.int64)
+    for i, dr in enumerate(draws):
+        key = (dr.mode, dr.seed)
+        out[i] = seen.get(key, 0)
+        seen[key] = out[i] + 1
+    return out
 
 
 def _softmax_gradient(logits, targets, loss_sum, classes, minus_one=None):

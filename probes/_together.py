@@ -32,6 +32,17 @@ SHARED_PARAMETERS = tuple(Protocol.model_fields) + ("device", "max_memory_mb", "
 class _Joint(SubsetProbes):
     """The joint fit: every estimator's families, each draw initialised by its own estimator."""
 
+    def _batches(self, device, dtype, families=None):
+        """Index families of every estimator batched together; each estimator's projection
+        families in the batches its own fit makes (see the module's docstring)."""
+        index = [f for est in self.estimators_ for f in est.families_ if f.columns is not None]
+        batches = SubsetProbes._batches(self, device, dtype, index) if index else []
+        for est in self.estimators_:
+            projected = [f for f in est.families_ if f.columns is None]
+            if projected:
+                batches += SubsetProbes._batches(self, device, dtype, projected)
+        return batches
+
     def initial_weights(self, draw: int):
         est, local = self.owners_[draw]
         return est.initial_weights(local)
@@ -72,6 +83,7 @@ def fit_together(estimators: list[SubsetProbes], X, y=None, n_classes: int | Non
     joint.val_indices_, joint.train_indices_ = val_idx, train_idx
     joint.families_ = [f for est in estimators for f in est.families_]
     joint.draws_ = [dr for est in estimators for dr in est.draws_]
+    joint.estimators_ = estimators
     joint.owners_ = [(est, i) for est in estimators for i in range(len(est.draws_))]
     joint.streams_ = sorted({s for est in estimators for s in est.streams_}, key=lambda v: (v is not None, v or 0))
     joint._train(data, train_idx, val_idx, device)

@@ -18,7 +18,7 @@ import probes
 from featstore import errors
 from pipelines import load_results, load_spec, run_sweep
 
-from .conftest import REPO, tree_listing
+from .conftest import REPO, run_cli, tree_listing
 
 SPEC = """
 store = "{store}"
@@ -103,6 +103,29 @@ def test_sweep_rows_and_columns(reference):
     assert list(rnd["k"]) == [9, 48, 96]
     assert set(rnd["neurons"].iloc[0]) <= set(rnd["neurons"].iloc[1])  # nested, one seed
     assert json.loads(df["protocol"].iloc[0])["epochs"] == 3
+
+
+def test_one_fit_per_pairing_gives_the_rows_of_one_fit_per_task(tmp_path, spec_file, reference):
+    """By default a pairing's tasks (its references, random x 2 seeds, pca) train in one fit; with
+    --fits-per-pairing past the task count each trains alone, as sweeps did before: the same rows
+    (each task's draws, initial weights and minibatch orders are its own; the joint fit only groups
+    their products, so losses agree to float rounding and, on these few images, accuracies and
+    best epochs exactly). The same task ids, so either resumes the other."""
+    alone = run_sweep(spec_file, tmp_path / "alone", fits_per_pairing=100, progress=False)
+    _same(alone, reference)
+    assert set(alone["task"]) == set(reference["task"])
+    assert set(reference["fit_tasks"]) == {5} and set(alone["fit_tasks"]) == {1}
+    a = alone.sort_values(KEY_COLUMNS, na_position="first").reset_index(drop=True)
+    b = reference.sort_values(KEY_COLUMNS, na_position="first").reset_index(drop=True)
+    np.testing.assert_array_equal(a["best_epoch"], b["best_epoch"])
+    np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-5)
+    assert (b.groupby("task")["seconds_fit"].first().nunique() == 1)  # one fit's time, recorded by each task
+
+
+def test_the_fit_per_pairing_option_is_checked(tmp_path, spec_file):
+    r = run_cli("sweep", spec_file, "--out", tmp_path / "o", "--fits-per-pairing", "0")
+    assert r.returncode == 2 and "--fits-per-pairing" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("launcher", [name for name in pipelines.LAUNCHERS if name not in ("local", "slurm")])  # slurm: test_slurm.py
