@@ -57,6 +57,10 @@ class _SweepRunBase(Parameters):
     """Where probes train: auto (cuda when present), cpu, cuda or cuda:N."""
     progress: Annotated[bool, Field(json_schema_extra={"off": "No progress bar over the tasks"})] = True
     """Show a progress bar over tasks."""
+    max_memory_mb: Annotated[int, Field(ge=16)] = probes.SubsetProbesParameters.model_fields["max_memory_mb"].default
+    """Memory a worker's fit may take (its train features, and the probes' state beside them): a pairing
+    whose fit would take more is split into fits that do not (probes.SubsetProbes' max_memory_mb; the
+    results do not depend on it)."""
     fits_per_pairing: Annotated[int, Field(ge=1)] | None = None
     """How many fits train one pairing's tasks (each fit trains its tasks together, in one pass of the
     engine). Default: 1, or ceil(workers / pairings) when the launcher has more workers than pairings;
@@ -105,7 +109,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike | dict, out: str | os.PathLike
               launcher: str = _RUN["launcher"], workers: int | None = _RUN["workers"],
               scheduler: str | None = _RUN["scheduler"], device: str = _RUN["device"],
               progress: bool = _RUN["progress"], fits_per_pairing: int | None = _RUN["fits_per_pairing"],
-              log=None, return_results: bool = True, **slurm) -> "pd.DataFrame | None":
+              max_memory_mb: int = _RUN["max_memory_mb"], log=None, return_results: bool = True, **slurm) -> "pd.DataFrame | None":
     """Run (or resume) a sweep and return its results table.
 
     Every argument and the whole spec are checked, and every group opened, before anything
@@ -116,7 +120,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike | dict, out: str | os.PathLike
     spec : SweepSpec, path to a TOML spec, or an equivalent dict
     out : path
         Output directory (results/, done/, sweep.json).
-    launcher, workers, scheduler, device, progress, fits_per_pairing
+    launcher, workers, scheduler, device, progress, fits_per_pairing, max_memory_mb
         Declared in :class:`SweepRun`.
     **slurm
         ``slurm_partition``, ``slurm_account``, ``slurm_time``, ``slurm_memory``, ``slurm_cores``,
@@ -131,7 +135,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike | dict, out: str | os.PathLike
 
     say = log or (lambda m: print(m, file=sys.stderr))
     opts = check_run(dict(launcher=launcher, workers=workers, scheduler=scheduler, device=device, progress=progress,
-                          fits_per_pairing=fits_per_pairing, **slurm))
+                          fits_per_pairing=fits_per_pairing, max_memory_mb=max_memory_mb, **slurm))
     entry = LAUNCHERS[opts.launcher]
     if entry.check is not None:
         entry.check()
@@ -164,7 +168,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike | dict, out: str | os.PathLike
             run = Run(1 if opts.launcher == "local" else opts.workers or os.cpu_count() or 1, opts.device,
                       opts.scheduler, slurm_options(spec, opts) if opts.launcher == "slurm" else None, str(out))
             workers = run.workers if opts.launcher != "slurm" else run.slurm.jobs * max(1, run.slurm.gpus or 1)
-            fits = plan_fits(todo, shapes, workers, opts.fits_per_pairing)
+            fits = plan_fits(todo, shapes, workers, opts.fits_per_pairing, opts.max_memory_mb)
             bar = tqdm(total=len(todo), unit="task", desc="sweep", disable=not opts.progress, dynamic_ncols=True,
                        mininterval=0.1 if sys.stderr.isatty() else 10.0)
             rows = 0
@@ -179,7 +183,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike | dict, out: str | os.PathLike
             # in this process, on a terminal, each fit's own bar shows its epochs below the sweep's
             in_process = opts.progress and opts.launcher == "local" and sys.stderr.isatty()
             calls = [Call(run_fit, (fit, str(spec.store), str(out), opts.device),
-                          {"generation": generation, "progress": in_process}, key=f"fit-{fit[0].id}") for fit in fits]
+                          {"generation": generation, "progress": in_process, "max_memory_mb": opts.max_memory_mb}, key=f"fit-{fit[0].id}") for fit in fits]
             try:
                 entry.run(calls, run, tick)
             finally:

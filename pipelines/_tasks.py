@@ -86,11 +86,14 @@ class Task:
     def label(self) -> str:
         return f"{self.group.label()} {self.mode}" + (f" seed {self.seed}" if self.seed is not None else "")
 
-    def estimator(self, n_neurons: int, device: str) -> probes.SubsetProbes:
+    def estimator(self, n_neurons: int, device: str, max_memory_mb: int | None = None) -> probes.SubsetProbes:
         """The task's SubsetProbes. A reference task trains the whole layer: under a seed (the
         seed's minibatch order, as the released code's full-layer run: random neurons at
-        fraction 1), or as one explicit subset."""
-        protocol = {**self.probe.model_dump(), "verbose": False}  # the sweep's own bar says how far it is
+        fraction 1), or as one explicit subset. ``max_memory_mb``: the worker's (default:
+        SubsetProbes')."""
+        protocol = {**self.probe.model_dump(), "verbose": False}
+        if max_memory_mb is not None:
+            protocol["max_memory_mb"] = max_memory_mb  # the sweep's own bar says how far it is
         if self.mode == FULL_LAYER and self.seed is not None:
             return probes.SubsetProbes(mode="random", fractions=(1.0,), seeds=(self.seed,), include_full=False,
                                        device=device, **protocol)
@@ -279,7 +282,7 @@ def _shape(train, val) -> tuple[int, int, int]:
 
 
 def plan_fits(tasks: list[Task], shapes: dict[int, tuple[int, int, int]], workers: int = 1,
-              fits_per_pairing: int | None = None) -> list[tuple[Task, ...]]:
+              fits_per_pairing: int | None = None, max_memory_mb: int | None = None) -> list[tuple[Task, ...]]:
     """The fits that train ``tasks``: by default one per pairing, holding every task of it (its
     references and every mode x seed: ``probes.fit_together`` trains them in one pass).
 
@@ -287,9 +290,9 @@ def plan_fits(tasks: list[Task], shapes: dict[int, tuple[int, int, int]], worker
     - ``fits_per_pairing`` asks for N (at most one per task), or, left None, when the launcher has
       more ``workers`` than pairings: ceil(workers / pairings) fits per pairing, so that every
       worker has one;
-    - the joint fit's working memory (``probes.fit_bytes``) would exceed what the probes'
-      ``max_memory_mb`` leaves beside the features: tasks are packed into fits that stay under it
-      (one task per fit when even one does not).
+    - the joint fit's working memory (``probes.fit_bytes``) would exceed what ``max_memory_mb``
+      (default: SubsetProbes') leaves beside the features: tasks are packed into fits that stay
+      under it (one task per fit when even one does not).
     ``shapes`` maps a pairing to (its layer's width, its classes, its features' bytes in memory:
     every pass, float32; 0 when they stay on disk). Tasks keep their order; each fit holds tasks
     of one pairing only.
@@ -302,7 +305,7 @@ def plan_fits(tasks: list[Task], shapes: dict[int, tuple[int, int, int]], worker
     fits = []
     for gi, group in by_pairing.items():
         d, C, feature_bytes = shapes[gi]
-        estimators = [t.estimator(d, "cpu") for t in group]
+        estimators = [t.estimator(d, "cpu", max_memory_mb) for t in group]
         sizes = [probes.fit_bytes(est, d, C) for est in estimators]
         limit = estimators[0].max_memory_mb << 20
         budget = limit - feature_bytes if feature_bytes < limit else limit  # beyond it the features stay on disk
@@ -351,7 +354,7 @@ def run_task(task: Task, store: str, out: str, device: str = "auto", threads: in
 
 def run_fit(tasks: tuple[Task, ...], store: str, out: str, device: str = "auto", threads: int | None = None,
             generation: dict | None = None, die_with_parent: bool = False,
-            progress: bool = False) -> tuple[int, int]:
+            progress: bool = False, max_memory_mb: int | None = None) -> tuple[int, int]:
     """Train the tasks of one pairing in one joint fit, evaluate and (optionally) CKA each, and
     commit each task's rows on its own; return (tasks, rows).
 
@@ -361,6 +364,7 @@ def run_fit(tasks: tuple[Task, ...], store: str, out: str, device: str = "auto",
     sweep run that launched it (rows are committed only while that run owns the output).
     ``die_with_parent``: a worker process on the sweep's machine (joblib's) is killed by the
     kernel when the sweep dies, even by SIGKILL. ``progress``: a bar over the fit's epochs.
+    ``max_memory_mb``: the probes' (default: SubsetProbes').
     """
     import torch
 
@@ -388,7 +392,7 @@ def run_fit(tasks: tuple[Task, ...], store: str, out: str, device: str = "auto",
                               reason="the pairing's groups changed since the sweep resolved them (rebuilt or "
                                      "replaced): re-run the sweep")
     cached = FeatureCache.get(train, test, val, test_mapping(first.group, train, test))  # read once per worker
-    estimators = probes.fit_together([t.estimator(train.n_neurons, device) for t in todo], cached.train,
+    estimators = probes.fit_together([t.estimator(train.n_neurons, device, max_memory_mb) for t in todo], cached.train,
                                      validation=cached.val, verbose=progress)
     t_fit = time.perf_counter() - t0
     record_test_labels(out, first.group_index, cached.test.y)  # what each row's test_correct refers to

@@ -752,12 +752,19 @@ class SubsetProbes(Estimator):
         return batches
 
     def initial_weights(self, draw: int):
-        """The initial (weight (k, C), bias (C,)) of a draw: nn.Linear's default uniform init, seeded by
-        the draw's position among the draws of its own (mode, seed) (``init_positions_``), so a
-        seed's probes start alike whatever else the fit trains (other seeds, modes, a sweep's
-        other tasks): a fit of seeds 0..4 gives each seed the probes a fit of that seed alone gives."""
-        k = self.draws_[draw].k
-        g = np.random.default_rng([self.random_state, 7, int(self.init_positions_[draw])])
+        """The initial (weight (k, C), bias (C,)) of a draw: nn.Linear's default uniform init.
+
+        Seeded by the draw's position among the draws of its own (mode, seed)
+        (``init_positions_``), so a seed's probes start alike whatever else the fit trains (other
+        seeds, modes, a sweep's other tasks): a fit of seeds 0..4 gives each seed the probes a fit
+        of that seed alone gives. The full-layer reference of each stream (``include_full``) is
+        seeded by that stream's seed, so the references of different seeds start apart.
+        """
+        dr = self.draws_[draw]
+        k = dr.k
+        key = [self.random_state, 7, int(self.init_positions_[draw])] if dr.mode != "full" else \
+            [self.random_state, 8] + ([] if dr.seed is None else [int(dr.seed)])
+        g = np.random.default_rng(key)
         bound = 1.0 / math.sqrt(k)
         return (g.uniform(-bound, bound, size=(k, self.n_classes_)).astype(np.float32),
                 g.uniform(-bound, bound, size=self.n_classes_).astype(np.float32))

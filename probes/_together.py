@@ -131,8 +131,8 @@ def fit_bytes(est: SubsetProbes, n_neurons: int, n_classes: int) -> int:
     """What an estimator's draws add to a fit's working memory, estimated from its selection
     (before any data is read): per draw its weights five times over (parameters, gradient,
     momentum, best epoch's copy, initial weights), per family a minibatch of its inputs and its
-    logits, and a projection's basis. The features themselves are not counted (a joint fit reads
-    them once for every estimator)."""
+    logits, per minibatch stream (seed) its minibatch of the layer, and a projection's basis. The
+    features themselves are not counted (a joint fit reads them once for every estimator)."""
     d, C, B = n_neurons, n_classes, est.batch_size
     if est.subsets is not None:
         families = [[len(np.atleast_1d(s)) for s in est.subsets]]
@@ -145,7 +145,7 @@ def fit_bytes(est: SubsetProbes, n_neurons: int, n_classes: int) -> int:
     floats = 0
     for ks in families:
         width = max(ks)
-        floats += 5 * C * (sum(ks) + len(ks)) + B * (width + C * len(ks))
+        floats += 5 * C * (sum(ks) + len(ks)) + B * (width + C * len(ks)) + B * d
         if est.subsets is None and SELECTION_MODES[est.mode].projection:
             floats += d * width
     return 4 * floats

@@ -31,20 +31,21 @@ def test_embedded_default_features_are_informative(demo_store):
 
 @pytest.mark.slow
 def test_full_layer_probe_matches_scikit_learn_on_demo_features(demo_store):
-    """The paper's SGD protocol on the full layer vs LogisticRegression: within 1.5 points."""
+    """The paper's SGD protocol on the full layer vs LogisticRegression: within 1.5 points, over
+    three seeds (one run's best-epoch pick on 500 validation images moves it by up to 3 points)."""
     import probes
     from sklearn.linear_model import LogisticRegression
 
     s = featstore.open(demo_store)
     train, test = s.group(split="train"), s.group(split="test")
-    est = probes.SubsetProbes(fractions=(0.2,), seeds=(0,), device="cpu").fit(train)
+    est = probes.SubsetProbes(fractions=(0.2,), seeds=(0, 1, 2), device="cpu").fit(train)
     res = est.evaluate(test)
-    full = res[res["mode"] == "full"]["test_accuracy"].item()
+    full = res[res["mode"] == "full"]["test_accuracy"].mean()
     X = train.numpy(dtype=np.float32)
     ref = LogisticRegression(max_iter=2000).fit(X, train.labels).score(test.numpy(dtype=np.float32), test.labels)
     assert abs(full - ref) <= 0.015, (full, ref)
     # and the paper's headline holds here too: a random 20% is close to the full layer
-    sub = res[res["mode"] == "random"]["test_accuracy"].item()
+    sub = res[res["mode"] == "random"]["test_accuracy"].mean()
     assert sub >= 0.9 * full, (sub, full)
 
 

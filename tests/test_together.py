@@ -101,8 +101,9 @@ def test_fit_bytes_grows_with_the_draws():
     five = probes.fit_bytes(SubsetProbes(mode="random", seeds=tuple(range(5)), include_full=False), 2048, 100)
     assert five == 5 * one
     # 22 paper fractions of d = 2048, 100 classes: 5 copies of 9,000 x 100 weights, a 256-row minibatch
+    # of the inputs, the logits and the layer
     ks = [probes.subset_size(f, 2048) for f in probes.PAPER_FRACTIONS]
-    assert one == 4 * (5 * 100 * (sum(ks) + len(ks)) + 256 * (max(ks) + 100 * len(ks)))
+    assert one == 4 * (5 * 100 * (sum(ks) + len(ks)) + 256 * (max(ks) + 100 * len(ks)) + 256 * 2048)
 
 
 # ----------------------------------------------------------------------------- the sweep's fits
