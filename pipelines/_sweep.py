@@ -14,12 +14,12 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, create_model
 
 import probes
-from featstore import Device
+from featstore import Device, resolve_device
 from featstore.errors import IncompatibleParametersError
 from featstore.fileio import locked
 from featstore.params import OneOf, Parameters, defaults, validate
@@ -61,6 +61,10 @@ class _SweepRunBase(Parameters):
     """Memory a worker's fit may take (its train features, and the probes' state beside them): a pairing
     whose fit would take more is split into fits that do not (probes.SubsetProbes' max_memory_mb; the
     results do not depend on it)."""
+    share_rows: Literal["auto", "on", "off"] = "auto"
+    """Pairings that share their rows (layers of one model, dataset and split: the same labels, validation
+    and protocol) train in one fit: on, off, or auto (on when probes train on a GPU, where a fit's kernel
+    launches rather than its arithmetic take the time; off on the CPU, where separate fits cost the same)."""
     fits_per_pairing: Annotated[int, Field(ge=1)] | None = None
     """How many fits train one pairing's tasks (each fit trains its tasks together, in one pass of the
     engine). Default: 1, or ceil(workers / pairings) when the launcher has more workers than pairings;
@@ -109,7 +113,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike | dict, out: str | os.PathLike
               launcher: str = _RUN["launcher"], workers: int | None = _RUN["workers"],
               scheduler: str | None = _RUN["scheduler"], device: str = _RUN["device"],
               progress: bool = _RUN["progress"], fits_per_pairing: int | None = _RUN["fits_per_pairing"],
-              max_memory_mb: int = _RUN["max_memory_mb"], log=None, return_results: bool = True, **slurm) -> "pd.DataFrame | None":
+              max_memory_mb: int = _RUN["max_memory_mb"], share_rows: str = _RUN["share_rows"], log=None, return_results: bool = True, **slurm) -> "pd.DataFrame | None":
     """Run (or resume) a sweep and return its results table.
 
     Every argument and the whole spec are checked, and every group opened, before anything
@@ -120,7 +124,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike | dict, out: str | os.PathLike
     spec : SweepSpec, path to a TOML spec, or an equivalent dict
     out : path
         Output directory (results/, done/, sweep.json).
-    launcher, workers, scheduler, device, progress, fits_per_pairing, max_memory_mb
+    launcher, workers, scheduler, device, progress, fits_per_pairing, max_memory_mb, share_rows
         Declared in :class:`SweepRun`.
     **slurm
         ``slurm_partition``, ``slurm_account``, ``slurm_time``, ``slurm_memory``, ``slurm_cores``,
@@ -135,7 +139,8 @@ def run_sweep(spec: SweepSpec | str | os.PathLike | dict, out: str | os.PathLike
 
     say = log or (lambda m: print(m, file=sys.stderr))
     opts = check_run(dict(launcher=launcher, workers=workers, scheduler=scheduler, device=device, progress=progress,
-                          fits_per_pairing=fits_per_pairing, max_memory_mb=max_memory_mb, **slurm))
+                          fits_per_pairing=fits_per_pairing, max_memory_mb=max_memory_mb, share_rows=share_rows,
+                          **slurm))
     entry = LAUNCHERS[opts.launcher]
     if entry.check is not None:
         entry.check()
@@ -168,7 +173,9 @@ def run_sweep(spec: SweepSpec | str | os.PathLike | dict, out: str | os.PathLike
             run = Run(1 if opts.launcher == "local" else opts.workers or os.cpu_count() or 1, opts.device,
                       opts.scheduler, slurm_options(spec, opts) if opts.launcher == "slurm" else None, str(out))
             workers = run.workers if opts.launcher != "slurm" else run.slurm.jobs * max(1, run.slurm.gpus or 1)
-            fits = plan_fits(todo, shapes, workers, opts.fits_per_pairing, opts.max_memory_mb)
+            on_gpu = bool(run.slurm.gpus) if opts.launcher == "slurm" else resolve_device(opts.device).startswith("cuda")
+            share = opts.share_rows == "on" or (opts.share_rows == "auto" and on_gpu)
+            fits = plan_fits(todo, shapes, workers, opts.fits_per_pairing, opts.max_memory_mb, share)
             bar = tqdm(total=len(todo), unit="task", desc="sweep", disable=not opts.progress, dynamic_ncols=True,
                        mininterval=0.1 if sys.stderr.isatty() else 10.0)
             rows = 0

@@ -223,47 +223,56 @@ class _CachedPair:
 
 
 class FeatureCache:
-    """The last pairing a worker process read (a ``_CachedPair``).
+    """The pairings of the last fit a worker process ran (``_CachedPair`` each).
 
-    A sweep runs a pairing's tasks one after another (the reference, then each mode x
-    seed), so a worker that runs several of them reads the features and takes the d x d
-    CKA pass once, not per task. Only one pairing is held: a different one first drops
-    the old, so an idle worker never holds two layers. The key includes when each group
-    was built and completed, so a group rebuilt in place is read afresh. Thread-safe
-    (``dask worker --nthreads N`` runs tasks in threads of one process): each task keeps
-    the entry it got, so a thread that moves the cache on never changes the features or
-    statistics a running task uses.
+    A sweep runs a pairing's tasks in one fit (or a few), so a worker that runs several fits
+    of a pairing reads its features and takes the d x d CKA pass once, not per fit. Only the
+    pairings of the current fit are held: a fit of other pairings first drops the old, so an
+    idle worker never holds layers it is not training. The key includes when each group was
+    built and completed, so a group rebuilt in place is read afresh. Thread-safe (``dask
+    worker --nthreads N`` runs fits in threads of one process): each fit keeps the entries it
+    got, so a thread that moves the cache on never changes the features or statistics a
+    running fit uses.
     """
 
-    _entry: _CachedPair | None = None
+    _entries: dict = {}
     _lock = threading.Lock()
 
     @classmethod
     def get(cls, train, test, val=None, test_map: tuple[int, ...] | None = None) -> _CachedPair:
-        key = tuple((g.path, g.provenance.get("created"), g.timings.get("completed")) if g is not None else None
-                    for g in (train, test, val)) + (test_map,)
+        return cls.get_many([(train, test, val, test_map)])[0]
+
+    @classmethod
+    def get_many(cls, pairs: list[tuple]) -> list[_CachedPair]:
+        """The entries of ``pairs`` ((train, test, val, test_map) each), read where not held."""
+        keys = [tuple((g.path, g.provenance.get("created"), g.timings.get("completed")) if g is not None else None
+                      for g in pair[:3]) + (pair[3],) for pair in pairs]
         with cls._lock:
-            if cls._entry is None or cls._entry.key != key:
-                cls._entry = None  # drop the old layer before reading the new one
-                data = probes.load_training_data(train)
-                if test_map is None:
-                    test_data = probes.load_training_data(test, n_classes=data.n_classes, where="test")
-                else:  # another dataset: its labels in train's class indices
-                    own = probes.load_training_data(test, where="test")
-                    test_data = probes.load_training_data(own.X, np.asarray(test_map)[own.y], data.n_classes,
-                                                          where="test")
-                val_data = None if val is None else probes.load_training_data(val, n_classes=data.n_classes,
-                                                                              where="validation")
-                cls._entry = _CachedPair(key, data, test_data, val_data)
-            return cls._entry
+            cls._entries = {k: e for k, e in cls._entries.items() if k in keys}  # drop the old before reading
+            for key, (train, test, val, test_map) in zip(keys, pairs):
+                if key not in cls._entries:
+                    cls._entries[key] = _read_pair(key, train, test, val, test_map)
+            return [cls._entries[k] for k in keys]
 
     @classmethod
     def key(cls):
-        return cls._entry.key if cls._entry is not None else None
+        """The key of the entry held (the last, when a fit held several), None when empty."""
+        return next(reversed(cls._entries)) if cls._entries else None
 
     @classmethod
     def clear(cls) -> None:
-        cls._entry = None
+        cls._entries = {}
+
+
+def _read_pair(key, train, test, val, test_map) -> _CachedPair:
+    data = probes.load_training_data(train)
+    if test_map is None:
+        test_data = probes.load_training_data(test, n_classes=data.n_classes, where="test")
+    else:  # another dataset: its labels in train's class indices
+        own = probes.load_training_data(test, where="test")
+        test_data = probes.load_training_data(own.X, np.asarray(test_map)[own.y], data.n_classes, where="test")
+    val_data = None if val is None else probes.load_training_data(val, n_classes=data.n_classes, where="validation")
+    return _CachedPair(key, data, test_data, val_data)
 
 
 # ----------------------------------------------------------------------------- fits: tasks trained together
@@ -271,18 +280,24 @@ class FeatureCache:
 
 def pairing_shapes(spec: SweepSpec) -> dict[int, tuple[int, int, int]]:
     """Per pairing: (its layer's width, its classes, its train features' bytes in memory: every
-    pass and the validation rows, as float32), what :func:`plan_fits` sizes fits by."""
+    pass and the validation rows, as float32; a digest of its train and validation labels and
+    views), what :func:`plan_fits` sizes and joins fits by."""
     fs = featstore.open(spec.store)
     return {gi: _shape(*open_pair(fs, g)[::2]) for gi, g in enumerate(spec.pairings())}
 
 
-def _shape(train, val) -> tuple[int, int, int]:
+def _shape(train, val) -> tuple[int, int, int, str]:
     rows = train.n_samples * (1 + train.n_views) + (val.n_samples if val is not None else 0)
-    return train.n_neurons, len(train.classes), 4 * rows * train.n_neurons
+    digest = hashlib.sha256()  # what a joint fit of several pairings needs equal: labels, validation, views
+    for part in (np.asarray(train.labels, dtype=np.int64), None if val is None else np.asarray(val.labels, np.int64)):
+        digest.update(b"-" if part is None else part.tobytes())
+    digest.update(str(train.n_views).encode())
+    return train.n_neurons, len(train.classes), 4 * rows * train.n_neurons, digest.hexdigest()
 
 
-def plan_fits(tasks: list[Task], shapes: dict[int, tuple[int, int, int]], workers: int = 1,
-              fits_per_pairing: int | None = None, max_memory_mb: int | None = None) -> list[tuple[Task, ...]]:
+def plan_fits(tasks: list[Task], shapes: dict[int, tuple], workers: int = 1,
+              fits_per_pairing: int | None = None, max_memory_mb: int | None = None,
+              share_rows: bool = False) -> list[tuple[Task, ...]]:
     """The fits that train ``tasks``: by default one per pairing, holding every task of it (its
     references and every mode x seed: ``probes.fit_together`` trains them in one pass).
 
@@ -293,26 +308,50 @@ def plan_fits(tasks: list[Task], shapes: dict[int, tuple[int, int, int]], worker
     - the joint fit's working memory (``probes.fit_bytes``) would exceed what ``max_memory_mb``
       (default: SubsetProbes') leaves beside the features: tasks are packed into fits that stay
       under it (one task per fit when even one does not).
-    ``shapes`` maps a pairing to (its layer's width, its classes, its features' bytes in memory:
-    every pass, float32; 0 when they stay on disk). Tasks keep their order; each fit holds tasks
-    of one pairing only.
+    With ``share_rows``, pairings that share their rows (the same train labels, validation and
+    views, and one protocol: layers of one model, dataset and split) train in one fit, as many
+    together as keep every worker busy (all of them with one worker) and fit ``max_memory_mb``
+    with their features.
+    ``shapes`` (:func:`pairing_shapes`) maps a pairing to its layer's width, its classes, its
+    features' bytes in memory (0 when they stay on disk) and its rows' digest. Tasks keep their
+    order within a pairing.
     """
     by_pairing: dict[int, list[Task]] = {}
     for t in tasks:
         by_pairing.setdefault(t.group_index, []).append(t)
     if fits_per_pairing is None:
         fits_per_pairing = max(1, -(-workers // max(1, len(by_pairing))))
-    fits = []
-    for gi, group in by_pairing.items():
-        d, C, feature_bytes = shapes[gi]
-        estimators = [t.estimator(d, "cpu", max_memory_mb) for t in group]
-        sizes = [probes.fit_bytes(est, d, C) for est in estimators]
-        limit = estimators[0].max_memory_mb << 20
+    limit = probes.SubsetProbes(**({} if max_memory_mb is None else {"max_memory_mb": max_memory_mb})).max_memory_mb
+    limit <<= 20
+
+    def size(gi):
+        d, C, feature_bytes = shapes[gi][:3]
+        return feature_bytes + sum(probes.fit_bytes(t.estimator(d, "cpu", max_memory_mb), d, C)
+                                   for t in by_pairing[gi])
+
+    fits, alone = [], list(by_pairing)
+    if share_rows and fits_per_pairing == 1:
+        kinds: dict[tuple, list[int]] = {}
+        for gi, group in by_pairing.items():
+            kinds.setdefault((shapes[gi][3], group[0].probe.model_dump_json()), []).append(gi)
+        per_fit = max(1, len(by_pairing) // max(1, workers))  # pairings per fit that keep every worker busy
+        alone = []
+        for members in kinds.values():
+            for at in range(0, len(members), per_fit):
+                part = members[at:at + per_fit]
+                if len(part) > 1 and sum(size(gi) for gi in part) <= limit:
+                    fits.append(tuple(t for gi in part for t in by_pairing[gi]))
+                else:
+                    alone += part
+    for gi in sorted(alone):
+        group = by_pairing[gi]
+        d, C, feature_bytes = shapes[gi][:3]
+        sizes = [probes.fit_bytes(t.estimator(d, "cpu", max_memory_mb), d, C) for t in group]
         budget = limit - feature_bytes if feature_bytes < limit else limit  # beyond it the features stay on disk
-        parts = _split_even(group, sizes, min(fits_per_pairing, len(group)))
-        for part, part_sizes in parts:
+        for part, part_sizes in _split_even(group, sizes, min(fits_per_pairing, len(group))):
             fits += _pack(part, part_sizes, budget)
-    return fits
+    order = {id(t): i for i, t in enumerate(tasks)}
+    return sorted(fits, key=lambda f: order[id(f[0])])
 
 
 def _split_even(group, sizes, n: int):
@@ -355,8 +394,8 @@ def run_task(task: Task, store: str, out: str, device: str = "auto", threads: in
 def run_fit(tasks: tuple[Task, ...], store: str, out: str, device: str = "auto", threads: int | None = None,
             generation: dict | None = None, die_with_parent: bool = False,
             progress: bool = False, max_memory_mb: int | None = None) -> tuple[int, int]:
-    """Train the tasks of one pairing in one joint fit, evaluate and (optionally) CKA each, and
-    commit each task's rows on its own; return (tasks, rows).
+    """Train the tasks of one pairing (or of pairings that share rows) in one joint fit, evaluate
+    and (optionally) CKA each, and commit each task's rows on its own; return (tasks, rows).
 
     Tasks already done are skipped (their recorded rows counted), so a fit resumed after a crash
     trains only what is missing; each task's rows are what its own fit gives (its draws, initial
@@ -370,8 +409,6 @@ def run_fit(tasks: tuple[Task, ...], store: str, out: str, device: str = "auto",
 
     if die_with_parent:
         _launchers.die_with_parent()
-    if len({t.group_index for t in tasks}) != 1:
-        raise ValueError("internal: a fit holds tasks of one pairing")  # pragma: no cover - a bug
     done = [done_count(out, t) for t in tasks]
     todo = [t for t, n in zip(tasks, done) if n is None]
     rows = sum(n for n in done if n is not None)
@@ -382,24 +419,32 @@ def run_fit(tasks: tuple[Task, ...], store: str, out: str, device: str = "auto",
         torch.set_num_threads(threads)
     device = worker_device(device)
     t0 = time.perf_counter()
-    first = todo[0]
-    train, test, val = open_pair(store, first.group)
-    found = (train.spec.key(), test.spec.key(), val.spec.key() if val is not None else "")
-    if first.features and found != tuple(first.features):
-        from featstore.errors import StaleGroupError
+    pairings = list(dict.fromkeys(t.group_index for t in todo))  # several when they share rows
+    opened = {}
+    for gi in pairings:
+        first = next(t for t in todo if t.group_index == gi)
+        train, test, val = open_pair(store, first.group)
+        found = (train.spec.key(), test.spec.key(), val.spec.key() if val is not None else "")
+        if first.features and found != tuple(first.features):
+            from featstore.errors import StaleGroupError
 
-        raise StaleGroupError(name=train.name, store=str(store),
-                              reason="the pairing's groups changed since the sweep resolved them (rebuilt or "
-                                     "replaced): re-run the sweep")
-    cached = FeatureCache.get(train, test, val, test_mapping(first.group, train, test))  # read once per worker
-    estimators = probes.fit_together([t.estimator(train.n_neurons, device, max_memory_mb) for t in todo], cached.train,
-                                     validation=cached.val, verbose=progress)
+            raise StaleGroupError(name=train.name, store=str(store),
+                                  reason="the pairing's groups changed since the sweep resolved them (rebuilt or "
+                                         "replaced): re-run the sweep")
+        opened[gi] = (train, test, val, test_mapping(first.group, train, test))
+    cached = dict(zip(pairings, FeatureCache.get_many([opened[gi] for gi in pairings])))  # read once per worker
+    estimators = probes.fit_together(
+        [t.estimator(opened[t.group_index][0].n_neurons, device, max_memory_mb) for t in todo],
+        [cached[t.group_index].train for t in todo], validation=[cached[t.group_index].val for t in todo],
+        verbose=progress)
     t_fit = time.perf_counter() - t0
-    record_test_labels(out, first.group_index, cached.test.y)  # what each row's test_correct refers to
+    for gi in pairings:
+        record_test_labels(out, gi, cached[gi].test.y)  # what each row's test_correct refers to
     for task, est in zip(todo, estimators):
         faults.point("task-started")
         t1 = time.perf_counter()
-        res = _task_rows(task, est, cached, train, test, val)
+        train, test, val, _ = opened[task.group_index]
+        res = _task_rows(task, est, cached[task.group_index], train, test, val)
         res["seconds_fit"] = t_fit  # the joint fit's: every task of it trained together
         res["fit_tasks"] = len(todo)
         res["seconds_task"] = res["seconds_cka"] + (time.perf_counter() - t1) + t_fit / len(todo)

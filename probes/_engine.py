@@ -327,6 +327,7 @@ class _ProbeBatch:
         # the dtype inputs are held in for the products: bf16 resident with precision="bf16"
         self.operand_dtype = dtype if dtype is not None else torch.float32
         self.laid = None  # each pass laid out by column block while training (lay_out)
+        self.source = 0  # which features of a joint fit it reads (probes.fit_together: one per layer)
 
     @property
     def n_params(self) -> int:
@@ -720,36 +721,52 @@ class SubsetProbes(Estimator):
     def _batches(self, device, dtype, families: list[Family] | None = None):
         """The training batches of ``families`` (default: every family): index probes with
         k >= DENSE_FRACTION * d in dense batches (the raw layer; one pseudo-family per minibatch
-        stream); the rest grouped by prefix lengths. Within a batch, families are sorted by stream."""
+        stream); the rest grouped by prefix lengths. Within a batch, families are sorted by stream.
+        Families of different features (``_source``: a joint fit's layers) never share a batch."""
         from dataclasses import replace
 
-        d = self.n_features_in_
         by_len: dict[tuple, list[Family]] = {}
-        dense: dict[int, list] = {}  # stream -> its dense draws
+        dense: dict[tuple, list] = {}  # (source, stream) -> its dense draws
         for f in self.families_ if families is None else families:
+            src = self._source(f)
             if f.columns is not None:
-                cut = sum(1 for k in f.lengths if k < DENSE_FRACTION * d)
-                dense.setdefault(self._stream(f), []).extend(f.draws[cut:])
+                cut = sum(1 for k in f.lengths if k < DENSE_FRACTION * self._n_features(src))
+                dense.setdefault((src, self._stream(f)), []).extend(f.draws[cut:])
                 if cut == 0:
                     continue
                 f = replace(f, lengths=f.lengths[:cut], draws=f.draws[:cut])
             # index families and projection families cannot share one gather
-            by_len.setdefault((f.lengths, f.columns is not None), []).append(f)
+            by_len.setdefault((src, f.lengths, f.columns is not None), []).append(f)
         batches = []
-        for key, fs in by_len.items():
+        for (src, lengths, _), fs in by_len.items():
             fs = sorted(fs, key=self._stream)
-            batches.append(_ProbeBatch(fs, key[0], self.n_classes_, device, dtype,
+            batches.append(_ProbeBatch(fs, lengths, self.n_classes_, device, dtype,
                                        streams=[self._stream(f) for f in fs]))
-        by_count: dict[int, list] = {}  # a batch's pseudo-families need equal probe counts
-        for stream, draws in sorted(dense.items()):
+            batches[-1].source = src
+        by_count: dict[tuple, list] = {}  # a batch's pseudo-families need equal probe counts
+        for (src, stream), draws in sorted(dense.items()):
             if draws:
-                by_count.setdefault(len(draws), []).append((stream, draws))
-        for m, members in by_count.items():
+                by_count.setdefault((src, len(draws)), []).append((stream, draws))
+        for (src, m), members in by_count.items():
+            d = self._n_features(src)
             fams = [Family("dense", None, (d,) * m, draws) for _, draws in members]
             batches.append(_ProbeBatch(fams, (d,) * m, self.n_classes_, device, dtype,
                                        dense=[[np.asarray(dr.neurons) for dr in draws] for _, draws in members],
                                        streams=[stream for stream, _ in members]))
+            batches[-1].source = src
         return batches
+
+    # one set of features (a joint fit of several layers overrides these three)
+    def _source(self, family: Family) -> int:
+        """Which of the fit's features a family reads (0: the one X of a plain fit)."""
+        return 0
+
+    def _n_features(self, source: int) -> int:
+        return self.n_features_in_
+
+    def _source_passes(self, data: TrainingData) -> list[list]:
+        """Per set of features, its passes (the clean pass, then the augmented views)."""
+        return [[data.X] + data.views]
 
     def initial_weights(self, draw: int):
         """The initial (weight (k, C), bias (C,)) of a draw: nn.Linear's default uniform init.
@@ -786,8 +803,8 @@ class SubsetProbes(Estimator):
         positions = self._draw_positions(batches)
         for di, (bi, fi, pi) in enumerate(positions):  # per-draw seeded init
             batches[bi].set_probe(fi, pi, *self.initial_weights(di))
-        passes = [data.X] + data.views
-        ctx = {"passes": [_to_device(p, device) for p in passes], "y": torch.as_tensor(data.y, device=device),
+        ctx = {"sources": [[_to_device(p, device) for p in passes] for passes in self._source_passes(data)],
+               "y": torch.as_tensor(data.y, device=device),
                "val": torch.as_tensor(val_idx, device=device), "device": device,
                # each epoch's orders made when it starts (all of them at once would be epochs x n rows)
                "orders": lambda e: [torch.as_tensor(self.epoch_order(e, seed), device=device) for seed in self.streams_],
@@ -811,7 +828,8 @@ class SubsetProbes(Estimator):
         import torch
 
         device, y_all, val_t = ctx["device"], ctx["y"], ctx["val"]
-        on_device = ctx["passes"]
+        sources = ctx["sources"]  # per set of features (one, or a joint fit's layers): its passes
+        on_device = sources[0]
         C = self.n_classes_
         grad = [torch.zeros_like(g.flat) for g in batches]  # flat, laid out like the parameters
         grad_views = [g.views(f) for g, f in zip(batches, grad)]
@@ -824,16 +842,18 @@ class SubsetProbes(Estimator):
         full_rows = min(self.batch_size, len(self.train_indices_))
         logit_bufs = [g.logit_buffers(full_rows) for g in batches]
         input_bufs = [g.input_buffer(full_rows, device) for g in batches]
-        self.laid_out_ = self._lay_out(batches, on_device, str(device))
+        self.laid_out_ = self._lay_out(batches, sources, str(device))
         # what minibatches are read from: the passes, or their resident bf16 copies (bf16 operands)
-        read_passes = self._read_passes(batches, on_device, str(device))
-        reads_minibatch = any(g.laid is None for g in batches)  # dense batches, or passes not laid out
-        first = read_passes[0]
-        # the full minibatches are gathered into one buffer, reused every step, where the passes are on the device
-        read_buf = torch.empty((len(self.streams_) * full_rows, first.shape[1]), device=first.device,
-                               dtype=first.dtype) \
-            if reads_minibatch and isinstance(first, torch.Tensor) and first.device.type == torch.device(device).type \
-            else None
+        read_passes = self._read_passes(batches, sources, str(device))
+        # the features each step reads a minibatch of: those of dense batches, or of passes not laid out
+        readers = sorted({g.source for g in batches if g.laid is None})
+        # the full minibatches are gathered into one buffer each, reused every step, where the passes are on the device
+        read_buf = {}
+        for src in readers:
+            first = read_passes[src][0]
+            if isinstance(first, torch.Tensor) and first.device.type == torch.device(device).type:
+                read_buf[src] = torch.empty((len(self.streams_) * full_rows, first.shape[1]), device=first.device,
+                                            dtype=first.dtype)
         classes = torch.arange(C, device=device).view(1, 1, C, 1)
         on_cuda = str(device).startswith("cuda")
         minus_one = torch.tensor(-1.0, device=device)
@@ -845,11 +865,12 @@ class SubsetProbes(Estimator):
             """One SGD step of every batch on the minibatch ``rows[stream]`` of pass ``pass_index``."""
             B = rows[0].shape[0]
             full = B == full_rows
-            mb = _Minibatch.gather(read_passes[pass_index], rows, device, out=read_buf if full else None) \
-                if reads_minibatch else None
+            mbs = {src: _Minibatch.gather(read_passes[src][pass_index], rows, device,
+                                          out=read_buf.get(src) if full else None) for src in readers}
             ys = _Minibatch.labels(y_all, rows)
             for bi, g in enumerate(batches):
-                zs = g.inputs(mb, out=input_bufs[bi] if full else None, rows=rows, pass_index=pass_index)
+                zs = g.inputs(mbs.get(g.source), out=input_bufs[bi] if full else None, rows=rows,
+                              pass_index=pass_index)
                 logits = g.logits(zs, out=logit_bufs[bi] if full else None).view(g.F, g.m, C, B)
                 p = _softmax_gradient(logits, g.targets(ys), loss_sum[bi], classes, minus_one if on_cuda else None)
                 gW, gb = grad_views[bi]
@@ -857,7 +878,8 @@ class SubsetProbes(Estimator):
                 _sgd_step(g.flat, grad[bi], buf[bi], lr, self.momentum, self.weight_decay)
 
         # CUDA graphs: a full step reads its rows from one static buffer; one graph per (lr, pass)
-        use_graphs = self.cuda_graphs and str(device).startswith("cuda") and all(p.is_cuda for p in on_device)
+        use_graphs = self.cuda_graphs and str(device).startswith("cuda") and \
+            all(p.is_cuda for passes in sources for p in passes)
         graphs: dict = {}
         pool = None
         eager_full_steps = 0  # warm-up before the first capture (cuBLAS handles, workspaces, allocator)
@@ -906,8 +928,8 @@ class SubsetProbes(Estimator):
             # (val_transform="augmented"; a separate validation group's rows hold their clean features there)
             val_pass = pass_index if self.val_transform == "augmented" else 0
             for bi, g in enumerate(batches):
-                acc = self._accuracy(g, read_passes[val_pass], y_all, val_t, device, input_bufs[bi], logit_bufs[bi],
-                                     pass_index=val_pass)
+                acc = self._accuracy(g, read_passes[g.source][val_pass], y_all, val_t, device, input_bufs[bi],
+                                     logit_bufs[bi], pass_index=val_pass)
                 better = acc > best_acc[bi] if self.select_epoch == "best" else torch.ones_like(acc, dtype=torch.bool)
                 best_acc[bi] = torch.where(better, acc, best_acc[bi])  # with "last": the last epoch's
                 best_epoch[bi] = torch.where(better, torch.full_like(best_epoch[bi], epoch + 1), best_epoch[bi])
@@ -942,39 +964,51 @@ class SubsetProbes(Estimator):
                                  lr=self.lr, weight_decay=self.weight_decay, momentum=self.momentum,
                                  batch_size=self.batch_size)
 
-    def _lay_out(self, batches: list["_ProbeBatch"], passes, device: str) -> int:
-        """Lay each batch's passes out by column block (``_ProbeBatch.lay_out``) where it pays
-        (``LAYOUT_MIN_EPOCHS``) and while they fit: on the CPU, within max_memory_mb less the
-        passes themselves; on a GPU, a quarter of its free memory. Passes on disk (RowFile) are
-        not laid out. Returns the bytes laid out."""
-        if any(isinstance(p, RowFile) for p in passes):
+    def _lay_out(self, batches: list["_ProbeBatch"], sources, device: str) -> int:
+        """Lay each batch's passes (those of its features: ``sources[g.source]``) out by column
+        block (``_ProbeBatch.lay_out``) where it pays (``LAYOUT_MIN_EPOCHS``) and while they fit:
+        on the CPU, within max_memory_mb less the passes themselves; on a GPU, a quarter of its free
+        memory. Passes on disk (RowFile) are not laid out. Returns the bytes laid out."""
+        every = [p for passes in sources for p in passes]
+        if any(isinstance(p, RowFile) for p in every):
             return 0
-        budget = self._memory_left(passes, device)
+        budget = self._memory_left(every, device)
         used = 0
         for g in batches:
             pays = _layout_pays(g, device, self.epochs)
-            need = g.laid_out_bytes(passes)
+            need = g.laid_out_bytes(sources[g.source])
             if pays and need and _room_for(need, budget - used, device):
-                g.lay_out(passes)
+                g.lay_out(sources[g.source])
                 used += need
         return used
 
-    def _read_passes(self, batches: list["_ProbeBatch"], passes, device: str) -> list:
-        """The passes minibatches are read from. With bf16 operands, resident bf16 copies when every
-        batch that reads minibatches takes them as they are (index and dense batches: the same
-        rounding as converting each minibatch; a projection projects float32 rows) and they fit
-        what ``_lay_out`` left of the budget: half the reads, and no conversion per step."""
+    def _read_passes(self, batches: list["_ProbeBatch"], sources, device: str) -> list:
+        """Per set of features, the passes minibatches are read from. With bf16 operands, resident
+        bf16 copies when every batch that reads minibatches of them takes them as they are (index
+        and dense batches: the same rounding as converting each minibatch; a projection projects
+        float32 rows) and they fit what ``_lay_out`` left of the budget: half the reads, and no
+        conversion per step."""
         import torch
 
-        readers = [g for g in batches if g.laid is None]
-        if not readers or any(g.compute_dtype is None or g.is_projection for g in readers) or \
-                any(not isinstance(p, torch.Tensor) or p.device.type != torch.device(device).type for p in passes):
-            return passes
-        dtype = readers[0].compute_dtype
-        need = sum(p.numel() for p in passes) * torch.empty((), dtype=dtype).element_size()
-        if not _room_for(need, self._memory_left(passes, device) - self.laid_out_, device):
-            return passes
-        return [p.to(dtype=dtype) for p in passes]
+        every = [p for passes in sources for p in passes]
+        if any(isinstance(p, RowFile) for p in every):  # on disk: read by rows as they are
+            return sources
+        room = self._memory_left(every, device) - self.laid_out_
+        out = []
+        for src, passes in enumerate(sources):
+            readers = [g for g in batches if g.laid is None and g.source == src]
+            if not readers or any(g.compute_dtype is None or g.is_projection for g in readers) or \
+                    any(not isinstance(p, torch.Tensor) or p.device.type != torch.device(device).type for p in passes):
+                out.append(passes)
+                continue
+            dtype = readers[0].compute_dtype
+            need = sum(p.numel() for p in passes) * torch.empty((), dtype=dtype).element_size()
+            if not _room_for(need, room, device):
+                out.append(passes)
+                continue
+            out.append([p.to(dtype=dtype) for p in passes])
+            room -= need
+        return out
 
     def _memory_left(self, passes, device: str) -> int:
         """Bytes of max_memory_mb the passes (on the CPU) leave for working copies of them; on a

@@ -47,11 +47,25 @@ class _Joint(SubsetProbes):
         est, local = self.owners_[draw]
         return est.initial_weights(local)
 
+    def _source(self, family) -> int:
+        return self.family_sources_[id(family)]
+
+    def _n_features(self, source: int) -> int:
+        return self.source_data_[source].X.shape[1]
+
+    def _source_passes(self, data) -> list[list]:
+        return [[d.X] + d.views for d in self.source_data_]
+
 
 def fit_together(estimators: list[SubsetProbes], X, y=None, n_classes: int | None = None, validation=None,
                  verbose: bool | None = None) -> list[SubsetProbes]:
-    """Fit every estimator on the same features in one pass of the engine; return them, each
-    fitted as if by its own ``fit(X, y, n_classes, validation)``.
+    """Fit every estimator in one pass of the engine; return them, each fitted as if by its own
+    ``fit(X, y, n_classes, validation)``.
+
+    ``X`` (and ``validation``) is the features of every estimator, or a list with each
+    estimator's own: several layers of the same images (a sweep's pairings that share rows), one
+    fit for all of them. Features given as one object are read once. Every estimator's train rows
+    must then hold the same labels (one validation split, one minibatch order per seed for all).
 
     The estimators must agree on every parameter in :data:`SHARED_PARAMETERS` (the protocol,
     the device, the memory budget); their selections may differ (modes, fractions, seeds, sizes,
@@ -71,13 +85,39 @@ def fit_together(estimators: list[SubsetProbes], X, y=None, n_classes: int | Non
                     key=key, value=other[key],
                     reason=f"estimator {i} differs from estimator 0 ({first[key]!r}): one joint fit has one protocol, "
                            f"device and memory budget ({', '.join(SHARED_PARAMETERS)})")
+    features = _each(X, estimators, "X")
+    validations = _each(validation, estimators, "validation")
     device = host.check_params()
     for est in estimators[1:]:
         est.check_params()
-    data, train_idx, val_idx = host._prepare(X, y, n_classes, validation)
-    for est in estimators:
-        est._check_row_file(data)
-        est._set_draws(data, train_idx, val_idx)
+    # each distinct (features, validation) once: the joint fit's sources
+    keys, source_of = {}, []
+    for x, v in zip(features, validations):
+        source_of.append(keys.setdefault((id(x), id(v)), len(keys)))
+    if host.solver != "sgd" and len(keys) > 1:  # closed forms gain nothing from a joint pass: one per source
+        for src in range(len(keys)):
+            mine = [i for i, s in enumerate(source_of) if s == src]
+            fit_together([estimators[i] for i in mine], features[mine[0]], y, n_classes, validations[mine[0]], verbose)
+        return estimators
+    prepared = {}
+    for i, src in enumerate(source_of):
+        if src not in prepared:
+            prepared[src] = host._prepare(features[i], y, n_classes, validations[i])
+    data, train_idx, val_idx = prepared[0]
+    for src, (d, t, v) in prepared.items():
+        problem = "other train rows" if len(d.y) != len(data.y) or not np.array_equal(t, train_idx) else \
+            "other labels" if not np.array_equal(d.y, data.y) or d.n_classes != data.n_classes else \
+            "another number of augmented views" if len(d.views) != len(data.views) else None
+        if problem:
+            from featstore.errors import InvalidFeaturesError
+
+            raise InvalidFeaturesError(
+                where=f"fit_together: the features of estimator {source_of.index(src)} ({d.source})",
+                problem=f"{problem} than estimator 0's ({data.source}): one joint fit trains every estimator on the "
+                        f"same rows, labels and validation split; fit them apart")
+    for est, src in zip(estimators, source_of):
+        est._check_row_file(prepared[src][0])
+        est._set_draws(prepared[src][0], train_idx, val_idx)
     joint = _Joint(**{**first, "verbose": host.verbose if verbose is None else verbose})
     joint.n_features_in_, joint.n_classes_ = host.n_features_in_, host.n_classes_
     joint.val_indices_, joint.train_indices_ = val_idx, train_idx
@@ -86,9 +126,22 @@ def fit_together(estimators: list[SubsetProbes], X, y=None, n_classes: int | Non
     joint.estimators_ = estimators
     joint.owners_ = [(est, i) for est in estimators for i in range(len(est.draws_))]
     joint.streams_ = sorted({s for est in estimators for s in est.streams_}, key=lambda v: (v is not None, v or 0))
+    joint.source_data_ = [prepared[src][0] for src in range(len(keys))]
+    joint.family_sources_ = {id(f): src for est, src in zip(estimators, source_of) for f in est.families_}
     joint._train(data, train_idx, val_idx, device)
     _hand_back(joint, estimators, device)
     return estimators
+
+
+def _each(value, estimators, key: str) -> list:
+    """``value`` for every estimator: one object for all, or a list with one per estimator."""
+    if not isinstance(value, list):
+        return [value] * len(estimators)
+    if len(value) != len(estimators):
+        raise IncompatibleParametersError(key=key, value=f"a list of {len(value)}",
+                                          reason=f"a list gives each of the {len(estimators)} estimators its own; "
+                                                 f"give one for all, or one per estimator")
+    return value
 
 
 def _same(a, b) -> bool:

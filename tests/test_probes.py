@@ -502,7 +502,8 @@ def test_bf16_operands_held_in_bf16_equal_converting_each_minibatch(data, monkey
     held = SubsetProbes(**kw).fit(Xtr, ytr)
     monkeypatch.setattr(_engine, "_room_for", lambda *a: False)
     each = SubsetProbes(**kw).fit(Xtr, ytr)
-    assert [p.dtype for p in read[0]] == [torch.bfloat16] and [p.dtype for p in read[1]] == [torch.float32]
+    # the passes of the fit's one set of features: resident in bf16, or float32
+    assert [p.dtype for p in read[0][0]] == [torch.bfloat16] and [p.dtype for p in read[1][0]] == [torch.float32]
     assert held.laid_out_ > 0 and each.laid_out_ == 0
     np.testing.assert_array_equal(held.decision_function(Xte), each.decision_function(Xte))
     np.testing.assert_array_equal(held.val_accuracy_, each.val_accuracy_)

@@ -292,7 +292,8 @@ def test_report_renders_every_figure(tmp_path, reference):
 
 def test_a_layers_group_sweeps_depth_and_the_report_shows_it(tmp_path, image_folder):
     """`layers = [...]` in one [[groups]] table: one pairing per layer (all from one build pass),
-    in the listed order; the report adds the depth and comparison figures."""
+    in the listed order; the report adds the depth and comparison figures. The layers share
+    their rows: with share_rows="on" (a GPU's default) both train in one fit, to the same rows."""
     store = tmp_path / "s.zarr"
     featstore.build("test_resnet", weights="random", dataset=f"imagefolder:{image_folder}", image_size=32,
                     batch_size=8, workers=0, progress=False, splits="train,test", store=store, dtype="float32",
@@ -305,6 +306,10 @@ def test_a_layers_group_sweeps_depth_and_the_report_shows_it(tmp_path, image_fol
     df = run_sweep(spec, tmp_path / "out", progress=False)
     assert df.groupby("group")["layer"].first().tolist() == ["layer2", "pre_logits"]
     assert df.groupby("group")["n_neurons"].first().tolist() == [48, 96]  # test_resnet: layer2 48 wide
+    assert set(df["fit_tasks"]) == {4}  # on the CPU (auto): a fit per pairing (2 references + 2 seeds)
+    joined = run_sweep(spec, tmp_path / "joined", progress=False, share_rows="on")
+    assert set(joined["fit_tasks"]) == {8}  # both layers in one fit
+    _same(joined, df)
     page = pipelines.write_report(tmp_path / "out", tmp_path / "report").read_text()
     for name in SEVERAL_PAIRINGS:
         assert (tmp_path / "report" / f"{name}.png").stat().st_size > 10_000

@@ -165,3 +165,71 @@ def test_a_seeds_probes_do_not_depend_on_the_other_seeds_of_the_fit(data):
     np.testing.assert_allclose(many.decision_function(Xte)[:, mine], one.decision_function(Xte), atol=1e-4)
     # seeds differ in their neurons, not in where their initial weights come from
     assert not np.array_equal(many.draws_[mine[0]].neurons, many.draws_[0].neurons)
+
+
+# ----------------------------------------------------------------------------- several layers in one fit
+
+
+def _two_layers(data):
+    """Two "layers" of the same rows: the test data's 48 features and 32 others derived from them."""
+    Xtr, ytr, Xte, yte = data
+    W = np.random.default_rng(1).normal(size=(48, 32)).astype(np.float32) / 7
+    return (Xtr, Xte), (np.maximum(Xtr @ W, 0), np.maximum(Xte @ W, 0)), ytr
+
+
+def test_estimators_of_several_layers_fit_together_as_alone(data):
+    """A list of features, one per estimator: every layer's estimators in one fit (their families
+    in batches of their own layer), each equal to its own fit; the second layer's draws against
+    nn.Linear + SGD trained alone on that layer."""
+    (a_tr, a_te), (b_tr, b_te), ytr = _two_layers(data)
+    make = lambda: [SubsetProbes(mode="random", fractions=(0.1, 0.5, 1.0), seeds=(0, 1), **KW),  # noqa: E731
+                    SubsetProbes(mode="prefix", fractions=(0.25, 1.0), include_full=False, **KW),
+                    SubsetProbes(mode="random", fractions=(0.1, 0.5, 1.0), seeds=(0, 1), **KW),
+                    SubsetProbes(mode="pca", fractions=(0.25,), include_full=False, **KW)]
+    layer = [a_tr, a_tr, b_tr, b_tr]
+    together = probes.fit_together(make(), layer, ytr)
+    alone = [e.fit(x, ytr) for e, x in zip(make(), layer)]
+    assert together[0].joint_draws_ == sum(len(a.draws_) for a in alone)
+    for j, a, te in zip(together, alone, [a_te, a_te, b_te, b_te]):
+        assert j.n_features_in_ == a.n_features_in_
+        np.testing.assert_allclose(j.decision_function(te), a.decision_function(te), atol=1e-4)
+        np.testing.assert_allclose(j.val_accuracy_, a.val_accuracy_, atol=1.5 / len(j.val_indices_))
+    est = together[2]
+    for di in (0, 2, len(est.draws_) - 1):
+        draw = est.draws_[di]
+        w0, b0 = est.initial_weights(di)
+        lin = train_alone(b_tr, ytr, draw.neurons, w0, b0, orders_of(est, draw, KW["epochs"]), C=4, lr=KW["lr"],
+                          momentum=KW["momentum"], wd=KW["weight_decay"], batch_size=KW["batch_size"],
+                          lr_step=KW["lr_step"], lr_gamma=KW["lr_gamma"])
+        with torch.no_grad():
+            ref = lin(torch.from_numpy(b_te[:, draw.neurons])).numpy()
+        assert np.abs(est.decision_function(b_te)[:, di] - ref).max() < 1e-4, (draw.mode, draw.k, draw.seed)
+    ridge = [SubsetProbes(mode="random", fractions=(0.5,), seeds=(0,), **{**KW, "solver": "ridge"}) for _ in range(2)]
+    for j, x, te in zip(probes.fit_together(ridge, [a_tr, b_tr], ytr), [a_tr, b_tr], [a_te, b_te]):
+        alone = SubsetProbes(mode="random", fractions=(0.5,), seeds=(0,), **{**KW, "solver": "ridge"}).fit(x, ytr)
+        np.testing.assert_allclose(j.decision_function(te), alone.decision_function(te), atol=1e-5)
+
+
+def test_layers_of_other_rows_are_refused(data):
+    (a_tr, _), (b_tr, _), ytr = _two_layers(data)
+    two = lambda: [SubsetProbes(mode="prefix", **KW), SubsetProbes(mode="prefix", **KW)]  # noqa: E731
+    a = probes.load_training_data(a_tr, ytr)
+    with pytest.raises(errors.InvalidFeaturesError, match="estimator 1.*other train rows"):
+        probes.fit_together(two(), [a, probes.load_training_data(b_tr[:-5], ytr[:-5])])
+    with pytest.raises(errors.InvalidFeaturesError, match="estimator 1.*other labels"):
+        probes.fit_together(two(), [a, probes.load_training_data(b_tr, np.roll(ytr, 1))])
+    with pytest.raises(errors.IncompatibleParametersError, match="a list of 3.*one per estimator"):
+        probes.fit_together(two(), [a_tr, b_tr, b_tr], ytr)
+
+
+def test_pairings_that_share_rows_join_one_fit(tmp_path):
+    tasks = _tasks(tmp_path)  # two layers of one model and dataset
+    same = {0: (64, 10, 1 << 20, "rows"), 1: (32, 10, 1 << 20, "rows")}
+    assert [len(f) for f in pipelines.plan_fits(tasks, same, share_rows=True)] == [14]
+    assert [len(f) for f in pipelines.plan_fits(tasks, same, share_rows=True, workers=2)] == [7, 7]  # one each
+    other = {0: (64, 10, 1 << 20, "rows"), 1: (32, 10, 1 << 20, "other rows")}
+    assert [len(f) for f in pipelines.plan_fits(tasks, other, share_rows=True)] == [7, 7]
+    limit = probes.SubsetProbes().max_memory_mb << 20
+    big = {0: (64, 10, limit // 2, "rows"), 1: (32, 10, limit // 2, "rows")}  # together past the budget
+    assert [len(f) for f in pipelines.plan_fits(tasks, big, share_rows=True)] == [7, 7]
+    assert [len(f) for f in pipelines.plan_fits(tasks, same)] == [7, 7]  # off: one fit per pairing
