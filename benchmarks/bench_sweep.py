@@ -3,7 +3,8 @@
 its own) and by one ``SubsetProbes`` fit in one process.
 
     python benchmarks/bench_sweep.py [--store data/featstore.zarr] [--epochs 10] [--repeats 3]
-        [--modes random] [--seeds 5] [--device cpu] [--paper-scale] [--fits-per-pairing N]
+        [--modes random] [--seeds 5] [--device cpu] [--paper-scale [--paper-epochs E] [--no-demo]]
+        [--fits-per-pairing N]
 
 On the demo's store (``make demo`` builds it: tf_efficientnet_lite0 pre_logits, Fashion-MNIST
 5,000 train + 1,000 test; built here first if missing): the paper's 22 fractions x ``--seeds``
@@ -160,6 +161,7 @@ def main() -> None:
     ap.add_argument("--paper-scale", action="store_true", help="also a 50,000 x 2,048 synthetic pairing")
     ap.add_argument("--paper-store", default="data/paper-scale.zarr")
     ap.add_argument("--paper-epochs", type=int, default=None, help="default: --epochs")
+    ap.add_argument("--no-demo", action="store_true", help="only the paper-scale case (a machine without the demo's data)")
     a = ap.parse_args()
     modes = a.modes.split(",")
     device = featstore.resolve_device(a.device)
@@ -176,6 +178,8 @@ def main() -> None:
               f"classes) in {a.paper_store}: {how}, {epochs} epochs")
         compare("paper scale", spec_dict(a.paper_store, pairing, modes, a.seeds, epochs), a.repeats, device,
                 a.fits_per_pairing)
+    if a.no_demo:
+        return
     ensure_demo_store(a.store)
     print(f"{os.cpu_count()} cores, device {name}; demo store {a.store}: {how}, {a.epochs} epochs")
     ratio = compare("demo store", spec_dict(a.store, DEMO, modes, a.seeds, a.epochs), a.repeats, device,

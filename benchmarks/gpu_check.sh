@@ -52,5 +52,7 @@ done
 step decode $PY benchmarks/bench_decode.py --device cuda
 step build $PY benchmarks/bench_build.py --device cuda --dataset jpeg --images ${BUILD_IMAGES:-4000} --models ${BUILD_MODELS:-resnet50,tf_efficientnet_lite0} --decodes pil,device --repeats 1
 step cka $PY benchmarks/bench_cka.py --baseline-subsets 2
+# issue 30: the paper grid as a sweep against the engine alone (goal <= 1.25x), its layers joined by --share-rows auto
+step sweep $PY benchmarks/bench_sweep.py --device cuda --paper-scale --paper-epochs 50 --repeats 2 --no-demo
 echo "gpu_check: $failed step(s) failed; log in $LOG_DIR/gpu_check.log"
 exit $failed
