@@ -231,7 +231,7 @@ def main():
     if not orders or any(o not in known for o in orders):
         p.error(f"--orders: expected a comma-separated list of {', '.join(known)}; got {a.orders!r}")
     if a.min_blocks:
-        import probes._engine as engine
+        import probes._batch as engine
 
         attr = "MIN_BLOCK_WIDTH_CUDA" if device.startswith("cuda") else \
             "MIN_BLOCK_WIDTH_BF16" if engine_precision == "bf16" else "MIN_BLOCK_WIDTH"

@@ -19,6 +19,7 @@ import numpy as np
 from featstore.errors import IncompatibleParametersError
 
 from ._engine import Protocol, SubsetProbes
+from ._solvers import SOLVERS
 from ._selection import SELECTION_MODES, subset_size
 
 __all__ = ["fit_together", "fit_bytes", "SHARED_PARAMETERS"]
@@ -94,7 +95,7 @@ def fit_together(estimators: list[SubsetProbes], X, y=None, n_classes: int | Non
     keys, source_of = {}, []
     for x, v in zip(features, validations):
         source_of.append(keys.setdefault((id(x), id(v)), len(keys)))
-    if host.solver != "sgd" and len(keys) > 1:  # closed forms gain nothing from a joint pass: one per source
+    if not SOLVERS[host.solver].iterative and len(keys) > 1:  # a closed form gains nothing from a joint pass
         for src in range(len(keys)):
             mine = [i for i, s in enumerate(source_of) if s == src]
             fit_together([estimators[i] for i in mine], features[mine[0]], y, n_classes, validations[mine[0]], verbose)

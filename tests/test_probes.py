@@ -92,10 +92,10 @@ def test_probe_in_a_batch_equals_probe_trained_alone(data, mode, order):
 def test_every_layout_trains_each_probe_as_if_alone(data, monkeypatch, min_block, dense_fraction, order):
     """Column blocks (one per segment, or merged with masked corners) and the dense group
     (the raw layer, zero weights off the subset) all train exactly the lone probe."""
-    from probes import _engine
+    from probes import _batch
 
-    monkeypatch.setattr(_engine, "MIN_BLOCK_WIDTH", min_block)
-    monkeypatch.setattr(_engine, "DENSE_FRACTION", dense_fraction)
+    monkeypatch.setattr(_batch, "MIN_BLOCK_WIDTH", min_block)
+    monkeypatch.setattr(_batch, "DENSE_FRACTION", dense_fraction)
     Xtr, ytr, Xte, yte = data
     kw = dict(epochs=3, lr=0.1, momentum=0.9, weight_decay=1e-4, batch_size=64, lr_step=2, lr_gamma=0.1)
     est = SubsetProbes(fractions=(0.02, 0.05, 0.1, 0.25, 0.3, 0.5, 0.8, 1.0), seeds=(0, 3, 5), select_epoch="last",
@@ -134,14 +134,14 @@ def test_laid_out_passes_train_the_probes_of_per_minibatch_inputs(data, monkeypa
     fits) and the per-minibatch column gather or projection (when it does not) fill the same
     block inputs: index modes give the same probes bit for bit, projections (n-row products
     instead of B-row ones) to float tolerance. The layout is dropped after fit."""
-    from probes import _engine
+    from probes import _batch
 
     Xtr, ytr, Xte, yte = data
     kw = dict(mode=mode, fractions=(0.05, 0.3, 0.5, 0.8, 1.0), seeds=(0, 1), epochs=3, batch_size=64, device="cpu",
               minibatch_order=order, val_every=1)
-    monkeypatch.setattr(_engine, "_layout_pays", lambda *a: True)  # wherever it would not pay, too
+    monkeypatch.setattr(_batch, "_layout_pays", lambda *a: True)  # wherever it would not pay, too
     laid = SubsetProbes(**kw).fit(Xtr, ytr)
-    monkeypatch.setattr(_engine, "_room_for", lambda *a: False)
+    monkeypatch.setattr(_batch, "_room_for", lambda *a: False)
     each = SubsetProbes(**kw).fit(Xtr, ytr)
     assert laid.laid_out_ > 0 and each.laid_out_ == 0
     assert all(g.laid is None for g in laid.batches_)  # dropped after fit: not pickled with the estimator
@@ -161,22 +161,22 @@ def test_inputs_are_laid_out_where_it_pays(data, mode, order):
     projection per pass, not per minibatch) always; index subsets in float32 only for several
     minibatch streams (per-seed orders) over at least LAYOUT_MIN_EPOCHS epochs; never for the
     dense batch (it reads the minibatch itself)."""
-    from probes import _engine
+    from probes import _batch
 
     Xtr, ytr, _, _ = data
     kw = dict(mode=mode, fractions=(0.05, 0.3, 0.8, 1.0), seeds=(0, 1), batch_size=300, device="cpu",
               minibatch_order=order)
     several_streams = order == "per-seed" and probes.SELECTION_MODES[mode].seeded
-    for epochs in (3, _engine.LAYOUT_MIN_EPOCHS):
+    for epochs in (3, _batch.LAYOUT_MIN_EPOCHS):
         est = SubsetProbes(epochs=epochs, **kw).fit(Xtr, ytr)
-        want = mode in PROJECTION_MODES or (several_streams and epochs >= _engine.LAYOUT_MIN_EPOCHS)
+        want = mode in PROJECTION_MODES or (several_streams and epochs >= _batch.LAYOUT_MIN_EPOCHS)
         assert (est.laid_out_ > 0) == want, epochs
 
 
 def test_both_softmax_gradients_agree():
     """The CPU's one-hot form and CUDA's gather/scatter form of softmax - onehot give the same
     gradient (bit for bit) and the same summed cross-entropy, which equals torch's."""
-    from probes._engine import _softmax_gradient
+    from probes._sgd import _softmax_gradient
 
     g = torch.Generator().manual_seed(0)
     F, m, C, B = 3, 5, 7, 33
@@ -198,9 +198,9 @@ def test_both_softmax_gradients_agree():
 def test_inputs_are_laid_out_only_within_max_memory_mb(monkeypatch):
     """The layout (F x n x width per pass) is made only when it fits max_memory_mb beside the
     features themselves; over it, each minibatch gathers its columns, with the same probes."""
-    from probes import _engine
+    from probes import _batch
 
-    monkeypatch.setattr(_engine, "_layout_pays", lambda *a: True)
+    monkeypatch.setattr(_batch, "_layout_pays", lambda *a: True)
     rng = np.random.default_rng(2)
     n, d = 3000, 2000  # 24 MB of float32 features; the layout of two seeds' halves is 24 MB more
     y = rng.integers(0, 3, n)
@@ -395,7 +395,7 @@ def test_a_group_is_read_once_and_verified_by_that_read(tmp_path, tiny, monkeypa
      "subsets[0]: expected a non-empty 1-D array of distinct integer neuron indices in 0..47; got [0, 99]"),
     (dict(seeds=(-1,)), errors.InvalidParameterError, "SubsetProbes.seeds[0]: expected an integer in [0, 4294967295]; got -1"),
     (dict(seeds=(1.5,)), errors.InvalidParameterError, "SubsetProbes.seeds[0]: expected an integer in [0, 4294967295]; got 1.5 (float)"),
-    (dict(solver="adam"), errors.InvalidParameterError, "SubsetProbes.solver: expected one of 'sgd', 'ridge'; got 'adam'"),
+    (dict(solver="adam"), errors.UnknownNameError, "SubsetProbes.solver: Unknown solver 'adam'; known: ridge, sgd"),
     (dict(momentum="0.9"), errors.InvalidParameterError,
      "SubsetProbes.momentum: expected a number in [0, 1); got '0.9' (string)"),
     (dict(epochs=True), errors.InvalidParameterError, "SubsetProbes.epochs: expected an integer in [1, 10000]; got True (boolean)"),
@@ -488,7 +488,7 @@ def test_bf16_operands_held_in_bf16_equal_converting_each_minibatch(data, monkey
     """With precision="bf16" the layout is made in bf16 and the dense batch reads resident bf16
     copies of the passes (no conversion per step); without room for either, each minibatch is
     gathered in float32 and converted. The same rounding either way: the same probes, bit for bit."""
-    from probes import _engine
+    from probes import _batch
 
     if not probes.cpu_has_bf16():
         pytest.skip("this CPU has no native bf16 matmuls (AVX512-BF16 / AMX)")
@@ -496,11 +496,12 @@ def test_bf16_operands_held_in_bf16_equal_converting_each_minibatch(data, monkey
     kw = dict(fractions=(0.05, 0.3, 0.8, 1.0), seeds=(0, 1), epochs=3, batch_size=64, device="cpu", precision="bf16",
               val_every=1)
     read = []
-    real = SubsetProbes._read_passes
-    monkeypatch.setattr(SubsetProbes, "_read_passes",
-                        lambda self, *a: read.append(r := real(self, *a)) or r)
+    from probes import _sgd
+
+    real = _sgd._read_passes
+    monkeypatch.setattr(_sgd, "_read_passes", lambda est, *a: read.append(r := real(est, *a)) or r)
     held = SubsetProbes(**kw).fit(Xtr, ytr)
-    monkeypatch.setattr(_engine, "_room_for", lambda *a: False)
+    monkeypatch.setattr(_batch, "_room_for", lambda *a: False)
     each = SubsetProbes(**kw).fit(Xtr, ytr)
     # the passes of the fit's one set of features: resident in bf16, or float32
     assert [p.dtype for p in read[0][0]] == [torch.bfloat16] and [p.dtype for p in read[1][0]] == [torch.float32]
@@ -528,7 +529,7 @@ def test_cuda_equals_cpu(data):
 def test_cuda_paths_equal_cpu(data, monkeypatch, mode, room):
     """Features on the GPU (projections projected once there), or, when the GPU has no room,
     kept in pinned host memory and copied per minibatch (projections per minibatch)."""
-    import probes._engine as engine
+    import probes._sgd as engine  # where the SGD solver places each pass
 
     Xtr, ytr, Xte, yte = data
     kw = dict(mode=mode, fractions=(0.1, 0.5, 0.8, 1.0), seeds=(0, 1), epochs=3, batch_size=64,
@@ -677,10 +678,10 @@ def test_validation_scores_the_clean_pass_or_the_epochs_augmented_pass(data, mon
     released code's validation Subset kept the train transform), "clean" on the clean pass: each
     probe's recorded validation accuracy is its weights' accuracy on those rows, by hand. The view
     here is the clean pass negated, so the two differ for every probe."""
-    from probes import _engine
+    from probes import _batch
     from probes._engine import TrainingData
 
-    monkeypatch.setattr(_engine, "_layout_pays", lambda *a: laid_out)  # inputs laid out per pass, or gathered
+    monkeypatch.setattr(_batch, "_layout_pays", lambda *a: laid_out)  # inputs laid out per pass, or gathered
     Xtr, ytr, _, _ = data
     view = -Xtr
     est = SubsetProbes(fractions=(0.25, 1.0), seeds=(0,), epochs=1, select_epoch="last", batch_size=64,
