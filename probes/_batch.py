@@ -267,10 +267,10 @@ class _ProbeBatch:
         return int(max(64, min(4096, budget // per_row)))
 
     def logit_buffers(self, B: int, device=None):
-        """Work space of ``logits``: the (F, m * C, B) logits."""
+        """Work space of ``logits``: the (F, m * C, B) logits, in the parameters' dtype."""
         import torch
 
-        return torch.empty((self.F, self.m * self.C, B), device=device or self.device)
+        return torch.empty((self.F, self.m * self.C, B), device=device or self.device, dtype=self.flat.dtype)
 
     def logits(self, zs, out=None):
         """(F, m*C, B) logits of every probe, from the block inputs ``zs`` (``inputs``).
@@ -362,6 +362,16 @@ class _ProbeBatch:
             for k, rows, lo, hi in self.probe_slices(i):
                 w[lo:hi] = W[k][fi, rows, :hi - lo].T.cpu().numpy()
         return np.ascontiguousarray(w, dtype=np.float32), b[fi, i * self.C:(i + 1) * self.C].cpu().numpy()
+
+    def in_dtype(self, dtype):
+        """Parameters, operands, masks and basis in ``dtype`` (float64 for a solver that converges
+        past float32's resolution; float32 again for inference)."""
+        self.operand_dtype = dtype
+        self.masks = [None if m is None else m.to(dtype) for m in self.masks]
+        if self.is_projection:
+            self.basis_t = self.basis_t.to(dtype)
+        self.set_flat(self.flat.to(dtype))
+        return self
 
     def to(self, device):
         self.family_stream = self.family_stream.to(device)

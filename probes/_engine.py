@@ -46,7 +46,7 @@ from pydantic import Field
 
 from featstore import Device, resolve_device
 from featstore.errors import IncompatibleParametersError, InvalidFeaturesError, InvalidParameterError, NotFittedError
-from featstore.params import Estimator, OneOf, Parameters, SeedValue
+from featstore.params import Estimator, OneOf, Parameters, SeedValue, Unique
 
 from . import _batch
 from ._batch import _Minibatch, _ProbeBatch, cpu_has_bf16
@@ -71,7 +71,8 @@ class Protocol(Parameters):
     solver: Annotated[str, OneOf(SOLVERS, "solver")] = "sgd"
     """How every probe is trained (probes.SOLVERS): sgd, the paper's protocol (SGD with momentum, the best
     validation epoch); ridge, closed-form ridge regression to one-hot targets, regularisation chosen on the
-    validation split (a fast screening solver)."""
+    validation split (a fast screening solver); lbfgs, L2-penalised multinomial logistic regression by
+    L-BFGS, C chosen per probe from Cs on the validation split (CLIP's and DINOv2's protocol)."""
     epochs: Annotated[int, Field(ge=1, le=10_000)] = 50
     """SGD epochs."""
     lr: Annotated[float, Field(gt=0, le=1000)] = 0.1
@@ -112,6 +113,17 @@ class Protocol(Parameters):
     """Which passes of a group with augmented views the epochs train on: all (epoch e reads pass e mod (1 + K)),
     or views (the augmented ones only, as the released code augments every epoch; the clean pass then only
     validates, and PCA directions are fitted on the first view). Without views, the clean pass."""
+    Cs: Annotated[tuple[Annotated[float, Field(gt=0, le=1e12)], ...], Field(min_length=1, strict=False),
+                  Unique()] = tuple(float(10.0 ** p) for p in range(-6, 6))
+    """lbfgs: the inverse regularisation strengths tried (scikit-learn's C: the penalty is ||W||^2 / (2 C) on the
+    summed cross-entropy), each probe keeping the one its validation split scores best; default DINOv2's range,
+    1e-6 ... 1e5, one per decade."""
+    max_iter: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    """lbfgs: iterations per C at most (scikit-learn's default is 100; a probe that stops there is recorded
+    as not converged)."""
+    tol: Annotated[float, Field(gt=0, le=1)] = 1e-4
+    """lbfgs: a probe has converged when its objective's largest gradient entry is at most this (scipy's gtol;
+    scikit-learn's default tol)."""
     minibatch_order: MinibatchOrder = "per-seed"
     """per-seed: each seed's probes see their own minibatch order, as the released code (one run per seed,
     everything seeded); shared: every probe one order (fewer minibatch reads; seeds then share that noise)."""
@@ -164,6 +176,10 @@ class SubsetProbes(Estimator):
         """
         self._validated_params()
         device = resolve_device(self.device)
+        if self.precision not in SOLVERS[self.solver].precisions:
+            raise IncompatibleParametersError(
+                key="precision", value=self.precision,
+                reason=f"solver {self.solver!r} runs at {', '.join(SOLVERS[self.solver].precisions)}")
         if self.precision == "bf16" and device == "cpu" and not cpu_has_bf16():
             raise IncompatibleParametersError(
                 key="precision", value="bf16",
@@ -417,7 +433,8 @@ class SubsetProbes(Estimator):
         test_top5_accuracy, test_balanced_accuracy, test_macro_f1), per_class_accuracy (list; NaN
         for a class absent from the split), test_correct (bool array of shape (n_test,): which test
         samples the probe classifies right, for paired bootstraps over test images),
-        val_accuracy, best_epoch, train_loss, solver, neurons / projection / rank (the draw's record).
+        val_accuracy, best_epoch, train_loss, solver, the solver's own records (lbfgs: C, n_iter,
+        converged; ridge: ridge_alpha), neurons / projection / rank (the draw's record).
         """
         import pandas as pd
 
@@ -440,6 +457,7 @@ class SubsetProbes(Estimator):
                          "test_correct": correct[:, di].copy(),
                          "val_accuracy": float(self.val_accuracy_[di]), "best_epoch": int(self.best_epoch_[di]),
                          "train_loss": float(self.train_loss_[di]), "solver": self.solver,
+                         **{k: v[di].item() for k, v in getattr(self, "solver_records_", {}).items()},
                          "neurons": rec["neurons"], "projection": rec["projection"], "rank": rec["rank"]})
         self.results_ = pd.DataFrame(rows)
         return self.results_

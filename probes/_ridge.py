@@ -61,4 +61,5 @@ def fit_ridge(est, data: TrainingData, train_idx, val_idx, device):
     est.val_accuracy_ = np.array(val_acc)
     est.best_epoch_ = np.zeros(len(positions), dtype=int)
     est.ridge_alpha_ = np.array(alphas)
+    est.solver_records_ = {"ridge_alpha": est.ridge_alpha_}
     est.train_loss_ = np.full(len(positions), np.nan)  # no iterative loss for a closed form

@@ -40,6 +40,7 @@ def fit_sgd(est, data: TrainingData, train_idx, val_idx, device):
     est.best_epoch_ = np.array([int(best_epoch[bi][fi, pi]) for bi, fi, pi in positions])
     est.train_loss_ = np.array([float(last_loss[bi][fi, pi]) for bi, fi, pi in positions])
     est.positions_ = positions
+    est.solver_records_ = {}
 
 def _train_batches(est, batches: list["_ProbeBatch"], ctx: dict, bar):
     """The SGD epochs; leaves each batch's best epoch's weights in place and returns

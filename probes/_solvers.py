@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from ._lbfgs import fit_lbfgs
 from ._ridge import fit_ridge
 from ._sgd import fit_sgd
 
@@ -28,25 +29,33 @@ class Solver:
     name : str
     fit : callable
         ``fit(est, data, train_idx, val_idx, device)``: trains every draw of ``est``.
-    iterative : bool
-        Trains by epochs (a best epoch and a training loss per probe), rather than in closed form.
+    several_layers : bool
+        Trains the batches of several layers of the same rows (a joint fit's sources) in one
+        pass; otherwise ``fit_together`` fits each layer's estimators apart.
     reads_from_disk : bool
         Can train on features too large for ``max_memory_mb``, read by minibatch (index modes).
+    precisions : tuple of str
+        The ``precision`` values it runs at.
     description : str
     """
 
     name: str
     fit: Callable
-    iterative: bool
+    several_layers: bool
     reads_from_disk: bool
+    precisions: tuple
     description: str
 
 
 SOLVERS: dict[str, Solver] = {s.name: s for s in (
-    Solver("sgd", fit_sgd, iterative=True, reads_from_disk=True,
+    Solver("sgd", fit_sgd, several_layers=True, reads_from_disk=True, precisions=("fp32", "bf16"),
            description="the paper's protocol: SGD with momentum and weight decay on each probe's mean "
                        "cross-entropy, the best validation epoch kept"),
-    Solver("ridge", fit_ridge, iterative=False, reads_from_disk=False,
+    Solver("ridge", fit_ridge, several_layers=False, reads_from_disk=False, precisions=("fp32", "bf16"),
            description="closed-form ridge regression to one-hot targets from the train Gram, regularisation "
                        "chosen on the validation split; a fast screening solver"),
+    Solver("lbfgs", fit_lbfgs, several_layers=True, reads_from_disk=False, precisions=("fp32",),
+           description="multinomial logistic regression with an L2 penalty (scikit-learn's LogisticRegression "
+                       "objective), full batch, L-BFGS per probe; C chosen per probe from Cs on the validation "
+                       "split (CLIP's and DINOv2's linear-probe protocol)"),
 )}

@@ -95,7 +95,7 @@ def fit_together(estimators: list[SubsetProbes], X, y=None, n_classes: int | Non
     keys, source_of = {}, []
     for x, v in zip(features, validations):
         source_of.append(keys.setdefault((id(x), id(v)), len(keys)))
-    if not SOLVERS[host.solver].iterative and len(keys) > 1:  # a closed form gains nothing from a joint pass
+    if not SOLVERS[host.solver].several_layers and len(keys) > 1:  # a closed form gains nothing from a joint pass
         for src in range(len(keys)):
             mine = [i for i, s in enumerate(source_of) if s == src]
             fit_together([estimators[i] for i in mine], features[mine[0]], y, n_classes, validations[mine[0]], verbose)
@@ -170,8 +170,9 @@ def _hand_back(joint: _Joint, estimators: list[SubsetProbes], device: str) -> No
         est.val_accuracy_ = joint.val_accuracy_[at:at + n].copy()
         est.best_epoch_ = joint.best_epoch_[at:at + n].copy()
         est.train_loss_ = joint.train_loss_[at:at + n].copy()
-        if hasattr(joint, "ridge_alpha_"):
-            est.ridge_alpha_ = joint.ridge_alpha_[at:at + n].copy()
+        est.solver_records_ = {k: v[at:at + n].copy() for k, v in joint.solver_records_.items()}
+        if "ridge_alpha" in est.solver_records_:
+            est.ridge_alpha_ = est.solver_records_["ridge_alpha"]
         for attr in ("laid_out_", "cuda_graphs_"):
             if hasattr(joint, attr):
                 setattr(est, attr, getattr(joint, attr))

@@ -122,6 +122,17 @@ def test_one_fit_per_pairing_gives_the_rows_of_one_fit_per_task(tmp_path, spec_f
     assert (b.groupby("task")["seconds_fit"].first().nunique() == 1)  # one fit's time, recorded by each task
 
 
+def test_an_lbfgs_sweep_records_each_draws_c(tmp_path, spec_file):
+    """[probe] solver = "lbfgs" with a C grid: every row records its chosen C, its iterations and
+    whether it converged; the protocol is in the rows."""
+    spec = spec_file.read_text().replace("epochs = 3", 'solver = "lbfgs"\nCs = [0.01, 1.0]')
+    spec = spec.replace('modes = ["random", "pca"]', 'modes = ["random"]')
+    (tmp_path / "lbfgs.toml").write_text(spec)
+    df = run_sweep(tmp_path / "lbfgs.toml", tmp_path / "out", progress=False)
+    assert set(df["C"]) <= {0.01, 1.0} and (df["n_iter"] > 0).all() and df["converged"].dtype == bool
+    assert {json.loads(p)["solver"] for p in df["protocol"]} == {"lbfgs"}
+
+
 def test_the_fit_per_pairing_option_is_checked(tmp_path, spec_file):
     r = run_cli("sweep", spec_file, "--out", tmp_path / "o", "--fits-per-pairing", "0")
     assert r.returncode == 2 and "--fits-per-pairing" in r.stderr and "Traceback" not in r.stderr
