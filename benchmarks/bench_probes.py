@@ -3,6 +3,7 @@
     python benchmarks/bench_probes.py [--n 20000] [--d 1280] [--seeds 23] [--epochs 3] [--device auto] [--precision fp32]
     python benchmarks/bench_probes.py --paper-scale        # GPU: n=50,000, d=2048, 22 x 5, 50 epochs
     python benchmarks/bench_probes.py --paper-scale --no-baselines --repeats 1   # the engine alone
+    python benchmarks/bench_probes.py --paper-scale --solver lbfgs [--cs 1,8]       # L-BFGS vs scikit-learn
 
 Workload: draws over the paper's 22 fractions x seeds (23 seeds = 506 draws + the full
 layer, K ~ 512), 10 classes, synthetic features with class structure, the paper's SGD
@@ -198,6 +199,9 @@ def main():
     p.add_argument("--baseline-draws", type=int, default=12, help="draws the competent loop is timed on")
     p.add_argument("--dataloader-draws", type=int, default=4, help="draws the DataLoader loop is timed on")
     p.add_argument("--sklearn-draws", type=int, default=4)
+    p.add_argument("--solver", default="sgd", choices=("sgd", "lbfgs"),
+                   help="lbfgs: the lbfgs solver with one C and with a grid, against scikit-learn per draw")
+    p.add_argument("--cs", default="1,8", help="lbfgs: grid sizes to time (1: C = 1; 8: 1e-3 ... 1e4)")
     p.add_argument("--paper-scale", action="store_true", help="n=50,000, d=2048, 22 fractions x 5 seeds, 50 epochs")
     a = p.parse_args()
     if a.paper_scale:
@@ -209,6 +213,8 @@ def main():
         torch.backends.cudnn.allow_tf32 = a.precision == "tf32"
     X, y = synthetic(a.n + 5000, a.d, a.classes)
     Xtr, ytr, Xte, yte = X[:a.n], y[:a.n], X[a.n:], y[a.n:]
+    if a.solver == "lbfgs":
+        return bench_lbfgs(a, Xtr, ytr, Xte, yte, device)
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
     print(f"device={device} ({name}) n={a.n} d={a.d} C={a.classes} fractions=22 seeds={a.seeds} epochs={a.epochs} "
           f"precision={a.precision}{' eager' if a.eager else ''}")
@@ -310,6 +316,42 @@ def main():
         print(f"ratio engine / scikit-learn   : {t_sk / t_engine:8.1f}x")
     print(f"useful GFLOP/s: {useful / t_engine:.1f} of matmul {peak:.1f} GFLOP/s = "
           f"{useful / t_engine / peak:.1%}  (goal >= 50%)")
+
+
+def bench_lbfgs(a, Xtr, ytr, Xte, yte, device):
+    """The lbfgs solver on every draw at once, for each grid size, against scikit-learn's
+    LogisticRegression(C, lbfgs) fitted one draw at a time (a sample of draws, scaled)."""
+    from sklearn.linear_model import LogisticRegression
+
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
+    print(f"lbfgs: device={device} ({name}) n={a.n} d={a.d} C={a.classes} fractions=22 seeds={a.seeds} + the full "
+          f"layer per seed")
+    grids = {1: (1.0,), 8: tuple(10.0 ** p for p in range(-3, 5))}
+    times = {}
+    for size in (int(v) for v in a.cs.split(",")):
+        est = SubsetProbes(solver="lbfgs", Cs=grids[size], fractions=PAPER_FRACTIONS, seeds=tuple(range(a.seeds)),
+                           device=device, verbose=False)
+        t0 = time.perf_counter()
+        est.fit(Xtr, ytr)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times[size] = time.perf_counter() - t0
+        rec = est.solver_records_
+        res = est.evaluate(Xte, yte)
+        print(f"engine, {size} C{'s' if size > 1 else ''}: {len(est.draws_)} probes in {times[size]:.2f} s; "
+              f"iterations median {int(np.median(rec['n_iter']))}, max {int(rec['n_iter'].max())}; "
+              f"{rec['converged'].mean():.0%} converged; full-layer test acc {res['test_accuracy'].iloc[-1]:.3f}")
+        sample = np.linspace(0, len(est.draws_) - 1, a.sklearn_draws).astype(int)
+        t0 = time.perf_counter()
+        tr = est.train_indices_
+        for di in sample:
+            for c in grids[size]:
+                LogisticRegression(C=c, max_iter=est.max_iter, tol=est.tol).fit(
+                    Xtr[tr][:, est.draws_[di].neurons], ytr[tr])
+        t_sk = (time.perf_counter() - t0) / len(sample) * len(est.draws_)
+        goal = "<= 1 s on a GPU" if device.startswith("cuda") else "<= 10 s on 2 CPU cores"
+        print(f"scikit-learn one draw at a time, {size} C{'s' if size > 1 else ''}: {t_sk:.1f} s (scaled from "
+              f"{len(sample)} draws); engine / scikit-learn: {t_sk / times[size]:.1f}x (goal >= 100x; one C {goal})")
 
 
 if __name__ == "__main__":

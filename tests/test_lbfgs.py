@@ -50,7 +50,7 @@ def test_each_lbfgs_draw_equals_scikit_learn_alone(data, mode):
     assert res["converged"].all() and (res["C"] == C).all() and (res["n_iter"] > 0).all()
     for di in range(len(est.draws_)):
         Z = _inputs(est, di, Xtr)[tr]
-        sk = LogisticRegression(C=C, max_iter=10_000, tol=1e-10).fit(Z.astype(np.float64), ytr[tr])
+        sk = LogisticRegression(C=C, max_iter=10_000, tol=1e-8).fit(Z.astype(np.float64), ytr[tr])
         w, b = est.probe_weights(di)
         mine, theirs = _objective(Z, ytr[tr], w, b, C), _objective(Z, ytr[tr], sk.coef_.T, sk.intercept_, C)
         assert abs(mine - theirs) <= 1e-4 * theirs, (est.draws_[di], mine, theirs)
@@ -69,7 +69,7 @@ def test_each_draw_keeps_the_c_its_validation_rows_score_best(data):
     chosen = est.evaluate(Xtr[:10], ytr[:10])["C"].to_numpy()
     for di in range(len(est.draws_)):
         Z = _inputs(est, di, Xtr)
-        scores = [LogisticRegression(C=c, max_iter=10_000, tol=1e-10).fit(Z[tr].astype(np.float64), ytr[tr])
+        scores = [LogisticRegression(C=c, max_iter=10_000, tol=1e-8).fit(Z[tr].astype(np.float64), ytr[tr])
                   .score(Z[va].astype(np.float64), ytr[va]) for c in Cs]
         assert chosen[di] == Cs[int(np.argmax(scores))], (est.draws_[di], scores, chosen[di])
         assert est.val_accuracy_[di] == pytest.approx(max(scores), abs=1.5 / len(va))
@@ -81,9 +81,9 @@ def test_a_full_rank_random_projection_reaches_the_full_layer_under_lbfgs(data):
     split's noise: its binomial standard error is 0.008; the penalty, weak here, is not
     rotation-invariant)."""
     Xtr, ytr, Xte, yte = data
-    kw = {**KW, "Cs": (1e3,)}
+    kw = {**KW, "Cs": (100.0,)}
     full = SubsetProbes(mode="prefix", fractions=(1.0,), include_full=False, **kw).fit(Xtr, ytr).score(Xte, yte)
-    proj = SubsetProbes(mode="randproj", fractions=(1.0,), seeds=(0, 1), include_full=False, **kw).fit(Xtr, ytr)
+    proj = SubsetProbes(mode="randproj", fractions=(1.0,), seeds=(0,), include_full=False, **kw).fit(Xtr, ytr)
     assert abs(proj.score(Xte, yte) - full) <= 0.01
 
 

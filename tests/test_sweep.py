@@ -453,7 +453,7 @@ def _set(key, value):
     (lambda s: s.replace("epochs = 3", "epochs = 0"), errors.InvalidParameterError,
      "probe.epochs: expected an integer in [1, 10000]; got 0 (integer)"),
     (_set("probe.solver", '"adam"'), errors.UnknownNameError,
-     "probe.solver: Unknown solver 'adam'; known: ridge, sgd"),
+     "probe.solver: Unknown solver 'adam'; known: lbfgs, ridge, sgd"),
     (lambda s: s.replace('modes = ["random", "pca"]', 'modes = ["random", "lottery"]'), errors.UnknownNameError,
      "selection.modes[1]: Unknown selection mode 'lottery'; known: pca, pca-least, prefix, random, randproj"),
     (lambda s: s.replace('modes = ["random", "pca"]', "modes = []"), errors.InvalidParameterError,
