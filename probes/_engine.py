@@ -127,6 +127,10 @@ class Protocol(Parameters):
     minibatch_order: MinibatchOrder = "per-seed"
     """per-seed: each seed's probes see their own minibatch order, as the released code (one run per seed,
     everything seeded); shared: every probe one order (fewer minibatch reads; seeds then share that noise)."""
+    shots: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    """Few-shot probes: each seed's probes train on K images per class of the train rows (all of a class with
+    fewer), drawn by that seed (CLIP_benchmark's --fewshot_k; unseeded draws, and every draw under a shared
+    order, one draw of their own); validation keeps its rows. None: every train row. The sgd solver."""
 
 
 class _Runtime(Parameters):
@@ -180,6 +184,11 @@ class SubsetProbes(Estimator):
             raise IncompatibleParametersError(
                 key="precision", value=self.precision,
                 reason=f"solver {self.solver!r} runs at {', '.join(SOLVERS[self.solver].precisions)}")
+        if self.shots is not None and not SOLVERS[self.solver].few_shot:
+            raise IncompatibleParametersError(
+                key="shots", value=self.shots,
+                reason=f"few-shot rows per seed are trained by {', '.join(n for n, e in SOLVERS.items() if e.few_shot)}"
+                       f", not by solver {self.solver!r}")
         if self.precision == "bf16" and device == "cpu" and not cpu_has_bf16():
             raise IncompatibleParametersError(
                 key="precision", value="bf16",
@@ -263,6 +272,8 @@ class SubsetProbes(Estimator):
         self.init_positions_ = _positions_within(self.draws_)
         self.val_indices_ = val_idx
         self.train_indices_ = train_idx
+        self._train_labels = data.y  # the classes few-shot rows are drawn from
+        self.__dict__.pop("_shot_rows", None)
 
     def _train(self, data: TrainingData, train_idx, val_idx, device) -> None:
         t0 = time.perf_counter()
@@ -290,9 +301,23 @@ class SubsetProbes(Estimator):
     def epoch_order(self, epoch: int, seed: int | None = None) -> np.ndarray:
         """The train rows of ``epoch`` in minibatch order for the probes of draw seed ``seed``
         (with ``minibatch_order="per-seed"``; unseeded draws, and every draw under "shared",
-        use ``seed=None``)."""
+        use ``seed=None``): a permutation of that seed's train rows (:meth:`train_rows`)."""
         key = [self.random_state, 11, epoch] if seed is None else [self.random_state, 11, epoch, 1, seed]
-        return np.random.default_rng(key).permutation(self.train_indices_)
+        return np.random.default_rng(key).permutation(self.train_rows(seed))
+
+    def train_rows(self, seed: int | None = None) -> np.ndarray:
+        """The train rows the probes of draw seed ``seed`` train on, sorted: every train row, or
+        with ``shots = K`` the first K of each class in an order seeded by the seed (every row of a
+        class with fewer), so every seed trains on as many rows."""
+        if self.shots is None:
+            return self.train_indices_
+        cache = self.__dict__.setdefault("_shot_rows", {})
+        if seed not in cache:
+            rng = np.random.default_rng([self.random_state, 13] + ([] if seed is None else [1, int(seed)]))
+            rows = rng.permutation(self.train_indices_)
+            y = self._train_labels[rows]
+            cache[seed] = np.sort(np.concatenate([rows[y == c][:self.shots] for c in np.unique(y)]))
+        return cache[seed]
 
     def _stream(self, family: Family) -> int:
         return self.streams_.index(family.seed if self.minibatch_order == "per-seed" else None)

@@ -59,7 +59,7 @@ def _train_batches(est, batches: list["_ProbeBatch"], ctx: dict, bar):
     best_epoch = [torch.zeros((g.F, g.m), dtype=torch.long, device=device) for g in batches]
     last_loss = [torch.zeros((g.F, g.m), device=device) for g in batches]
     # buffers for full minibatches: none is larger than the train rows (a batch_size beyond them never fills)
-    full_rows = min(est.batch_size, len(est.train_indices_))
+    full_rows = min(est.batch_size, len(est.train_rows(est.streams_[0])))  # every stream has as many rows
     logit_bufs = [g.logit_buffers(full_rows) for g in batches]
     input_bufs = [g.input_buffer(full_rows, device) for g in batches]
     est.laid_out_ = _lay_out(est, batches, sources, str(device))
@@ -244,7 +244,7 @@ def _accuracy(est, g: _ProbeBatch, X, y_all, rows, device, input_buf, logit_buf,
 
     correct = torch.zeros((g.F, g.m), device=device)
     # on a GPU, few large chunks (launches cost more than the arithmetic); on the CPU, the training buffers
-    buffer_rows = min(est.batch_size, len(est.train_indices_))  # the training buffers' rows
+    buffer_rows = min(est.batch_size, len(est.train_rows(est.streams_[0])))  # the training buffers' rows
     step = max(buffer_rows, g.chunk_rows()) if str(device).startswith("cuda") else buffer_rows
     for start in range(0, len(rows), step):
         r = rows[start:start + step]

@@ -36,6 +36,8 @@ class Solver:
         Can train on features too large for ``max_memory_mb``, read by minibatch (index modes).
     precisions : tuple of str
         The ``precision`` values it runs at.
+    few_shot : bool
+        Trains each seed's probes on that seed's rows (``shots``).
     description : str
     """
 
@@ -44,17 +46,21 @@ class Solver:
     several_layers: bool
     reads_from_disk: bool
     precisions: tuple
+    few_shot: bool
     description: str
 
 
 SOLVERS: dict[str, Solver] = {s.name: s for s in (
     Solver("sgd", fit_sgd, several_layers=True, reads_from_disk=True, precisions=("fp32", "bf16"),
+           few_shot=True,
            description="the paper's protocol: SGD with momentum and weight decay on each probe's mean "
                        "cross-entropy, the best validation epoch kept"),
     Solver("ridge", fit_ridge, several_layers=False, reads_from_disk=False, precisions=("fp32", "bf16"),
+           few_shot=False,
            description="closed-form ridge regression to one-hot targets from the train Gram, regularisation "
                        "chosen on the validation split; a fast screening solver"),
     Solver("lbfgs", fit_lbfgs, several_layers=True, reads_from_disk=False, precisions=("fp32",),
+           few_shot=False,
            description="multinomial logistic regression with an L2 penalty (scikit-learn's LogisticRegression "
                        "objective), full batch, L-BFGS per probe; C chosen per probe from Cs on the validation "
                        "split (CLIP's and DINOv2's linear-probe protocol)"),

@@ -122,6 +122,7 @@ def fit_together(estimators: list[SubsetProbes], X, y=None, n_classes: int | Non
     joint = _Joint(**{**first, "verbose": host.verbose if verbose is None else verbose})
     joint.n_features_in_, joint.n_classes_ = host.n_features_in_, host.n_classes_
     joint.val_indices_, joint.train_indices_ = val_idx, train_idx
+    joint._train_labels = data.y  # few-shot rows are drawn by class, per seed, as each estimator's own
     joint.families_ = [f for est in estimators for f in est.families_]
     joint.draws_ = [dr for est in estimators for dr in est.draws_]
     joint.estimators_ = estimators

@@ -233,3 +233,36 @@ def test_pairings_that_share_rows_join_one_fit(tmp_path):
     big = {0: (64, 10, limit // 2, "rows"), 1: (32, 10, limit // 2, "rows")}  # together past the budget
     assert [len(f) for f in pipelines.plan_fits(tasks, big, share_rows=True)] == [7, 7]
     assert [len(f) for f in pipelines.plan_fits(tasks, same)] == [7, 7]  # off: one fit per pairing
+
+
+# ----------------------------------------------------------------------------- few-shot probes
+
+
+def test_few_shot_probes_train_on_k_images_per_class_of_their_seed(data):
+    """shots = K: each seed's probes (and its full-layer reference) train on K train images per
+    class drawn by that seed, against nn.Linear + SGD trained alone on those rows in the seed's
+    order; validation keeps its rows; a seed's rows are the same fitted alone or with others."""
+    Xtr, ytr, Xte, _ = data
+    est = SubsetProbes(mode="random", fractions=(0.25, 1.0), seeds=(0, 3), shots=10, **KW).fit(Xtr, ytr)
+    rows = {s: est.train_rows(s) for s in (0, 3)}
+    for s, r in rows.items():
+        assert set(r) <= set(est.train_indices_) and np.bincount(ytr[r]).tolist() == [10] * 4
+    assert not np.array_equal(rows[0], rows[3]) and len(est.val_indices_) == 90
+    np.testing.assert_array_equal(
+        SubsetProbes(mode="random", fractions=(0.25,), seeds=(3,), shots=10, **KW).fit(Xtr, ytr).train_rows(3),
+        rows[3])
+    for di in (0, 2, len(est.draws_) - 1):
+        draw = est.draws_[di]
+        orders = orders_of(est, draw, KW["epochs"])
+        assert all(np.array_equal(np.sort(o), rows[draw.seed]) for o in orders)
+        w0, b0 = est.initial_weights(di)
+        lin = train_alone(Xtr, ytr, draw.neurons, w0, b0, orders, C=4, lr=KW["lr"], momentum=KW["momentum"],
+                          wd=KW["weight_decay"], batch_size=KW["batch_size"], lr_step=KW["lr_step"],
+                          lr_gamma=KW["lr_gamma"])
+        with torch.no_grad():
+            ref = lin(torch.from_numpy(Xte[:, draw.neurons])).numpy()
+        assert np.abs(est.decision_function(Xte)[:, di] - ref).max() < 1e-4, (draw.mode, draw.k, draw.seed)
+    every = SubsetProbes(mode="random", fractions=(1.0,), seeds=(0,), shots=10_000, **KW).fit(Xtr, ytr)
+    np.testing.assert_array_equal(every.train_rows(0), every.train_indices_)  # more than any class has: all
+    with pytest.raises(errors.IncompatibleParametersError, match="shots.*not by solver 'lbfgs'"):
+        SubsetProbes(solver="lbfgs", shots=5, device="cpu").check_params()
