@@ -124,6 +124,9 @@ class Protocol(Parameters):
     tol: Annotated[float, Field(gt=0, le=1)] = 1e-4
     """lbfgs: a probe has converged when its objective's largest gradient entry is at most this (scipy's gtol;
     scikit-learn's default tol)."""
+    refit: bool = False
+    """lbfgs: after each probe's C is chosen on the validation rows, train it again on the train and
+    validation rows with that C (CLIP's protocol); its val_accuracy stays the selection's."""
     minibatch_order: MinibatchOrder = "per-seed"
     """per-seed: each seed's probes see their own minibatch order, as the released code (one run per seed,
     everything seeded); shared: every probe one order (fewer minibatch reads; seeds then share that noise)."""

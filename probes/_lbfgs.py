@@ -11,7 +11,9 @@ over the train rows in chunks.
 
 For each C of ``Cs`` (ascending, each warm-started from the last) every probe is trained and
 scored on the validation rows; each probe keeps the C that scores best there (the first of a
-tie: the strongest penalty), recorded with its iterations and whether it converged.
+tie: the strongest penalty), recorded with its iterations and whether it converged. With
+``refit``, each probe is then trained again, from there, on the train and validation rows with
+its chosen C (CLIP's protocol).
 """
 
 from __future__ import annotations
@@ -92,7 +94,8 @@ class _Probes:
 
 
 def _value_grad(g: _ProbeBatch, flat, X, y, rows, n_streams, C_reg, classes):
-    """Every probe's objective (F, m) float64 and its gradient (flat), at ``flat``."""
+    """Every probe's objective (F, m) float64 and its gradient (flat), at ``flat``. ``C_reg``: one
+    C for every probe, or an (F, m) tensor of each probe's own."""
     import torch
 
     from ._sgd import _softmax_gradient
@@ -113,11 +116,14 @@ def _value_grad(g: _ProbeBatch, flat, X, y, rows, n_streams, C_reg, classes):
         g.grads(zs, p.view(g.F, g.m * g.C, len(r)), gW, gb, 1.0 / n)
         grad += part
     probes = _Probes(g)
-    W, _ = g.views(grad)
-    Wf, _ = g.views(flat)
-    for gw, w in zip(W, Wf):  # the L2 term's gradient, on the weights (masked entries stay zero)
-        gw.add_(w, alpha=1.0 / (C_reg * n))
-    value = loss.double() / n + probes.weight_sq(flat) / (2 * C_reg * n)
+    inv = 1.0 / (C_reg * n)
+    # the L2 term's gradient, on the weights (masked entries stay zero; the bias, last, is not penalised)
+    for (a, gw), (_, w) in list(zip(probes._parts(grad), probes._parts(flat)))[:-1]:
+        if isinstance(inv, float):
+            gw.add_(w, alpha=inv)
+        else:
+            gw.add_(w * inv[:, a:, None, None].to(w.dtype))
+    value = loss.double() / n + probes.weight_sq(flat) * (inv / 2)
     return value, grad
 
 
@@ -228,6 +234,11 @@ def fit_lbfgs(est, data, train_idx, val_idx, device):
                     f if best[3] is None else torch.where(better, f, best[3]),
                     iters if best[4] is None else torch.where(better, iters, best[4]),
                     conv if best[5] is None else torch.where(better, conv, best[5]))
+        if est.refit:  # CLIP's protocol: each probe trained again on train + validation rows with its chosen C
+            chosen_C = torch.as_tensor(np.array(sorted(est.Cs)), device=device)[best[2]]
+            flat, f, iters, conv = _minimise(g, best[1], X, y_all, torch.cat([rows, val_t]), n_streams, chosen_C,
+                                             classes, est.tol, est.max_iter)
+            best = (best[0], flat, best[2], f, best[4] + iters, conv)
         g.set_flat(best[1])
         g.in_dtype(torch.float32).to("cpu")
         per_batch.append(best)

@@ -75,6 +75,26 @@ def test_each_draw_keeps_the_c_its_validation_rows_score_best(data):
         assert est.val_accuracy_[di] == pytest.approx(max(scores), abs=1.5 / len(va))
 
 
+def test_refit_trains_each_draw_again_on_train_and_validation_with_its_c(data):
+    """refit (CLIP's protocol): each draw, its C chosen on the validation rows, equals scikit-learn
+    trained on the train and validation rows with that C; the selection's validation accuracy stays."""
+    Xtr, ytr, _, _ = data
+    Cs = (1e-2, 1.0)
+    kw = dict(mode="random", fractions=(0.1, 1.0), seeds=(0,), Cs=Cs, **KW)
+    chosen = SubsetProbes(**kw).fit(Xtr, ytr)
+    est = SubsetProbes(refit=True, **kw).fit(Xtr, ytr)
+    np.testing.assert_array_equal(est.solver_records_["C"], chosen.solver_records_["C"])
+    np.testing.assert_array_equal(est.val_accuracy_, chosen.val_accuracy_)
+    rows = np.concatenate([est.train_indices_, est.val_indices_])
+    for di in range(len(est.draws_)):
+        C = est.solver_records_["C"][di]
+        Z = _inputs(est, di, Xtr)[rows]
+        sk = LogisticRegression(C=C, max_iter=10_000, tol=1e-8).fit(Z.astype(np.float64), ytr[rows])
+        w, b = est.probe_weights(di)
+        mine, theirs = _objective(Z, ytr[rows], w, b, C), _objective(Z, ytr[rows], sk.coef_.T, sk.intercept_, C)
+        assert abs(mine - theirs) <= 1e-4 * theirs, (est.draws_[di], mine, theirs)
+
+
 def test_a_full_rank_random_projection_reaches_the_full_layer_under_lbfgs(data):
     """Under SGD's 50 epochs the demo's randproj probes plateau below the full layer; a converged
     probe on any full-rank projection of the layer reads what the layer holds (to the test
