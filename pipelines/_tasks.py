@@ -159,7 +159,7 @@ def check_groups(spec: SweepSpec, shapes: dict | None = None) -> list[dict]:
     """Every pairing's groups exist and are complete, and its test (and validation) groups
     match its train group. Returns, per pairing, the features it reads: the groups' names and
     their content keys (``{"train", "test", "val", "keys"}``). ``shapes``, when given, receives
-    what :func:`plan_fits` sizes fits by (:func:`pairing_shapes`)."""
+    per pairing what :func:`plan_fits` sizes and joins fits by (``_shape``)."""
     fs = featstore.open(spec.store)
     resolved = []
     for gi, g in enumerate(spec.pairings()):
@@ -278,15 +278,9 @@ def _read_pair(key, train, test, val, test_map) -> _CachedPair:
 # ----------------------------------------------------------------------------- fits: tasks trained together
 
 
-def pairing_shapes(spec: SweepSpec) -> dict[int, tuple[int, int, int]]:
-    """Per pairing: (its layer's width, its classes, its train features' bytes in memory: every
-    pass and the validation rows, as float32; a digest of its train and validation labels and
-    views), what :func:`plan_fits` sizes and joins fits by."""
-    fs = featstore.open(spec.store)
-    return {gi: _shape(*open_pair(fs, g)[::2]) for gi, g in enumerate(spec.pairings())}
-
-
 def _shape(train, val) -> tuple[int, int, int, str]:
+    """(the layer's width, its classes, the train features' bytes in memory: every pass and the
+    validation rows, as float32; a digest of the train and validation labels and the views)."""
     rows = train.n_samples * (1 + train.n_views) + (val.n_samples if val is not None else 0)
     digest = hashlib.sha256()  # what a joint fit of several pairings needs equal: labels, validation, views
     for part in (np.asarray(train.labels, dtype=np.int64), None if val is None else np.asarray(val.labels, np.int64)):
@@ -312,7 +306,7 @@ def plan_fits(tasks: list[Task], shapes: dict[int, tuple], workers: int = 1,
     views, and one protocol: layers of one model, dataset and split) train in one fit, as many
     together as keep every worker busy (all of them with one worker) and fit ``max_memory_mb``
     with their features.
-    ``shapes`` (:func:`pairing_shapes`) maps a pairing to its layer's width, its classes, its
+    ``shapes`` (filled by :func:`check_groups`) maps a pairing to its layer's width, its classes, its
     features' bytes in memory (0 when they stay on disk) and its rows' digest. Tasks keep their
     order within a pairing.
     """
@@ -321,13 +315,12 @@ def plan_fits(tasks: list[Task], shapes: dict[int, tuple], workers: int = 1,
         by_pairing.setdefault(t.group_index, []).append(t)
     if fits_per_pairing is None:
         fits_per_pairing = max(1, -(-workers // max(1, len(by_pairing))))
-    limit = probes.SubsetProbes(**({} if max_memory_mb is None else {"max_memory_mb": max_memory_mb})).max_memory_mb
-    limit <<= 20
+    limit = (max_memory_mb or probes.SubsetProbesParameters.model_fields["max_memory_mb"].default) << 20
+    sizes = {gi: [probes.fit_bytes(t.estimator(shapes[gi][0], "cpu", max_memory_mb), *shapes[gi][:2]) for t in group]
+             for gi, group in by_pairing.items()}  # each task's estimated working memory
 
     def size(gi):
-        d, C, feature_bytes = shapes[gi][:3]
-        return feature_bytes + sum(probes.fit_bytes(t.estimator(d, "cpu", max_memory_mb), d, C)
-                                   for t in by_pairing[gi])
+        return shapes[gi][2] + sum(sizes[gi])  # the pairing's features and its tasks' probes
 
     fits, alone = [], list(by_pairing)
     if share_rows and fits_per_pairing == 1:
@@ -344,11 +337,9 @@ def plan_fits(tasks: list[Task], shapes: dict[int, tuple], workers: int = 1,
                 else:
                     alone += part
     for gi in sorted(alone):
-        group = by_pairing[gi]
-        d, C, feature_bytes = shapes[gi][:3]
-        sizes = [probes.fit_bytes(t.estimator(d, "cpu", max_memory_mb), d, C) for t in group]
+        group, feature_bytes = by_pairing[gi], shapes[gi][2]
         budget = limit - feature_bytes if feature_bytes < limit else limit  # beyond it the features stay on disk
-        for part, part_sizes in _split_even(group, sizes, min(fits_per_pairing, len(group))):
+        for part, part_sizes in _split_even(group, sizes[gi], min(fits_per_pairing, len(group))):
             fits += _pack(part, part_sizes, budget)
     order = {id(t): i for i, t in enumerate(tasks)}
     return sorted(fits, key=lambda f: order[id(f[0])])

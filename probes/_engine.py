@@ -246,9 +246,10 @@ class SubsetProbes(Estimator):
             raise IncompatibleParametersError(
                 key="mode" if streams else "solver", value=self.mode if streams else self.solver,
                 reason=f"the train features ({data.X.shape[0]} x {data.X.shape[1]}) exceed max_memory_mb="
-                       f"{self.max_memory_mb} and are read from disk by minibatch, which serves SGD on neuron subsets "
-                       f"({', '.join(INDEX_MODES)}); projections and ridge need d x d work. Raise max_memory_mb or "
-                       f"use an index mode")
+                       f"{self.max_memory_mb} and are read from disk by minibatch, which serves the solver"
+                       f" {', '.join(n for n, e in SOLVERS.items() if e.reads_from_disk)} on neuron subsets "
+                       f"({', '.join(INDEX_MODES)}); projections and the other solvers need them in memory. Raise "
+                       f"max_memory_mb or use an index mode")
 
     def _set_draws(self, data: TrainingData, train_idx, val_idx) -> None:
         """The estimator's families and draws (and its full-layer references), from its selection."""

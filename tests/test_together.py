@@ -32,6 +32,20 @@ def _estimators():
     return ests
 
 
+def _assert_equals_lone_probe(est, di, Xtr, ytr, Xte, orders=None):
+    """Draw ``di`` of a fitted ``est`` against nn.Linear + torch.optim.SGD trained alone on its
+    neurons, from the estimator's own initial weights, in its seed's minibatch order."""
+    draw = est.draws_[di]
+    w0, b0 = est.initial_weights(di)
+    orders = orders_of(est, draw, KW["epochs"]) if orders is None else orders
+    lin = train_alone(Xtr, ytr, draw.neurons, w0, b0, orders, C=4, lr=KW["lr"], momentum=KW["momentum"],
+                      wd=KW["weight_decay"], batch_size=KW["batch_size"], lr_step=KW["lr_step"],
+                      lr_gamma=KW["lr_gamma"])
+    with torch.no_grad():
+        ref = lin(torch.from_numpy(Xte[:, draw.neurons])).numpy()
+    assert np.abs(est.decision_function(Xte)[:, di] - ref).max() < 1e-4, (draw.mode, draw.k, draw.seed)
+
+
 def test_each_estimator_of_a_joint_fit_equals_its_own_fit(data):
     """Every estimator handed back by fit_together holds the probes its own fit trains: the same
     draws, weights and logits to float rounding (the products are grouped with the others'), the
@@ -65,14 +79,7 @@ def test_a_joint_fits_probes_equal_nn_linear_trained_alone(data):
     Xtr, ytr, Xte, _ = data
     ests = probes.fit_together(_estimators(), Xtr, ytr)
     for est, di in [(ests[0], 0), (ests[3], 0), (ests[4], 2), (ests[5], 4), (ests[6], 3), (ests[7], 1)]:
-        draw = est.draws_[di]
-        w0, b0 = est.initial_weights(di)
-        lin = train_alone(Xtr, ytr, draw.neurons, w0, b0, orders_of(est, draw, KW["epochs"]), C=4, lr=KW["lr"],
-                          momentum=KW["momentum"], wd=KW["weight_decay"], batch_size=KW["batch_size"],
-                          lr_step=KW["lr_step"], lr_gamma=KW["lr_gamma"])
-        with torch.no_grad():
-            ref = lin(torch.from_numpy(Xte[:, draw.neurons])).numpy()
-        assert np.abs(est.decision_function(Xte)[:, di] - ref).max() < 1e-4, (draw.mode, draw.k, draw.seed)
+        _assert_equals_lone_probe(est, di, Xtr, ytr, Xte)
 
 
 def test_ridge_estimators_fit_together_as_alone(data):
@@ -196,14 +203,7 @@ def test_estimators_of_several_layers_fit_together_as_alone(data):
         np.testing.assert_allclose(j.val_accuracy_, a.val_accuracy_, atol=1.5 / len(j.val_indices_))
     est = together[2]
     for di in (0, 2, len(est.draws_) - 1):
-        draw = est.draws_[di]
-        w0, b0 = est.initial_weights(di)
-        lin = train_alone(b_tr, ytr, draw.neurons, w0, b0, orders_of(est, draw, KW["epochs"]), C=4, lr=KW["lr"],
-                          momentum=KW["momentum"], wd=KW["weight_decay"], batch_size=KW["batch_size"],
-                          lr_step=KW["lr_step"], lr_gamma=KW["lr_gamma"])
-        with torch.no_grad():
-            ref = lin(torch.from_numpy(b_te[:, draw.neurons])).numpy()
-        assert np.abs(est.decision_function(b_te)[:, di] - ref).max() < 1e-4, (draw.mode, draw.k, draw.seed)
+        _assert_equals_lone_probe(est, di, b_tr, ytr, b_te)
     ridge = [SubsetProbes(mode="random", fractions=(0.5,), seeds=(0,), **{**KW, "solver": "ridge"}) for _ in range(2)]
     for j, x, te in zip(probes.fit_together(ridge, [a_tr, b_tr], ytr), [a_tr, b_tr], [a_te, b_te]):
         alone = SubsetProbes(mode="random", fractions=(0.5,), seeds=(0,), **{**KW, "solver": "ridge"}).fit(x, ytr)
@@ -255,13 +255,7 @@ def test_few_shot_probes_train_on_k_images_per_class_of_their_seed(data):
         draw = est.draws_[di]
         orders = orders_of(est, draw, KW["epochs"])
         assert all(np.array_equal(np.sort(o), rows[draw.seed]) for o in orders)
-        w0, b0 = est.initial_weights(di)
-        lin = train_alone(Xtr, ytr, draw.neurons, w0, b0, orders, C=4, lr=KW["lr"], momentum=KW["momentum"],
-                          wd=KW["weight_decay"], batch_size=KW["batch_size"], lr_step=KW["lr_step"],
-                          lr_gamma=KW["lr_gamma"])
-        with torch.no_grad():
-            ref = lin(torch.from_numpy(Xte[:, draw.neurons])).numpy()
-        assert np.abs(est.decision_function(Xte)[:, di] - ref).max() < 1e-4, (draw.mode, draw.k, draw.seed)
+        _assert_equals_lone_probe(est, di, Xtr, ytr, Xte, orders)
     every = SubsetProbes(mode="random", fractions=(1.0,), seeds=(0,), shots=10_000, **KW).fit(Xtr, ytr)
     np.testing.assert_array_equal(every.train_rows(0), every.train_indices_)  # more than any class has: all
     with pytest.raises(errors.IncompatibleParametersError, match="shots.*not by solver 'lbfgs'"):
