@@ -19,7 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
-from featstore.errors import InvalidParameterError, MissingKeyError, UnknownNameError
+import probes
+from featstore.errors import IncompatibleParametersError, InvalidParameterError, MissingKeyError, UnknownNameError
 from featstore.params import defaults, validate
 
 from ._bootstrap import (
@@ -73,7 +74,10 @@ def coefficient_of_variation(values) -> float:
 
 
 FULL_LAYER = "full"  # the mode of the full-layer reference rows
-SOURCES = {"accuracy": "test_accuracy", "cka": "cka"}  # what DR(δ) is computed from
+# what DR(δ) is computed from: a test metric of the probes (probes.METRICS; the paper's: accuracy) against the
+# full layer's, or CKA with the whole layer
+SOURCES = {**{name: m.column for name, m in probes.METRICS.items()}, "cka": "cka"}
+METRIC_COLUMNS = tuple(m.column for m in probes.METRICS.values())
 EDGE, NOT_REACHED = "at grid edge", "not reached"  # the two ways a DR value is censored
 
 
@@ -103,14 +107,15 @@ def _n_test(runs, reference) -> int | None:
     return None
 
 
-def _pairings(df, mode: str | None = None):
-    """(keys, the pairing's distinct draws of ``mode`` (or every selection mode), its Reference)."""
+def _pairings(df, mode: str | None = None, metric: str = "test_accuracy"):
+    """(keys, the pairing's distinct draws of ``mode`` (or every selection mode), its Reference of
+    ``metric``)."""
     draws = distinct_draws(df)
     for keys, g in draws.groupby(GROUP_COLS):
         full = g[g["mode"] == FULL_LAYER]
         sub = g[g["mode"] != FULL_LAYER] if mode is None else g[g["mode"] == mode]
         if len(sub):
-            yield keys, sub, reference_of(full)
+            yield keys, sub, reference_of(full, metric if metric in METRIC_COLUMNS else "test_accuracy")
 
 
 def accuracy_curve(df, metric: str = "test_accuracy", *, n_boot: int = _BOOT["n_boot"], ci: float = _BOOT["ci"],
@@ -119,16 +124,17 @@ def accuracy_curve(df, metric: str = "test_accuracy", *, n_boot: int = _BOOT["n_
     (seeds), its sd (NaN for one run: no spread to show), min, max, the runs (``count``), a
     bootstrap interval of the mean (``low``, ``high``; what it covers: ``covers``), and for
     accuracy the full layer (``full`` with ``full_low`` / ``full_high``) and the mean relative
-    to it (``relative`` with its interval). Repeated k are one point per seed (``fractions``
+    to it (``relative`` with its interval); so for every test metric column (``probes.METRICS``),
+    the full layer's own value of that metric. Repeated k are one point per seed (``fractions``
     lists the nominal fractions)."""
     import pandas as pd
 
     o = _options(n_boot, ci, random_state, over)
     out = []
-    for keys, sub, reference in _pairings(df):
+    for keys, sub, reference in _pairings(df, metric=metric):
         for mode, rows in sub.groupby("mode"):
             runs = runs_of(rows, metric)
-            ref = reference if metric == "test_accuracy" else None
+            ref = reference if metric in METRIC_COLUMNS else None
             boot = Resamples(o, keys[0], _n_test(runs, ref))
             curves, refs = curve_samples(runs, ref, boot, metric)
             low, high = boot.interval(curves)
@@ -190,9 +196,11 @@ def diffused_redundancy(df, mode: str = "random", deltas: Sequence[float] = DELT
         ``load_results`` output.
     mode : str
         Selection mode whose curve is used (the paper: ``random``).
-    source : {"accuracy", "cka"}
-        ``accuracy``: Acc(f) >= δ · Acc(1), Acc(1) the full-layer probes' test accuracy.
-        ``cka``: CKA(X_S, X) >= δ.
+    source : str
+        ``accuracy`` (the paper): Acc(f) >= δ · Acc(1), Acc(1) the full-layer probes' test
+        accuracy; any other metric of ``probes.METRICS`` (``balanced_accuracy``, ``macro_f1``,
+        ``top5_accuracy``) the same way with that metric of the subsets and of the full layer
+        (a report's ``dr_metric``); ``cka``: CKA(X_S, X) >= δ.
     n_boot, ci, random_state, over
         The bootstrap (:class:`BootstrapOptions`): by default seeds and test images resampled
         together; a resample that never reaches δ counts with DR at its lower bound (0), so the
@@ -210,6 +218,10 @@ def diffused_redundancy(df, mode: str = "random", deltas: Sequence[float] = DELT
     if source not in SOURCES:
         raise UnknownNameError("DR source", source, SOURCES)
     metric = SOURCES[source]
+    if metric not in df.columns and len(df):
+        raise IncompatibleParametersError(key="source", value=source,
+                                          reason=f"these results hold no {metric} column (a sweep of an older "
+                                                 f"featstore?): run the sweep again to compute it")
     o = _options(n_boot, ci, random_state, over)
     if df.empty or mode not in set(df["mode"]):
         raise InvalidParameterError(key="mode", value=mode,
@@ -217,11 +229,11 @@ def diffused_redundancy(df, mode: str = "random", deltas: Sequence[float] = DELT
                                              + ", ".join(sorted(set(df["mode"]) - {FULL_LAYER}) if len(df) else []))
     deltas = [float(d) for d in deltas]
     rows = []
-    for keys, sub, reference in _pairings(df, mode):
-        if source == "accuracy" and reference is None:
+    for keys, sub, reference in _pairings(df, mode, metric):
+        if source != "cka" and reference is None:
             raise MissingKeyError(key=f"group {keys[0]} full-layer rows", expected="the sweep's reference task rows")
         runs = runs_of(sub, metric)
-        ref = reference if source == "accuracy" else None
+        ref = reference if source != "cka" else None
         boot = Resamples(o, keys[0], _n_test(runs, ref))
         kind = covers(runs, ref, o, metric)
         with np.errstate(all="ignore"):

@@ -158,13 +158,17 @@ def runs_of(rows, metric: str = "test_accuracy") -> Runs:
     return Runs(seeds, k, k / d, values, correct, per_class, nominal)
 
 
-def reference_of(full_rows) -> Reference | None:
-    """The full-layer rows of one pairing as a Reference (None without any)."""
+def reference_of(full_rows, metric: str = "test_accuracy") -> Reference | None:
+    """The full-layer rows of one pairing as a Reference of their ``metric`` column (None without
+    any rows); their test images' correctness only for accuracy (the one metric that is a mean
+    over images)."""
     if full_rows.empty:
         return None
     full_rows = full_rows.sort_values("seed", na_position="first", kind="stable")
     seeds = [_seed(s) for s in full_rows["seed"]]
-    return Reference(seeds, full_rows["test_accuracy"].to_numpy(dtype=float), _correct_of(full_rows))
+    values = full_rows[metric].to_numpy(dtype=float) if metric in full_rows.columns else \
+        np.full(len(full_rows), np.nan)
+    return Reference(seeds, values, _correct_of(full_rows) if metric == "test_accuracy" else None)
 
 
 class Resamples:
@@ -225,7 +229,7 @@ def curve_samples(runs: Runs, reference: Reference | None, resamples: Resamples,
     kind = covers(runs, reference, resamples.options, metric)
     test = kind in ("seeds+test", "test")
     S, J = runs.values.shape
-    paired = reference is not None and metric == "test_accuracy" and runs.seeds[0] is not None and \
+    paired = reference is not None and runs.seeds[0] is not None and \
         set(runs.seeds) <= set(reference.seeds) and len(reference.seeds) > 1
     R = len(reference.values) if reference is not None else 0
     curves, refs = [], []

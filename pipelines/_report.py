@@ -14,6 +14,7 @@ import numpy as np
 from pydantic import Field
 
 from featstore.params import CommaList, OneOf, Parameters, Unique, defaults, validate
+import probes
 from probes import SELECTION_MODES
 
 from ._analysis import (
@@ -87,16 +88,25 @@ def _fig_accuracy(df, plt):
     return fig
 
 
+def _dr_metric(df) -> str:
+    """The test metric DR is computed from on this page (``ReportOptions.dr_metric``)."""
+    return df.attrs.get("dr_metric", "accuracy")
+
+
+def _words(metric: str) -> str:
+    return metric.replace("_", " ")
+
+
 def _fig_dr(df, plt):
     fig, ax = plt.subplots(figsize=(3.4, 2.7))
-    for i, source in enumerate(("accuracy", "cka")):
+    for i, source in enumerate((_dr_metric(df), "cka")):
         if source == "cka" and df["cka"].isna().all():
             continue
         dr = diffused_redundancy(df, mode="random" if "random" in set(df["mode"]) else df["mode"][df["mode"] != "full"].iloc[0],
                                  source=source)  # the table's bootstrap: the same resamples, the same bands
         for j, (keys, g) in enumerate(dr.groupby(["group", "model", "layer", "dataset"])):
-            ax.plot(g["delta"], g["dr"], color=f"C{j}", ls="-" if source == "accuracy" else ":",
-                    label=f"{_label(keys)} ({source})")
+            ax.plot(g["delta"], g["dr"], color=f"C{j}", ls="-" if source != "cka" else ":",
+                    label=f"{_label(keys)} ({_words(source)})")
             # the band only where the estimate exists (a δ not reached has no DR to put a band around)
             band = g["dr"].notna() & g["dr_low"].notna()
             ax.fill_between(g["delta"], g["dr_low"].where(band), g["dr_high"].where(band), color=f"C{j}", alpha=0.15,
@@ -104,8 +114,9 @@ def _fig_dr(df, plt):
             edge = g[g["censored"] == EDGE]  # reached at the smallest evaluated fraction: a lower bound
             if len(edge):
                 ax.plot(edge["delta"], edge["dr"], ls="none", marker="^", ms=4, color=f"C{j}",
-                        label=f"≥: reached at the smallest fraction ({source})")
-    ax.set(xlabel="δ (fraction of the full layer's accuracy / CKA to keep)", ylabel="diffused redundancy DR(δ)",
+                        label=f"≥: reached at the smallest fraction ({_words(source)})")
+    ax.set(xlabel=f"δ (fraction of the full layer's {_words(_dr_metric(df))} / CKA to keep)",
+           ylabel="diffused redundancy DR(δ)",
            title="Diffused redundancy vs δ (further out = more redundant)", ylim=(-0.02, 1.02))
     ax.grid(alpha=0.3)
     ax.legend()
@@ -204,7 +215,7 @@ def _dr_at(df, delta: float = 0.9):
     bootstrap is ``dr_table``'s (same resamples), so the page's sentence, figures and table agree."""
     if "random" not in set(df["mode"]):
         return None
-    return diffused_redundancy(df, deltas=(delta,)).sort_values("group").reset_index(drop=True)
+    return diffused_redundancy(df, deltas=(delta,), source=_dr_metric(df)).sort_values("group").reset_index(drop=True)
 
 
 def _error_bars(g):
@@ -314,6 +325,10 @@ class ReportOptions(Parameters):
     """Write this one figure alone (in each of --formats), not the page."""
     progress: Annotated[bool, Field(json_schema_extra={"off": "No progress bar over the figures"})] = True
     """Show a progress bar over the figures (each bootstraps its intervals: seconds apiece)."""
+    dr_metric: Annotated[str, OneOf(probes.METRICS, "metric")] = "accuracy"
+    """The probes' test metric DR(δ) is computed from (probes.METRICS; the subsets' against the full layer's):
+    accuracy (the paper), balanced_accuracy (mean per-class accuracy, the Pets and Flowers convention),
+    macro_f1 or top5_accuracy. The page's sentence, DR figure and table use it."""
 
 
 # sized for one column of a two-column paper (3.4 in wide), text at 8 pt, fonts kept as text
@@ -367,7 +382,9 @@ def _answers(df) -> list[str]:
     if "random" not in set(df["mode"]):
         return []
     dr = _dr_at(df)
-    full = df[df["mode"] == "full"].groupby("group")["test_accuracy"].mean()
+    metric = _dr_metric(df)
+    words = _words(metric)
+    full = df[df["mode"] == "full"].groupby("group")[probes.METRICS[metric].column].mean()
     width = df.groupby("group")["n_neurons"].first()
     suspicious, unconverged = sweep_warnings(df), convergence_notes(df)
     out = []
@@ -378,14 +395,14 @@ def _answers(df) -> list[str]:
             out.append(where + html.escape(suspicious[r.group]) + ".")
             continue
         if r.censored == NOT_REACHED:
-            out.append(where + f"no random subset smaller than the {d} neurons keeps 90% of the full layer's accuracy "
+            out.append(where + f"no random subset smaller than the {d} neurons keeps 90% of the full layer's {words} "
                                f"({acc:.3f}) on this grid: DR(0.9) not reached.")
             continue
         share, k = f"{100 * r.fraction:.3g}%", max(1, int(round(r.fraction * d)))
         bound = " (the smallest fraction evaluated, so DR is a lower bound)" if r.censored == EDGE else ""
         text = dr_text(r.dr, r.dr_low, r.dr_high, r.censored, r.covers, r.reached)
         note = f" Note: {html.escape(unconverged[r.group])}." if r.group in unconverged else ""
-        out.append(where + f"a random {share} of the {d} neurons ({k}) keeps 90% of the full layer's accuracy "
+        out.append(where + f"a random {share} of the {d} neurons ({k}) keeps 90% of the full layer's {words} "
                            f"({acc:.3f}){bound}: <b>DR(0.9) = {html.escape(text)}</b> "
                            f"(interval over {COVERS[r.covers]}, {r.n_seeds} seeds).{note}")
     return out
@@ -406,10 +423,10 @@ def _progress_html(results_dir, df) -> str:
             f"{html.escape(missing)}. Re-run the sweep to finish it.</p>")
 
 
-def _dr_html(df, source: str = "accuracy") -> str:
-    """DR(δ) per pairing: model / layer / dataset, then one column per δ; censored values marked;
-    a caption says what the intervals cover."""
-    t = dr_table(df, source=source)
+def _dr_html(df, source: str | None = None) -> str:
+    """DR(δ) per pairing (from ``source``, default the page's DR metric): model / layer / dataset,
+    then one column per δ; censored values marked; a caption says what the intervals cover."""
+    t = dr_table(df, source=source or _dr_metric(df))
     note = interval_note(t.attrs.get("covers", []))
     t = t.reset_index()
     deltas = [c for c in t.columns if c not in ("group", "model", "layer", "dataset")]
@@ -472,7 +489,7 @@ _REPORT = defaults(ReportOptions)
 
 def write_report(results_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
                  formats=_REPORT["formats"], figure: str | None = _REPORT["figure"],
-                 progress: bool = _REPORT["progress"]) -> Path:
+                 progress: bool = _REPORT["progress"], dr_metric: str = _REPORT["dr_metric"]) -> Path:
     """Write a sweep's figures (``formats``: png, svg, pdf) and ``report.html``: one self-contained
     page (images inline), the answer first, then the figures, then the detailed tables (folded).
 
@@ -481,7 +498,8 @@ def write_report(results_dir: str | os.PathLike, out: str | os.PathLike | None =
     """
     import json
 
-    o = validate(ReportOptions, dict(formats=formats, figure=figure, progress=progress), prefix="write_report.")
+    o = validate(ReportOptions, dict(formats=formats, figure=figure, progress=progress, dr_metric=dr_metric),
+                 prefix="write_report.")
     from featstore import require_extra
 
     require_extra("matplotlib", "featstore report")
@@ -489,10 +507,17 @@ def write_report(results_dir: str | os.PathLike, out: str | os.PathLike | None =
     from ._sweep import load_results
 
     df = load_results(results_dir)
+    df.attrs["dr_metric"] = o.dr_metric
     if df.empty:
         from featstore.errors import ResultsNotFoundError
 
         raise ResultsNotFoundError(path=str(results_dir), hint="no task has completed yet")
+    if probes.METRICS[o.dr_metric].column not in df.columns:
+        from featstore.errors import IncompatibleParametersError
+
+        raise IncompatibleParametersError(key="dr_metric", value=o.dr_metric,
+                                          reason=f"these results hold no {probes.METRICS[o.dr_metric].column} column "
+                                                 f"(a sweep of an older featstore): run the sweep again to compute it")
     out = Path(out) if out else Path(results_dir) / "report"
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -527,7 +552,7 @@ def write_report(results_dir: str | os.PathLike, out: str | os.PathLike | None =
         "<p class='answer'>No random-neuron probes in these results: the DR table needs mode 'random'.</p>"
     left = _progress_html(results_dir, df) + left
     if answers:
-        left += ("<h2>DR(δ) from accuracy, random neurons</h2><p class='src'>mean over seeds [95% bootstrap "
+        left += (f"<h2>DR(δ) from {_words(o.dr_metric)}, random neurons</h2><p class='src'>mean over seeds [95% bootstrap "
                  "interval]; ≥: reached at the smallest fraction evaluated</p>" + _dr_html(df))
     first = "accuracy_vs_fraction"
     parts.append(f"<section class='top'><div id='answer'>{left}</div>"

@@ -72,7 +72,9 @@ class Protocol(Parameters):
     """How every probe is trained (probes.SOLVERS): sgd, the paper's protocol (SGD with momentum, the best
     validation epoch); ridge, closed-form ridge regression to one-hot targets, regularisation chosen on the
     validation split (a fast screening solver); lbfgs, L2-penalised multinomial logistic regression by
-    L-BFGS, C chosen per probe from Cs on the validation split (CLIP's and DINOv2's protocol)."""
+    L-BFGS, C chosen per probe from Cs on the validation split (CLIP's and DINOv2's protocol); knn, a weighted
+    vote of the k most cosine-similar train rows, k chosen per probe from ks on the validation split (DINOv2's
+    kNN evaluation)."""
     epochs: Annotated[int, Field(ge=1, le=10_000)] = 50
     """SGD epochs."""
     lr: Annotated[float, Field(gt=0, le=1000)] = 0.1
@@ -81,6 +83,15 @@ class Protocol(Parameters):
     """SGD momentum."""
     weight_decay: Annotated[float, Field(ge=0, le=1)] = 1e-4
     """L2 weight decay, as torch.optim.SGD applies it."""
+    lrs: Annotated[tuple[Annotated[float, Field(gt=0, le=1000)], ...], Field(min_length=1, strict=False),
+                   Unique()] | None = None
+    """sgd: a grid of initial learning rates in place of lr: every probe trained under each (times each of
+    weight_decays) in the same pass, keeping the one its validation split scores best (DINOv2's linear.py
+    grid); rows record the chosen lr. None: lr alone."""
+    weight_decays: Annotated[tuple[Annotated[float, Field(ge=0, le=1)], ...], Field(min_length=1, strict=False),
+                             Unique()] | None = None
+    """sgd: a grid of weight decays in place of weight_decay, crossed with lrs (or lr); rows record the
+    chosen weight_decay. None: weight_decay alone."""
     batch_size: Annotated[int, Field(ge=1, le=1 << 20)] = 256
     """Minibatch size."""
     lr_step: Annotated[int, Field(ge=1, le=10_000)] = 10
@@ -127,6 +138,16 @@ class Protocol(Parameters):
     refit: bool = False
     """lbfgs: after each probe's C is chosen on the validation rows, train it again on the train and
     validation rows with that C (CLIP's protocol); its val_accuracy stays the selection's."""
+    ks: Annotated[tuple[Annotated[int, Field(ge=1, le=100_000)], ...], Field(min_length=1, strict=False),
+                  Unique()] = (10, 20, 100, 200)
+    """knn: the neighbour counts tried, each probe keeping the one its validation split scores best (the
+    smallest on a tie); default DINOv2's nb_knn."""
+    knn_weights: Literal["temperature", "distance", "uniform"] = "temperature"
+    """knn: how neighbours vote: temperature (DINOv2: a softmax of the cosine similarities over max(ks)
+    neighbours at knn_temperature), distance (scikit-learn's weights="distance", metric="cosine": 1 / (1 -
+    cos)) or uniform."""
+    knn_temperature: Annotated[float, Field(gt=0, le=100)] = 0.07
+    """knn: the temperature of the temperature vote (DINOv2's T)."""
     minibatch_order: MinibatchOrder = "per-seed"
     """per-seed: each seed's probes see their own minibatch order, as the released code (one run per seed,
     everything seeded); shared: every probe one order (fewer minibatch reads; seeds then share that noise)."""
@@ -187,6 +208,12 @@ class SubsetProbes(Estimator):
             raise IncompatibleParametersError(
                 key="precision", value=self.precision,
                 reason=f"solver {self.solver!r} runs at {', '.join(SOLVERS[self.solver].precisions)}")
+        for key in ("lrs", "weight_decays"):
+            if getattr(self, key) is not None and not SOLVERS[self.solver].sgd_grid:
+                raise IncompatibleParametersError(
+                    key=key, value=list(getattr(self, key)),
+                    reason=f"a grid of SGD hyperparameters is trained by "
+                           f"{', '.join(n for n, e in SOLVERS.items() if e.sgd_grid)}, not by solver {self.solver!r}")
         if self.shots is not None and not SOLVERS[self.solver].few_shot:
             raise IncompatibleParametersError(
                 key="shots", value=self.shots,
@@ -405,7 +432,8 @@ class SubsetProbes(Estimator):
 
     # ------------------------------------------------------------------ inference
     def decision_function(self, X) -> np.ndarray:
-        """Logits of every probe, array of shape (n_samples, n_draws, n_classes)."""
+        """Logits of every probe, array of shape (n_samples, n_draws, n_classes) (solver knn: each
+        class's weighted vote)."""
         import torch
 
         self._check_fitted()
@@ -413,6 +441,8 @@ class SubsetProbes(Estimator):
         if features.n_neurons != self.n_features_in_:
             raise InvalidFeaturesError(where=features.where, problem=f"{features.n_neurons} neurons; the probes were "
                                                                      f"fitted on {self.n_features_in_}")
+        if SOLVERS[self.solver].scores is not None:  # no linear layer: the solver's own scores
+            return SOLVERS[self.solver].scores(self, features)
         if isinstance(features, RowFile):  # on disk: read in row chunks
             n, rows = features.n_samples, lambda a, b: torch.from_numpy(features.rows(a, b))
         else:
@@ -437,6 +467,9 @@ class SubsetProbes(Estimator):
         projection's directions otherwise. ``X[:, neurons] @ weight + bias`` are its logits.
         """
         self._check_fitted()
+        if SOLVERS[self.solver].scores is not None:
+            raise IncompatibleParametersError(key="solver", value=self.solver,
+                                              reason="its probes hold no weights (decision_function gives its scores)")
         if not 0 <= draw < len(self.draws_):
             raise InvalidParameterError(key="draw", value=draw,
                                         expected=f"an integer in 0..{len(self.draws_) - 1} (the estimator's draws)")

@@ -11,36 +11,74 @@ from ._batch import _Minibatch, _ProbeBatch, _to_device
 from ._data import TrainingData
 from ._inputs import RowFile
 
-__all__ = ["fit_sgd"]
+__all__ = ["fit_sgd", "sgd_grid"]
+
+
+def sgd_grid(est) -> list[tuple[float, float]]:
+    """The (lr, weight_decay) pairs every draw trains under: ``lrs`` x ``weight_decays`` where
+    given (each in its order, the learning rates outer), else the one ``lr`` / ``weight_decay``."""
+    return [(lr, wd) for lr in (est.lrs or (est.lr,)) for wd in (est.weight_decays or (est.weight_decay,))]
 
 
 def fit_sgd(est, data: TrainingData, train_idx, val_idx, device):
+    """Train every draw by SGD; with an lr x weight-decay grid, every draw under every pair in the
+    same pass (each pair's copy of the batches reads the same minibatch inputs), each draw keeping
+    the pair its validation scores best (the first such pair on a tie)."""
     import torch
 
     dtype = torch.bfloat16 if est.precision == "bf16" else None
-    batches = est._batches(device, dtype)
-    positions = est._draw_positions(batches)
-    for di, (bi, fi, pi) in enumerate(positions):  # per-draw seeded init
-        batches[bi].set_probe(fi, pi, *est.initial_weights(di))
+    grid = sgd_grid(est)
+    base = est._batches(device, dtype)
+    positions = est._draw_positions(base)
+    batches = list(base)
+    for gi, (lr, wd) in enumerate(grid):
+        copies = base if gi == 0 else est._batches(device, dtype)  # the same layout: one copy per pair
+        for bi, g in enumerate(copies):
+            g.lr, g.weight_decay, g.shares = lr, wd, None if gi == 0 else bi
+        if gi:
+            batches += copies
+    nb = len(base)
+    for gi in range(len(grid)):
+        for di, (bi, fi, pi) in enumerate(positions):  # per-draw seeded init, the same under every pair
+            batches[gi * nb + bi].set_probe(fi, pi, *est.initial_weights(di))
     ctx = {"sources": [[_to_device(p, device) for p in passes] for passes in est._source_passes(data)],
            "y": torch.as_tensor(data.y, device=device),
            "val": torch.as_tensor(val_idx, device=device), "device": device,
            # each epoch's orders made when it starts (all of them at once would be epochs x n rows)
            "orders": lambda e: [torch.as_tensor(est.epoch_order(e, seed), device=device) for seed in est.streams_],
-           "positions": positions}
+           "positions": positions, "grid": grid}
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=est.epochs, desc=f"probes ({len(est.draws_)})", unit="epoch", disable=not est.verbose)
+    n_probes = len(est.draws_) * len(grid)
+    bar = tqdm(total=est.epochs, desc=f"probes ({n_probes})", unit="epoch", disable=not est.verbose)
     best_acc, best_epoch, last_loss = _train_batches(est, batches, ctx, bar)
     bar.close()
-    for g in batches:  # the best epoch's weights are in place; keep them on the CPU (picklable)
+    # each draw's pair: the best validation accuracy among the pairs it did not diverge under (its
+    # parameters NaN from then on, so its last epoch's loss is not finite)
+    G, D = len(grid), len(positions)
+    acc = np.full((D, G), -np.inf)
+    for di, (bi, fi, pi) in enumerate(positions):
+        for gi in range(G):
+            if G == 1 or np.isfinite(float(last_loss[gi * nb + bi][fi, pi])):
+                acc[di, gi] = float(best_acc[gi * nb + bi][fi, pi])
+    choice = acc.argmax(1)
+    for di, (bi, fi, pi) in enumerate(positions):
+        if choice[di]:
+            base[bi].set_probe(fi, pi, *batches[choice[di] * nb + bi].probe_weights(fi, pi))
+    for g in base:  # the best epoch's weights are in place; keep them on the CPU (picklable)
         g.to("cpu")
-    est.batches_ = batches
-    est.val_accuracy_ = np.array([float(best_acc[bi][fi, pi]) for bi, fi, pi in positions])
-    est.best_epoch_ = np.array([int(best_epoch[bi][fi, pi]) for bi, fi, pi in positions])
-    est.train_loss_ = np.array([float(last_loss[bi][fi, pi]) for bi, fi, pi in positions])
+    at = [(choice[di] * nb + bi, fi, pi) for di, (bi, fi, pi) in enumerate(positions)]
+    est.batches_ = base
+    est.val_accuracy_ = np.array([float(best_acc[bi][fi, pi]) for bi, fi, pi in at])
+    est.best_epoch_ = np.array([int(best_epoch[bi][fi, pi]) for bi, fi, pi in at])
+    est.train_loss_ = np.array([float(last_loss[bi][fi, pi]) for bi, fi, pi in at])
     est.positions_ = positions
     est.solver_records_ = {}
+    if est.lrs:
+        est.solver_records_["lr"] = np.array([grid[gi][0] for gi in choice])
+    if est.weight_decays:
+        est.solver_records_["weight_decay"] = np.array([grid[gi][1] for gi in choice])
+
 
 def _train_batches(est, batches: list["_ProbeBatch"], ctx: dict, bar):
     """The SGD epochs; leaves each batch's best epoch's weights in place and returns
@@ -61,8 +99,13 @@ def _train_batches(est, batches: list["_ProbeBatch"], ctx: dict, bar):
     # buffers for full minibatches: none is larger than the train rows (a batch_size beyond them never fills)
     full_rows = min(est.batch_size, len(est.train_rows(est.streams_[0])))  # every stream has as many rows
     logit_bufs = [g.logit_buffers(full_rows) for g in batches]
-    input_bufs = [g.input_buffer(full_rows, device) for g in batches]
-    est.laid_out_ = _lay_out(est, batches, sources, str(device))
+    # a grid pair's copy of a batch (``shares``: the batch whose inputs it reads) needs no inputs of its own
+    input_bufs = [g.input_buffer(full_rows, device) if g.shares is None else None for g in batches]
+    input_bufs = [buf if g.shares is None else input_bufs[g.shares] for g, buf in zip(batches, input_bufs)]
+    est.laid_out_ = _lay_out(est, [g for g in batches if g.shares is None], sources, str(device))
+    for g in batches:
+        if g.shares is not None:
+            g.laid = batches[g.shares].laid
     # what minibatches are read from: the passes, or their resident bf16 copies (bf16 operands)
     read_passes = _read_passes(est, batches, sources, str(device))
     # the features each step reads a minibatch of: those of dense batches, or of passes not laid out
@@ -81,21 +124,26 @@ def _train_batches(est, batches: list["_ProbeBatch"], ctx: dict, bar):
         (list(range(1, len(on_device))) or [0])
     loss_sum = [torch.zeros((g.F, g.m), device=device) for g in batches]  # in place: graphs write them
 
-    def step(rows, lr):
-        """One SGD step of every batch on the minibatch ``rows[stream]`` of pass ``pass_index``."""
+    def step(rows, decay):
+        """One SGD step of every batch on the minibatch ``rows[stream]`` of pass ``pass_index``, each
+        batch at its learning rate times ``decay`` (the schedule's factor)."""
         B = rows[0].shape[0]
         full = B == full_rows
         mbs = {src: _Minibatch.gather(read_passes[src][pass_index], rows, device,
                                       out=read_buf.get(src) if full else None) for src in readers}
         ys = _Minibatch.labels(y_all, rows)
+        inputs = {}
         for bi, g in enumerate(batches):
-            zs = g.inputs(mbs.get(g.source), out=input_bufs[bi] if full else None, rows=rows,
-                          pass_index=pass_index)
+            if g.shares is not None:  # another grid pair of the same batch: the same inputs
+                zs = inputs[g.shares]
+            else:
+                zs = inputs[bi] = g.inputs(mbs.get(g.source), out=input_bufs[bi] if full else None, rows=rows,
+                                           pass_index=pass_index)
             logits = g.logits(zs, out=logit_bufs[bi] if full else None).view(g.F, g.m, C, B)
             p = _softmax_gradient(logits, g.targets(ys), loss_sum[bi], classes, minus_one if on_cuda else None)
             gW, gb = grad_views[bi]
             g.grads(zs, p.view(g.F, g.m * C, B), gW, gb, 1.0 / B)  # of the mean loss
-            _sgd_step(g.flat, grad[bi], buf[bi], lr, est.momentum, est.weight_decay)
+            _sgd_step(g.flat, grad[bi], buf[bi], g.lr * decay, est.momentum, g.weight_decay)
 
     # CUDA graphs: a full step reads its rows from one static buffer; one graph per (lr, pass)
     use_graphs = est.cuda_graphs and str(device).startswith("cuda") and \
@@ -106,7 +154,7 @@ def _train_batches(est, batches: list["_ProbeBatch"], ctx: dict, bar):
     rows_buf = torch.empty((len(est.streams_), full_rows), dtype=torch.long, device=device) \
         if use_graphs else None
     for epoch in range(est.epochs):
-        lr = est.lr * est.lr_gamma ** (epoch // est.lr_step)
+        decay = est.lr_gamma ** (epoch // est.lr_step)
         pass_index = train_passes[epoch % len(train_passes)]
         orders = ctx["orders"](epoch)  # one per minibatch stream
         n_rows = len(orders[0])
@@ -116,30 +164,30 @@ def _train_batches(est, batches: list["_ProbeBatch"], ctx: dict, bar):
         for start in range(0, n_rows, est.batch_size):
             B = min(est.batch_size, n_rows - start)
             if not use_graphs or B < full_rows:
-                step([order[start:start + B] for order in orders], lr)
+                step([order[start:start + B] for order in orders], decay)
                 continue
             rows_buf.copy_(orders_t[:, start:start + B])
-            key = (lr, pass_index)
+            key = (decay, pass_index)
             if key in graphs:
                 graphs[key].replay()
             elif eager_full_steps < 2:  # real steps, on a side stream as torch's graph docs ask of warm-ups
                 side = torch.cuda.Stream(device=device)
                 side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(side):
-                    step(list(rows_buf), lr)
+                    step(list(rows_buf), decay)
                 torch.cuda.current_stream(device).wait_stream(side)
                 eager_full_steps += 1
             else:  # capture records without running: replay to take this step
                 graph = torch.cuda.CUDAGraph()
                 # thread_local: a sweep's other tasks may use the GPU from other threads meanwhile
                 with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                    step(list(rows_buf), lr)
+                    step(list(rows_buf), decay)
                 pool = graph.pool()
                 graphs[key] = graph
                 graph.replay()
         for bi in range(len(batches)):
             last_loss[bi] = loss_sum[bi] / n_rows
-        _check_loss(est, last_loss, ctx["positions"], epoch)
+        _check_loss(est, last_loss, ctx["positions"], epoch, ctx.get("grid"))
         # validate every val_every epochs (the last epoch too when no validation came before)
         if (epoch + 1) % est.val_every and not (epoch + 1 == est.epochs and est.epochs < est.val_every):
             bar.update(1)
@@ -165,23 +213,29 @@ def _train_batches(est, batches: list["_ProbeBatch"], ctx: dict, bar):
         g.lay_out([])  # not kept with the fitted estimator
     return best_acc, best_epoch, last_loss
 
-def _check_loss(est, losses, positions, epoch: int) -> None:
+def _check_loss(est, losses, positions, epoch: int, grid=None) -> None:
     """Stop when SGD diverged, so that a diverged probe's accuracy (chance) never passes for a
-    measurement (a DR "maximally redundant" from lr = inf): any probe's epoch loss NaN or inf.
-    (A finite loss above a uniform guess's is an unconverged probe: its rows keep train_loss,
-    and the report warns.)"""
+    measurement (a DR "maximally redundant" from lr = inf): any probe's epoch loss NaN or inf;
+    with an lr x weight-decay grid, a draw's loss under every pair (a pair that diverged is never
+    a draw's choice while another trains). (A finite loss above a uniform guess's is an
+    unconverged probe: its rows keep train_loss, and the report warns.)"""
     import torch
 
     if all(bool(torch.isfinite(loss).all()) for loss in losses):
         return
-    bad = [di for di, (bi, fi, pi) in enumerate(positions) if not bool(torch.isfinite(losses[bi][fi, pi]))]
+    nb = len(losses) // max(len(grid or ()), 1)
+    bad = [di for di, (bi, fi, pi) in enumerate(positions)
+           if not any(bool(torch.isfinite(losses[gi * nb + bi][fi, pi])) for gi in range(len(losses) // nb))]
+    if not bad:
+        return
+    lrs, wds = zip(*(grid or [(est.lr, est.weight_decay)]))
     from featstore.errors import ProbeDivergedError
 
     examples = ", ".join(f"{est.draws_[di].mode} k={est.draws_[di].k}"
                          + (f" seed {est.draws_[di].seed}" if est.draws_[di].seed is not None else "")
                          for di in bad[:4])
     raise ProbeDivergedError(count=len(bad), total=len(positions), epoch=epoch + 1, examples=examples,
-                             lr=est.lr, weight_decay=est.weight_decay, momentum=est.momentum,
+                             lr=min(lrs), weight_decay=min(wds), momentum=est.momentum,
                              batch_size=est.batch_size)
 
 def _lay_out(est, batches: list["_ProbeBatch"], sources, device: str) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from ._knn import fit_knn, knn_scores
 from ._lbfgs import fit_lbfgs
 from ._ridge import fit_ridge
 from ._sgd import fit_sgd
@@ -38,6 +39,14 @@ class Solver:
         The ``precision`` values it runs at.
     few_shot : bool
         Trains each seed's probes on that seed's rows (``shots``).
+    sgd_grid : bool
+        Trains every probe under each pair of ``lrs`` x ``weight_decays`` in one pass.
+    joint : bool
+        ``fit_together`` trains the draws of several estimators in one pass; otherwise it fits
+        each estimator alone.
+    scores : callable or None
+        ``scores(est, features) -> (n, draws, classes)``: what inference ranks, for a solver
+        whose probes are no linear layer (None: the logits of the fitted weights).
     description : str
     """
 
@@ -47,21 +56,29 @@ class Solver:
     reads_from_disk: bool
     precisions: tuple
     few_shot: bool
+    sgd_grid: bool
     description: str
+    joint: bool = True
+    scores: Callable | None = None
 
 
 SOLVERS: dict[str, Solver] = {s.name: s for s in (
     Solver("sgd", fit_sgd, several_layers=True, reads_from_disk=True, precisions=("fp32", "bf16"),
-           few_shot=True,
+           few_shot=True, sgd_grid=True,
            description="the paper's protocol: SGD with momentum and weight decay on each probe's mean "
                        "cross-entropy, the best validation epoch kept"),
     Solver("ridge", fit_ridge, several_layers=False, reads_from_disk=False, precisions=("fp32", "bf16"),
-           few_shot=False,
+           few_shot=False, sgd_grid=False,
            description="closed-form ridge regression to one-hot targets from the train Gram, regularisation "
                        "chosen on the validation split; a fast screening solver"),
     Solver("lbfgs", fit_lbfgs, several_layers=True, reads_from_disk=False, precisions=("fp32",),
-           few_shot=False,
+           few_shot=False, sgd_grid=False,
            description="multinomial logistic regression with an L2 penalty (scikit-learn's LogisticRegression "
                        "objective), full batch, L-BFGS per probe; C chosen per probe from Cs on the validation "
                        "split (CLIP's and DINOv2's linear-probe protocol)"),
+    Solver("knn", fit_knn, several_layers=False, reads_from_disk=False, precisions=("fp32",), few_shot=True,
+           sgd_grid=False, joint=False, scores=knn_scores,
+           description="a weighted k-nearest-neighbour vote on cosine similarity over the probe's inputs "
+                       "(knn_weights: DINOv2's temperature softmax, scikit-learn's 1 / distance, or uniform); k "
+                       "chosen per probe from ks on the validation split"),
 )}

@@ -95,6 +95,10 @@ def fit_together(estimators: list[SubsetProbes], X, y=None, n_classes: int | Non
     keys, source_of = {}, []
     for x, v in zip(features, validations):
         source_of.append(keys.setdefault((id(x), id(v)), len(keys)))
+    if not SOLVERS[host.solver].joint:  # nothing to share: each estimator alone
+        for est, x, v in zip(estimators, features, validations):
+            est.fit(x, y, n_classes, v)
+        return estimators
     if not SOLVERS[host.solver].several_layers and len(keys) > 1:  # a closed form gains nothing from a joint pass
         for src in range(len(keys)):
             mine = [i for i, s in enumerate(source_of) if s == src]
@@ -186,8 +190,8 @@ def _hand_back(joint: _Joint, estimators: list[SubsetProbes], device: str) -> No
 def fit_bytes(est: SubsetProbes, n_neurons: int, n_classes: int) -> int:
     """What an estimator's draws add to a fit's working memory, estimated from its selection
     (before any data is read): per draw its weights five times over (parameters, gradient,
-    momentum, best epoch's copy, initial weights), per family a minibatch of its inputs and its
-    logits, per minibatch stream (seed) its minibatch of the layer, and a projection's basis. The
+    momentum, best epoch's copy, initial weights) and its logits, under each pair of an lr x
+    weight-decay grid, per family a minibatch of its inputs, per minibatch stream (seed) its minibatch of the layer, and a projection's basis. The
     features themselves are not counted (a joint fit reads them once for every estimator)."""
     d, C, B = n_neurons, n_classes, est.batch_size
     if est.subsets is not None:
@@ -198,10 +202,11 @@ def fit_bytes(est: SubsetProbes, n_neurons: int, n_classes: int) -> int:
     if est.include_full:
         per_seed = est.subsets is None and SELECTION_MODES[est.mode].seeded and est.minibatch_order == "per-seed"
         families += [[d]] * (len(est.seeds) if per_seed else 1)
+    grid = len(est.lrs or (None,)) * len(est.weight_decays or (None,))  # each pair: its own copy of the probes
     floats = 0
     for ks in families:
         width = max(ks)
-        floats += 5 * C * (sum(ks) + len(ks)) + B * (width + C * len(ks)) + B * d
+        floats += grid * (5 * C * (sum(ks) + len(ks)) + B * C * len(ks)) + B * width + B * d
         if est.subsets is None and SELECTION_MODES[est.mode].projection:
             floats += d * width
     return 4 * floats

@@ -395,7 +395,7 @@ def test_a_group_is_read_once_and_verified_by_that_read(tmp_path, tiny, monkeypa
      "subsets[0]: expected a non-empty 1-D array of distinct integer neuron indices in 0..47; got [0, 99]"),
     (dict(seeds=(-1,)), errors.InvalidParameterError, "SubsetProbes.seeds[0]: expected an integer in [0, 4294967295]; got -1"),
     (dict(seeds=(1.5,)), errors.InvalidParameterError, "SubsetProbes.seeds[0]: expected an integer in [0, 4294967295]; got 1.5 (float)"),
-    (dict(solver="adam"), errors.UnknownNameError, "SubsetProbes.solver: Unknown solver 'adam'; known: lbfgs, ridge, sgd"),
+    (dict(solver="adam"), errors.UnknownNameError, "SubsetProbes.solver: Unknown solver 'adam'; known: knn, lbfgs, ridge, sgd"),
     (dict(momentum="0.9"), errors.InvalidParameterError,
      "SubsetProbes.momentum: expected a number in [0, 1); got '0.9' (string)"),
     (dict(epochs=True), errors.InvalidParameterError, "SubsetProbes.epochs: expected an integer in [1, 10000]; got True (boolean)"),

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import xml.etree.ElementTree as ET
 
+import numpy as np
 import pytest
 
 import pipelines
@@ -75,12 +76,37 @@ def test_one_figure_alone_and_bad_options(tmp_path, reference):
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["cka_vs_fraction.pdf", "cka_vs_fraction.png"]
     for args, expected in ((["--formats", "png,eps"], "--formats"), (["--figure", "nope"], "--figure"),
-                           (["--formats", "png,png"], "--formats")):
+                           (["--formats", "png,png"], "--formats"), (["--dr-metric", "f1"], "--dr-metric")):
         r = run_cli("report", reference.attrs["out"], "--out", str(tmp_path / "bad"), *args)
         assert r.returncode == 2 and expected in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "bad").exists()
     with pytest.raises(errors.IncompatibleParametersError, match="hold nothing for it"):
         pipelines.write_report(reference.attrs["out"], tmp_path / "none", figure="dr_across_depth")
+
+
+def test_dr_from_another_metric_is_that_metric_of_the_subsets_against_the_full_layers(tmp_path, reference):
+    """dr_metric: DR(δ) = 1 - the smallest k/d whose mean macro F1 over seeds reaches δ x the full
+    layer's mean macro F1, computed here by hand from the rows; the page says so."""
+    df = reference
+    dr = pipelines.diffused_redundancy(df, deltas=(0.5, 0.8, 0.9, 0.95), source="macro_f1", n_boot=50)
+    for (group, delta), row in dr.set_index(["group", "delta"]).iterrows():
+        g = df[df["group"] == group]
+        full = g[g["mode"] == "full"]["test_macro_f1"].mean()
+        random = g[g["mode"] == "random"].drop_duplicates(["seed", "k"])
+        curve = random.groupby("k")["test_macro_f1"].mean()
+        reached = curve[curve >= delta * full]
+        if len(reached):
+            assert row["dr"] == pytest.approx(1 - reached.index.min() / g["n_neurons"].iloc[0]), (group, delta)
+        else:
+            assert np.isnan(row["dr"]) and row["censored"] == "not reached"
+    assert (df["test_macro_f1"] - df["test_accuracy"]).abs().max() > 0.01  # the metrics differ here: it can tell
+    page = pipelines.write_report(df.attrs["out"], tmp_path / "macro_f1", dr_metric="macro_f1",
+                                  progress=False).read_text()
+    assert "<h2>DR(δ) from macro f1, random neurons</h2>" in page
+    assert "keeps 90% of the full layer's macro f1" in page
+    with pytest.raises(errors.InvalidParameterError, match="dr_metric"):
+        pipelines.write_report(df.attrs["out"], tmp_path / "bad", dr_metric="f1")
+    assert not (tmp_path / "bad").exists()
 
 
 def _chromium(*args, timeout=180, size="1300,900"):

@@ -122,15 +122,23 @@ def test_one_fit_per_pairing_gives_the_rows_of_one_fit_per_task(tmp_path, spec_f
     assert (b.groupby("task")["seconds_fit"].first().nunique() == 1)  # one fit's time, recorded by each task
 
 
-def test_an_lbfgs_sweep_records_each_draws_c(tmp_path, spec_file):
-    """[probe] solver = "lbfgs" with a C grid: every row records its chosen C, its iterations and
-    whether it converged; the protocol is in the rows."""
-    spec = spec_file.read_text().replace("epochs = 3", 'solver = "lbfgs"\nCs = [0.01, 1.0]')
+@pytest.mark.parametrize("probe, check", [
+    ('solver = "lbfgs"\nCs = [0.01, 1.0]',
+     lambda df: set(df["C"]) <= {0.01, 1.0} and (df["n_iter"] > 0).all() and df["converged"].dtype == bool),
+    ('solver = "knn"\nks = [1, 3]', lambda df: set(df["knn_k"]) <= {1, 3} and df["train_loss"].isna().all()),
+    ("lrs = [0.01, 0.1]\nweight_decays = [0.0, 0.001]",
+     lambda df: set(df["lr"]) <= {0.01, 0.1} and set(df["weight_decay"]) <= {0.0, 0.001}),
+], ids=["lbfgs", "knn", "sgd-grid"])
+def test_a_sweep_records_each_draws_protocol_choice(tmp_path, spec_file, probe, check):
+    """[probe] of another solver (lbfgs's C grid, knn's ks) or an SGD lr x weight-decay grid: every
+    row records what its draw chose; the protocol is in the rows."""
+    spec = spec_file.read_text().replace("epochs = 3", "epochs = 3\n" + probe)
     spec = spec.replace('modes = ["random", "pca"]', 'modes = ["random"]')
-    (tmp_path / "lbfgs.toml").write_text(spec)
-    df = run_sweep(tmp_path / "lbfgs.toml", tmp_path / "out", progress=False)
-    assert set(df["C"]) <= {0.01, 1.0} and (df["n_iter"] > 0).all() and df["converged"].dtype == bool
-    assert {json.loads(p)["solver"] for p in df["protocol"]} == {"lbfgs"}
+    (tmp_path / "protocol.toml").write_text(spec)
+    df = run_sweep(tmp_path / "protocol.toml", tmp_path / "out", progress=False)
+    assert check(df), df.head()
+    solver = probe.split('"')[1] if "solver" in probe else "sgd"
+    assert {json.loads(p)["solver"] for p in df["protocol"]} == {solver}
 
 
 def test_the_fit_per_pairing_option_is_checked(tmp_path, spec_file):
@@ -453,7 +461,7 @@ def _set(key, value):
     (lambda s: s.replace("epochs = 3", "epochs = 0"), errors.InvalidParameterError,
      "probe.epochs: expected an integer in [1, 10000]; got 0 (integer)"),
     (_set("probe.solver", '"adam"'), errors.UnknownNameError,
-     "probe.solver: Unknown solver 'adam'; known: lbfgs, ridge, sgd"),
+     "probe.solver: Unknown solver 'adam'; known: knn, lbfgs, ridge, sgd"),
     (lambda s: s.replace('modes = ["random", "pca"]', 'modes = ["random", "lottery"]'), errors.UnknownNameError,
      "selection.modes[1]: Unknown selection mode 'lottery'; known: pca, pca-least, prefix, random, randproj"),
     (lambda s: s.replace('modes = ["random", "pca"]', "modes = []"), errors.InvalidParameterError,
