@@ -40,12 +40,43 @@ __all__ = ["write_report", "FIGURES", "ReportOptions"]
 MODE_COLORS = {mode: f"C{i}" for i, mode in enumerate([*SELECTION_MODES, "explicit"])}
 
 
-def _label(keys) -> str:
-    """model / layer / dataset, an image folder by its own name (not its whole path)."""
+def _label(keys, df=None) -> str:
+    """A pairing as the page names it: its spec ``name``, else model / layer / dataset (an image
+    folder by its own name, not its whole path), and, where the sweep's pairings differ in their
+    protocol, the keys they differ in (``_protocol_labels``)."""
+    names = _protocol_labels(df) if df is not None else {}
+    if int(keys[0]) in names and names[int(keys[0])][0]:
+        return names[int(keys[0])][0]
     dataset = str(keys[3])
     if dataset.startswith("imagefolder:"):
         dataset = "imagefolder:" + Path(dataset.split(":", 1)[1]).name
-    return f"{keys[1]} / {keys[2]} / {dataset}"
+    protocol = names.get(int(keys[0]), ("", ""))[1]
+    return f"{keys[1]} / {keys[2]} / {dataset}" + (f" ({protocol})" if protocol else "")
+
+
+def _protocol_labels(df) -> dict[int, tuple[str, str]]:
+    """Per pairing (its spec ``name`` or "", its protocol in a few words or ""): the protocol keys
+    whose values differ between the sweep's pairings (the solver first), so that pairings of one
+    model, layer and dataset under several protocols (sweeps/paper_protocols.toml) read apart."""
+    import json
+
+    first = df.groupby("group").first()
+    protocols = {int(g): json.loads(p) for g, p in first["protocol"].items()} if "protocol" in first else {}
+    keys = sorted({k for p in protocols.values() for k in p if len({json.dumps(q.get(k)) for q in protocols.values()}) > 1},
+                  key=lambda k: (k != "solver", k))
+    out = {}
+    for g in first.index:
+        p = protocols.get(int(g), {})
+        shown = [f"{p['solver']}" if k == "solver" else f"{k} {_short(p.get(k))}" for k in keys[:4] if k in p]
+        name = first["pairing_name"].get(g) if "pairing_name" in first else None
+        out[int(g)] = (name if isinstance(name, str) else "", ", ".join(shown) + (", ..." if len(keys) > 4 else ""))
+    return out
+
+
+def _short(value) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_short(v) for v in value[:3]) + (", ..." if len(value) > 3 else "") + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _groups(df):
@@ -82,7 +113,7 @@ def _fig_accuracy(df, plt):
         if len(c) and c["full_low"].notna().iloc[0]:
             ax.axhspan(c["full_low"].iloc[0], c["full_high"].iloc[0], color="k", alpha=0.08, lw=0)
         ax.set(xscale="log", xlabel="effective fraction k/d (log scale)", ylabel="test accuracy",
-               title=f"Accuracy vs fraction\n{_label(keys)}")
+               title=f"Accuracy vs fraction\n{_label(keys, df)}")
         ax.grid(alpha=0.3, which="both")
         ax.legend()
     return fig
@@ -106,7 +137,7 @@ def _fig_dr(df, plt):
                                  source=source)  # the table's bootstrap: the same resamples, the same bands
         for j, (keys, g) in enumerate(dr.groupby(["group", "model", "layer", "dataset"])):
             ax.plot(g["delta"], g["dr"], color=f"C{j}", ls="-" if source != "cka" else ":",
-                    label=f"{_label(keys)} ({_words(source)})")
+                    label=f"{_label(keys, df)} ({_words(source)})")
             # the band only where the estimate exists (a δ not reached has no DR to put a band around)
             band = g["dr"].notna() & g["dr_low"].notna()
             ax.fill_between(g["delta"], g["dr_low"].where(band), g["dr_high"].where(band), color=f"C{j}", alpha=0.15,
@@ -133,7 +164,7 @@ def _fig_cka(df, plt):
     for ax, keys in zip(axes, groups):
         _curves(ax, curve[curve["group"] == keys[0]])
         ax.set(xscale="log", xlabel="effective fraction k/d (log scale)", ylabel=f"linear CKA with the full layer ({est})",
-               title=f"CKA(subset, layer) vs fraction\n{_label(keys)}", ylim=(0, 1.02))
+               title=f"CKA(subset, layer) vs fraction\n{_label(keys, df)}", ylim=(0, 1.02))
         ax.grid(alpha=0.3, which="both")
         ax.legend()
     return fig
@@ -150,7 +181,7 @@ def _fig_inequality(df, plt):
                 err = np.clip([np.nan_to_num(m[col] - m[f"{col}_low"]), np.nan_to_num(m[f"{col}_high"] - m[col])],
                               0, None)
                 single = (m["count"] <= 1).all()
-                label = (f"{_label(keys)}: {mode}" if several else mode) + (" (one run)" if single else "")
+                label = (f"{_label(keys, df)}: {mode}" if several else mode) + (" (one run)" if single else "")
                 ax.errorbar(m["fraction"], m[col], yerr=err, marker="o", ms=3, capsize=2, label=label,
                             color=MODE_COLORS.get(mode), ls="--" if single else "-")
     # the noise floor of each pairing's test set (at each fraction's mean accuracy over its modes)
@@ -190,7 +221,7 @@ def _fig_classwise(df, plt):
         ax.boxplot(data, showfliers=True)
         ax.set_xticks(range(1, len(labels) + 1), labels)
         ax.set(xlabel="effective fraction k/d", ylabel="per-class test accuracy (all seeds)",
-               title=f"Class-wise accuracy distribution\n{_label(keys)}")
+               title=f"Class-wise accuracy distribution\n{_label(keys, df)}")
         ax.grid(alpha=0.3)
     return fig
 
@@ -204,7 +235,7 @@ def _fig_modes(df, plt):
         for mode in [c for c in t.columns if c in MODE_COLORS]:
             ax.plot(t["k"], t[mode], marker="o", ms=3, label=mode, color=MODE_COLORS[mode])
         ax.set(xscale="log", xlabel="number of neurons / directions k (log scale)", ylabel="mean test accuracy",
-               title=f"Selection modes at equal k\n{_label(keys)}")
+               title=f"Selection modes at equal k\n{_label(keys, df)}")
         ax.grid(alpha=0.3, which="both")
         ax.legend()
     return fig
@@ -255,11 +286,21 @@ def _fig_pairings(df, plt):
     models = list(dict.fromkeys(dr["model"]))
     ax.bar(x, dr["dr"].fillna(0), yerr=_error_bars(dr), capsize=3,
            color=[f"C{models.index(m)}" for m in dr["model"]])
-    ax.set_xticks(x, [f"{m}\n{l}\n{d}" for m, l, d in zip(dr["model"], dr["layer"], dr["dataset"])], fontsize=5.5)
+    ax.set_xticks(x, [_tick(r, df) for r in dr.itertuples()], fontsize=5.5)
     ax.set(ylabel="DR(0.9), random neurons", title="Diffused redundancy compared (one bar per pairing)",
            ylim=(0, 1.02))
     ax.grid(alpha=0.3, axis="y")
     return fig
+
+
+def _tick(r, df) -> str:
+    """A pairing's bar label: its spec name, or model / layer / dataset (and its protocol), one per line."""
+    import textwrap
+
+    name, protocol = _protocol_labels(df).get(int(r.group), ("", ""))
+    if name:
+        return textwrap.fill(name, 16)
+    return "\n".join([str(r.model), str(r.layer), str(r.dataset)] + ([protocol] if protocol else []))
 
 
 def _fig_overlaid(df, plt):
@@ -271,7 +312,7 @@ def _fig_overlaid(df, plt):
     fig, ax = plt.subplots(figsize=(3.4, 2.7))
     for j, (keys, c) in enumerate(curve.groupby(["group", "model", "layer", "dataset"])):
         c = c.sort_values("fraction")
-        ax.plot(c["fraction"], c["relative"], marker="o", ms=2.5, color=f"C{j}", label=_label(keys))
+        ax.plot(c["fraction"], c["relative"], marker="o", ms=2.5, color=f"C{j}", label=_label(keys, df))
     ax.axhline(0.9, color="k", ls=":", lw=0.8, label="90% of the full layer")
     ax.set(xscale="log", xlabel="effective fraction k/d (log scale)", ylabel="accuracy / full layer's",
            title="Random neurons, every pairing")
@@ -389,7 +430,7 @@ def _answers(df) -> list[str]:
     suspicious, unconverged = sweep_warnings(df), convergence_notes(df)
     out = []
     for r in dr.itertuples():
-        where = f"<b>{html.escape(_label((r.group, r.model, r.layer, r.dataset)))}</b>: "
+        where = f"<b>{html.escape(_label((r.group, r.model, r.layer, r.dataset), df))}</b>: "
         d, acc = int(width[r.group]), full.get(r.group, np.nan)
         if r.group in suspicious:
             out.append(where + html.escape(suspicious[r.group]) + ".")
@@ -456,7 +497,7 @@ def _curve_html(df) -> str:
                        for f, r in zip(t.index, t.to_numpy()))
         full, lo, hi = c["full"].iloc[0], c["full_low"].iloc[0], c["full_high"].iloc[0]
         band = f" [{lo:.3f}, {hi:.3f}]" if lo == lo else ""
-        parts.append(f"<p>{html.escape(_label(keys))}: full layer {full:.3f}{band}</p><div class='wide'><table><thead>"
+        parts.append(f"<p>{html.escape(_label(keys, df))}: full layer {full:.3f}{band}</p><div class='wide'><table><thead>"
                      f"<tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>")
     return "".join(parts) + f"<p class='src'>{html.escape(interval_note(sorted(set(curve['covers']))))}</p>"
 

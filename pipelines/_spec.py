@@ -101,6 +101,9 @@ class GroupTable(create_model("_GroupQuery", __base__=Parameters, **_query_field
     share of train."""
     probe: ProbeOverrides = ProbeOverrides()
     """This pairing's own protocol keys ([groups.probe] or probe = {...}), over [probe] and the preset."""
+    name: Annotated[str, Field(min_length=1, max_length=80)] | None = None
+    """What the report calls this pairing in its figures and sentences (say "SGD, released schedule"): default,
+    model / layer / dataset, and the protocol keys where the sweep's pairings differ in them."""
     preset_dataset: Annotated[str, OneOf(probes.ORIGINAL_SCHEDULES, "dataset with a released schedule")] | None = None
     """Which dataset's values of a per-dataset preset this pairing takes (the original preset's released
     schedules, probes.ORIGINAL_SCHEDULES): default, its dataset's registry name; an image folder names its own

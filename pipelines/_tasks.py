@@ -483,6 +483,7 @@ def _task_rows(task: Task, est, cached: _CachedPair, train, test, val):
     res["n_classes"] = len(train.classes)
     res["seed"] = task.seed
     res["protocol"] = json.dumps(task.probe.model_dump(mode="json"), sort_keys=True)
+    res["pairing_name"] = task.group.name  # the spec's name for the pairing (None: the report makes one)
     res["seconds_cka"] = t_cka
     res["host"] = socket.gethostname()
     if not task.metrics.accuracy:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _batch
 from ._batch import _Minibatch, _ProbeBatch
 
 __all__ = ["fit_lbfgs", "LBFGS_HISTORY"]
@@ -30,114 +31,146 @@ MAX_HALVINGS = 20
 # A probe stops (converged or not: ``tol`` decides which it is recorded as) once a step lowers
 # its objective by less than this, relative (scipy's ftol is 64 x float64's epsilon).
 FTOL = 64 * float(np.finfo(np.float64).eps)
+# With float32 products the objective is known to ~1e-7 relative: a probe stops there (or after fewer
+# halvings) and, unless its gradient is at tol already, goes on with float64 products.
+FTOL_FLOAT32 = 1e-6
+HALVINGS_FLOAT32 = 6
 CHUNK_ROWS = 8192  # train rows per product while a value and gradient are summed
 
 
 class _Probes:
-    """Per-probe arithmetic on a batch's flat parameter vectors: each probe's rows of every
-    column block and of the bias, as (F, m) reductions and (F, m) scalings."""
+    """Per-probe arithmetic on a batch's flat parameter vectors (weights of every column block,
+    then the biases), each entry tagged once with its probe (``probe_of``): (F, m) reductions and
+    (F, m) scalings in one or two kernels each, whatever the number of blocks."""
 
     def __init__(self, g: _ProbeBatch):
-        self.g = g
-        self.F, self.m, self.C = g.F, g.m, g.C
-
-    def _parts(self, flat):
-        W, b = self.g.views(flat)
-        for (a, lo, hi), w in zip(self.g.blocks, W):
-            yield a, w.view(self.F, self.m - a, self.C, hi - lo)
-        yield 0, b.view(self.F, self.m, self.C, 1)
-
-    def dot(self, u, v):
         import torch
 
-        out = torch.zeros((self.F, self.m), dtype=torch.float64, device=u.device)
-        for (a, pu), (_, pv) in zip(self._parts(u), self._parts(v)):
-            out[:, a:] += (pu.double() * pv.double()).sum((2, 3))
-        return out
+        self.g = g
+        self.F, self.m, self.C = g.F, g.m, g.C
+        tags = torch.empty(g.n_params, dtype=torch.long)
+        W, b = g.views(tags)
+        probe = torch.arange(self.F * self.m).view(self.F, self.m)
+        for (a, lo, hi), w in zip(g.blocks, W):
+            w.view(self.F, self.m - a, self.C, hi - lo).copy_(probe[:, a:, None, None])
+        b.view(self.F, self.m, self.C).copy_(probe[:, :, None])
+        self.probe_of = tags.to(g.flat.device)
+        self.weights = torch.ones(g.n_params, dtype=torch.bool)
+        self.weights[-b.numel():] = False  # the biases, last, are not penalised
+        self.weights = self.weights.to(g.flat.device)
+
+    def _sum(self, x):
+        import torch
+
+        out = torch.zeros(self.F * self.m, dtype=x.dtype, device=x.device)
+        return out.index_add_(0, self.probe_of, x).view(self.F, self.m)
+
+    def dot(self, u, v):
+        return self._sum(u.double() * v.double())
 
     def weight_sq(self, u):
         """Each probe's squared weight norm (the bias left out)."""
-        import torch
-
-        out = torch.zeros((self.F, self.m), dtype=torch.float64, device=u.device)
-        parts = list(self._parts(u))[:-1]
-        for a, pu in parts:
-            out[:, a:] += (pu.double() ** 2).sum((2, 3))
-        return out
+        u = u.double()
+        return self._sum(u * u * self.weights)
 
     def max_abs(self, u):
         import torch
 
-        out = torch.zeros((self.F, self.m), device=u.device, dtype=u.dtype)
-        for a, pu in self._parts(u):
-            out[:, a:] = torch.maximum(out[:, a:], pu.abs().amax((2, 3)))
-        return out
+        out = torch.zeros(self.F * self.m, dtype=u.dtype, device=u.device)
+        return out.scatter_reduce_(0, self.probe_of, u.abs(), reduce="amax").view(self.F, self.m)
+
+    def spread(self, s):
+        """An (F, m) value per probe as a flat vector: each entry its probe's."""
+        return s.reshape(-1).index_select(0, self.probe_of)
 
     def scaled(self, u, s):
         """u with probe (f, i)'s entries times s[f, i]."""
-        import torch
-
-        out = torch.empty_like(u)
-        s = s.to(u.dtype)
-        for (a, pu), (_, po) in zip(self._parts(u), self._parts(out)):
-            torch.mul(pu, s[:, a:, None, None], out=po)
-        return out
+        return u * self.spread(s.to(u.dtype))
 
     def where(self, mask, u, v):
         """u where mask[f, i], else v, probe by probe."""
         import torch
 
-        out = torch.empty_like(u)
-        for (a, pu), (_, pv), (_, po) in zip(self._parts(u), self._parts(v), self._parts(out)):
-            po.copy_(torch.where(mask[:, a:, None, None], pu, pv))
-        return out
+        return torch.where(self.spread(mask), u, v)
 
 
-def _value_grad(g: _ProbeBatch, flat, X, y, rows, n_streams, C_reg, classes):
-    """Every probe's objective (F, m) float64 and its gradient (flat), at ``flat``. ``C_reg``: one
-    C for every probe, or an (F, m) tensor of each probe's own."""
+class _TrainRows:
+    """A batch's inputs and targets for the train rows, chunk by chunk: gathered on the first
+    pass and kept for the next ones while they fit ``room`` bytes (full batch: every value and
+    gradient reads the same rows, so their gathers are done once, not per evaluation)."""
+
+    def __init__(self, g: _ProbeBatch, X, y, rows, n_streams: int, room: list, device: str):
+        import torch
+
+        self.g, self.X, self.y, self.rows, self.n_streams = g, X, y, rows, n_streams
+        width = X.shape[1] if g.dense is not None else g.F * g.width
+        need = len(rows) * width * torch.empty((), dtype=X.dtype).element_size()
+        self.keep = _batch._room_for(need, room[0], device)
+        self.need = need if self.keep else 0
+        room[0] -= self.need  # ``room``: [bytes left], shared by every batch's
+        self.kept = None
+
+    def __iter__(self):
+        if self.kept is not None:
+            yield from self.kept
+            return
+        kept = []
+        for s in range(0, len(self.rows), CHUNK_ROWS):
+            r = self.rows[s:s + CHUNK_ROWS]
+            mb = _Minibatch(self.X.index_select(0, r), self.n_streams)  # every stream: the same rows
+            ys = self.y[r].view(1, -1).expand(self.n_streams, -1)
+            item = (len(r), self.g.inputs(mb), self.g.targets(ys))
+            if self.keep:
+                kept.append(item)
+            yield item
+        if self.keep:
+            self.kept = kept
+
+
+def _value_grad(g: _ProbeBatch, probes: _Probes, flat, data: _TrainRows, C_reg, classes):
+    """Every probe's objective (F, m) and its gradient (flat), float64, at ``flat`` (float64).
+    The products run in the batch's dtype (float32, on a CPU twice float64's rate), each chunk's
+    sums accumulated in float64. ``C_reg``: one C for every probe, or an (F, m) tensor of each
+    probe's own."""
     import torch
 
     from ._sgd import _softmax_gradient
 
-    g.set_flat(flat)
-    n = len(rows)
-    loss = torch.zeros((g.F, g.m), device=flat.device, dtype=flat.dtype)
+    g.set_flat(flat.to(g.flat.dtype))
+    n = len(data.rows)
+    loss = torch.zeros((g.F, g.m), device=flat.device, dtype=torch.float64)
+    chunk_loss = torch.zeros((g.F, g.m), device=flat.device, dtype=g.flat.dtype)
     grad = torch.zeros_like(flat)
-    part = torch.zeros_like(flat)
+    part = torch.zeros_like(g.flat)
     gW, gb = g.views(part)
-    for s in range(0, n, CHUNK_ROWS):
-        r = rows[s:s + CHUNK_ROWS]
-        mb = _Minibatch(X.index_select(0, r), n_streams)  # every stream: the same rows (full batch)
-        zs = g.inputs(mb)
-        logits = g.logits(zs).view(g.F, g.m, g.C, len(r))
-        ys = y[r].view(1, -1).expand(n_streams, -1)
-        p = _softmax_gradient(logits, g.targets(ys), loss, classes)
-        g.grads(zs, p.view(g.F, g.m * g.C, len(r)), gW, gb, 1.0 / n)
+    for B, zs, targets in data:
+        logits = g.logits(zs).view(g.F, g.m, g.C, B)
+        chunk_loss.zero_()
+        p = _softmax_gradient(logits, targets, chunk_loss, classes)
+        loss += chunk_loss
+        g.grads(zs, p.view(g.F, g.m * g.C, B), gW, gb, 1.0 / n)
         grad += part
-    probes = _Probes(g)
     inv = 1.0 / (C_reg * n)
-    # the L2 term's gradient, on the weights (masked entries stay zero; the bias, last, is not penalised)
-    for (a, gw), (_, w) in list(zip(probes._parts(grad), probes._parts(flat)))[:-1]:
-        if isinstance(inv, float):
-            gw.add_(w, alpha=inv)
-        else:
-            gw.add_(w * inv[:, a:, None, None].to(w.dtype))
-    value = loss.double() / n + probes.weight_sq(flat) * (inv / 2)
+    # the L2 term's gradient, on the weights (masked entries are zero; the biases are not penalised)
+    w = flat * probes.weights
+    grad += w * inv if isinstance(inv, float) else probes.scaled(w, inv)
+    value = loss / n + probes.weight_sq(flat) * (inv / 2)
     return value, grad
 
 
-def _minimise(g: _ProbeBatch, flat, X, y, rows, n_streams, C_reg, classes, tol, max_iter):
+def _minimise(g: _ProbeBatch, probes: _Probes, flat, data: _TrainRows, C_reg, classes, tol, budget, ftol=FTOL,
+              halvings=MAX_HALVINGS):
     """L-BFGS from ``flat`` for every probe of g; returns (flat, value (F, m), iterations (F, m),
-    converged (F, m))."""
+    converged (F, m)). A probe stops at ``tol``, after ``budget`` iterations (an (F, m) tensor of
+    each probe's), once a step lowers its objective by less than ``ftol`` (relative), or when
+    ``halvings`` halvings of its step find no decrease."""
     import torch
 
-    probes = _Probes(g)
-    f, grad = _value_grad(g, flat, X, y, rows, n_streams, C_reg, classes)
+    f, grad = _value_grad(g, probes, flat, data, C_reg, classes)
     S, Y, R = [], [], []
     iters = torch.zeros((g.F, g.m), dtype=torch.long, device=flat.device)
-    done = probes.max_abs(grad) <= tol
-    for _ in range(max_iter):
+    done = (probes.max_abs(grad) <= tol) | (budget <= 0)
+    for _ in range(int(budget.max())):
         if bool(done.all()):
             break
         # two-loop recursion, per probe (a pair with s.y <= 0 has rho 0: it does not act)
@@ -167,9 +200,9 @@ def _minimise(g: _ProbeBatch, flat, X, y, rows, n_streams, C_reg, classes, tol, 
         t = torch.ones((g.F, g.m), dtype=torch.float64, device=flat.device)
         accepted = done.clone()
         new_flat, new_f, new_grad = flat, f, grad
-        for _ in range(MAX_HALVINGS):
+        for _ in range(halvings):
             trial = flat + probes.scaled(direction, t)
-            f_t, grad_t = _value_grad(g, trial, X, y, rows, n_streams, C_reg, classes)
+            f_t, grad_t = _value_grad(g, probes, trial, data, C_reg, classes)
             ok = (~accepted) & (f_t <= f + ARMIJO * t * slope)
             if bool(ok.any()):
                 new_flat = probes.where(ok, trial, new_flat)
@@ -188,11 +221,11 @@ def _minimise(g: _ProbeBatch, flat, X, y, rows, n_streams, C_reg, classes, tol, 
         if len(S) > LBFGS_HISTORY:
             S.pop(0), Y.pop(0), R.pop(0)
         iters += (~done).long()
-        flat_progress = (f - new_f) <= FTOL * torch.maximum(torch.maximum(f.abs(), new_f.abs()), torch.ones_like(f))
+        flat_progress = (f - new_f) <= ftol * torch.maximum(torch.maximum(f.abs(), new_f.abs()), torch.ones_like(f))
         flat, f, grad = new_flat, new_f, new_grad
-        done = done | (probes.max_abs(grad) <= tol) | stalled | flat_progress
+        done = done | (probes.max_abs(grad) <= tol) | stalled | flat_progress | (iters >= budget)
     converged = probes.max_abs(grad) <= tol
-    g.set_flat(flat)
+    g.set_flat(flat.to(g.flat.dtype))
     return flat, f, iters, converged
 
 
@@ -204,9 +237,9 @@ def fit_lbfgs(est, data, train_idx, val_idx, device):
 
     batches = est._batches(device, None)
     positions = est._draw_positions(batches)
-    # the clean pass of each set of features (a joint fit's layers), in float64 as scikit-learn's: L-BFGS
-    # converges past float32's resolution of the objective; augmented views are not used
-    Xs = [torch.as_tensor(np.asarray(passes[0]), device=device, dtype=torch.float64)
+    # the clean pass of each set of features (a joint fit's layers); augmented views are not used. Products in
+    # float32, sums and the L-BFGS state in float64 (it converges past float32's resolution of the objective)
+    Xs = [torch.as_tensor(np.asarray(passes[0]), device=device, dtype=torch.float32)
           for passes in est._source_passes(data)]
     y_all = torch.as_tensor(data.y, device=device)
     rows = torch.as_tensor(train_idx, device=device)
@@ -214,17 +247,44 @@ def fit_lbfgs(est, data, train_idx, val_idx, device):
     n_streams = len(est.streams_)
     classes = torch.arange(est.n_classes_, device=device).view(1, 1, -1, 1)
     full_rows = min(est.batch_size, len(train_idx))
+    X64 = {}  # float64 copies of the features, made for the probes float32 products leave short of tol
+    from ._sgd import _memory_left
+
+    room = [_memory_left(est, Xs, str(device))]  # for each batch's train inputs, gathered once and kept
     per_batch = []
     for g in batches:
-        g.in_dtype(torch.float64)
-        flat = torch.zeros_like(g.flat)  # scikit-learn starts from zero
+        flat = torch.zeros_like(g.flat, dtype=torch.float64)  # scikit-learn starts from zero
         best = (torch.full((g.F, g.m), -1.0, device=device), flat.clone(), None, None, None, None)
         probes = _Probes(g)
         input_buf, logit_buf = g.input_buffer(full_rows, device), g.logit_buffers(full_rows)
         X = Xs[g.source]
+        inputs = {}  # (rows, dtype) -> the batch's _TrainRows
+
+        def train_rows(which, dtype):
+            key = (which, dtype)
+            if key not in inputs:
+                Xd = X if dtype == torch.float32 else X64.setdefault(g.source, X.to(torch.float64))
+                r = rows if which == "train" else torch.cat([rows, val_t])
+                inputs[key] = _TrainRows(g, Xd, y_all, r, n_streams, room, str(device))
+            return inputs[key]
+
+        def minimise(start, which, C_reg):
+            """L-BFGS with float32 products; the probes that float32's rounding stalls short of tol go on
+            from there with float64 products (the converged ones stay where they are)."""
+            budget = torch.full((g.F, g.m), est.max_iter, dtype=torch.long, device=device)
+            flat, f, iters, conv = _minimise(g, probes, start, train_rows(which, torch.float32), C_reg, classes,
+                                             est.tol, budget, ftol=FTOL_FLOAT32, halvings=HALVINGS_FLOAT32)
+            if not bool(conv.all()) and bool((iters < budget).any()):
+                g.in_dtype(torch.float64)
+                flat, f, more, conv = _minimise(g, probes, flat, train_rows(which, torch.float64), C_reg, classes,
+                                                est.tol, budget - iters)
+                iters = iters + more
+                g.in_dtype(torch.float32)
+                room[0] += inputs.pop((which, torch.float64)).need  # float64 copies are not kept past their use
+            return flat, f, iters, conv
+
         for ci, C_reg in enumerate(sorted(est.Cs)):
-            flat, f, iters, conv = _minimise(g, flat, X, y_all, rows, n_streams, C_reg, classes, est.tol,
-                                             est.max_iter)
+            flat, f, iters, conv = minimise(flat, "train", C_reg)
             acc = _accuracy(est, g, X, y_all, val_t, device, input_buf, logit_buf)
             better = acc > best[0]
             keep = probes.where(better, flat, best[1])
@@ -236,11 +296,10 @@ def fit_lbfgs(est, data, train_idx, val_idx, device):
                     conv if best[5] is None else torch.where(better, conv, best[5]))
         if est.refit:  # CLIP's protocol: each probe trained again on train + validation rows with its chosen C
             chosen_C = torch.as_tensor(np.array(sorted(est.Cs)), device=device)[best[2]]
-            flat, f, iters, conv = _minimise(g, best[1], X, y_all, torch.cat([rows, val_t]), n_streams, chosen_C,
-                                             classes, est.tol, est.max_iter)
+            flat, f, iters, conv = minimise(best[1], "train+val", chosen_C)
             best = (best[0], flat, best[2], f, best[4] + iters, conv)
-        g.set_flat(best[1])
-        g.in_dtype(torch.float32).to("cpu")
+        g.set_flat(best[1].to(torch.float32))
+        g.to("cpu")
         per_batch.append(best)
     grid = np.array(sorted(est.Cs))
     est.batches_ = batches

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import pipelines
+import probes
 from featstore import errors
 from pipelines._report import CAPTIONS, FIGURES
 
@@ -181,3 +182,26 @@ def test_the_report_in_headless_chromium(report, tmp_path):
     with Image.open(shot) as im:
         assert im.size == (1300, 900)
         assert len(set(im.convert("L").resize((65, 45)).getdata())) > 20  # not a blank page
+
+
+def test_pairings_under_other_protocols_are_labelled_apart():
+    """Pairings of one model, layer and dataset under several protocols (sweeps/paper_protocols.toml)
+    read apart on the page: by their spec name, else by the protocol keys they differ in."""
+    import json
+
+    import pandas as pd
+
+    from pipelines._report import _label
+
+    sgd = probes.Protocol().model_dump(mode="json")
+    rows = [dict(group=0, protocol=sgd, pairing_name=None), dict(group=1, protocol={**sgd, "epochs": 100},
+                                                                     pairing_name=None),
+            dict(group=2, protocol={**sgd, "solver": "lbfgs"}, pairing_name="L-BFGS, C on validation")]
+    df = pd.DataFrame([{**r, "protocol": json.dumps(r["protocol"]), "model": "m", "layer": "l", "dataset": "d"}
+                       for r in rows])
+    keys = [(g, "m", "l", "d") for g in range(3)]
+    assert _label(keys[0], df) == "m / l / d (sgd, epochs 50)"
+    assert _label(keys[1], df) == "m / l / d (sgd, epochs 100)"
+    assert _label(keys[2], df) == "L-BFGS, C on validation"
+    same = df[df["group"] < 1]
+    assert _label(keys[0], same) == "m / l / d"  # one protocol: nothing to tell apart
