@@ -40,7 +40,7 @@ from ._bootstrap import (
 
 __all__ = ["gini", "coefficient_of_variation", "accuracy_curve", "diffused_redundancy", "dr_table", "dr_text",
            "effective_fraction", "inequality_curve", "modes_at_equal_k", "critical_fraction", "DELTAS",
-           "sweep_warnings", "convergence_notes"]
+           "sweep_warnings", "convergence_notes", "pairing_labels"]
 
 DELTAS = tuple(np.round(np.linspace(0.5, 1.0, 51), 3))
 GROUP_COLS = ["group", "model", "layer", "dataset"]
@@ -258,6 +258,32 @@ def diffused_redundancy(df, mode: str = "random", deltas: Sequence[float] = DELT
     return pd.DataFrame(rows)
 
 
+def pairing_labels(df) -> dict[int, tuple[str, str]]:
+    """Per pairing (its spec ``name`` or "", its protocol in a few words or ""): the protocol keys
+    whose values differ between the sweep's pairings (the solver first, then at most four), so
+    that pairings of one model, layer and dataset under several protocols
+    (sweeps/paper_protocols.toml) read apart."""
+    import json
+
+    first = df.groupby("group").first()
+    protocols = {int(g): json.loads(p) for g, p in first["protocol"].items()} if "protocol" in first else {}
+    keys = sorted({k for p in protocols.values() for k in p if len({json.dumps(q.get(k)) for q in protocols.values()}) > 1},
+                  key=lambda k: (k != "solver", k))
+    out = {}
+    for g in first.index:
+        p = protocols.get(int(g), {})
+        shown = [f"{p['solver']}" if k == "solver" else f"{k} {_short(p.get(k))}" for k in keys[:4] if k in p]
+        name = first["pairing_name"].get(g) if "pairing_name" in first else None
+        out[int(g)] = (name if isinstance(name, str) else "", ", ".join(shown) + (", ..." if len(keys) > 4 else ""))
+    return out
+
+
+def _short(value) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_short(v) for v in value[:3]) + (", ..." if len(value) > 3 else "") + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 ONE_RUN = "†"  # marks an interval that covers the test images of one run only
 
 
@@ -279,12 +305,22 @@ def dr_table(df, deltas: Sequence[float] = (0.8, 0.9, 0.95, 0.99), mode: str = "
              **bootstrap):
     """DR at a few δ per group, one row per group (the paper tabulates δ = 0.9); a value reached
     at the smallest evaluated fraction reads "≥ x", one reached nowhere "not reached". The
-    table's ``attrs["covers"]`` says what its intervals resample."""
+    table's ``attrs["covers"]`` says what its intervals resample. Pairings of one model, layer
+    and dataset (under several protocols) are told apart by a ``pairing`` level: each one's
+    spec ``name``, else the protocol keys they differ in."""
+    import pandas as pd
+
     dr = diffused_redundancy(df, mode=mode, deltas=deltas, source=source, **bootstrap)
     dr["value"] = [dr_text(r.dr, r.dr_low, r.dr_high, r.censored, r.covers, r.reached) for r in dr.itertuples()]
     table = dr.pivot_table(index=GROUP_COLS, columns="delta", values="value", aggfunc="first")
     if table.index.droplevel("group").is_unique:  # the pairing's index adds nothing a reader needs
         table = table.droplevel("group")
+    else:  # pairings of one model, layer and dataset (several protocols): named, or by what differs
+        labels = pairing_labels(df)
+        names = [labels.get(int(g), ("", ""))[0] or labels.get(int(g), ("", ""))[1] or str(g)
+                 for g in table.index.get_level_values("group")]
+        if len(set(names)) == len(names):
+            table = table.set_index(pd.Index(names, name="pairing"), append=True).droplevel("group")
     table.attrs["covers"] = sorted(set(dr["covers"]))
     return table
 

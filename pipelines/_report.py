@@ -18,6 +18,7 @@ import probes
 from probes import SELECTION_MODES
 
 from ._analysis import (
+    pairing_labels,
     EDGE,
     NOT_REACHED,
     accuracy_curve,
@@ -43,8 +44,8 @@ MODE_COLORS = {mode: f"C{i}" for i, mode in enumerate([*SELECTION_MODES, "explic
 def _label(keys, df=None) -> str:
     """A pairing as the page names it: its spec ``name``, else model / layer / dataset (an image
     folder by its own name, not its whole path), and, where the sweep's pairings differ in their
-    protocol, the keys they differ in (``_protocol_labels``)."""
-    names = _protocol_labels(df) if df is not None else {}
+    protocol, the keys they differ in (``pairing_labels``)."""
+    names = pairing_labels(df) if df is not None else {}
     if int(keys[0]) in names and names[int(keys[0])][0]:
         return names[int(keys[0])][0]
     dataset = str(keys[3])
@@ -52,31 +53,6 @@ def _label(keys, df=None) -> str:
         dataset = "imagefolder:" + Path(dataset.split(":", 1)[1]).name
     protocol = names.get(int(keys[0]), ("", ""))[1]
     return f"{keys[1]} / {keys[2]} / {dataset}" + (f" ({protocol})" if protocol else "")
-
-
-def _protocol_labels(df) -> dict[int, tuple[str, str]]:
-    """Per pairing (its spec ``name`` or "", its protocol in a few words or ""): the protocol keys
-    whose values differ between the sweep's pairings (the solver first), so that pairings of one
-    model, layer and dataset under several protocols (sweeps/paper_protocols.toml) read apart."""
-    import json
-
-    first = df.groupby("group").first()
-    protocols = {int(g): json.loads(p) for g, p in first["protocol"].items()} if "protocol" in first else {}
-    keys = sorted({k for p in protocols.values() for k in p if len({json.dumps(q.get(k)) for q in protocols.values()}) > 1},
-                  key=lambda k: (k != "solver", k))
-    out = {}
-    for g in first.index:
-        p = protocols.get(int(g), {})
-        shown = [f"{p['solver']}" if k == "solver" else f"{k} {_short(p.get(k))}" for k in keys[:4] if k in p]
-        name = first["pairing_name"].get(g) if "pairing_name" in first else None
-        out[int(g)] = (name if isinstance(name, str) else "", ", ".join(shown) + (", ..." if len(keys) > 4 else ""))
-    return out
-
-
-def _short(value) -> str:
-    if isinstance(value, list):
-        return "[" + ", ".join(_short(v) for v in value[:3]) + (", ..." if len(value) > 3 else "") + "]"
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _groups(df):
@@ -297,7 +273,7 @@ def _tick(r, df) -> str:
     """A pairing's bar label: its spec name, or model / layer / dataset (and its protocol), one per line."""
     import textwrap
 
-    name, protocol = _protocol_labels(df).get(int(r.group), ("", ""))
+    name, protocol = pairing_labels(df).get(int(r.group), ("", ""))
     if name:
         return textwrap.fill(name, 16)
     return "\n".join([str(r.model), str(r.layer), str(r.dataset)] + ([protocol] if protocol else []))
@@ -470,9 +446,10 @@ def _dr_html(df, source: str | None = None) -> str:
     t = dr_table(df, source=source or _dr_metric(df))
     note = interval_note(t.attrs.get("covers", []))
     t = t.reset_index()
-    deltas = [c for c in t.columns if c not in ("group", "model", "layer", "dataset")]
-    head = "".join(f"<th>{h}</th>" for h in ["model", "layer", "dataset", *(f"δ = {d:g}" for d in deltas)])
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(r[c]))}</td>" for c in ["model", "layer", "dataset", *deltas])
+    keys = ["model", "layer", "dataset"] + (["pairing"] if "pairing" in t.columns else [])
+    deltas = [c for c in t.columns if c not in ("group", *keys)]
+    head = "".join(f"<th>{h}</th>" for h in [*keys, *(f"δ = {d:g}" for d in deltas)])
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(r[c]))}</td>" for c in [*keys, *deltas])
                    + "</tr>" for _, r in t.iterrows())
     return (f"<div class='wide'><table class='dr'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>"
             f"<p class='src'>{html.escape(note)}</p>")

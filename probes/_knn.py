@@ -44,7 +44,7 @@ def fit_knn(est, data: TrainingData, train_idx, val_idx, device):
     Q = est._knn_X.index_select(0, torch.as_tensor(val_idx, device=device))
     y_val = est._knn_y.index_select(0, torch.as_tensor(val_idx, device=device))
     correct = np.zeros((len(est.draws_), len(ks)))
-    for di, rows, scores in _votes(est, Q, lambda di: ks):
+    for di, rows, scores in _votes(est, Q, lambda di: ks, "kNN validation"):
         truth = y_val[rows]
         for j, s in enumerate(scores):
             correct[di, j] += _right(s, truth)
@@ -65,7 +65,7 @@ def knn_scores(est, features) -> np.ndarray:
 
     Q = torch.as_tensor(np.asarray(features.numpy(), dtype=np.float32), device=est._knn_X.device)
     out = np.zeros((len(Q), len(est.draws_), est.n_classes_), dtype=np.float32)
-    for di, rows, scores in _votes(est, Q, lambda di: [int(est.knn_k_[di])]):
+    for di, rows, scores in _votes(est, Q, lambda di: [int(est.knn_k_[di])], "kNN votes"):
         out[rows.start:rows.stop, di] = scores[0].cpu().numpy()
     return out
 
@@ -75,25 +75,22 @@ def _right(scores, truth) -> int:
     return int((scores.argmax(1) == truth).sum())
 
 
-def _votes(est, Q, ks_of):
+def _votes(est, Q, ks_of, what: str):
     """Yield (draw, query rows slice, [votes (rows, C) for each k of ``ks_of(draw)``]) for every
-    draw of ``est`` and chunk of the queries ``Q`` (n, d)."""
+    draw of ``est`` and chunk of the queries ``Q`` (n, d); a progress bar over the families
+    (``what``) when the estimator is verbose."""
     import torch
+    from tqdm.auto import tqdm
 
     index = {id(dr): di for di, dr in enumerate(est.draws_)}
     C = est.n_classes_
-    for fam in est.families_:
+    for fam in tqdm(est.families_, desc=f"{what} ({len(est.draws_)} probes)", unit="family",
+                    disable=not est.verbose):
         seed = est.streams_[est._stream(fam)]
         cand = torch.as_tensor(est.train_rows(seed), device=Q.device)
         T = est._knn_X.index_select(0, cand)
         labels = est._knn_y.index_select(0, cand)
-        width = fam.lengths[-1]
-        if fam.columns is not None:
-            cols = torch.as_tensor(np.asarray(fam.columns[:width]), device=Q.device)
-            inputs = lambda A: A.index_select(1, cols)  # noqa: E731 - the family's own order
-        else:
-            basis = torch.as_tensor(np.asarray(fam.basis[:, :width], dtype=np.float32), device=Q.device)
-            inputs = lambda A: A @ basis  # noqa: E731
+        inputs = _family_inputs(fam, Q.device)
         Tf = inputs(T)
         cuts = [0] + list(fam.lengths)
         t_sq = torch.zeros(len(T), device=Q.device)
@@ -117,6 +114,19 @@ def _votes(est, Q, ks_of):
                 sims = dots * _inverse_norm(q_sq)[:, None] * t_inv[i][None, :]
                 top, at = sims.topk(kmax, dim=1)  # sorted, most similar first
                 yield draws[i], rows, _weighted(est, top, labels[at], ks[draws[i]], C)
+
+
+def _family_inputs(fam, device):
+    """rows (n, d) -> the family's inputs (n, its widest k): its neurons in its own order, or its
+    projection."""
+    import torch
+
+    width = fam.lengths[-1]
+    if fam.columns is not None:
+        cols = torch.as_tensor(np.asarray(fam.columns[:width]), device=device)
+        return lambda A: A.index_select(1, cols)
+    basis = torch.as_tensor(np.asarray(fam.basis[:, :width], dtype=np.float32), device=device)
+    return lambda A: A @ basis
 
 
 def _inverse_norm(sq):

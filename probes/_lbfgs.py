@@ -252,6 +252,10 @@ def fit_lbfgs(est, data, train_idx, val_idx, device):
 
     room = [_memory_left(est, Xs, str(device))]  # for each batch's train inputs, gathered once and kept
     per_batch = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(batches) * (len(est.Cs) + est.refit), desc=f"L-BFGS ({len(est.draws_)} probes)",
+               unit="C", disable=not est.verbose)
     for g in batches:
         flat = torch.zeros_like(g.flat, dtype=torch.float64)  # scikit-learn starts from zero
         best = (torch.full((g.F, g.m), -1.0, device=device), flat.clone(), None, None, None, None)
@@ -285,6 +289,7 @@ def fit_lbfgs(est, data, train_idx, val_idx, device):
 
         for ci, C_reg in enumerate(sorted(est.Cs)):
             flat, f, iters, conv = minimise(flat, "train", C_reg)
+            bar.update(1)
             acc = _accuracy(est, g, X, y_all, val_t, device, input_buf, logit_buf)
             better = acc > best[0]
             keep = probes.where(better, flat, best[1])
@@ -297,10 +302,12 @@ def fit_lbfgs(est, data, train_idx, val_idx, device):
         if est.refit:  # CLIP's protocol: each probe trained again on train + validation rows with its chosen C
             chosen_C = torch.as_tensor(np.array(sorted(est.Cs)), device=device)[best[2]]
             flat, f, iters, conv = minimise(best[1], "train+val", chosen_C)
+            bar.update(1)
             best = (best[0], flat, best[2], f, best[4] + iters, conv)
         g.set_flat(best[1].to(torch.float32))
         g.to("cpu")
         per_batch.append(best)
+    bar.close()
     grid = np.array(sorted(est.Cs))
     est.batches_ = batches
     est.positions_ = positions
