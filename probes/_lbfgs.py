@@ -35,6 +35,8 @@ FTOL = 64 * float(np.finfo(np.float64).eps)
 # halvings) and, unless its gradient is at tol already, goes on with float64 products.
 FTOL_FLOAT32 = 1e-6
 HALVINGS_FLOAT32 = 6
+# A batch whose running probes fall to this share of its probes hands them to a batch of their own.
+COMPACT_BELOW = 0.5
 CHUNK_ROWS = 8192  # train rows per product while a value and gradient are summed
 
 
@@ -159,11 +161,12 @@ def _value_grad(g: _ProbeBatch, probes: _Probes, flat, data: _TrainRows, C_reg, 
 
 
 def _minimise(g: _ProbeBatch, probes: _Probes, flat, data: _TrainRows, C_reg, classes, tol, budget, ftol=FTOL,
-              halvings=MAX_HALVINGS):
+              halvings=MAX_HALVINGS, compact: bool = False):
     """L-BFGS from ``flat`` for every probe of g; returns (flat, value (F, m), iterations (F, m),
-    converged (F, m)). A probe stops at ``tol``, after ``budget`` iterations (an (F, m) tensor of
-    each probe's), once a step lowers its objective by less than ``ftol`` (relative), or when
-    ``halvings`` halvings of its step find no decrease."""
+    converged (F, m), running (F, m)). A probe stops at ``tol``, after ``budget`` iterations (an
+    (F, m) tensor of each probe's), once a step lowers its objective by less than ``ftol``
+    (relative), or when ``halvings`` halvings of its step find no decrease. With ``compact``, it
+    returns early once at most ``COMPACT_BELOW`` of the probes still run (``running``)."""
     import torch
 
     f, grad = _value_grad(g, probes, flat, data, C_reg, classes)
@@ -224,9 +227,100 @@ def _minimise(g: _ProbeBatch, probes: _Probes, flat, data: _TrainRows, C_reg, cl
         flat_progress = (f - new_f) <= ftol * torch.maximum(torch.maximum(f.abs(), new_f.abs()), torch.ones_like(f))
         flat, f, grad = new_flat, new_f, new_grad
         done = done | (probes.max_abs(grad) <= tol) | stalled | flat_progress | (iters >= budget)
+        if compact and int((~done).sum()) <= COMPACT_BELOW * done.numel() and bool((~done).any()):
+            break
     converged = probes.max_abs(grad) <= tol
     g.set_flat(flat.to(g.flat.dtype))
-    return flat, f, iters, converged
+    return flat, f, iters, converged, ~done
+
+
+def _solve(g: _ProbeBatch, probes: _Probes, flat, data: _TrainRows, X, y, rows, C_reg, classes, tol, budget,
+           room: list, device: str, **phase):
+    """``_minimise`` on every probe of g, the probes still running handed to batches of their own
+    whenever they are at most ``COMPACT_BELOW`` of g's (a batch's products cost as much for its
+    converged probes as for its running ones; the slowest probe often takes 5x the median's
+    iterations). A moved probe restarts its L-BFGS history where it was. Returns (flat, value,
+    iterations, converged), each (F, m) but flat."""
+    import torch
+
+    flat, f, iters, conv, running = _minimise(g, probes, flat, data, C_reg, classes, tol, budget, compact=True,
+                                              **phase)
+    if not bool(running.any()):
+        return flat, f, iters, conv
+    for sub, members in _compacted(g, running):
+        fi = torch.as_tensor([a for a, _ in members], device=flat.device)
+        pi = torch.as_tensor([b for _, b in members], device=flat.device)
+
+        def pick(t):
+            return t[fi, pi].view(sub.F, sub.m)
+
+        sub_flat = torch.zeros(sub.n_params, dtype=flat.dtype, device=flat.device)
+        at = [(a, b) for a in range(sub.F) for b in range(sub.m)]
+        for (sa, sb), (a, b) in zip(at, members):
+            _put(sub, sub_flat, sa, sb, *_get(g, flat, a, b))
+        sub_data = _TrainRows(sub, X, y, rows, 1, room, device)  # one stream: every row, every probe
+        sub_flat, sub_f, sub_iters, sub_conv = _solve(
+            sub, _Probes(sub), sub_flat, sub_data, X, y, rows, C_reg if isinstance(C_reg, float) else pick(C_reg),
+            classes, tol, pick(budget - iters), room, device, **phase)
+        room[0] += sub_data.need
+        for (sa, sb), (a, b) in zip(at, members):
+            _put(g, flat, a, b, *_get(sub, sub_flat, sa, sb))
+        f[fi, pi] = sub_f.reshape(-1)
+        iters[fi, pi] += sub_iters.reshape(-1)
+        conv[fi, pi] = sub_conv.reshape(-1)
+    g.set_flat(flat.to(g.flat.dtype))
+    return flat, f, iters, conv
+
+
+def _compacted(g: _ProbeBatch, running) -> list:
+    """The probes of g that ``running`` marks, as new batches (families of equal remaining prefix
+    lengths together; dense pseudo-families of equal probe counts), each with its members' (family,
+    probe) positions in g, in the new batch's row-major order."""
+    from dataclasses import replace
+
+    run = running.cpu().numpy()
+    groups: dict = {}
+    for fi, fam in enumerate(g.families):
+        act = [i for i in range(g.m) if run[fi, i]]
+        if act:
+            key = len(act) if g.dense is not None else tuple(fam.lengths[i] for i in act)
+            groups.setdefault(key, []).append((fi, act))
+    out = []
+    for members in groups.values():
+        fams = [replace(g.families[fi], lengths=tuple(g.families[fi].lengths[i] for i in act),
+                        draws=[g.families[fi].draws[i] for i in act]) for fi, act in members]
+        dense = [[g.dense[fi][i] for i in act] for fi, act in members] if g.dense is not None else None
+        sub = _ProbeBatch(fams, fams[0].lengths, g.C, g.device, None, dense=dense, streams=[0] * len(fams))
+        if sub.flat.dtype != g.flat.dtype:
+            sub.in_dtype(g.flat.dtype)
+        sub.source = g.source
+        out.append((sub, [(fi, i) for fi, act in members for i in act]))
+    return out
+
+
+def _get(g: _ProbeBatch, flat, fi: int, i: int):
+    """Probe i of family fi in ``flat`` (laid out like g's parameters): (weight, bias); the weight
+    (C, k) in its own input order, or (C, d) in the layer's for a dense batch."""
+    W, b = g.views(flat)
+    rows = slice(i * g.C, (i + 1) * g.C)
+    if g.dense is not None:
+        return W[0][fi, rows, :].clone(), b[fi, rows].clone()
+    w = flat.new_zeros((g.C, g.lengths[i]))
+    for k, r, lo, hi in g.probe_slices(i):
+        w[:, lo:hi] = W[k][fi, r, :hi - lo]
+    return w, b[fi, rows].clone()
+
+
+def _put(g: _ProbeBatch, flat, fi: int, i: int, w, b) -> None:
+    """Write probe i of family fi into ``flat`` (the inverse of ``_get``)."""
+    W, bias = g.views(flat)
+    rows = slice(i * g.C, (i + 1) * g.C)
+    if g.dense is not None:
+        W[0][fi, rows, :] = w
+    else:
+        for k, r, lo, hi in g.probe_slices(i):
+            W[k][fi, r, :hi - lo] = w[:, lo:hi]
+    bias[fi, rows] = b
 
 
 def fit_lbfgs(est, data, train_idx, val_idx, device):
@@ -276,12 +370,14 @@ def fit_lbfgs(est, data, train_idx, val_idx, device):
             """L-BFGS with float32 products; the probes that float32's rounding stalls short of tol go on
             from there with float64 products (the converged ones stay where they are)."""
             budget = torch.full((g.F, g.m), est.max_iter, dtype=torch.long, device=device)
-            flat, f, iters, conv = _minimise(g, probes, start, train_rows(which, torch.float32), C_reg, classes,
-                                             est.tol, budget, ftol=FTOL_FLOAT32, halvings=HALVINGS_FLOAT32)
+            data = train_rows(which, torch.float32)
+            flat, f, iters, conv = _solve(g, probes, start, data, data.X, y_all, data.rows, C_reg, classes, est.tol,
+                                          budget, room, str(device), ftol=FTOL_FLOAT32, halvings=HALVINGS_FLOAT32)
             if not bool(conv.all()) and bool((iters < budget).any()):
                 g.in_dtype(torch.float64)
-                flat, f, more, conv = _minimise(g, probes, flat, train_rows(which, torch.float64), C_reg, classes,
-                                                est.tol, budget - iters)
+                data = train_rows(which, torch.float64)
+                flat, f, more, conv = _solve(g, probes, flat, data, data.X, y_all, data.rows, C_reg, classes,
+                                             est.tol, budget - iters, room, str(device))
                 iters = iters + more
                 g.in_dtype(torch.float32)
                 room[0] += inputs.pop((which, torch.float64)).need  # float64 copies are not kept past their use

@@ -112,7 +112,10 @@ def test_lbfgs_estimators_fit_together_as_alone(data):
     make = lambda: [SubsetProbes(mode="random", fractions=(0.25, 1.0), seeds=(s,), Cs=(0.1, 1.0), **KW)  # noqa: E731
                     for s in (0, 1)]
     for j, a in zip(probes.fit_together(make(), Xtr, ytr), [e.fit(Xtr, ytr) for e in make()]):
-        np.testing.assert_allclose(j.decision_function(Xte), a.decision_function(Xte), atol=1e-4)
+        # the same optimum: each probe stops within tol of it wherever its batch moved it (a batch's
+        # running probes move to batches of their own as the others converge)
+        np.testing.assert_allclose(j.train_loss_, a.train_loss_, rtol=1e-7)
+        np.testing.assert_allclose(j.decision_function(Xte), a.decision_function(Xte), atol=1e-3)
         np.testing.assert_array_equal(j.solver_records_["C"], a.solver_records_["C"])
 
 
