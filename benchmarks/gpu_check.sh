@@ -54,5 +54,7 @@ step build $PY benchmarks/bench_build.py --device cuda --dataset jpeg --images $
 step cka $PY benchmarks/bench_cka.py --baseline-subsets 2
 # issue 30: the paper grid as a sweep against the engine alone (goal <= 1.25x), its layers joined by --share-rows auto
 step sweep $PY benchmarks/bench_sweep.py --device cuda --paper-scale --paper-epochs 50 --repeats 2 --no-demo
+# issue 31: the lbfgs solver on the paper grid, one C and 8 Cs (goal: one C <= 1 s; scikit-learn's side: on the CPU)
+step lbfgs $PY benchmarks/bench_probes.py --device cuda --paper-scale --solver lbfgs --cs 1,8 --sklearn-draws 0
 echo "gpu_check: $failed step(s) failed; log in $LOG_DIR/gpu_check.log"
 exit $failed

@@ -78,7 +78,7 @@ class Protocol(Parameters):
     epochs: Annotated[int, Field(ge=1, le=10_000)] = 50
     """SGD epochs."""
     lr: Annotated[float, Field(gt=0, le=1000)] = 0.1
-    """Initial learning rate."""
+    """Initial learning rate (lrs: a grid of them instead)."""
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     """SGD momentum."""
     weight_decay: Annotated[float, Field(ge=0, le=1)] = 1e-4

@@ -24,6 +24,7 @@ __all__ = ["fit_knn", "knn_scores"]
 
 # query rows per product: each holds a (rows, train rows) float32 similarity matrix
 _CHUNK_ELEMENTS = 1 << 24
+_DISK_ROWS = 65536  # query rows read at once from features on disk
 
 
 def fit_knn(est, data: TrainingData, train_idx, val_idx, device):
@@ -63,10 +64,19 @@ def knn_scores(est, features) -> np.ndarray:
     summed per class (``temperature``: DINOv2's class probabilities)."""
     import torch
 
-    Q = torch.as_tensor(np.asarray(features.numpy(), dtype=np.float32), device=est._knn_X.device)
-    out = np.zeros((len(Q), len(est.draws_), est.n_classes_), dtype=np.float32)
-    for di, rows, scores in _votes(est, Q, lambda di: [int(est.knn_k_[di])], "kNN votes"):
-        out[rows.start:rows.stop, di] = scores[0].cpu().numpy()
+    from ._inputs import RowFile
+
+    if isinstance(features, RowFile):  # on disk: in row blocks
+        n = features.shape[0]
+        blocks = ((a, features.rows(a, min(a + _DISK_ROWS, n))) for a in range(0, n, _DISK_ROWS))
+    else:
+        n = features.n_samples
+        blocks = iter([(0, features.numpy())])
+    out = np.zeros((n, len(est.draws_), est.n_classes_), dtype=np.float32)
+    for at, block in blocks:
+        Q = torch.as_tensor(np.asarray(block, dtype=np.float32), device=est._knn_X.device)
+        for di, rows, scores in _votes(est, Q, lambda di: [int(est.knn_k_[di])], "kNN votes"):
+            out[at + rows.start:at + rows.stop, di] = scores[0].cpu().numpy()
     return out
 
 

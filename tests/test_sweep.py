@@ -134,9 +134,11 @@ def test_a_sweep_records_each_draws_protocol_choice(tmp_path, spec_file, probe, 
     row records what its draw chose; the protocol is in the rows."""
     spec = spec_file.read_text().replace("epochs = 3", "epochs = 3\n" + probe)
     spec = spec.replace('modes = ["random", "pca"]', 'modes = ["random"]')
+    spec = spec.replace("[[groups]]\n", '[[groups]]\nname = "under test"\n')  # the report's name for it
     (tmp_path / "protocol.toml").write_text(spec)
     df = run_sweep(tmp_path / "protocol.toml", tmp_path / "out", progress=False)
     assert check(df), df.head()
+    assert set(df["pairing_name"]) == {"under test"}
     solver = probe.split('"')[1] if "solver" in probe else "sgd"
     assert {json.loads(p)["solver"] for p in df["protocol"]} == {solver}
 
