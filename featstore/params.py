@@ -276,7 +276,13 @@ def describe(tp, meta: Sequence = ()) -> str:
     if tp is float:
         return "a number" + _bounds(meta)
     if tp is str:
-        return "a path (a string)" if any(isinstance(m, _PathText) for m in meta) else "a string"
+        if any(isinstance(m, _PathText) for m in meta):
+            return "a path (a string)"
+        low = max((m.min_length for m in meta if isinstance(m, annotated_types.MinLen)), default=0)
+        high = min((m.max_length for m in meta if isinstance(m, annotated_types.MaxLen)), default=None)
+        if high is not None:
+            return f"a string of {low} to {high} characters"
+        return f"a string of at least {low} character{'s' if low > 1 else ''}" if low else "a string"
     if tp is Any or tp is object:
         return "any value"
     if isinstance(tp, type) and issubclass(tp, BaseModel):

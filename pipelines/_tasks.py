@@ -164,6 +164,9 @@ def check_groups(spec: SweepSpec, shapes: dict | None = None) -> list[dict]:
     resolved = []
     for gi, g in enumerate(spec.pairings()):
         train, test, val = open_pair(fs, g)
+        # a protocol these rows cannot serve (knn's ks past the train rows), before any task runs
+        probes.SubsetProbes(**spec.protocol_for(g).model_dump()).check_rows(train.n_samples, len(train.classes),
+                                                                          validation=val is not None)
         if shapes is not None:
             shapes[gi] = _shape(train, val)
         resolved.append({"train": train.name, "test": test.name, "val": val.name if val is not None else None,

@@ -226,6 +226,25 @@ class SubsetProbes(Estimator):
                        "use precision='fp32' or a CUDA device")
         return device
 
+    def check_rows(self, n_samples: int, n_classes: int, validation: bool = False) -> None:
+        """Refuse, before any data is read, a protocol that ``n_samples`` rows of ``n_classes``
+        classes cannot serve (a solver's own check, on the most train rows the probes can have:
+        all of them beside a separate ``validation`` group, else those the validation split
+        leaves, at most ``shots`` per class). ``fit`` checks the rows it really has too."""
+        check = SOLVERS[self.solver].check_rows
+        if check is None:
+            return
+        n_train = n_samples if validation else n_samples - self._n_validation(n_samples)
+        if self.shots is not None:
+            n_train = min(n_train, self.shots * n_classes)
+        check(self, n_train)
+
+    def _n_validation(self, n: int) -> int:
+        """How many of n rows the validation split takes (``val_split``'s rule)."""
+        if self.val_split == "random_split":
+            return n - int((1 - self.val_fraction) * n)
+        return max(1, int(round(self.val_fraction * n)))
+
     # ------------------------------------------------------------------ fit
     def fit(self, X, y=None, n_classes: int | None = None, validation=None) -> "SubsetProbes":
         """Train every probe.
@@ -318,11 +337,11 @@ class SubsetProbes(Estimator):
             import torch
 
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.random_state)).numpy()
-            n_val = n - int((1 - self.val_fraction) * n)
+            n_val = self._n_validation(n)
             val, train = perm[n - n_val:], perm[:n - n_val]
         else:
             perm = np.random.default_rng(self.random_state).permutation(n)
-            n_val = max(1, int(round(self.val_fraction * n)))
+            n_val = self._n_validation(n)
             val, train = perm[:n_val], perm[n_val:]
         if len(train) < 1 or len(val) < 1:
             raise InvalidFeaturesError(where=source, problem=f"train split has {n} samples: too few for a "

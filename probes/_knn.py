@@ -20,7 +20,7 @@ import numpy as np
 
 from ._data import TrainingData
 
-__all__ = ["fit_knn", "knn_scores"]
+__all__ = ["fit_knn", "knn_scores", "check_ks"]
 
 # query rows per product: each holds a (rows, train rows) float32 similarity matrix
 _CHUNK_ELEMENTS = 1 << 24
@@ -31,14 +31,7 @@ def fit_knn(est, data: TrainingData, train_idx, val_idx, device):
     """Keep the train rows; choose each draw's k from ``ks`` on the validation rows."""
     import torch
 
-    from featstore.errors import IncompatibleParametersError
-
-    smallest = min(len(est.train_rows(seed)) for seed in est.streams_)
-    if max(est.ks) > smallest:
-        raise IncompatibleParametersError(
-            key="ks", value=list(est.ks),
-            reason=f"a vote over k neighbours needs k train rows; the smallest train split of these probes has "
-                   f"{smallest}")
+    check_ks(est, min(len(est.train_rows(seed)) for seed in est.streams_))
     est._knn_X = torch.as_tensor(np.asarray(data.X, dtype=np.float32), device=device)
     est._knn_y = torch.as_tensor(data.y, device=device)
     ks = sorted(est.ks)
@@ -57,6 +50,17 @@ def fit_knn(est, data: TrainingData, train_idx, val_idx, device):
     est.train_loss_ = np.full(len(est.draws_), np.nan)  # no loss: a vote
     est.solver_records_ = {"knn_k": est.knn_k_}
     est.batches_, est.positions_ = [], []
+
+
+def check_ks(est, train_rows: int) -> None:
+    """A vote over k neighbours needs k train rows: every k of ``ks`` at most ``train_rows``."""
+    from featstore.errors import IncompatibleParametersError
+
+    if max(est.ks) > train_rows:
+        raise IncompatibleParametersError(
+            key="ks", value=list(est.ks),
+            reason=f"a vote over k neighbours needs k train rows; the smallest train split of these probes has "
+                   f"{train_rows}")
 
 
 def knn_scores(est, features) -> np.ndarray:

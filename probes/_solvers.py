@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ._knn import fit_knn, knn_scores
+from ._knn import check_ks, fit_knn, knn_scores
 from ._lbfgs import fit_lbfgs
 from ._ridge import fit_ridge
 from ._sgd import fit_sgd
@@ -47,6 +47,9 @@ class Solver:
     scores : callable or None
         ``scores(est, features) -> (n, draws, classes)``: what inference ranks, for a solver
         whose probes are no linear layer (None: the logits of the fitted weights).
+    check_rows : callable or None
+        ``check_rows(est, train_rows)``: refuses, before any work, a protocol that many train
+        rows cannot serve (``SubsetProbes.check_rows``).
     description : str
     """
 
@@ -60,6 +63,7 @@ class Solver:
     description: str
     joint: bool = True
     scores: Callable | None = None
+    check_rows: Callable | None = None
 
 
 SOLVERS: dict[str, Solver] = {s.name: s for s in (
@@ -77,7 +81,7 @@ SOLVERS: dict[str, Solver] = {s.name: s for s in (
                        "objective), full batch, L-BFGS per probe; C chosen per probe from Cs on the validation "
                        "split (CLIP's and DINOv2's linear-probe protocol)"),
     Solver("knn", fit_knn, several_layers=False, reads_from_disk=False, precisions=("fp32",), few_shot=True,
-           sgd_grid=False, joint=False, scores=knn_scores,
+           sgd_grid=False, joint=False, scores=knn_scores, check_rows=check_ks,
            description="a weighted k-nearest-neighbour vote on cosine similarity over the probe's inputs "
                        "(knn_weights: DINOv2's temperature softmax, scikit-learn's 1 / distance, or uniform); k "
                        "chosen per probe from ks on the validation split"),

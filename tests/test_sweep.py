@@ -464,6 +464,11 @@ def _set(key, value):
      "probe.epochs: expected an integer in [1, 10000]; got 0 (integer)"),
     (_set("probe.solver", '"adam"'), errors.UnknownNameError,
      "probe.solver: Unknown solver 'adam'; known: knn, lbfgs, ridge, sgd"),
+    # a protocol the groups' rows cannot serve: refused from the groups' sizes, before any task
+    (lambda s: s.replace("epochs = 3", 'epochs = 3\nsolver = "knn"\nks = [100000]'),
+     errors.IncompatibleParametersError, "ks=[100000] cannot be used here: a vote over k neighbours needs k train"),
+    (lambda s: s.replace("[[groups]]\n", '[[groups]]\nname = ""\n'), errors.InvalidParameterError,
+     "groups[0].name: expected a string of 1 to 80 characters (or left out); got '' (string)"),
     (lambda s: s.replace('modes = ["random", "pca"]', 'modes = ["random", "lottery"]'), errors.UnknownNameError,
      "selection.modes[1]: Unknown selection mode 'lottery'; known: pca, pca-least, prefix, random, randproj"),
     (lambda s: s.replace('modes = ["random", "pca"]', "modes = []"), errors.InvalidParameterError,
