@@ -338,30 +338,45 @@ class _ProbeBatch:
                 out.append((k, slice((i - a) * self.C, (i - a + 1) * self.C), lo, min(hi, self.lengths[i])))
         return out
 
-    def set_probe(self, fi: int, i: int, w, b) -> None:
-        """Write probe i of family fi: weight (k, C) in its own input order, bias (C,)."""
+    def write_probe(self, flat, fi: int, i: int, w, b) -> None:
+        """Write probe i of family fi into ``flat`` (laid out like the parameters, any dtype):
+        weight (k, C) in its own input order, bias (C,)."""
         import torch
 
-        w = torch.as_tensor(w, dtype=torch.float32, device=self.flat.device)
+        W, bias = self.views(flat)
+        w = torch.as_tensor(w, dtype=flat.dtype, device=flat.device)
         rows = slice(i * self.C, (i + 1) * self.C)
         if self.dense is not None:
-            self.W[0][fi, rows, :] = 0.0
-            self.W[0][fi, rows, torch.as_tensor(self.dense[fi][i], device=self.flat.device)] = w.T
+            W[0][fi, rows, :] = 0.0
+            W[0][fi, rows, torch.as_tensor(self.dense[fi][i], device=flat.device)] = w.T
         else:
             for k, r, lo, hi in self.probe_slices(i):
-                self.W[k][fi, r, :hi - lo] = w[lo:hi].T
-        self.b[fi, rows] = torch.as_tensor(b, dtype=torch.float32, device=self.flat.device)
+                W[k][fi, r, :hi - lo] = w[lo:hi].T
+        bias[fi, rows] = torch.as_tensor(b, dtype=flat.dtype, device=flat.device)
+
+    def read_probe(self, flat, fi: int, i: int):
+        """Probe i of family fi in ``flat``: (weight (k, C) in its own input order, bias (C,)) as
+        tensors of flat's dtype."""
+        import torch
+
+        W, bias = self.views(flat)
+        rows = slice(i * self.C, (i + 1) * self.C)
+        if self.dense is not None:
+            w = W[0][fi, rows, :].T[torch.as_tensor(self.dense[fi][i], device=flat.device)]
+        else:
+            w = flat.new_zeros((self.lengths[i], self.C))
+            for k, r, lo, hi in self.probe_slices(i):
+                w[lo:hi] = W[k][fi, r, :hi - lo].T
+        return w, bias[fi, rows].clone()
+
+    def set_probe(self, fi: int, i: int, w, b) -> None:
+        """Write probe i of family fi: weight (k, C) in its own input order, bias (C,)."""
+        self.write_probe(self.flat, fi, i, w, b)
 
     def probe_weights(self, fi: int, i: int):
         """Probe i of family fi: (weight (k, C) in its own input order, bias (C,)) as numpy arrays."""
-        W, b = self.W, self.b
-        if self.dense is not None:
-            w = W[0][fi, i * self.C:(i + 1) * self.C, :].T.cpu().numpy()[self.dense[fi][i]]
-        else:
-            w = np.zeros((self.lengths[i], self.C), dtype=np.float32)
-            for k, rows, lo, hi in self.probe_slices(i):
-                w[lo:hi] = W[k][fi, rows, :hi - lo].T.cpu().numpy()
-        return np.ascontiguousarray(w, dtype=np.float32), b[fi, i * self.C:(i + 1) * self.C].cpu().numpy()
+        w, b = self.read_probe(self.flat, fi, i)
+        return np.ascontiguousarray(w.cpu().numpy(), dtype=np.float32), b.cpu().numpy()
 
     def in_dtype(self, dtype):
         """Parameters, operands, masks and basis in ``dtype`` (float64 for a solver that converges

@@ -234,8 +234,8 @@ def _minimise(g: _ProbeBatch, probes: _Probes, flat, data: _TrainRows, C_reg, cl
     return flat, f, iters, converged, ~done
 
 
-def _solve(g: _ProbeBatch, probes: _Probes, flat, data: _TrainRows, X, y, rows, C_reg, classes, tol, budget,
-           room: list, device: str, **phase):
+def _solve(g: _ProbeBatch, probes: _Probes, flat, data: _TrainRows, C_reg, classes, tol, budget, room: list,
+           device: str, **phase):
     """``_minimise`` on every probe of g, the probes still running handed to batches of their own
     whenever they are at most ``COMPACT_BELOW`` of g's (a batch's products cost as much for its
     converged probes as for its running ones; the slowest probe often takes 5x the median's
@@ -257,14 +257,14 @@ def _solve(g: _ProbeBatch, probes: _Probes, flat, data: _TrainRows, X, y, rows, 
         sub_flat = torch.zeros(sub.n_params, dtype=flat.dtype, device=flat.device)
         at = [(a, b) for a in range(sub.F) for b in range(sub.m)]
         for (sa, sb), (a, b) in zip(at, members):
-            _put(sub, sub_flat, sa, sb, *_get(g, flat, a, b))
-        sub_data = _TrainRows(sub, X, y, rows, 1, room, device)  # one stream: every row, every probe
+            sub.write_probe(sub_flat, sa, sb, *g.read_probe(flat, a, b))
+        sub_data = _TrainRows(sub, data.X, data.y, data.rows, 1, room, device)  # one stream: every row, every probe
         sub_flat, sub_f, sub_iters, sub_conv = _solve(
-            sub, _Probes(sub), sub_flat, sub_data, X, y, rows, C_reg if isinstance(C_reg, float) else pick(C_reg),
-            classes, tol, pick(budget - iters), room, device, **phase)
+            sub, _Probes(sub), sub_flat, sub_data, C_reg if isinstance(C_reg, float) else pick(C_reg), classes, tol,
+            pick(budget - iters), room, device, **phase)
         room[0] += sub_data.need
         for (sa, sb), (a, b) in zip(at, members):
-            _put(g, flat, a, b, *_get(sub, sub_flat, sa, sb))
+            g.write_probe(flat, a, b, *sub.read_probe(sub_flat, sa, sb))
         f[fi, pi] = sub_f.reshape(-1)
         iters[fi, pi] += sub_iters.reshape(-1)
         conv[fi, pi] = sub_conv.reshape(-1)
@@ -296,31 +296,6 @@ def _compacted(g: _ProbeBatch, running) -> list:
         sub.source = g.source
         out.append((sub, [(fi, i) for fi, act in members for i in act]))
     return out
-
-
-def _get(g: _ProbeBatch, flat, fi: int, i: int):
-    """Probe i of family fi in ``flat`` (laid out like g's parameters): (weight, bias); the weight
-    (C, k) in its own input order, or (C, d) in the layer's for a dense batch."""
-    W, b = g.views(flat)
-    rows = slice(i * g.C, (i + 1) * g.C)
-    if g.dense is not None:
-        return W[0][fi, rows, :].clone(), b[fi, rows].clone()
-    w = flat.new_zeros((g.C, g.lengths[i]))
-    for k, r, lo, hi in g.probe_slices(i):
-        w[:, lo:hi] = W[k][fi, r, :hi - lo]
-    return w, b[fi, rows].clone()
-
-
-def _put(g: _ProbeBatch, flat, fi: int, i: int, w, b) -> None:
-    """Write probe i of family fi into ``flat`` (the inverse of ``_get``)."""
-    W, bias = g.views(flat)
-    rows = slice(i * g.C, (i + 1) * g.C)
-    if g.dense is not None:
-        W[0][fi, rows, :] = w
-    else:
-        for k, r, lo, hi in g.probe_slices(i):
-            W[k][fi, r, :hi - lo] = w[:, lo:hi]
-    bias[fi, rows] = b
 
 
 def fit_lbfgs(est, data, train_idx, val_idx, device):
@@ -371,13 +346,13 @@ def fit_lbfgs(est, data, train_idx, val_idx, device):
             from there with float64 products (the converged ones stay where they are)."""
             budget = torch.full((g.F, g.m), est.max_iter, dtype=torch.long, device=device)
             data = train_rows(which, torch.float32)
-            flat, f, iters, conv = _solve(g, probes, start, data, data.X, y_all, data.rows, C_reg, classes, est.tol,
-                                          budget, room, str(device), ftol=FTOL_FLOAT32, halvings=HALVINGS_FLOAT32)
+            flat, f, iters, conv = _solve(g, probes, start, data, C_reg, classes, est.tol, budget, room, str(device),
+                                          ftol=FTOL_FLOAT32, halvings=HALVINGS_FLOAT32)
             if not bool(conv.all()) and bool((iters < budget).any()):
                 g.in_dtype(torch.float64)
                 data = train_rows(which, torch.float64)
-                flat, f, more, conv = _solve(g, probes, flat, data, data.X, y_all, data.rows, C_reg, classes,
-                                             est.tol, budget - iters, room, str(device))
+                flat, f, more, conv = _solve(g, probes, flat, data, C_reg, classes, est.tol, budget - iters, room,
+                                             str(device))
                 iters = iters + more
                 g.in_dtype(torch.float32)
                 room[0] += inputs.pop((which, torch.float64)).need  # float64 copies are not kept past their use

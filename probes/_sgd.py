@@ -30,17 +30,14 @@ def fit_sgd(est, data: TrainingData, train_idx, val_idx, device):
     grid = sgd_grid(est)
     base = est._batches(device, dtype)
     positions = est._draw_positions(base)
-    batches = list(base)
+    batches, nb = [], len(base)
     for gi, (lr, wd) in enumerate(grid):
         copies = base if gi == 0 else est._batches(device, dtype)  # the same layout: one copy per pair
         for bi, g in enumerate(copies):
             g.lr, g.weight_decay, g.shares = lr, wd, None if gi == 0 else bi
-        if gi:
-            batches += copies
-    nb = len(base)
-    for gi in range(len(grid)):
         for di, (bi, fi, pi) in enumerate(positions):  # per-draw seeded init, the same under every pair
-            batches[gi * nb + bi].set_probe(fi, pi, *est.initial_weights(di))
+            copies[bi].set_probe(fi, pi, *est.initial_weights(di))
+        batches += copies
     ctx = {"sources": [[_to_device(p, device) for p in passes] for passes in est._source_passes(data)],
            "y": torch.as_tensor(data.y, device=device),
            "val": torch.as_tensor(val_idx, device=device), "device": device,
@@ -54,14 +51,11 @@ def fit_sgd(est, data: TrainingData, train_idx, val_idx, device):
     best_acc, best_epoch, last_loss = _train_batches(est, batches, ctx, bar)
     bar.close()
     # each draw's pair: the best validation accuracy among the pairs it did not diverge under (its
-    # parameters NaN from then on, so its last epoch's loss is not finite)
-    G, D = len(grid), len(positions)
-    acc = np.full((D, G), -np.inf)
-    for di, (bi, fi, pi) in enumerate(positions):
-        for gi in range(G):
-            if G == 1 or np.isfinite(float(last_loss[gi * nb + bi][fi, pi])):
-                acc[di, gi] = float(best_acc[gi * nb + bi][fi, pi])
-    choice = acc.argmax(1)
+    # parameters NaN from then on, so its last epoch's loss is not finite; a fit where one diverged
+    # under every pair has stopped)
+    choice = np.array([np.argmax([float(best_acc[gi * nb + bi][fi, pi])
+                                  if np.isfinite(float(last_loss[gi * nb + bi][fi, pi])) else -np.inf
+                                  for gi in range(len(grid))]) for bi, fi, pi in positions])
     for di, (bi, fi, pi) in enumerate(positions):
         if choice[di]:
             base[bi].set_probe(fi, pi, *batches[choice[di] * nb + bi].probe_weights(fi, pi))
@@ -100,8 +94,9 @@ def _train_batches(est, batches: list["_ProbeBatch"], ctx: dict, bar):
     full_rows = min(est.batch_size, len(est.train_rows(est.streams_[0])))  # every stream has as many rows
     logit_bufs = [g.logit_buffers(full_rows) for g in batches]
     # a grid pair's copy of a batch (``shares``: the batch whose inputs it reads) needs no inputs of its own
-    input_bufs = [g.input_buffer(full_rows, device) if g.shares is None else None for g in batches]
-    input_bufs = [buf if g.shares is None else input_bufs[g.shares] for g, buf in zip(batches, input_bufs)]
+    input_bufs = []
+    for g in batches:  # the copies come after the batches they share
+        input_bufs.append(g.input_buffer(full_rows, device) if g.shares is None else input_bufs[g.shares])
     est.laid_out_ = _lay_out(est, [g for g in batches if g.shares is None], sources, str(device))
     for g in batches:
         if g.shares is not None:
@@ -187,7 +182,7 @@ def _train_batches(est, batches: list["_ProbeBatch"], ctx: dict, bar):
                 graph.replay()
         for bi in range(len(batches)):
             last_loss[bi] = loss_sum[bi] / n_rows
-        _check_loss(est, last_loss, ctx["positions"], epoch, ctx.get("grid"))
+        _check_loss(est, last_loss, ctx["positions"], epoch, ctx["grid"])
         # validate every val_every epochs (the last epoch too when no validation came before)
         if (epoch + 1) % est.val_every and not (epoch + 1 == est.epochs and est.epochs < est.val_every):
             bar.update(1)
@@ -213,7 +208,7 @@ def _train_batches(est, batches: list["_ProbeBatch"], ctx: dict, bar):
         g.lay_out([])  # not kept with the fitted estimator
     return best_acc, best_epoch, last_loss
 
-def _check_loss(est, losses, positions, epoch: int, grid=None) -> None:
+def _check_loss(est, losses, positions, epoch: int, grid) -> None:
     """Stop when SGD diverged, so that a diverged probe's accuracy (chance) never passes for a
     measurement (a DR "maximally redundant" from lr = inf): any probe's epoch loss NaN or inf;
     with an lr x weight-decay grid, a draw's loss under every pair (a pair that diverged is never
@@ -223,12 +218,12 @@ def _check_loss(est, losses, positions, epoch: int, grid=None) -> None:
 
     if all(bool(torch.isfinite(loss).all()) for loss in losses):
         return
-    nb = len(losses) // max(len(grid or ()), 1)
+    nb = len(losses) // len(grid)
     bad = [di for di, (bi, fi, pi) in enumerate(positions)
-           if not any(bool(torch.isfinite(losses[gi * nb + bi][fi, pi])) for gi in range(len(losses) // nb))]
+           if not any(bool(torch.isfinite(losses[gi * nb + bi][fi, pi])) for gi in range(len(grid)))]
     if not bad:
         return
-    lrs, wds = zip(*(grid or [(est.lr, est.weight_decay)]))
+    lrs, wds = zip(*grid)
     from featstore.errors import ProbeDivergedError
 
     examples = ", ".join(f"{est.draws_[di].mode} k={est.draws_[di].k}"

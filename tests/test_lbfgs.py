@@ -23,7 +23,7 @@ def data():
     return X[:1000], y[:1000], X[1000:], y[1000:]  # 2000 test rows: one image is 0.0005
 
 
-def _inputs(est, di, X):
+def draw_inputs(est, di, X):
     """A draw's own inputs: its neurons' columns, or its projection."""
     draw = est.draws_[di]
     if draw.neurons is not None:
@@ -49,13 +49,13 @@ def test_each_lbfgs_draw_equals_scikit_learn_alone(data, mode):
     tr = est.train_indices_
     assert res["converged"].all() and (res["C"] == C).all() and (res["n_iter"] > 0).all()
     for di in range(len(est.draws_)):
-        Z = _inputs(est, di, Xtr)[tr]
+        Z = draw_inputs(est, di, Xtr)[tr]
         sk = LogisticRegression(C=C, max_iter=10_000, tol=1e-8).fit(Z.astype(np.float64), ytr[tr])
         w, b = est.probe_weights(di)
         mine, theirs = _objective(Z, ytr[tr], w, b, C), _objective(Z, ytr[tr], sk.coef_.T, sk.intercept_, C)
         assert abs(mine - theirs) <= 1e-4 * theirs, (est.draws_[di], mine, theirs)
         assert abs(res["train_loss"][di] - theirs) <= 1e-4 * theirs
-        acc = sk.score(_inputs(est, di, Xte).astype(np.float64), yte)
+        acc = sk.score(draw_inputs(est, di, Xte).astype(np.float64), yte)
         assert abs(res["test_accuracy"][di] - acc) <= 0.002, (est.draws_[di], res["test_accuracy"][di], acc)
 
 
@@ -68,7 +68,7 @@ def test_each_draw_keeps_the_c_its_validation_rows_score_best(data):
     tr, va = est.train_indices_, est.val_indices_
     chosen = est.evaluate(Xtr[:10], ytr[:10])["C"].to_numpy()
     for di in range(len(est.draws_)):
-        Z = _inputs(est, di, Xtr)
+        Z = draw_inputs(est, di, Xtr)
         scores = [LogisticRegression(C=c, max_iter=10_000, tol=1e-8).fit(Z[tr].astype(np.float64), ytr[tr])
                   .score(Z[va].astype(np.float64), ytr[va]) for c in Cs]
         assert chosen[di] == Cs[int(np.argmax(scores))], (est.draws_[di], scores, chosen[di])
@@ -88,7 +88,7 @@ def test_refit_trains_each_draw_again_on_train_and_validation_with_its_c(data):
     rows = np.concatenate([est.train_indices_, est.val_indices_])
     for di in range(len(est.draws_)):
         C = est.solver_records_["C"][di]
-        Z = _inputs(est, di, Xtr)[rows]
+        Z = draw_inputs(est, di, Xtr)[rows]
         sk = LogisticRegression(C=C, max_iter=10_000, tol=1e-8).fit(Z.astype(np.float64), ytr[rows])
         w, b = est.probe_weights(di)
         mine, theirs = _objective(Z, ytr[rows], w, b, C), _objective(Z, ytr[rows], sk.coef_.T, sk.intercept_, C)

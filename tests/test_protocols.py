@@ -11,6 +11,8 @@ from sklearn.neighbors import KNeighborsClassifier
 from featstore import errors
 from probes import SubsetProbes
 
+from .test_lbfgs import draw_inputs
+
 KW = dict(device="cpu", verbose=False)
 
 
@@ -22,15 +24,6 @@ def data():
     X = rng.normal(size=(n, d)).astype(np.float32)
     y = (X @ W + rng.normal(size=(n, C))).argmax(1)
     return X[:400], y[:400], X[400:], y[400:]
-
-
-def _inputs(est, di, X):
-    """A draw's own inputs: its neurons' columns, or its projection."""
-    draw = est.draws_[di]
-    if draw.neurons is not None:
-        return X[:, draw.neurons]
-    fam = next(f for f in est.families_ if any(d is draw for d in f.draws))
-    return X @ fam.basis[:, :draw.k]
 
 
 # ----------------------------------------------------------------------------- the lr x weight-decay grid
@@ -100,7 +93,7 @@ def test_each_knn_draw_equals_scikit_learn(data, mode, weights):
     res = est.evaluate(Xte, yte)
     tr, va = est.train_indices_, est.val_indices_
     for di in range(len(est.draws_)):
-        A, B = _inputs(est, di, Xtr), _inputs(est, di, Xte)
+        A, B = draw_inputs(est, di, Xtr), draw_inputs(est, di, Xte)
         fits = {k: KNeighborsClassifier(n_neighbors=k, weights=weights, metric="cosine", algorithm="brute")
                 .fit(A[tr], ytr[tr]) for k in (3, 7, 15)}
         val = [fits[k].score(A[va], ytr[va]) for k in fits]
@@ -153,7 +146,7 @@ def test_the_temperature_vote_is_dinov2s(data):
     votes = est.decision_function(Xte)
     tr = est.train_indices_
     for di in range(len(est.draws_)):
-        theirs = _dinov2_votes(_inputs(est, di, Xtr)[tr], ytr[tr], _inputs(est, di, Xte), int(est.knn_k_[di]),
+        theirs = _dinov2_votes(draw_inputs(est, di, Xtr)[tr], ytr[tr], draw_inputs(est, di, Xte), int(est.knn_k_[di]),
                                15, 0.1, 5)
         np.testing.assert_allclose(votes[:, di], theirs, rtol=1e-4, atol=1e-6)
         assert np.array_equal(votes[:, di].argmax(1), theirs.argmax(1))
@@ -168,8 +161,8 @@ def test_few_shot_knn_votes_among_each_seeds_shots(data):
     for di, draw in enumerate(est.draws_):
         r = rows[draw.seed]
         sk = KNeighborsClassifier(n_neighbors=int(est.knn_k_[di]), weights="distance", metric="cosine",
-                                  algorithm="brute").fit(_inputs(est, di, Xtr)[r], ytr[r])
-        assert np.array_equal(votes[:, di].argmax(1), sk.predict(_inputs(est, di, Xte))), draw
+                                  algorithm="brute").fit(draw_inputs(est, di, Xtr)[r], ytr[r])
+        assert np.array_equal(votes[:, di].argmax(1), sk.predict(draw_inputs(est, di, Xte))), draw
 
 
 def test_knn_probes_hold_no_weights(data):
